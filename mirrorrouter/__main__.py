@@ -1,0 +1,5 @@
+"""``python -m mirrorrouter``."""
+
+from mirrorrouter.cli import main
+
+raise SystemExit(main())

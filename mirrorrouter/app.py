@@ -1,0 +1,69 @@
+"""The ASGI application: ``create_app(settings)`` wires routes, lifespan and error rendering.
+
+Nothing happens at import time; ``app_from_environment`` is the factory uvicorn imports
+when it runs several workers (each worker reads the config named by MIRRORROUTER_CONFIG).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.endpoints import Endpoints
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+
+log = logging.getLogger("mirrorrouter")
+
+CONFIG_ENV = "MIRRORROUTER_CONFIG"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def error_response(error: RegistryError) -> Response:
+    """The one place an error becomes an HTTP answer: the OCI JSON envelope."""
+    headers = {API_VERSION_HEADER: API_VERSION, **error.headers}
+    return Response(error.body(), error.status, headers, media_type="application/json")
+
+
+async def _registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RegistryError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = ErrorCode.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorCode.NOT_FOUND
+    return error_response(RegistryError(code, str(exc.detail), status=exc.status_code))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error; see the mirror's log"))
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the gateway application for ``settings``."""
+    endpoints = Endpoints(settings)
+    app = Starlette(
+        routes=[Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS)],
+        exception_handlers={
+            RegistryError: _registry_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=endpoints.lifespan,
+    )
+    app.state.settings = settings
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """Factory for ``uvicorn --factory``: reads the config file named by MIRRORROUTER_CONFIG."""
+    return create_app(load_settings(os.environ.get(CONFIG_ENV, "mirrors.toml")))

@@ -1,0 +1,195 @@
+"""The ``mirrorrouter`` command: serve, resolve, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mirrorrouter.config import ConfigError, Settings, load_settings
+from mirrorrouter.errors import RegistryError
+from mirrorrouter.mapping import Mapper
+from mirrorrouter.reference import ImageReference, ReferenceError
+
+DEFAULT_CONFIG_PATHS = (Path("mirrors.toml"), Path("/etc/mirrorrouter/mirrors.toml"))
+
+
+def default_config_path() -> Path:
+    """$MIRRORROUTER_CONFIG, else ./mirrors.toml, else /etc/mirrorrouter/mirrors.toml."""
+    from_env = os.environ.get("MIRRORROUTER_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), DEFAULT_CONFIG_PATHS[0])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"mirrorrouter: invalid configuration:\n{_indent(exc.problems)}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirrorrouter", description="One container-registry mirror for every registry."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the mirror")
+    _config_option(serve)
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+    serve.set_defaults(func=_serve)
+
+    resolve = sub.add_parser("resolve", help="show how image names are canonicalized and routed")
+    _config_option(resolve)
+    resolve.add_argument("images", nargs="+", metavar="IMAGE")
+    resolve.add_argument("--json", action="store_true", help="print JSON")
+    resolve.set_defaults(func=_resolve)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file", nargs="?", type=Path, help="the file (default: as for serve)")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $MIRRORROUTER_CONFIG, ./mirrors.toml, "
+        "/etc/mirrorrouter/mirrors.toml)",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    path = (args.config or default_config_path()).resolve()
+    settings = load_settings(path)  # fail here, with the clear message, not in a worker
+    os.environ["MIRRORROUTER_CONFIG"] = str(path)
+    uvicorn.run(
+        "mirrorrouter.app:app_from_environment",
+        factory=True,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+        workers=args.workers or settings.server.workers,
+        log_level=settings.server.log_level,
+        loop="uvloop",
+        http="httptools",
+        proxy_headers=False,
+        server_header=False,
+    )
+    return 0
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    image: str
+    canonical: str | None
+    address: str | None
+    upstream: str | None
+    mirrors: list[dict[str, Any]]
+    routes: list[str]
+    error: str | None
+
+    @property
+    def route_text(self) -> str:
+        if self.canonical is None:
+            return f"invalid name: {self.error}"
+        if self.error:
+            return f"not routed: {self.error}"
+        mirrors = " > ".join(m["url"] for m in self.mirrors)
+        text = f"upstream {self.upstream}: {mirrors}"
+        if self.routes:
+            text += f" (also via {', '.join(self.routes)})"
+        return text
+
+
+def resolve_images(settings: Settings, images: Sequence[str]) -> list[_Verdict]:
+    """Canonicalize and route each image name."""
+    mapper = Mapper(settings)
+    verdicts = []
+    for image in images:
+        try:
+            ref = ImageReference.parse(image)
+        except ReferenceError as exc:
+            verdicts.append(_Verdict(image, None, None, None, [], [], str(exc)))
+            continue
+        try:
+            resolution = mapper.resolve_image(ref)
+        except RegistryError as exc:
+            verdicts.append(
+                _Verdict(image, ref.name, ref.manifest_url(), None, [], [], exc.message)
+            )
+            continue
+        upstream = resolution.upstream
+        mirrors = [
+            {"url": m.url, "capabilities": sorted(c.value for c in m.capabilities)}
+            for m in upstream.mirrors
+        ]
+        routes = [r.label for r in mapper.routes_to(upstream)]
+        verdicts.append(
+            _Verdict(image, ref.name, ref.manifest_url(), upstream.name, mirrors, routes, None)
+        )
+    return verdicts
+
+
+def _resolve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config or default_config_path())
+    verdicts = resolve_images(settings, args.images)
+    if args.json:
+        print(json.dumps([_verdict_json(v) for v in verdicts], indent=2))
+    else:
+        header = ("IMAGE NAME", "CANONICAL NAME", "REGISTRY ADDRESS", "ROUTE")
+        rows = [(v.image, v.canonical or "-", v.address or "-", v.route_text) for v in verdicts]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        for row in [header, *rows]:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            print("  ".join([*cells, row[3]]))
+    # "Not routed" is an answer; only a name that does not parse is a usage error.
+    return 1 if any(v.canonical is None for v in verdicts) else 0
+
+
+def _verdict_json(verdict: _Verdict) -> dict[str, Any]:
+    return {
+        "image": verdict.image,
+        "canonical_name": verdict.canonical,
+        "registry_address": verdict.address,
+        "routed": verdict.error is None,
+        "upstream": verdict.upstream,
+        "mirrors": verdict.mirrors,
+        "routes": verdict.routes,
+        "error": verdict.error,
+    }
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path = args.file or default_config_path()
+    settings = load_settings(path)
+    print(f"{path}: OK")
+    for upstream in settings.upstreams.values():
+        mirrors = ", ".join(
+            f"{m.url} [{'+'.join(sorted(c.value for c in m.capabilities))}]"
+            for m in upstream.mirrors
+        )
+        print(f"  upstream {upstream.name}: {mirrors}")
+    for route in settings.routes:
+        print(f"  route {route.label} -> {route.upstream}")
+    print(f"  default registry: {settings.default_registry}")
+    return 0
+
+
+def _indent(lines: list[str]) -> str:
+    return "\n".join(f"  {line}" for line in lines)

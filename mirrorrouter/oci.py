@@ -1,0 +1,189 @@
+"""OCI distribution constants and ``OciRequest``, the one parse of an incoming request.
+
+The path is parsed exactly once, here; everything past the endpoint speaks in typed values.
+``<name>`` holds slashes, so it is split at the LAST ``/manifests/``, ``/blobs/``,
+``/tags/`` or ``/referrers/``.
+
+A request may carry a route prefix before ``/v2`` (containerd appends ``/v2`` to a host URL
+that has a path: ``http://mirror:5000/gcr`` -> ``/gcr/v2/...``); that prefix is kept apart
+in ``OciRequest.prefix`` for the mapper.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, ReferenceError, validate_tag
+
+API_VERSION_HEADER = "Docker-Distribution-API-Version"
+API_VERSION = "registry/2.0"
+CONTENT_DIGEST_HEADER = "Docker-Content-Digest"
+NAMESPACE_HEADER = "OCI-Namespace"
+FILTERS_APPLIED_HEADER = "OCI-Filters-Applied"
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+# Asked of every upstream: without the list types a registry silently answers with one
+# platform's manifest (another digest); without the OCI index it may answer 404.
+MANIFEST_ACCEPT = (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)
+INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+class RequestKind(enum.Enum):
+    """Which endpoint of the distribution API a request addresses."""
+
+    BASE = "base"
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    TAGS = "tags"
+    REFERRERS = "referrers"
+    UPLOAD = "upload"
+
+
+_PUSH_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True, slots=True)
+class OciRequest:
+    """An incoming distribution API request, parsed once at the door."""
+
+    method: str
+    kind: RequestKind
+    name: str = ""  # the repository path as the client wrote it (may include a route prefix)
+    tag: str | None = None
+    digest: Digest | None = None
+    upload_id: str | None = None  # the session id in /blobs/uploads/<id>
+    prefix: str = ""  # a route prefix written before /v2 ("gcr" in /gcr/v2/...)
+    ns: str | None = None  # containerd's ?ns=<registry as written in the image name>
+    host: str = ""  # the Host header, lower case, without the port
+    range: str | None = None
+    accept: tuple[str, ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_write(self) -> bool:
+        return self.method in _PUSH_METHODS
+
+    @property
+    def reference(self) -> str:
+        """The tag or digest after /manifests/ as written."""
+        return str(self.digest) if self.digest is not None else (self.tag or "")
+
+    def query_value(self, key: str) -> str | None:
+        for k, v in self.query:
+            if k == key:
+                return v
+        return None
+
+
+_SUFFIXES: tuple[tuple[str, RequestKind], ...] = (
+    ("/manifests/", RequestKind.MANIFEST),
+    ("/blobs/uploads", RequestKind.UPLOAD),
+    ("/blobs/", RequestKind.BLOB),
+    ("/tags/", RequestKind.TAGS),
+    ("/referrers/", RequestKind.REFERRERS),
+)
+
+
+def parse_request(
+    method: str,
+    path: str,
+    *,
+    query: Iterable[tuple[str, str]] = (),
+    host: str = "",
+    range_header: str | None = None,
+    accept: Iterable[str] = (),
+) -> OciRequest:
+    """Turn a raw method, path, query and headers into an ``OciRequest``.
+
+    Raises ``RegistryError`` for a path that is not a distribution API path.
+    """
+    query = tuple(query)
+    prefix, api_path = _split_prefix(path)
+    base = OciRequest(
+        method=method,
+        kind=RequestKind.BASE,
+        prefix=prefix,
+        ns=next((v for k, v in query if k == "ns"), None) or None,
+        host=_host_without_port(host),
+        range=range_header,
+        # Clients send several Accept lines (podman, skopeo) or one comma list (containerd).
+        accept=tuple(
+            part.split(";", 1)[0].strip()
+            for line in accept
+            for part in line.split(",")
+            if part.strip()
+        ),
+        query=query,
+    )
+    if api_path in ("", "/"):
+        return base
+    for suffix, kind in _SUFFIXES:
+        index = api_path.rfind(suffix)
+        if index <= 0:
+            continue
+        name, rest = api_path[1:index], api_path[index + len(suffix) :]
+        _check_name(name)
+        if kind is RequestKind.UPLOAD:
+            return replace(base, kind=kind, name=name, upload_id=rest.strip("/") or None)
+        if kind is RequestKind.TAGS:
+            if rest != "list":
+                break
+            return replace(base, kind=kind, name=name)
+        if kind is RequestKind.MANIFEST and ":" not in rest:
+            return replace(base, kind=kind, name=name, tag=_parse_tag(rest))
+        return replace(base, kind=kind, name=name, digest=_parse_digest(rest))
+    raise RegistryError(ErrorCode.NOT_FOUND, f"no distribution API endpoint at {path}")
+
+
+def _split_prefix(path: str) -> tuple[str, str]:
+    """Split ``/<prefix>/v2/<rest>`` into ``("<prefix>", "/<rest>")``; no prefix for /v2/."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return "", path[3:]
+    if path.endswith("/v2"):
+        head, tail = path[:-3], ""
+    else:
+        head, sep, rest = path.partition("/v2/")
+        if not sep:
+            raise RegistryError(ErrorCode.NOT_FOUND, f"no distribution API endpoint at {path}")
+        tail = "/" + rest
+    prefix = head.strip("/")
+    if not prefix or not all(PATH_COMPONENT_RE.fullmatch(p) for p in prefix.split("/")):
+        raise RegistryError(ErrorCode.NOT_FOUND, f"no distribution API endpoint at {path}")
+    return prefix, tail
+
+
+def _host_without_port(host: str) -> str:
+    host = host.lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.split(":", 1)[0]
+
+
+def _check_name(name: str) -> None:
+    # Only the shape is checked here; the mapper validates the name against its registry.
+    if not name or name.startswith("/") or name.endswith("/") or "//" in name:
+        raise RegistryError(ErrorCode.NAME_INVALID, f"invalid repository name {name!r}")
+
+
+def _parse_digest(text: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except ReferenceError as exc:
+        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
+
+
+def _parse_tag(text: str) -> str:
+    try:
+        return validate_tag(text)
+    except ReferenceError as exc:
+        raise RegistryError(ErrorCode.MANIFEST_INVALID, str(exc)) from exc

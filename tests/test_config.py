@@ -1,0 +1,232 @@
+"""mirrors.toml: the defaults, every key's validation, and messages naming key and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mirrorrouter.config import (
+    Capability,
+    ConfigError,
+    load_settings,
+    parse_duration,
+    parse_settings,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+[upstreams."docker.io"]
+"""
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, source=Path("/etc/m/mirrors.toml"), env=env or {})
+    return info.value.problems
+
+
+def test_default_config_covers_the_big_registries() -> None:
+    """The shipped mirrors.toml is valid and covers docker.io, gcr.io, quay.io, ghcr.io, k8s."""
+    settings = load_settings(ROOT / "mirrors.toml")
+    assert set(settings.upstreams) == {
+        "docker.io",
+        "gcr.io",
+        "quay.io",
+        "ghcr.io",
+        "registry.k8s.io",
+    }
+    assert settings.default_registry == "docker.io"
+    assert settings.server.port == 5000
+    assert settings.cache.backend == "filesystem"
+    hub = settings.upstreams["docker.io"]
+    assert hub.mirrors[0].url == "https://registry-1.docker.io"
+    assert {"index.docker.io", "registry-1.docker.io"} <= hub.aliases
+    assert hub.cache.directory == ROOT / "cache" / "docker.io"
+    assert settings.allow_unconfigured == ()
+
+
+def test_minimal_config_gets_defaults() -> None:
+    """An upstream with no mirrors gets its own endpoint, trusted for resolve and pull."""
+    settings = parse_settings(MINIMAL, env={})
+    hub = settings.upstreams["docker.io"]
+    assert [m.url for m in hub.mirrors] == ["https://registry-1.docker.io"]
+    assert hub.mirrors[0].capabilities == frozenset(Capability)
+    assert hub.tag_ttl == 300 and hub.credentials is None
+
+
+def test_mirror_order_and_capabilities_are_kept() -> None:
+    """The mirror list keeps its order (the failover order) and each mirror's capabilities."""
+    settings = parse_settings(
+        """
+        [upstreams."docker.io"]
+        mirrors = [
+          { url = "https://mirror.gcr.io/", capabilities = ["pull"] },
+          { url = "https://registry-1.docker.io" },
+        ]
+        """,
+        env={},
+    )
+    mirrors = settings.upstreams["docker.io"].mirrors
+    assert [m.url for m in mirrors] == ["https://mirror.gcr.io", "https://registry-1.docker.io"]
+    assert not mirrors[0].can_resolve and mirrors[1].can_resolve
+
+
+def test_credentials_come_from_env_and_files(tmp_path: Path) -> None:
+    """Credentials are read from environment variables or files and never shown in a repr."""
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    settings = parse_settings(
+        f"""
+        [upstreams."docker.io".credentials]
+        username_env = "HUB_USER"
+        password_file = "{secret}"
+        [upstreams."quay.io".credentials]
+        username = "bot"
+        password_env = "QUAY_TOKEN"
+        """,
+        env={"HUB_USER": "alice", "QUAY_TOKEN": "tok"},
+    )
+    hub = settings.upstreams["docker.io"].credentials
+    quay = settings.upstreams["quay.io"].credentials
+    assert hub is not None and quay is not None
+    assert (hub.username, hub.password.value) == ("alice", "s3cret")
+    assert (quay.username, quay.password.value) == ("bot", "tok")
+    assert "s3cret" not in repr(settings) and "tok'" not in repr(settings)
+
+
+def test_typo_key_is_named_with_its_line() -> None:
+    """A misspelt key is refused with its key path, its line and the keys expected."""
+    found = problems(
+        """
+[upstreams."docker.io"]
+tag_tll = "5m"
+"""
+    )
+    assert len(found) == 1
+    assert found[0].startswith('/etc/m/mirrors.toml:3: upstreams."docker.io".tag_tll: unknown key')
+    assert "tag_ttl" in found[0]
+
+
+def test_route_naming_unknown_upstream_is_refused() -> None:
+    """A route to an upstream that is not configured names routes[i].upstream."""
+    found = problems(
+        MINIMAL
+        + """
+[[routes]]
+prefix = "hub"
+upstream = "docker.io"
+
+[[routes]]
+prefix = "gcr"
+upstream = "gcr.oi"
+"""
+    )
+    assert len(found) == 1
+    assert "routes[1].upstream" in found[0] and "'gcr.oi'" in found[0]
+    assert found[0].startswith("/etc/m/mirrors.toml:10:")
+
+
+def test_bad_duration_is_refused() -> None:
+    """A duration that does not parse names its key and shows the expected form."""
+    found = problems(
+        """
+[defaults]
+tag_ttl = "5 minutes"
+[upstreams."docker.io"]
+read_timeout = 0
+"""
+    )
+    assert any(
+        p.startswith("/etc/m/mirrors.toml:3: defaults.tag_ttl: expected a duration") for p in found
+    )
+    assert any('upstreams."docker.io".read_timeout: expected a duration' in p for p in found)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[server]\nport = "5000"', "server.port: expected an integer"),
+        ("[server]\nport = 70000", "server.port: expected a number from 1 to 65535"),
+        ("[server]\nworkers = true", "server.workers: expected an integer"),
+        ('[cache]\nbackend = "s4"', "cache.backend: expected one of 'filesystem'"),
+        ("[bogus]\nx = 1", "bogus: unknown key"),
+        ('[upstreams."docker.io"]\nmirrors = [{ url = "ftp://x" }]', "mirrors[0].url: expected"),
+        ('[upstreams."docker.io"]\nmirrors = [{ url = "https://x/v2" }]', "without /v2"),
+        (
+            '[upstreams."docker.io"]\nmirrors = [{ uri = "https://x" }]',
+            "mirrors[0].uri: unknown key",
+        ),
+        (
+            '[upstreams."docker.io"]\nmirrors = [{ url = "https://x", capabilities = ["push"] }]',
+            "capabilities: expected a non-empty list of 'pull' and/or 'resolve'",
+        ),
+        (
+            '[upstreams."docker.io"]\nmirrors = [{ url = "https://x", capabilities = ["pull"] }]',
+            "no mirror has the 'resolve' capability",
+        ),
+        ('[upstreams."index.docker.io"]', "name the table by its canonical registry name"),
+        ('[upstreams."not a host"]', "must be a registry host"),
+        ('[upstreams."docker.io"]\nproxy = "proxy:3128"', "proxy: expected a proxy URL"),
+        (MINIMAL + '[routing]\ndefault_registry = "quay.io"', "routing.default_registry"),
+        (MINIMAL + "[routing]\nallow_unconfigured = [1]", "expected a list of strings"),
+        (MINIMAL + '[[routes]]\nprefix = "gcr.io"\nupstream = "docker.io"', "without dots"),
+        (MINIMAL + '[[routes]]\nupstream = "docker.io"', "set exactly one of prefix or host"),
+        (MINIMAL + '[[routes]]\nprefix = "x"', "routes[0].upstream: is required"),
+        (
+            MINIMAL + '[[routes]]\nprefix = "x"\nupstream = "docker.io"\n'
+            '[[routes]]\nprefix = "x"\nupstream = "docker.io"',
+            "routes[1].prefix: 'x' is routed twice",
+        ),
+        (
+            '[upstreams."docker.io".credentials]\nusername = "a"',
+            "set exactly one of password_env or password_file",
+        ),
+        (
+            '[upstreams."docker.io".credentials]\nusername = "a"\npassword_env = "NOPE"',
+            "password_env: $NOPE is not set",
+        ),
+        ("[server\nport = 1", "not valid TOML"),
+    ],
+)
+def test_each_bad_value_gets_a_named_message(text: str, fragment: str) -> None:
+    """Each bad value is refused with a message that names the key and what was expected."""
+    found = problems(text)
+    assert any(fragment in p for p in found), found
+
+
+def test_all_problems_are_reported_together() -> None:
+    """Several problems in one file come back together, not one per run."""
+    found = problems('[server]\nport = "x"\nworkers = 0\n[upstreams."docker.io"]\ntag_ttl = "?"')
+    assert len(found) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (30, 30.0),
+        (1.5, 1.5),
+        ("90s", 90.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("7d", 604800.0),
+        ("250ms", 0.25),
+        ("2w", 1209600.0),
+    ],
+)
+def test_durations(value: object, seconds: float) -> None:
+    """Durations are seconds, or strings of number-unit pairs."""
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "5", "5 m", "m5", -1, True, "1y", None])
+def test_bad_durations(value: object) -> None:
+    """Anything else is not a duration."""
+    assert parse_duration(value) is None
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """A config path that does not exist is a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.toml")
