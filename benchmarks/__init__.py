@@ -1,0 +1,1 @@
+"""Benchmarks: ratios against reference peers measured side by side (see docs/performance.md)."""
