@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,9 +51,18 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error; see the mirror's log"))
 
 
-def create_app(settings: Settings) -> Starlette:
-    """Build the gateway application for ``settings``."""
-    endpoints = Endpoints(settings)
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """Build the gateway application for ``settings``.
+
+    ``transport`` replaces the network for upstream traffic (tests use httpx.MockTransport
+    or an ASGITransport around a fake registry); ``clock`` is the wall clock of tag TTLs.
+    """
+    endpoints = Endpoints(settings, transport=transport, clock=clock)
     app = Starlette(
         routes=[Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS)],
         exception_handlers={

@@ -1,0 +1,31 @@
+"""Per-upstream caches behind the ``CacheBackend`` protocol (see base.py)."""
+
+from __future__ import annotations
+
+from mirrorrouter.cache.base import (
+    BlobWriter,
+    CacheBackend,
+    DigestMismatch,
+    StoredManifest,
+    TagRecord,
+)
+from mirrorrouter.cache.filesystem import FilesystemCache
+from mirrorrouter.config import CacheSettings
+
+
+def open_backend(settings: CacheSettings) -> CacheBackend:
+    """The backend named by an upstream's cache settings (``open()`` it before use)."""
+    if settings.backend == "filesystem":
+        return FilesystemCache(settings.directory)
+    raise ValueError(f"unknown cache backend {settings.backend!r}")  # config validation stops this
+
+
+__all__ = [
+    "BlobWriter",
+    "CacheBackend",
+    "DigestMismatch",
+    "FilesystemCache",
+    "StoredManifest",
+    "TagRecord",
+    "open_backend",
+]

@@ -1,0 +1,210 @@
+"""The embedded cache: a local directory per upstream.
+
+Layout (``<root>`` is the upstream's cache directory)::
+
+    blobs/<alg>/<hex[:2]>/<hex>           committed blob bytes
+    manifests/<alg>/<hex>                 "<media type>\\n" + the exact manifest bytes
+    repositories/<repo>/_tags/<tag>       JSON tag record
+    repositories/<repo>/_links/<alg>/<hex>  empty: the repository may see this digest
+    tmp/                                  spool files and writes in progress
+
+Every write goes to ``tmp/`` first and is moved into place with ``os.replace`` after it was
+verified, so a reader sees the whole object or nothing. ``open()`` sweeps ``tmp/``: what
+is there was interrupted (a crash, a kill -9) and is never served. Repository components
+never start with "_", so ``_tags`` and ``_links`` cannot collide with a repository name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from mirrorrouter.cache.base import DigestMismatch, StoredManifest, TagRecord
+from mirrorrouter.reference import Digest
+
+READ_CHUNK = 1024 * 1024
+
+
+class FilesystemCache:
+    """``CacheBackend`` over a local directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+
+    def _open_sync(self) -> None:
+        for sub in ("blobs", "manifests", "repositories"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of interrupted writes
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ blobs
+
+    def _blob_file(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(self._blob_file(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def blob_path(self, digest: Digest) -> Path | None:
+        path = self._blob_file(digest)
+        return path if path.exists() else None
+
+    async def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
+        fd = os.open(self._blob_file(digest), os.O_RDONLY)
+        try:
+            position = start
+            while position < end:
+                size = min(READ_CHUNK, end - position)
+                chunk = await asyncio.to_thread(os.pread, fd, size, position)
+                if not chunk:
+                    return
+                position += len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    def blob_writer(self, digest: Digest, expected_size: int | None = None) -> _FileBlobWriter:
+        return _FileBlobWriter(self, digest, expected_size)
+
+    # ------------------------------------------------------------------ manifests
+
+    def _manifest_file(self, digest: Digest) -> Path:
+        return self.root / "manifests" / digest.algorithm / digest.hex
+
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        try:
+            raw = await asyncio.to_thread(self._manifest_file(digest).read_bytes)
+        except FileNotFoundError:
+            return None
+        media_type, _, data = raw.partition(b"\n")
+        return StoredManifest(digest, media_type.decode(), data)
+
+    async def put_manifest(self, manifest: StoredManifest) -> None:
+        if Digest.of(manifest.data, manifest.digest.algorithm) != manifest.digest:
+            raise DigestMismatch(f"manifest bytes do not hash to {manifest.digest}")
+        raw = manifest.media_type.encode() + b"\n" + manifest.data
+        await asyncio.to_thread(self._write_atomic, self._manifest_file(manifest.digest), raw)
+
+    # ------------------------------------------------------------------ tags and links
+
+    def _repository_dir(self, repository: str) -> Path:
+        return self.root / "repositories" / repository
+
+    async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
+        path = self._repository_dir(repository) / "_tags" / tag
+        try:
+            data = json.loads(await asyncio.to_thread(path.read_bytes))
+            return TagRecord(
+                Digest.parse(data["digest"]), data["media_type"], data["size"], data["checked_at"]
+            )
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            return None  # an unreadable record is a miss, never an error
+
+    async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
+        data = json.dumps(
+            {
+                "digest": str(record.digest),
+                "media_type": record.media_type,
+                "size": record.size,
+                "checked_at": record.checked_at,
+            }
+        ).encode()
+        path = self._repository_dir(repository) / "_tags" / tag
+        await asyncio.to_thread(self._write_atomic, path, data)
+
+    def _link_file(self, repository: str, digest: Digest) -> Path:
+        return self._repository_dir(repository) / "_links" / digest.algorithm / digest.hex
+
+    async def is_linked(self, repository: str, digest: Digest) -> bool:
+        return self._link_file(repository, digest).exists()
+
+    async def link(self, repository: str, digests: list[Digest]) -> None:
+        await asyncio.to_thread(self._link_sync, repository, digests)
+
+    def _link_sync(self, repository: str, digests: list[Digest]) -> None:
+        for digest in digests:
+            path = self._link_file(repository, digest)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+
+    # ------------------------------------------------------------------ helpers
+
+    def temp_path(self) -> Path:
+        return self.tmp / uuid.uuid4().hex
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
+        temp = self.temp_path()
+        temp.write_bytes(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+
+    def commit_file(self, temp: Path, digest: Digest) -> Path:
+        target = self._blob_file(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+        return target
+
+
+class _FileBlobWriter:
+    """Streams a blob into ``tmp/``, hashing as it goes; commit renames it into place."""
+
+    def __init__(self, cache: FilesystemCache, digest: Digest, expected_size: int | None) -> None:
+        self._cache = cache
+        self._digest = digest
+        self._expected_size = expected_size
+        self._hasher = digest.hasher()
+        self._path = cache.temp_path()
+        # Unbuffered: every write reaches the file at once, so followers see it.
+        self._file = open(self._path, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+        self._written = 0
+
+    @property
+    def spool_path(self) -> Path:
+        return self._path
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    async def write(self, chunk: bytes) -> None:
+        await asyncio.to_thread(self._write_sync, chunk)
+        self._written += len(chunk)
+
+    def _write_sync(self, chunk: bytes) -> None:
+        # hashlib releases the GIL on large buffers, so this overlaps the next network read.
+        self._hasher.update(chunk)
+        self._file.write(chunk)
+
+    async def commit(self) -> Path:
+        self._file.close()
+        actual = self._hasher.hexdigest()
+        if actual != self._digest.hex:
+            await self.abort()
+            raise DigestMismatch(
+                f"content hashed to {self._digest.algorithm}:{actual}, not {self._digest}"
+            )
+        if self._expected_size is not None and self._written != self._expected_size:
+            await self.abort()
+            raise DigestMismatch(f"got {self._written} bytes, expected {self._expected_size}")
+        # The rename happens on the event loop thread, so that readers which look up the
+        # spool path and the committed path never see neither.
+        return self._cache.commit_file(self._path, self._digest)
+
+    async def abort(self) -> None:
+        self._file.close()
+        self._path.unlink(missing_ok=True)

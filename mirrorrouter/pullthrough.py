@@ -1,0 +1,412 @@
+"""The pull-through policy: what is served from cache, what is asked upstream, and when.
+
+- **Digests never change**: manifests and blobs by digest are served from cache first,
+  fetched upstream (verified) on a miss.
+- **Tags move**: within the upstream's ``tag_ttl`` the cached answer is served with no
+  upstream request; after it, a HEAD revalidates (Docker Hub does not count HEADs against
+  its pull quota) and a GET follows only when the digest changed.
+- **One upstream fetch per digest** however many clients ask at once (``singleflight``);
+  concurrent fetches of one tag are coalesced the same way.
+- **Repository links**: a cached blob or manifest is served for a repository only if that
+  repository's manifest referenced it or the upstream confirmed it there, so a private
+  blob never leaks through another repository's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+from cachetools import LRUCache
+
+from mirrorrouter.cache import CacheBackend, StoredManifest, TagRecord, open_backend
+from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.oci import INDEX_MEDIA_TYPES
+from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.singleflight import BlobFill, Coalescer
+from mirrorrouter.upstream import FetchedManifest, UpstreamClient
+
+log = logging.getLogger("mirrorrouter.pullthrough")
+
+MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
+TAG_MEMORY_ENTRIES = 100_000
+
+
+class CacheStatus:
+    HIT = "HIT"
+    MISS = "MISS"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    manifest: StoredManifest
+    cache: str
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobAnswer:
+    """A blob to serve: from the cache, or from a fill in progress."""
+
+    size: int | None
+    cache: str
+    upstream: str
+    stream: Callable[[int, int | None], AsyncIterator[bytes]]
+
+
+class UpstreamSite:
+    """One upstream at run time: its client, its cache, its fills and memory indexes."""
+
+    def __init__(self, settings: UpstreamSettings, client: UpstreamClient, cache: CacheBackend):
+        self.settings = settings
+        self.client = client
+        self.cache = cache
+        self.fills: dict[Digest, BlobFill] = {}
+        self.coalescer = Coalescer()
+        self.manifests: LRUCache[Digest, StoredManifest] = LRUCache(
+            maxsize=MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 200
+        )
+        self.tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY_ENTRIES)
+
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        stored = self.manifests.get(digest)
+        if stored is None:
+            stored = await self.cache.get_manifest(digest)
+            if stored is not None:
+                self.manifests[digest] = stored
+        return stored
+
+    async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
+        record = self.tags.get((repository, tag))
+        if record is None:
+            record = await self.cache.get_tag(repository, tag)
+            if record is not None:
+                self.tags[(repository, tag)] = record
+        return record
+
+    async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
+        self.tags[(repository, tag)] = record
+        await self.cache.put_tag(repository, tag, record)
+
+
+class Pullthrough:
+    """Serves pulls for every upstream through its cache."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._transport = transport
+        self._sites: dict[str, UpstreamSite] = {}
+        self._site_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Open every configured upstream's cache (sweeping interrupted writes)."""
+        for upstream in self.settings.upstreams.values():
+            await self.site(upstream)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for site in self._sites.values():
+            await site.client.aclose()
+
+    async def site(self, upstream: UpstreamSettings) -> UpstreamSite:
+        site = self._sites.get(upstream.name)
+        if site is not None:
+            return site
+        async with self._site_lock:
+            site = self._sites.get(upstream.name)
+            if site is None:
+                cache = open_backend(upstream.cache)
+                await cache.open()
+                client = UpstreamClient(upstream, transport=self._transport)
+                site = self._sites[upstream.name] = UpstreamSite(upstream, client, cache)
+        return site
+
+    # ------------------------------------------------------------------ manifests
+
+    async def manifest(self, upstream: UpstreamSettings, ref: ImageReference) -> ManifestAnswer:
+        site = await self.site(upstream)
+        if ref.digest is not None:
+            return await self._manifest_by_digest(site, ref, ref.digest)
+        return await self._manifest_by_tag(site, ref)
+
+    async def manifest_for_client(
+        self, upstream: UpstreamSettings, ref: ImageReference, accept: tuple[str, ...]
+    ) -> ManifestAnswer:
+        """The manifest in a form the client accepts.
+
+        A client that does not accept index types gets the linux/amd64 manifest of an
+        index (what the distribution registry does for old Docker clients).
+        """
+        answer = await self.manifest(upstream, ref)
+        media_type = answer.manifest.media_type
+        if accepts(accept, media_type):
+            return answer
+        if media_type in INDEX_MEDIA_TYPES:
+            child = default_platform_child(answer.manifest.data, accept)
+            if child is not None:
+                return await self.manifest(
+                    upstream, ImageReference(ref.registry, ref.repository, None, child)
+                )
+        raise RegistryError(
+            ErrorCode.MANIFEST_UNKNOWN,
+            f"the manifest is {media_type}, which this client does not accept",
+            detail={"accept": list(accept)},
+        )
+
+    async def _manifest_by_digest(
+        self, site: UpstreamSite, ref: ImageReference, digest: Digest
+    ) -> ManifestAnswer:
+        stored = await site.get_manifest(digest)
+        if stored is not None and await site.cache.is_linked(ref.repository, digest):
+            return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+        fetched = await site.coalescer.run(
+            ("manifest", ref.repository, digest), lambda: site.client.fetch_manifest(ref)
+        )
+        stored = await self._store_manifest(site, ref.repository, fetched)
+        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name)
+
+    async def _manifest_by_tag(self, site: UpstreamSite, ref: ImageReference) -> ManifestAnswer:
+        assert ref.tag is not None
+        record = await site.get_tag(ref.repository, ref.tag)
+        if record is not None:
+            stored = await site.get_manifest(record.digest)
+            if stored is not None:
+                if self.clock() - record.checked_at < site.settings.tag_ttl:
+                    return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+                if await self._still_current(site, ref, record):
+                    return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+        fetched = await site.coalescer.run(
+            ("tag", ref.repository, ref.tag), lambda: site.client.fetch_manifest(ref)
+        )
+        stored = await self._store_manifest(site, ref.repository, fetched)
+        await site.put_tag(
+            ref.repository,
+            ref.tag,
+            TagRecord(stored.digest, stored.media_type, len(stored.data), self.clock()),
+        )
+        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name)
+
+    async def _still_current(
+        self, site: UpstreamSite, ref: ImageReference, record: TagRecord
+    ) -> bool:
+        """Revalidate an expired tag with a HEAD; refresh its record when unchanged."""
+        assert ref.tag is not None
+        try:
+            head = await site.coalescer.run(
+                ("head", ref.repository, ref.tag), lambda: site.client.head_manifest(ref)
+            )
+        except RegistryError:
+            return False  # let the GET decide (and report)
+        if head.digest != record.digest:
+            return False
+        refreshed = TagRecord(record.digest, record.media_type, record.size, self.clock())
+        await site.put_tag(ref.repository, ref.tag, refreshed)
+        return True
+
+    async def _store_manifest(
+        self, site: UpstreamSite, repository: str, fetched: FetchedManifest
+    ) -> StoredManifest:
+        stored = StoredManifest(fetched.digest, fetched.media_type, fetched.data)
+        await site.cache.put_manifest(stored)
+        site.manifests[stored.digest] = stored
+        await site.cache.link(repository, [stored.digest, *referenced_digests(stored.data)])
+        return stored
+
+    # ------------------------------------------------------------------ blobs
+
+    async def blob(self, upstream: UpstreamSettings, repository: str, digest: Digest) -> BlobAnswer:
+        site = await self.site(upstream)
+        size = await site.cache.blob_size(digest)
+        if size is not None:
+            await self._check_visible(site, repository, digest)
+            return BlobAnswer(
+                size,
+                CacheStatus.HIT,
+                upstream.name,
+                lambda start, end: site.cache.read_blob(
+                    digest, start, size if end is None else end
+                ),
+            )
+        fill = site.fills.get(digest)
+        if fill is None:
+            fill = self._start_fill(site, repository, digest)
+        else:
+            fill.followers += 1
+            if fill.repository != repository:
+                await self._check_visible(site, repository, digest)
+        await fill.started.wait()
+        if fill.error is not None:
+            if isinstance(fill.error, RegistryError):
+                raise fill.error
+            raise RegistryError(ErrorCode.UNAVAILABLE, f"fetching {digest} failed: {fill.error}")
+        return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read)
+
+    async def _check_visible(self, site: UpstreamSite, repository: str, digest: Digest) -> None:
+        if await site.cache.is_linked(repository, digest):
+            return
+        if await site.client.blob_exists(repository, digest):
+            await site.cache.link(repository, [digest])
+            return
+        raise RegistryError(
+            ErrorCode.BLOB_UNKNOWN,
+            f"blob {digest} is not known in repository {repository}",
+            detail={"upstream": site.settings.name},
+        )
+
+    def _start_fill(self, site: UpstreamSite, repository: str, digest: Digest) -> BlobFill:
+        fill = BlobFill(digest, repository)
+        site.fills[digest] = fill
+        task = asyncio.get_running_loop().create_task(self._run_fill(site, fill))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _run_fill(self, site: UpstreamSite, fill: BlobFill) -> None:
+        writer = None
+        try:
+            async with site.client.open_blob(fill.repository, fill.digest) as stream:
+                writer = site.cache.blob_writer(fill.digest, stream.size)
+                fill.begin(writer.spool_path, stream.size, stream.mirror)
+                async for chunk in stream.chunks():
+                    await writer.write(chunk)
+                    fill.progress(writer.written)
+            committed = await writer.commit()
+            writer = None
+            await site.cache.link(fill.repository, [fill.digest])
+            fill.finish(committed)
+        except BaseException as exc:
+            if writer is not None:
+                await writer.abort()
+            if not isinstance(exc, RegistryError):
+                log.warning("blob %s from %s failed: %s", fill.digest, fill.mirror, exc)
+            fill.fail(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            site.fills.pop(fill.digest, None)
+
+    # ------------------------------------------------------------------ tags, referrers
+
+    async def tags(
+        self, upstream: UpstreamSettings, repository: str, query: dict[str, str]
+    ) -> httpx.Response:
+        site = await self.site(upstream)
+        return await site.client.get_tags(repository, query)
+
+    async def referrers(
+        self, upstream: UpstreamSettings, ref: ImageReference, artifact_type: str | None
+    ) -> tuple[bytes, bool]:
+        """The referrers index of a digest, and whether it was filtered by artifactType.
+
+        Upstreams without the referrers API get the tag-schema fallback: the index
+        tagged ``<alg>-<hex>``, filtered here; an empty index when there is none.
+        """
+        assert ref.digest is not None
+        site = await self.site(upstream)
+        response = await site.client.get_referrers(ref.repository, ref.digest, artifact_type)
+        if response is not None:
+            filtered = "artifactType" in response.headers.get("oci-filters-applied", "")
+            if artifact_type and not filtered:
+                return filter_referrers(response.content, artifact_type), True
+            return response.content, filtered
+        fallback_tag = f"{ref.digest.algorithm}-{ref.digest.hex}"
+        tagged = ImageReference(ref.registry, ref.repository, fallback_tag)
+        try:
+            answer = await self.manifest(upstream, tagged)
+        except RegistryError as exc:
+            if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
+                raise
+            return empty_index(), bool(artifact_type)
+        if answer.manifest.media_type not in INDEX_MEDIA_TYPES:
+            return empty_index(), bool(artifact_type)
+        if artifact_type:
+            return filter_referrers(answer.manifest.data, artifact_type), True
+        return answer.manifest.data, False
+
+
+def referenced_digests(data: bytes) -> list[Digest]:
+    """The digests a manifest names: config and layers, or an index's manifests."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    descriptors = [
+        document.get("config"),
+        *document.get("layers", []),
+        *document.get("manifests", []),
+    ]
+    digests = []
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                digests.append(Digest.parse(descriptor["digest"]))
+            except ReferenceError:
+                continue
+    return digests
+
+
+def accepts(accept: tuple[str, ...], media_type: str) -> bool:
+    """Whether a client's Accept list admits a media type (no Accept admits anything)."""
+    if not accept:
+        return True
+    family = media_type.split("/", 1)[0] + "/*"
+    return any(a in ("*/*", family, media_type) for a in accept)
+
+
+def default_platform_child(data: bytes, accept: tuple[str, ...]) -> Digest | None:
+    """The linux/amd64 entry of an index whose media type the client accepts."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    for entry in document.get("manifests", []):
+        platform = entry.get("platform") or {}
+        if (platform.get("os"), platform.get("architecture")) != ("linux", "amd64"):
+            continue
+        if accepts(accept, entry.get("mediaType", "")):
+            try:
+                return Digest.parse(entry["digest"])
+            except (KeyError, ReferenceError):
+                return None
+    return None
+
+
+def empty_index() -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [],
+        }
+    ).encode()
+
+
+def filter_referrers(data: bytes, artifact_type: str) -> bytes:
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return empty_index()
+    manifests = [
+        m
+        for m in document.get("manifests", [])
+        if isinstance(m, dict) and m.get("artifactType") == artifact_type
+    ]
+    return json.dumps({**document, "manifests": manifests}).encode()

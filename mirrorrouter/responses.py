@@ -1,0 +1,90 @@
+"""HTTP answers for content: byte ranges and the blob streaming response."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from starlette.types import Receive, Scope, Send
+
+from mirrorrouter.errors import ErrorCode, RegistryError
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
+    """The ``[start, end)`` a Range header asks of ``size`` bytes; None means the whole.
+
+    Only single ranges are served (what registry clients send); a multi-range or malformed
+    header is ignored, as RFC 9110 allows. An unsatisfiable one is a 416.
+    """
+    if not header or size is None:
+        return None
+    match = _RANGE_RE.fullmatch(header.strip())
+    if match is None or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:  # a suffix: the last N bytes
+        length = int(last)
+        if length == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - length), size
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    if start >= size or (last and int(last) < start):
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> RegistryError:
+    return RegistryError(
+        ErrorCode.RANGE_INVALID,
+        f"range not satisfiable: the blob has {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+class BlobResponse:
+    """Streams a blob (or a range of it) from an async byte source, ~1 MiB per send."""
+
+    def __init__(
+        self,
+        source: Callable[[int, int | None], AsyncIterator[bytes]],
+        *,
+        size: int | None,
+        byte_range: tuple[int, int] | None,
+        headers: Mapping[str, str],
+        head: bool,
+    ) -> None:
+        self.source = source
+        self.head = head
+        self.headers = dict(headers)
+        self.start = byte_range[0] if byte_range else 0
+        self.end: int | None = byte_range[1] if byte_range else None
+        self.headers["Accept-Ranges"] = "bytes"
+        if byte_range is not None:
+            assert size is not None
+            self.status = 206
+            self.headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1] - 1}/{size}"
+            self.headers["Content-Length"] = str(byte_range[1] - byte_range[0])
+        else:
+            self.status = 200
+            if size is not None:
+                self.headers["Content-Length"] = str(size)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        if self.head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        chunks = self.source(self.start, self.end)
+        try:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            # Close the source now (its file descriptor), also when the client went away.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+        await send({"type": "http.response.body", "body": b""})

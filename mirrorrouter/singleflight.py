@@ -1,0 +1,133 @@
+"""Streaming single-flight: one upstream download per blob, followed by every reader.
+
+A ``BlobFill`` is one download of one blob into a spool file. Its task runs on its own
+(owned by the app's lifespan, never by a response): the first client leaving does not stop
+it, and its digest check and commit always run. Readers stream from the spool file as the
+bytes land, not after the download completes.
+
+The last byte is held back from readers until the digest is verified: a reader can never
+receive a whole, wrong blob. When verification fails, every reader gets an error (its
+response is cut short) and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mirrorrouter.reference import Digest
+
+READ_CHUNK = 1024 * 1024
+T = TypeVar("T")
+
+
+class FillFailed(Exception):
+    """The fill a reader was following failed; the response must be cut short."""
+
+
+class BlobFill:
+    """The state of one blob download, shared by every reader of that blob."""
+
+    def __init__(self, digest: Digest, repository: str) -> None:
+        self.digest = digest
+        self.repository = repository
+        self.size: int | None = None
+        self.mirror: str | None = None
+        self.path: Path | None = None
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.followers = 0
+        self.started = asyncio.Event()  # the upstream answered, or the fill failed
+        self._changed = asyncio.Event()
+
+    # -- the filling task's side
+
+    def begin(self, spool: Path, size: int | None, mirror: str) -> None:
+        self.path, self.size, self.mirror = spool, size, mirror
+        self.started.set()
+
+    def progress(self, written: int) -> None:
+        self.written = written
+        self._notify()
+
+    def finish(self, committed: Path) -> None:
+        # Readers that open the file from now on open the committed file; readers that
+        # opened the spool file keep reading it, since the rename keeps the inode.
+        self.path = committed
+        self.done = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.started.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # -- the readers' side
+
+    @property
+    def readable(self) -> int:
+        """How many bytes readers may have: all once verified, else all but the last."""
+        return self.written if self.done else max(0, self.written - 1)
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Stream bytes ``[start, end)`` as they land; raises ``FillFailed`` on failure."""
+        await self.started.wait()
+        if self.error is not None or self.path is None:
+            raise FillFailed(str(self.error))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            position = start
+            while True:
+                limit = end if end is not None else self.size
+                if limit is not None and position >= limit:
+                    return
+                if self.error is not None:
+                    raise FillFailed(str(self.error))
+                available = self.readable
+                if position < available:
+                    size = min(READ_CHUNK, available - position)
+                    if limit is not None:
+                        size = min(size, limit - position)
+                    chunk = await asyncio.to_thread(os.pread, fd, size, position)
+                    position += len(chunk)
+                    yield chunk
+                elif self.done:
+                    return
+                else:
+                    await self._changed.wait()
+        finally:
+            os.close(fd)
+
+
+class Coalescer:
+    """Single-flight for small awaitables: concurrent calls with one key share one result."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def run(self, key: Hashable, factory: Callable[[], Awaitable[T]]) -> T:
+        running = self._running.get(key)
+        if running is not None:
+            result: T = await asyncio.shield(running)
+            return result
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            value = await factory()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: followers may be none
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._running[key]
