@@ -1,0 +1,459 @@
+"""The conformance suite every cache backend must pass (see mirrorrouter/cache/base.py).
+
+Each test runs once per backend named in ``HARNESSES``. Adding a backend is one entry
+there: a factory that yields a ``Harness`` around a fresh, unopened instance plus the few
+backend-specific probes the suite needs (a second instance over the same storage, a look
+into the temp area, a way to plant a raw tag record). Tests of the filesystem layout
+itself are at the bottom and use ``FilesystemCache`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mirrorrouter.cache import CacheBackend, DigestMismatch, FilesystemCache
+from mirrorrouter.cache.base import StoredManifest, TagRecord
+from mirrorrouter.reference import Digest
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1024 * 1024
+# Deterministic, non-periodic bytes; 2.5 MiB spans several 1 MiB reads.
+PAYLOAD = random.Random(0).randbytes(5 * MIB // 2)
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+ALGORITHMS = ["sha256", "sha512"]
+
+
+@dataclass
+class Harness:
+    """A backend under test and the backend-specific probes the suite relies on."""
+
+    cache: CacheBackend
+    # A new, not yet opened instance over the same storage (a restart).
+    reopen: Callable[[], CacheBackend]
+    # Everything currently in the backend's area for writes in progress.
+    leftovers: Callable[[], list[str]]
+    # Store raw bytes as the tag record of (repository, tag), bypassing put_tag.
+    plant_tag: Callable[[str, str, bytes], None]
+
+
+@asynccontextmanager
+async def filesystem_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    root = tmp_path / "cache"
+
+    def leftovers() -> list[str]:
+        tmp = root / "tmp"
+        return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) if tmp.exists() else []
+
+    def plant_tag(repository: str, tag: str, raw: bytes) -> None:
+        path = root / "repositories" / repository / "_tags" / tag
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+
+    yield Harness(FilesystemCache(root), lambda: FilesystemCache(root), leftovers, plant_tag)
+
+
+HARNESSES: dict[str, Callable[[Path], AbstractAsyncContextManager[Harness]]] = {
+    "filesystem": filesystem_harness,
+}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with HARNESSES[request.param](tmp_path) as harness:
+        await harness.cache.open()
+        yield harness
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def read_all(cache: CacheBackend, digest: Digest, start: int, end: int) -> list[bytes]:
+    return [chunk async for chunk in cache.read_blob(digest, start, end)]
+
+
+async def store_blob(
+    cache: CacheBackend, data: bytes, algorithm: str = "sha256", chunk: int = 300_000
+) -> Digest:
+    digest = Digest.of(data, algorithm)
+    writer = cache.blob_writer(digest, len(data))
+    for offset in range(0, len(data), chunk):
+        await writer.write(data[offset : offset + chunk])
+    await writer.commit()
+    return digest
+
+
+async def assert_blob_absent(harness: Harness, digest: Digest) -> None:
+    assert await harness.cache.blob_size(digest) is None
+    assert harness.cache.blob_path(digest) is None
+    assert harness.leftovers() == []
+
+
+def record(data: bytes, checked_at: float = 1_700_000_000.25) -> TagRecord:
+    return TagRecord(Digest.of(data), OCI_MANIFEST, len(data), checked_at)
+
+
+# ---------------------------------------------------------------------- misses
+
+
+async def test_empty_cache_misses_everything(backend: Harness) -> None:
+    """A fresh backend reports every blob, manifest, tag and link as absent, not as an error."""
+    cache = backend.cache
+    digest = Digest.of(b"nothing here")
+    assert await cache.blob_size(digest) is None
+    assert cache.blob_path(digest) is None
+    assert await cache.get_manifest(digest) is None
+    assert await cache.get_tag("library/alpine", "latest") is None
+    assert await cache.is_linked("library/alpine", digest) is False
+
+
+# ---------------------------------------------------------------------- blobs
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_committed_blob_reads_back(backend: Harness, algorithm: str) -> None:
+    """A blob written in chunks and committed has its size, its bytes and a local file."""
+    cache = backend.cache
+    digest = await store_blob(cache, PAYLOAD, algorithm)
+    assert await cache.blob_size(digest) == len(PAYLOAD)
+    chunks = await read_all(cache, digest, 0, len(PAYLOAD))
+    assert b"".join(chunks) == PAYLOAD
+    assert len(chunks) > 1  # streamed, never read whole into memory
+    assert all(chunks)
+    path = cache.blob_path(digest)
+    if path is not None:  # optional by the protocol; the filesystem test below insists
+        assert path.read_bytes() == PAYLOAD
+    assert backend.leftovers() == []
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (0, 0),
+        (0, 1),
+        (0, MIB),
+        (1, MIB + 1),
+        (MIB - 10, MIB + 10),
+        (MIB, 2 * MIB),
+        (MIB - 1, 2 * MIB + 1),
+        (123_456, len(PAYLOAD)),
+        (len(PAYLOAD) - 1, len(PAYLOAD)),
+        (len(PAYLOAD), len(PAYLOAD)),
+    ],
+)
+async def test_read_blob_serves_byte_ranges(backend: Harness, start: int, end: int) -> None:
+    """read_blob(start, end) yields exactly bytes [start, end), also across 1 MiB reads."""
+    digest = await store_blob(backend.cache, PAYLOAD)
+    chunks = await read_all(backend.cache, digest, start, end)
+    assert b"".join(chunks) == PAYLOAD[start:end]
+    assert all(chunks)
+
+
+async def test_empty_blob_commits(backend: Harness) -> None:
+    """A zero-byte blob (nothing written) commits and reads back as empty."""
+    digest = await store_blob(backend.cache, b"")
+    assert await backend.cache.blob_size(digest) == 0
+    assert b"".join(await read_all(backend.cache, digest, 0, 0)) == b""
+
+
+async def test_digest_mismatch_on_commit_leaves_nothing(backend: Harness) -> None:
+    """Bytes that do not hash to the digest fail the commit and leave no trace."""
+    digest = Digest.of(PAYLOAD)
+    wrong = PAYLOAD[:-1] + bytes([PAYLOAD[-1] ^ 1])
+    writer = backend.cache.blob_writer(digest, len(wrong))
+    await writer.write(wrong)
+    with pytest.raises(DigestMismatch):
+        await writer.commit()
+    await assert_blob_absent(backend, digest)
+    assert not writer.spool_path.exists()
+    await writer.abort()  # the pull-through aborts after a failed commit: must be harmless
+    await assert_blob_absent(backend, digest)
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+async def test_size_mismatch_on_commit_leaves_nothing(backend: Harness, delta: int) -> None:
+    """Right bytes but a different announced size fail the commit and leave no trace."""
+    digest = Digest.of(PAYLOAD)
+    writer = backend.cache.blob_writer(digest, len(PAYLOAD) + delta)
+    await writer.write(PAYLOAD)
+    with pytest.raises(DigestMismatch):
+        await writer.commit()
+    await assert_blob_absent(backend, digest)
+    await writer.abort()
+
+
+async def test_failed_commit_keeps_earlier_good_copy(backend: Harness) -> None:
+    """A bad write of a digest that is already committed does not disturb the good copy."""
+    digest = await store_blob(backend.cache, PAYLOAD)
+    writer = backend.cache.blob_writer(digest, len(PAYLOAD))
+    await writer.write(b"x" * len(PAYLOAD))
+    with pytest.raises(DigestMismatch):
+        await writer.commit()
+    assert await backend.cache.blob_size(digest) == len(PAYLOAD)
+    assert b"".join(await read_all(backend.cache, digest, 0, len(PAYLOAD))) == PAYLOAD
+    assert backend.leftovers() == []
+
+
+async def test_abort_leaves_nothing(backend: Harness) -> None:
+    """An aborted write is never visible and its spool file is gone."""
+    digest = Digest.of(PAYLOAD)
+    writer = backend.cache.blob_writer(digest, len(PAYLOAD))
+    await writer.write(PAYLOAD[:MIB])
+    await writer.abort()
+    await assert_blob_absent(backend, digest)
+    assert not writer.spool_path.exists()
+
+
+async def test_spool_file_grows_with_writes(backend: Harness) -> None:
+    """The spool file exists from the start and a follower reads each chunk as it lands."""
+    digest = Digest.of(PAYLOAD)
+    writer = backend.cache.blob_writer(digest, len(PAYLOAD))
+    assert writer.spool_path.read_bytes() == b""  # followers may open it before any write
+    fd = os.open(writer.spool_path, os.O_RDONLY)
+    try:
+        followed = b""
+        # Small chunks too: a buffered writer would hold them back from followers.
+        bounds = [0, 1, 1_001, 66_001, MIB + 66_001, len(PAYLOAD)]
+        for offset, stop in itertools.pairwise(bounds):
+            await writer.write(PAYLOAD[offset:stop])
+            assert writer.written == stop
+            assert await backend.cache.blob_size(digest) is None  # not before commit
+            followed += os.pread(fd, len(PAYLOAD), len(followed))
+            assert followed == PAYLOAD[: writer.written]
+        await writer.commit()
+        # A follower that opened the spool file keeps reading the same bytes after commit.
+        assert os.pread(fd, len(PAYLOAD), 0) == PAYLOAD
+    finally:
+        os.close(fd)
+    assert await backend.cache.blob_size(digest) == len(PAYLOAD)
+
+
+async def test_concurrent_writers_of_one_digest_both_commit(backend: Harness) -> None:
+    """Two interleaved writers of the same digest both commit and the blob is correct."""
+    digest = Digest.of(PAYLOAD)
+    first = backend.cache.blob_writer(digest, len(PAYLOAD))
+    second = backend.cache.blob_writer(digest, len(PAYLOAD))
+    assert first.spool_path != second.spool_path
+
+    async def fill(writer_index: int) -> Path:
+        writer = (first, second)[writer_index]
+        for offset in range(0, len(PAYLOAD), 200_000):
+            await writer.write(PAYLOAD[offset : offset + 200_000])
+            await asyncio.sleep(0)
+        return await writer.commit()
+
+    await asyncio.gather(fill(0), fill(1))
+    assert await backend.cache.blob_size(digest) == len(PAYLOAD)
+    assert b"".join(await read_all(backend.cache, digest, 0, len(PAYLOAD))) == PAYLOAD
+    assert backend.leftovers() == []
+
+
+async def test_sha256_and_sha512_of_same_bytes_are_distinct(backend: Harness) -> None:
+    """The same bytes under sha256 and sha512 are two digests, stored independently."""
+    sha512 = await store_blob(backend.cache, b"hello", "sha512")
+    assert await backend.cache.blob_size(sha512) == 5
+    assert await backend.cache.blob_size(Digest.of(b"hello", "sha256")) is None
+
+
+# ---------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize(
+    ("media_type", "data"),
+    [
+        (OCI_MANIFEST, b'{\n  "schemaVersion": 2,\n  "layers": []\n}\n'),
+        (OCI_INDEX, b'{"schemaVersion":2,"manifests":[]}'),
+        ("application/vnd.docker.distribution.manifest.v2+json", b"\r\n\n {} \n\n"),
+    ],
+)
+async def test_manifest_round_trips_byte_exact(
+    backend: Harness, algorithm: str, media_type: str, data: bytes
+) -> None:
+    """A stored manifest comes back with the same digest, media type and exact bytes."""
+    digest = Digest.of(data, algorithm)
+    await backend.cache.put_manifest(StoredManifest(digest, media_type, data))
+    assert await backend.cache.get_manifest(digest) == StoredManifest(digest, media_type, data)
+    assert backend.leftovers() == []
+
+
+async def test_manifest_with_wrong_bytes_is_refused(backend: Harness) -> None:
+    """put_manifest with bytes that do not hash to the digest raises and stores nothing."""
+    digest = Digest.of(b'{"schemaVersion":2}')
+    with pytest.raises(DigestMismatch):
+        await backend.cache.put_manifest(StoredManifest(digest, OCI_MANIFEST, b'{"schema":1}'))
+    assert await backend.cache.get_manifest(digest) is None
+    assert backend.leftovers() == []
+
+
+# ---------------------------------------------------------------------- tags
+
+
+async def test_tag_round_trips_and_overwrites(backend: Harness) -> None:
+    """A tag record reads back equal, and a later put replaces it."""
+    cache = backend.cache
+    old, new = record(b"old"), record(b"new", checked_at=1_700_000_060.5)
+    await cache.put_tag("library/alpine", "3.20", old)
+    assert await cache.get_tag("library/alpine", "3.20") == old
+    await cache.put_tag("library/alpine", "3.20", new)
+    assert await cache.get_tag("library/alpine", "3.20") == new
+    assert backend.leftovers() == []
+
+
+async def test_tags_are_per_repository(backend: Harness) -> None:
+    """A tag put in one repository is not seen in another, nested names included."""
+    cache = backend.cache
+    await cache.put_tag("library/alpine", "latest", record(b"alpine"))
+    assert await cache.get_tag("library/busybox", "latest") is None
+    assert await cache.get_tag("library", "latest") is None
+    assert await cache.get_tag("library/alpine/extra", "latest") is None
+    assert await cache.get_tag("library/alpine", "other") is None
+
+
+VALID_TAG_FIELDS = {
+    "digest": str(Digest.of(b"x")),
+    "media_type": OCI_MANIFEST,
+    "size": 1,
+    "checked_at": 1.0,
+}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b'{"digest": "sha256:', id="truncated"),
+        pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"[1, 2]", id="list"),
+        pytest.param(b'"sha256:abc"', id="string"),
+        pytest.param(
+            json.dumps({k: v for k, v in VALID_TAG_FIELDS.items() if k != "size"}).encode(),
+            id="missing-field",
+        ),
+        pytest.param(
+            json.dumps({**VALID_TAG_FIELDS, "digest": "sha256:nothex"}).encode(),
+            id="bad-digest",
+        ),
+        pytest.param(
+            json.dumps({**VALID_TAG_FIELDS, "digest": "md5:" + "0" * 32}).encode(),
+            id="unsupported-algorithm",
+        ),
+        pytest.param(
+            json.dumps({**VALID_TAG_FIELDS, "digest": None}).encode(),
+            id="null-digest",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AttributeError,
+                reason=(
+                    "filesystem.py get_tag: Digest.parse(None) raises AttributeError, "
+                    "which is not in the caught (ValueError, KeyError, TypeError)"
+                ),
+            ),
+        ),
+    ],
+)
+async def test_corrupt_tag_record_is_a_miss(backend: Harness, raw: bytes) -> None:
+    """An unreadable tag record reads as a miss, never as an error."""
+    backend.plant_tag("library/alpine", "latest", raw)
+    assert await backend.cache.get_tag("library/alpine", "latest") is None
+
+
+async def test_planted_valid_tag_record_reads(backend: Harness) -> None:
+    """The plant_tag probe writes what put_tag writes (so the corrupt cases test parsing)."""
+    backend.plant_tag("library/alpine", "latest", json.dumps(VALID_TAG_FIELDS).encode())
+    assert await backend.cache.get_tag("library/alpine", "latest") == TagRecord(
+        Digest.of(b"x"), OCI_MANIFEST, 1, 1.0
+    )
+
+
+# ---------------------------------------------------------------------- links
+
+
+async def test_links_are_per_repository(backend: Harness) -> None:
+    """Linking digests in one repository makes them visible there and nowhere else."""
+    cache = backend.cache
+    blob, manifest = Digest.of(b"blob"), Digest.of(b"manifest", "sha512")
+    await cache.link("team/a", [blob, manifest])
+    assert await cache.is_linked("team/a", blob)
+    assert await cache.is_linked("team/a", manifest)
+    assert not await cache.is_linked("team/b", blob)
+    assert not await cache.is_linked("team", blob)
+    assert not await cache.is_linked("team/a/sub", blob)
+    assert not await cache.is_linked("team/a", Digest.of(b"blob", "sha512"))
+    await cache.link("team/a", [blob])  # idempotent
+    await cache.link("team/a", [])
+    assert await cache.is_linked("team/a", blob)
+
+
+# ---------------------------------------------------------------------- restarts
+
+
+async def test_committed_state_survives_a_restart(backend: Harness) -> None:
+    """A new instance over the same storage sees committed blobs, manifests, tags and links."""
+    cache = backend.cache
+    blob = await store_blob(cache, PAYLOAD)
+    data = b'{"schemaVersion":2}'
+    manifest = StoredManifest(Digest.of(data), OCI_MANIFEST, data)
+    await cache.put_manifest(manifest)
+    await cache.put_tag("app", "v1", record(data))
+    await cache.link("app", [blob, manifest.digest])
+
+    fresh = backend.reopen()
+    await fresh.open()
+    assert await fresh.blob_size(blob) == len(PAYLOAD)
+    assert b"".join(await read_all(fresh, blob, 0, len(PAYLOAD))) == PAYLOAD
+    assert await fresh.get_manifest(manifest.digest) == manifest
+    assert await fresh.get_tag("app", "v1") == record(data)
+    assert await fresh.is_linked("app", blob)
+
+
+async def test_open_sweeps_interrupted_writes(backend: Harness) -> None:
+    """open() removes the spool of a write that never committed; nothing of it is visible."""
+    digest = Digest.of(PAYLOAD)
+    writer = backend.cache.blob_writer(digest, len(PAYLOAD))
+    await writer.write(PAYLOAD[: 3 * MIB // 2])
+    assert backend.leftovers() != []
+    try:
+        fresh = backend.reopen()  # the process was killed; this is the next start
+        await fresh.open()
+        assert not writer.spool_path.exists()
+        assert backend.leftovers() == []
+        assert await fresh.blob_size(digest) is None
+        assert fresh.blob_path(digest) is None
+    finally:
+        await writer.abort()  # release the dead writer's handle
+
+
+# ---------------------------------------------------------------------- filesystem layout
+
+
+async def test_filesystem_blob_path_is_the_committed_file(tmp_path: Path) -> None:
+    """The filesystem backend keeps every committed blob as a local file at its layout path."""
+    cache = FilesystemCache(tmp_path)
+    await cache.open()
+    digest = await store_blob(cache, b"layer bytes", "sha512")
+    path = cache.blob_path(digest)
+    assert path == tmp_path / "blobs" / "sha512" / digest.hex[:2] / digest.hex
+    assert path.read_bytes() == b"layer bytes"
+
+
+async def test_filesystem_corrupt_tag_file_is_a_miss(tmp_path: Path) -> None:
+    """A tag file truncated on disk after a good put_tag reads as a miss."""
+    cache = FilesystemCache(tmp_path)
+    await cache.open()
+    await cache.put_tag("library/alpine", "latest", record(b"alpine"))
+    path = tmp_path / "repositories" / "library" / "alpine" / "_tags" / "latest"
+    path.write_bytes(path.read_bytes()[:10])
+    assert await cache.get_tag("library/alpine", "latest") is None
