@@ -73,6 +73,10 @@ class CacheBackend(Protocol):
         """Prepare storage and sweep leftovers of interrupted writes."""
         ...
 
+    async def close(self) -> None:
+        """Release what ``open()`` took; writes in progress must be aborted first."""
+        ...
+
     # -- blobs
     async def blob_size(self, digest: Digest) -> int | None: ...
 

@@ -6,17 +6,22 @@ Layout (``<root>`` is the upstream's cache directory)::
     manifests/<alg>/<hex>                 "<media type>\\n" + the exact manifest bytes
     repositories/<repo>/_tags/<tag>       JSON tag record
     repositories/<repo>/_links/<alg>/<hex>  empty: the repository may see this digest
-    tmp/                                  spool files and writes in progress
+    tmp/<owner>/                          spool files and writes in progress of one
+                                          open instance, which holds tmp/<owner>/.lock
 
-Every write goes to ``tmp/`` first and is moved into place with ``os.replace`` after it was
-verified, so a reader sees the whole object or nothing. ``open()`` sweeps ``tmp/``: what
-is there was interrupted (a crash, a kill -9) and is never served. Repository components
-never start with "_", so ``_tags`` and ``_links`` cannot collide with a repository name.
+Every write goes to the instance's own ``tmp/<owner>/`` first and is moved into place with
+``os.replace`` after it was verified, so a reader sees the whole object or nothing.
+``open()`` sweeps the temp directories whose owner is gone (a crash, a kill -9, a clean
+``close()``): their lock can be taken, and what they hold was interrupted and is never
+served. Directories of live owners (other worker processes sharing the cache) are left
+alone, since their lock cannot be taken. Repository components never start with "_", so
+``_tags`` and ``_links`` cannot collide with a repository name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -35,16 +40,45 @@ class FilesystemCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.tmp = root / "tmp"
+        self.tmp = root / "tmp" / uuid.uuid4().hex
+        self._lock_fd: int | None = None
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
 
+    async def close(self) -> None:
+        """Release this instance's temp directory; the next ``open()`` anywhere sweeps it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
     def _open_sync(self) -> None:
-        for sub in ("blobs", "manifests", "repositories"):
+        for sub in ("blobs", "manifests", "repositories", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of interrupted writes
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+        self.tmp.mkdir(exist_ok=True)
+        self._lock_fd = os.open(self.tmp / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def _sweep(self) -> None:
+        """Remove temp directories whose owner is gone (their lock is free)."""
+        for entry in (self.root / "tmp").iterdir():
+            if not entry.is_dir():
+                entry.unlink(missing_ok=True)
+                continue
+            try:
+                fd = os.open(entry / ".lock", os.O_RDWR)
+            except FileNotFoundError:
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live owner
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------------ blobs
 
@@ -111,7 +145,7 @@ class FilesystemCache:
             )
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # an unreadable record is a miss, never an error
 
     async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
