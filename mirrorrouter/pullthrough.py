@@ -123,6 +123,7 @@ class Pullthrough:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for site in self._sites.values():
             await site.client.aclose()
+            await site.cache.close()
 
     async def site(self, upstream: UpstreamSettings) -> UpstreamSite:
         site = self._sites.get(upstream.name)
