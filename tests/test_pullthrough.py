@@ -438,6 +438,69 @@ async def test_unsupported_writes_answer_unsupported(tmp_path: Path, fake: FakeR
     assert fake.requests == []
 
 
+async def test_oauth2_post_form_when_the_realm_refuses_get(tmp_path: Path) -> None:
+    """A token realm that refuses GET gets the OAuth2 password grant as a POST form."""
+    fake = FakeRegistry(bearer=True, users={"bob": "hunter2"}, token_get_allowed=False)
+    fake.add(make_image("private/app", [b"s"]), "1")
+    creds = '[upstreams."docker.io".credentials]\nusername = "bob"\npassword_env = "HUB_PASSWORD"'
+    async with gateway(tmp_path, fake, config(tmp_path, creds)) as gw:
+        assert (await gw.client.get("/v2/private/app/manifests/1")).status_code == 200
+    methods = [r["method"] for r in fake.token_requests]
+    assert methods == ["GET", "POST"]
+    assert fake.token_requests[1]["grant_type"] == "password"
+    assert fake.token_requests[1]["scope"] == "repository:private/app:pull"
+
+
+async def test_manifest_over_4_mib_is_refused(tmp_path: Path, fake: FakeRegistry) -> None:
+    """A manifest larger than 4 MiB is never stored or served."""
+    huge = b'{"schemaVersion":2,"layers":[],"pad":"' + b"x" * (4 * 1024 * 1024) + b'"}'
+    fake.manifests[("library/huge", "1")] = (huge, "application/vnd.oci.image.manifest.v1+json")
+    async with gateway(tmp_path, fake) as gw:
+        response = await gw.client.get("/v2/library/huge/manifests/1")
+    error = json.loads(response.content)["errors"][0]
+    assert response.status_code == 503
+    assert "4 MiB" in error["detail"]["tried"][0]["result"]
+
+
+async def test_host_name_route_pulls_content(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """A request whose Host is a routed name goes to that route's upstream."""
+    quay = FakeRegistry(host="quay.test")
+    quay_image = quay.add(make_image("coreos/etcd", [b"etcd"]), "v3")
+    route = '[[routes]]\nhost = "quay.mirror.corp"\nupstream = "quay.io"'
+    text = config(tmp_path) + route
+
+    async def both(scope, receive, send):  # type: ignore[no-untyped-def]
+        host = dict(scope["headers"]).get(b"host", b"").decode()
+        target = quay.app if host.startswith("quay.test") else fake.app
+        await target(scope, receive, send)
+
+    settings = parse_settings(text, env={})
+    app = create_app(settings, transport=httpx.ASGITransport(app=both))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://quay.mirror.corp"
+        ) as client:
+            response = await client.get("/v2/coreos/etcd/manifests/v3")
+    assert response.headers["docker-content-digest"] == quay_image.digest
+    assert response.headers["x-upstream"] == "quay.io"
+
+
+async def test_tag_index_survives_a_restart(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """A tag pulled before a restart is served from the persisted index within its TTL."""
+    async with gateway(tmp_path, fake) as first:
+        await first.client.get("/v2/library/alpine/manifests/3.19")
+    async with gateway(tmp_path, fake) as second:
+        second.clock.now = first.clock.now + 30
+        again = await second.client.get("/v2/library/alpine/manifests/3.19")
+    assert again.headers["x-cache"] == "HIT" and again.content == image.manifest
+    assert fake.count("GET", "/manifests/") == 1
+
+
 def spool_files(cache: Path) -> list[Path]:
     """Files under a cache's temp area other than the owner locks: interrupted writes."""
     return [p for p in (cache / "tmp").rglob("*") if p.is_file() and p.name != ".lock"]

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -80,6 +81,7 @@ class FakeRegistry:
     supports_referrers: bool = False
     referrers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     token_requests: list[dict[str, str]] = field(default_factory=list)
+    token_get_allowed: bool = True  # False: the realm only speaks the OAuth2 POST form
     seen_authorization: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, image: Image, *tags: str) -> Image:
@@ -129,11 +131,13 @@ class FakeRegistry:
 
     async def _token(self, request: Request) -> Response:
         if request.method == "POST":
-            form = dict(await request.form())
-            params = {k: str(v) for k, v in form.items()}
+            params = dict(parse_qsl((await request.body()).decode()))
             user = params.get("username")
             ok = user is not None and self.users.get(user) == params.get("password")
         else:
+            if not self.token_get_allowed:
+                self.token_requests.append({"method": "GET"})
+                return Response(b"", 405)
             params = dict(request.query_params)
             user, ok = self._basic_user(request)
         self.token_requests.append({"method": request.method, "user": user or "", **params})
