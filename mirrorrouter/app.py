@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
 
 import httpx
 from starlette.applications import Starlette
@@ -22,6 +20,7 @@ from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.endpoints import Endpoints
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+from mirrorrouter.timing import REAL_TIME, Timing
 
 log = logging.getLogger("mirrorrouter")
 
@@ -55,14 +54,14 @@ def create_app(
     settings: Settings,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-    clock: Callable[[], float] = time.time,
+    timing: Timing | None = None,
 ) -> Starlette:
     """Build the gateway application for ``settings``.
 
     ``transport`` replaces the network for upstream traffic (tests use httpx.MockTransport
-    or an ASGITransport around a fake registry); ``clock`` is the wall clock of tag TTLs.
+    or an ASGITransport around a fake registry); ``timing`` replaces clocks and sleep.
     """
-    endpoints = Endpoints(settings, transport=transport, clock=clock)
+    endpoints = Endpoints(settings, transport=transport, timing=timing or REAL_TIME)
     app = Starlette(
         routes=[Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS)],
         exception_handlers={

@@ -99,10 +99,7 @@ class UpstreamSettings:
     mirrors: tuple[Mirror, ...]
     credentials: Credentials | None
     cache: CacheSettings
-    tag_ttl: float
-    connect_timeout: float
-    read_timeout: float
-    proxy: str | None
+    policy: UpstreamPolicy
     from_pattern: bool = False  # made on demand for a host matched by routing.allow_unconfigured
 
 
@@ -120,12 +117,21 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamDefaults:
-    """Per-upstream settings that upstream tables inherit unless they set their own."""
+class UpstreamPolicy:
+    """How one upstream is treated: cache lifetimes, timeouts, retries, circuit breaking.
 
-    tag_ttl: float = 300.0
+    ``[defaults]`` sets these for every upstream; an upstream table overrides any of them.
+    """
+
+    tag_ttl: float = 300.0  # serve a tag from cache this long before revalidating
+    max_stale: float = 7 * 86400.0  # serve a tag this long past its TTL when upstream fails
+    negative_ttl: float = 30.0  # remember an upstream "not found" this long
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    retry_attempts: int = 3  # tries of one mirror before failing over to the next
+    retry_deadline: float = 120.0  # all tries of one request, across mirrors
+    breaker_failures: int = 5  # consecutive failures that open a mirror's circuit
+    breaker_cooldown: float = 30.0  # how long an open circuit skips its mirror
     proxy: str | None = None
 
 
@@ -143,7 +149,7 @@ class Settings:
 
     server: ServerSettings
     cache: CacheSettings
-    defaults: UpstreamDefaults
+    defaults: UpstreamPolicy
     upstreams: Mapping[str, UpstreamSettings]
     routes: tuple[Route, ...]
     default_registry: str
@@ -169,10 +175,7 @@ class Settings:
             mirrors=(default_mirror(registry),),
             credentials=None,
             cache=CacheSettings(self.cache.backend, self.cache.directory / cache_dirname(registry)),
-            tag_ttl=self.defaults.tag_ttl,
-            connect_timeout=self.defaults.connect_timeout,
-            read_timeout=self.defaults.read_timeout,
-            proxy=self.defaults.proxy,
+            policy=self.defaults,
             from_pattern=True,
         )
 
@@ -243,12 +246,7 @@ def _build(reader: _Reader, root: _Table, base_dir: Path, source: Path | None) -
     cache_t.finish()
 
     defaults_t = root.table("defaults")
-    defaults = UpstreamDefaults(
-        tag_ttl=defaults_t.duration("tag_ttl", 300.0),
-        connect_timeout=defaults_t.duration("connect_timeout", 10.0, positive=True),
-        read_timeout=defaults_t.duration("read_timeout", 60.0, positive=True),
-        proxy=defaults_t.get("proxy", str, None, check=_proxy_url),
-    )
+    defaults = _policy(defaults_t, UpstreamPolicy())
     defaults_t.finish()
 
     upstreams: dict[str, UpstreamSettings] = {}
@@ -293,7 +291,7 @@ def _upstream(
     reader: _Reader,
     table: _Table,
     name: str,
-    defaults: UpstreamDefaults,
+    defaults: UpstreamPolicy,
     cache: CacheSettings,
 ) -> UpstreamSettings | None:
     if not REGISTRY_RE.fullmatch(name):
@@ -331,13 +329,28 @@ def _upstream(
         mirrors=mirrors,
         credentials=_credentials(reader, table.table("credentials")),
         cache=upstream_cache,
-        tag_ttl=table.duration("tag_ttl", defaults.tag_ttl),
-        connect_timeout=table.duration("connect_timeout", defaults.connect_timeout, positive=True),
-        read_timeout=table.duration("read_timeout", defaults.read_timeout, positive=True),
-        proxy=table.get("proxy", str, defaults.proxy, check=_proxy_url),
+        policy=_policy(table, defaults),
     )
     table.finish()
     return upstream
+
+
+def _policy(table: _Table, base: UpstreamPolicy) -> UpstreamPolicy:
+    """The policy keys of ``[defaults]`` or an upstream table, falling back to ``base``."""
+    return UpstreamPolicy(
+        tag_ttl=table.duration("tag_ttl", base.tag_ttl),
+        max_stale=table.duration("max_stale", base.max_stale),
+        negative_ttl=table.duration("negative_ttl", base.negative_ttl),
+        connect_timeout=table.duration("connect_timeout", base.connect_timeout, positive=True),
+        read_timeout=table.duration("read_timeout", base.read_timeout, positive=True),
+        retry_attempts=table.get("retry_attempts", int, base.retry_attempts, check=_between(1, 10)),
+        retry_deadline=table.duration("retry_deadline", base.retry_deadline, positive=True),
+        breaker_failures=table.get(
+            "breaker_failures", int, base.breaker_failures, check=_between(1, 1000)
+        ),
+        breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
+        proxy=table.get("proxy", str, base.proxy, check=_proxy_url),
+    )
 
 
 def _mirror(table: _Table) -> Mirror | None:

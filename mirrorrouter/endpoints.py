@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -29,6 +28,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.responses import BlobResponse, parse_range
+from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"
 UPSTREAM_HEADER = "X-Upstream"
@@ -54,11 +54,11 @@ class Endpoints:
         settings: Settings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.time,
+        timing: Timing = REAL_TIME,
     ) -> None:
         self.settings = settings
         self.mapper = Mapper(settings)
-        self.pull = Pullthrough(settings, transport=transport, clock=clock)
+        self.pull = Pullthrough(settings, transport=transport, timing=timing)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -92,12 +92,8 @@ class Endpoints:
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.kind.value} is not supported")
         except RegistryError as error:
             # Say which route was taken, so an operator can see why.
-            if isinstance(error.detail, dict):
-                error.detail.setdefault("route", resolution.describe)
-            elif error.detail is None:
-                error.detail = {"route": resolution.describe}
-            error.headers.update(self._common_headers(oci, resolution))
-            raise
+            headers = self._common_headers(oci, resolution)
+            raise error.with_context(resolution.describe, headers) from error
 
     def base(self, oci: OciRequest) -> Response:
         if oci.method not in ("GET", "HEAD"):

@@ -73,6 +73,20 @@ class RegistryError(MirrorRouterError):
         self.headers = dict(headers or {})
         super().__init__(f"{code.name}: {self.message}")
 
+    def with_context(self, route: str, headers: dict[str, str]) -> RegistryError:
+        """A copy that also says which route was taken (errors may be shared and cached)."""
+        if isinstance(self.detail, dict):
+            detail: Any = {"route": route, **self.detail}
+        else:
+            detail = {"route": route} if self.detail is None else self.detail
+        return RegistryError(
+            self.code,
+            self.message,
+            detail=detail,
+            status=self.status,
+            headers={**headers, **self.headers},
+        )
+
     def envelope(self) -> dict[str, Any]:
         """The ``{"errors": [...]}`` body."""
         item: dict[str, Any] = {"code": self.wire_code, "message": self.message}
@@ -107,7 +121,13 @@ class UpstreamError(MirrorRouterError):
         retry_after: float | None = None,
     ) -> None:
         self.mirror = mirror
+        self.outcome = message
         self.status = status
         self.is_temporary = is_temporary
         self.retry_after = retry_after
         super().__init__(f"{mirror}: {message}")
+
+    @property
+    def is_not_found(self) -> bool:
+        """401, 403 and 404: a healthy mirror's answer that it has nothing to give."""
+        return self.status in (401, 403, 404)

@@ -17,30 +17,41 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
-from mirrorrouter.cache import CacheBackend, StoredManifest, TagRecord, open_backend
-from mirrorrouter.config import Settings, UpstreamSettings
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.cache import (
+    BlobWriter,
+    CacheBackend,
+    DigestMismatch,
+    StoredManifest,
+    TagRecord,
+    open_backend,
+)
+from mirrorrouter.config import Capability, Settings, UpstreamSettings
+from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import INDEX_MEDIA_TYPES
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.singleflight import BlobFill, Coalescer
+from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream import FetchedManifest, UpstreamClient
 
 log = logging.getLogger("mirrorrouter.pullthrough")
 
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
 TAG_MEMORY_ENTRIES = 100_000
+NOT_FOUND_ENTRIES = 10_000
+SUSPECT_SECONDS = 3600.0
+MAX_RESUMES = 5  # per blob download
 
 
 class CacheStatus:
     HIT = "HIT"
     MISS = "MISS"
+    STALE = "STALE"  # the last known answer, served because every mirror failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +74,13 @@ class BlobAnswer:
 class UpstreamSite:
     """One upstream at run time: its client, its cache, its fills and memory indexes."""
 
-    def __init__(self, settings: UpstreamSettings, client: UpstreamClient, cache: CacheBackend):
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        client: UpstreamClient,
+        cache: CacheBackend,
+        clock: Callable[[], float],
+    ) -> None:
         self.settings = settings
         self.client = client
         self.cache = cache
@@ -73,6 +90,14 @@ class UpstreamSite:
             maxsize=MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 200
         )
         self.tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY_ENTRIES)
+        # Mirrors that served content failing verification, per digest: not asked again.
+        self.suspects: TTLCache[Digest, frozenset[str]] = TTLCache(
+            maxsize=NOT_FOUND_ENTRIES, ttl=SUSPECT_SECONDS, timer=clock
+        )
+        # Upstream "not found" answers by (repository, reference), for negative_ttl.
+        self.not_found: TTLCache[tuple[str, str], RegistryError] = TTLCache(
+            maxsize=NOT_FOUND_ENTRIES, ttl=max(settings.policy.negative_ttl, 1e-9), timer=clock
+        )
 
     async def get_manifest(self, digest: Digest) -> StoredManifest | None:
         stored = self.manifests.get(digest)
@@ -102,11 +127,12 @@ class Pullthrough:
         self,
         settings: Settings,
         *,
-        clock: Callable[[], float] = time.time,
+        timing: Timing = REAL_TIME,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
-        self.clock = clock
+        self.timing = timing
+        self.clock = timing.wall
         self._transport = transport
         self._sites: dict[str, UpstreamSite] = {}
         self._site_lock = asyncio.Lock()
@@ -134,8 +160,10 @@ class Pullthrough:
             if site is None:
                 cache = open_backend(upstream.cache)
                 await cache.open()
-                client = UpstreamClient(upstream, transport=self._transport)
-                site = self._sites[upstream.name] = UpstreamSite(upstream, client, cache)
+                client = UpstreamClient(upstream, transport=self._transport, timing=self.timing)
+                site = self._sites[upstream.name] = UpstreamSite(
+                    upstream, client, cache, self.clock
+                )
         return site
 
     # ------------------------------------------------------------------ manifests
@@ -176,25 +204,28 @@ class Pullthrough:
         stored = await site.get_manifest(digest)
         if stored is not None and await site.cache.is_linked(ref.repository, digest):
             return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
-        fetched = await site.coalescer.run(
-            ("manifest", ref.repository, digest), lambda: site.client.fetch_manifest(ref)
-        )
+        fetched = await self._fetch(site, ref)
         stored = await self._store_manifest(site, ref.repository, fetched)
         return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name)
 
     async def _manifest_by_tag(self, site: UpstreamSite, ref: ImageReference) -> ManifestAnswer:
         assert ref.tag is not None
         record = await site.get_tag(ref.repository, ref.tag)
-        if record is not None:
-            stored = await site.get_manifest(record.digest)
-            if stored is not None:
-                if self.clock() - record.checked_at < site.settings.tag_ttl:
-                    return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+        stored = await site.get_manifest(record.digest) if record is not None else None
+        if record is not None and stored is not None:
+            if self.clock() - record.checked_at < site.settings.policy.tag_ttl:
+                return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+            try:
                 if await self._still_current(site, ref, record):
                     return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
-        fetched = await site.coalescer.run(
-            ("tag", ref.repository, ref.tag), lambda: site.client.fetch_manifest(ref)
-        )
+            except RegistryError as error:
+                return self._stale_or_raise(site, record, stored, error)
+        try:
+            fetched = await self._fetch(site, ref)
+        except RegistryError as error:
+            if record is None or stored is None:
+                raise
+            return self._stale_or_raise(site, record, stored, error)
         stored = await self._store_manifest(site, ref.repository, fetched)
         await site.put_tag(
             ref.repository,
@@ -203,22 +234,65 @@ class Pullthrough:
         )
         return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name)
 
+    async def _fetch(self, site: UpstreamSite, ref: ImageReference) -> FetchedManifest:
+        """GET a manifest upstream, coalesced, remembering a "not found" for negative_ttl."""
+        key = (ref.repository, ref.reference)
+        remembered = site.not_found.get(key)
+        if remembered is not None:
+            raise remembered
+        try:
+            return await site.coalescer.run(
+                ("manifest", *key), lambda: site.client.fetch_manifest(ref)
+            )
+        except RegistryError as error:
+            if error.code is ErrorCode.MANIFEST_UNKNOWN and site.settings.policy.negative_ttl > 0:
+                site.not_found[key] = error
+            raise
+
     async def _still_current(
         self, site: UpstreamSite, ref: ImageReference, record: TagRecord
     ) -> bool:
-        """Revalidate an expired tag with a HEAD; refresh its record when unchanged."""
+        """Revalidate an expired tag with a HEAD; refresh its record when unchanged.
+
+        False when the tag moved or is gone (the GET decides); raises when no mirror could
+        answer at all (the caller may serve stale).
+        """
         assert ref.tag is not None
         try:
             head = await site.coalescer.run(
                 ("head", ref.repository, ref.tag), lambda: site.client.head_manifest(ref)
             )
-        except RegistryError:
-            return False  # let the GET decide (and report)
+        except RegistryError as error:
+            if error.code is ErrorCode.MANIFEST_UNKNOWN:
+                return False
+            raise
         if head.digest != record.digest:
             return False
         refreshed = TagRecord(record.digest, record.media_type, record.size, self.clock())
         await site.put_tag(ref.repository, ref.tag, refreshed)
         return True
+
+    def _stale_or_raise(
+        self, site: UpstreamSite, record: TagRecord, stored: StoredManifest, error: RegistryError
+    ) -> ManifestAnswer:
+        """Serve the last known manifest when upstream is down or throttling, within max_stale.
+
+        Never hand a client an upstream 429 when a cached copy exists: containerd retries a
+        429 five times at once and then fails the pull.
+        """
+        policy = site.settings.policy
+        age = self.clock() - record.checked_at
+        temporary = error.code in (ErrorCode.UNAVAILABLE, ErrorCode.TOOMANYREQUESTS)
+        if not temporary or age > policy.tag_ttl + policy.max_stale:
+            raise error
+        log.warning(
+            "serving %s stale (%.0fs old) from %s: %s",
+            record.digest,
+            age,
+            site.settings.name,
+            error.message,
+        )
+        return ManifestAnswer(stored, CacheStatus.STALE, site.settings.name)
 
     async def _store_manifest(
         self, site: UpstreamSite, repository: str, fetched: FetchedManifest
@@ -279,28 +353,128 @@ class Pullthrough:
         return fill
 
     async def _run_fill(self, site: UpstreamSite, fill: BlobFill) -> None:
-        writer = None
+        """Download, verify and commit one blob; readers follow ``fill`` meanwhile."""
         try:
-            async with site.client.open_blob(fill.repository, fill.digest) as stream:
-                writer = site.cache.blob_writer(fill.digest, stream.size)
-                fill.begin(writer.spool_path, stream.size, stream.mirror)
-                async for chunk in stream.chunks():
-                    await writer.write(chunk)
-                    fill.progress(writer.written)
+            writer = await self._download(site, fill)
+            if writer is None:
+                return  # degraded: readers stream straight from upstream
             committed = await writer.commit()
-            writer = None
             await site.cache.link(fill.repository, [fill.digest])
             fill.finish(committed)
-        except BaseException as exc:
-            if writer is not None:
-                await writer.abort()
-            if not isinstance(exc, RegistryError):
-                log.warning("blob %s from %s failed: %s", fill.digest, fill.mirror, exc)
-            fill.fail(exc)
-            if isinstance(exc, asyncio.CancelledError):
+        except DigestMismatch as error:
+            self._on_corrupt(site, fill, error)
+        except BaseException as error:
+            if not isinstance(error, RegistryError | asyncio.CancelledError):
+                log.warning("blob %s from %s failed: %s", fill.digest, fill.mirror, error)
+            fill.fail(error)
+            if isinstance(error, asyncio.CancelledError):
                 raise
         finally:
-            site.fills.pop(fill.digest, None)
+            if site.fills.get(fill.digest) is fill:
+                del site.fills[fill.digest]
+
+    async def _download(self, site: UpstreamSite, fill: BlobFill) -> BlobWriter | None:
+        """Stream the blob into a writer, resuming mid-blob with Range on the same or the
+        next mirror; None when the cache could not take it (the fill is then degraded)."""
+        writer: BlobWriter | None = None
+        exclude = site.suspects.get(fill.digest, frozenset())
+        if all(m.name in exclude for m in site.client.mirrors(Capability.PULL)):
+            exclude = frozenset()  # every mirror failed once: ask them all again
+        resumes = 0
+        try:
+            while True:
+                offset = writer.written if writer is not None else 0
+                try:
+                    async with site.client.open_blob(
+                        fill.repository, fill.digest, offset, exclude=exclude
+                    ) as stream:
+                        fill.mirrors.add(stream.mirror)
+                        if writer is None:
+                            writer = self._writer(site, fill, stream.size)
+                            if writer is None:
+                                return None
+                            fill.begin(writer.spool_path, stream.size, stream.mirror)
+                        elif None not in (stream.size, fill.size) and stream.size != fill.size:
+                            raise UpstreamError(
+                                f"blob size changed from {fill.size} to {stream.size}",
+                                mirror=stream.mirror,
+                                is_temporary=False,
+                            )
+                        async for chunk in stream.chunks():
+                            try:
+                                await writer.write(chunk)
+                            except OSError as error:
+                                await writer.abort()
+                                writer = None
+                                self._degrade(site, fill, error)
+                                return None
+                            fill.progress(writer.written)
+                    return writer
+                except UpstreamError as error:
+                    if writer is None or not error.is_temporary or resumes >= MAX_RESUMES:
+                        raise
+                    resumes += 1
+                    log.warning(
+                        "blob %s: %s; resuming at byte %d (resume %d)",
+                        fill.digest,
+                        error,
+                        writer.written,
+                        resumes,
+                    )
+        except BaseException:
+            if writer is not None:
+                await writer.abort()
+            raise
+
+    def _writer(self, site: UpstreamSite, fill: BlobFill, size: int | None) -> BlobWriter | None:
+        try:
+            return site.cache.blob_writer(fill.digest, size)
+        except OSError as error:
+            fill.size = size
+            self._degrade(site, fill, error)
+            return None
+
+    def _degrade(self, site: UpstreamSite, fill: BlobFill, error: OSError) -> None:
+        """The cache cannot take the blob (disk full): serve it without caching."""
+        log.error(
+            "cache of %s cannot store blob %s (%s): streaming it from upstream uncached",
+            site.settings.name,
+            fill.digest,
+            error,
+        )
+        repository, digest = fill.repository, fill.digest
+
+        async def direct(start: int, end: int | None) -> AsyncIterator[bytes]:
+            async with site.client.open_blob(repository, digest, start) as stream:
+                remaining = None if end is None else end - start
+                async for chunk in stream.chunks():
+                    if remaining is not None:
+                        chunk = chunk[:remaining]
+                        remaining -= len(chunk)
+                    if chunk:
+                        yield chunk
+                    if remaining == 0:
+                        return
+
+        fill.degrade(direct, fill.size)
+
+    def _on_corrupt(self, site: UpstreamSite, fill: BlobFill, error: DigestMismatch) -> None:
+        """Never cache or serve the bad bytes; never ask those mirrors for this blob again
+        (for a while), and start over from the next mirror so a retry finds it."""
+        bad = site.suspects.get(fill.digest, frozenset()) | frozenset(fill.mirrors)
+        site.suspects[fill.digest] = bad
+        log.error(
+            "blob %s from mirror %s failed verification (%s): not cached",
+            fill.digest,
+            ", ".join(sorted(fill.mirrors)),
+            error,
+        )
+        for name in fill.mirrors:
+            site.client.report_failure(name)
+        fill.fail(error)
+        del site.fills[fill.digest]
+        if any(m.name not in bad for m in site.client.mirrors(Capability.PULL)):
+            self._start_fill(site, fill.repository, fill.digest)
 
     # ------------------------------------------------------------------ tags, referrers
 

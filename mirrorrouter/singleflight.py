@@ -41,6 +41,10 @@ class BlobFill:
         self.done = False
         self.error: BaseException | None = None
         self.followers = 0
+        self.mirrors: set[str] = set()  # every mirror that sent bytes (resumes may switch)
+        # Set when the cache cannot take the blob (disk full): readers then stream straight
+        # from upstream, from where they are, without caching.
+        self.direct: Callable[[int, int | None], AsyncIterator[bytes]] | None = None
         self.started = asyncio.Event()  # the upstream answered, or the fill failed
         self._changed = asyncio.Event()
 
@@ -49,6 +53,16 @@ class BlobFill:
     def begin(self, spool: Path, size: int | None, mirror: str) -> None:
         self.path, self.size, self.mirror = spool, size, mirror
         self.started.set()
+
+    def degrade(
+        self, direct: Callable[[int, int | None], AsyncIterator[bytes]], size: int | None
+    ) -> None:
+        """Stop caching; readers continue straight from upstream."""
+        self.direct = direct
+        if self.size is None:
+            self.size = size
+        self.started.set()
+        self._notify()
 
     def progress(self, written: int) -> None:
         self.written = written
@@ -80,6 +94,10 @@ class BlobFill:
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Stream bytes ``[start, end)`` as they land; raises ``FillFailed`` on failure."""
         await self.started.wait()
+        if self.direct is not None and self.path is None:
+            async for chunk in self.direct(start, end):
+                yield chunk
+            return
         if self.error is not None or self.path is None:
             raise FillFailed(str(self.error))
         fd = os.open(self.path, os.O_RDONLY)
@@ -88,6 +106,10 @@ class BlobFill:
             while True:
                 limit = end if end is not None else self.size
                 if limit is not None and position >= limit:
+                    return
+                if self.direct is not None:
+                    async for chunk in self.direct(position, end):
+                        yield chunk
                     return
                 if self.error is not None:
                     raise FillFailed(str(self.error))

@@ -1,9 +1,14 @@
 """``UpstreamClient``: talks to one upstream registry through its ordered mirror list.
 
 One client per upstream, each with its own ``httpx.AsyncClient``: its own credentials
-(``auth.RegistryAuth``), timeouts and proxy. Mirrors are tried in their configured order;
-a mirror that fails is skipped for the next, and every answer is kept in ``Attempts`` so
-that the final error can say what was tried.
+(``auth.RegistryAuth``), timeouts and proxy. Every call goes through ``_over_mirrors``,
+the one place that decides failover:
+
+- mirrors are tried in their configured order; a mirror whose circuit is open
+  (``breaker.py``) is skipped;
+- each mirror is retried per the retry policy (``retry.py``) while its failures are
+  temporary, then the next mirror is tried;
+- every answer is kept in ``Attempts``, which becomes the client's error when all failed.
 
 Trust split: tags are resolved only by mirrors with the ``resolve`` capability; content by
 digest (manifests and blobs) comes from mirrors with ``pull`` and is always verified.
@@ -17,17 +22,19 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from mirrorrouter.auth import RegistryAuth
+from mirrorrouter.breaker import CircuitBreaker
 from mirrorrouter.config import Capability, Mirror, UpstreamSettings
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import (
     CONTENT_DIGEST_HEADER,
     DOCKER_MANIFEST,
@@ -38,10 +45,15 @@ from mirrorrouter.oci import (
     OCI_MANIFEST,
 )
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES, RetryPolicy
+from mirrorrouter.timing import REAL_TIME, Timing
 
+log = logging.getLogger("mirrorrouter.upstream")
+
+T = TypeVar("T")
 BLOB_CHUNK = 1024 * 1024
 _ACCEPT = ", ".join(MANIFEST_ACCEPT)
-_NOT_FOUND = frozenset({401, 403, 404})
+_REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +73,31 @@ class ManifestHead:
 
 @dataclass(slots=True)
 class BlobStream:
-    """An open upstream blob response; ``chunks()`` yields about 1 MiB at a time."""
+    """An open upstream blob response; ``chunks()`` yields about 1 MiB at a time.
+
+    A failure mid-body raises a temporary ``UpstreamError`` and counts against the mirror.
+    """
 
     response: httpx.Response
     size: int | None  # of the whole blob, when the upstream said
     offset: int
     mirror: str
+    breaker: CircuitBreaker
+    skip: int = 0  # bytes to drop: the upstream ignored Range and sent the whole blob
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self.response.aiter_bytes(BLOB_CHUNK)
+    async def chunks(self) -> AsyncIterator[bytes]:
+        skip = self.skip
+        try:
+            async for chunk in self.response.aiter_bytes(BLOB_CHUNK):
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                    if not chunk:
+                        continue
+                yield chunk
+        except httpx.HTTPError as exc:
+            self.breaker.failure()
+            raise UpstreamError(_describe(exc), mirror=self.mirror, is_temporary=True) from exc
 
 
 @dataclass(slots=True)
@@ -84,7 +112,7 @@ class Attempts:
 
     def add(self, mirror: Mirror, outcome: str, status: int | None = None) -> None:
         self.tried.append({"mirror": mirror.name, "result": outcome})
-        if status not in _NOT_FOUND:
+        if status not in (401, 403, 404):
             self.only_not_found = False
         if status == 429:
             self.throttled = True
@@ -120,20 +148,37 @@ class UpstreamClient:
         settings: UpstreamSettings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        timing: Timing = REAL_TIME,
     ) -> None:
+        policy = settings.policy
         self.settings = settings
         self.name = settings.name
+        self.retry = RetryPolicy(
+            attempts=policy.retry_attempts,
+            deadline=policy.retry_deadline,
+            sleep=timing.sleep,
+            clock=timing.monotonic,
+        )
+        self.breakers = {
+            m.url: CircuitBreaker(
+                m.name,
+                threshold=policy.breaker_failures,
+                cooldown=policy.breaker_cooldown,
+                clock=timing.monotonic,
+            )
+            for m in settings.mirrors
+        }
         self.auth = RegistryAuth(settings.credentials)
         self.http = httpx.AsyncClient(
             auth=self.auth,
             timeout=httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=settings.read_timeout,
-                write=settings.read_timeout,
-                pool=settings.connect_timeout,
+                connect=policy.connect_timeout,
+                read=policy.read_timeout,
+                write=policy.read_timeout,
+                pool=policy.connect_timeout,
             ),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
-            proxy=settings.proxy,
+            proxy=policy.proxy,
             follow_redirects=True,  # CDN redirects; httpx drops Authorization across hosts
             transport=transport,
             headers={"User-Agent": "mirrorrouter"},
@@ -142,6 +187,12 @@ class UpstreamClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
+    def report_failure(self, mirror_name: str) -> None:
+        """Count a failure found after the fact (content that failed verification)."""
+        for mirror in self.settings.mirrors:
+            if mirror.name == mirror_name:
+                self.breakers[mirror.url].failure()
+
     def mirrors(self, capability: Capability) -> list[Mirror]:
         return [m for m in self.settings.mirrors if capability in m.capabilities]
 
@@ -149,162 +200,256 @@ class UpstreamClient:
     def url(mirror: Mirror, repository: str, suffix: str) -> str:
         return f"{mirror.url}/v2/{repository}/{suffix}"
 
+    # ------------------------------------------------------------------ failover
+
+    async def _over_mirrors(
+        self,
+        capability: Capability,
+        what: str,
+        not_found: ErrorCode,
+        attempt: Callable[[Mirror], Awaitable[T]],
+        *,
+        exclude: frozenset[str] = frozenset(),
+    ) -> tuple[T, Mirror]:
+        """The first mirror's answer, in failover order; raises the summed-up error."""
+        attempts = Attempts(self.name)
+        deadline = self.retry.start()
+        for mirror in self.mirrors(capability):
+            if mirror.name in exclude:
+                attempts.add(mirror, "skipped: served content that failed verification")
+                continue
+            breaker = self.breakers[mirror.url]
+            if not breaker.allow():
+                attempts.add(mirror, "skipped: circuit open")
+                continue
+            try:
+                result = await self.retry.call(_bind(attempt, mirror), deadline)
+            except UpstreamError as exc:
+                if exc.is_not_found:
+                    breaker.success()  # a healthy answer
+                else:
+                    breaker.failure()
+                    log.warning("mirror %s failed %s: %s", mirror.name, what, exc.outcome)
+                attempts.add(mirror, exc.outcome, exc.status)
+                if exc.retry_after is not None:
+                    attempts.retry_after = exc.retry_after
+                continue
+            breaker.success()
+            return result, mirror
+        raise attempts.error(not_found, what)
+
+    async def _send(
+        self,
+        mirror: Mirror,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        request = self.http.build_request(method, url, headers=headers, params=params)
+        try:
+            return await self.http.send(request, stream=stream)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(_describe(exc), mirror=mirror.name, is_temporary=True) from exc
+
     # ------------------------------------------------------------------ manifests
 
     async def fetch_manifest(self, ref: ImageReference) -> FetchedManifest:
         """GET a manifest: by tag from resolve mirrors, by digest from pull mirrors."""
         capability = Capability.PULL if ref.digest else Capability.RESOLVE
-        attempts = Attempts(self.name)
-        for mirror in self.mirrors(capability):
-            try:
-                fetched = await self._get_manifest(mirror, ref, attempts)
-            except httpx.HTTPError as exc:
-                attempts.add(mirror, _describe(exc))
-                continue
-            if fetched is not None:
-                return fetched
-        raise attempts.error(ErrorCode.MANIFEST_UNKNOWN, f"manifest {ref}")
+        fetched, _ = await self._over_mirrors(
+            capability,
+            f"manifest {ref}",
+            ErrorCode.MANIFEST_UNKNOWN,
+            lambda mirror: self._get_manifest(mirror, ref),
+        )
+        return fetched
 
-    async def _get_manifest(
-        self, mirror: Mirror, ref: ImageReference, attempts: Attempts
-    ) -> FetchedManifest | None:
+    async def _get_manifest(self, mirror: Mirror, ref: ImageReference) -> FetchedManifest:
         url = self.url(mirror, ref.repository, f"manifests/{ref.reference}")
-        async with self.http.stream("GET", url, headers={"Accept": _ACCEPT}) as response:
+        response = await self._send(mirror, "GET", url, headers={"Accept": _ACCEPT}, stream=True)
+        try:
             if response.status_code != 200:
-                self._record_failure(attempts, mirror, response)
-                return None
+                raise await failure(mirror, response)
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
-                attempts.add(mirror, f"manifest of {declared} bytes is over the 4 MiB limit")
-                return None
+                raise _final(mirror, f"manifest of {declared} bytes is over the 4 MiB limit")
             data = bytearray()
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > MAX_MANIFEST_BYTES:
-                    attempts.add(mirror, "manifest is over the 4 MiB limit")
-                    return None
+            try:
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > MAX_MANIFEST_BYTES:
+                        raise _final(mirror, "manifest is over the 4 MiB limit")
+            except httpx.HTTPError as exc:
+                raise UpstreamError(_describe(exc), mirror=mirror.name, is_temporary=True) from exc
+        finally:
+            await response.aclose()
         body = bytes(data)
         algorithm = ref.digest.algorithm if ref.digest else "sha256"
         digest = Digest.of(body, algorithm)
         expected = ref.digest or _header_digest(response.headers)
         if expected is not None and expected.algorithm == algorithm and expected != digest:
-            attempts.add(mirror, f"content hashed to {digest}, not {expected}: corrupt")
-            return None
+            log.warning(
+                "mirror %s served a manifest for %s that hashes to %s", mirror.name, ref, digest
+            )
+            raise _final(mirror, f"content hashed to {digest}, not {expected}: corrupt")
         media_type = manifest_media_type(response.headers.get("content-type"), body)
         if media_type is None:
-            attempts.add(mirror, "answer is not a manifest")
-            return None
+            raise _final(mirror, "answer is not a manifest")
         return FetchedManifest(digest, media_type, body, mirror.name)
 
     async def head_manifest(self, ref: ImageReference) -> ManifestHead:
         """HEAD a tag on the resolve mirrors (Docker Hub does not count HEADs against quota)."""
-        attempts = Attempts(self.name)
-        for mirror in self.mirrors(Capability.RESOLVE):
+
+        async def attempt(mirror: Mirror) -> ManifestHead:
             url = self.url(mirror, ref.repository, f"manifests/{ref.reference}")
-            try:
-                response = await self.http.head(url, headers={"Accept": _ACCEPT})
-            except httpx.HTTPError as exc:
-                attempts.add(mirror, _describe(exc))
-                continue
-            if response.status_code == 200:
-                media_type = _content_type(response.headers.get("content-type")) or ""
-                return ManifestHead(_header_digest(response.headers), media_type, mirror.name)
-            self._record_failure(attempts, mirror, response)
-        raise attempts.error(ErrorCode.MANIFEST_UNKNOWN, f"manifest {ref}")
+            response = await self._send(mirror, "HEAD", url, headers={"Accept": _ACCEPT})
+            if response.status_code != 200:
+                raise await failure(mirror, response)
+            media_type = _content_type(response.headers.get("content-type")) or ""
+            return ManifestHead(_header_digest(response.headers), media_type, mirror.name)
+
+        head, _ = await self._over_mirrors(
+            Capability.RESOLVE, f"manifest {ref}", ErrorCode.MANIFEST_UNKNOWN, attempt
+        )
+        return head
 
     # ------------------------------------------------------------------ blobs
 
     @asynccontextmanager
     async def open_blob(
-        self, repository: str, digest: Digest, offset: int = 0
+        self,
+        repository: str,
+        digest: Digest,
+        offset: int = 0,
+        *,
+        exclude: frozenset[str] = frozenset(),
     ) -> AsyncIterator[BlobStream]:
-        """Open a blob stream on the first pull mirror that has it (from ``offset``)."""
-        attempts = Attempts(self.name)
+        """Open a blob stream on the first pull mirror that has it (from ``offset``).
+
+        ``exclude`` names mirrors not to ask (they served this blob corrupt).
+        """
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        for mirror in self.mirrors(Capability.PULL):
+
+        async def attempt(mirror: Mirror) -> httpx.Response:
             url = self.url(mirror, repository, f"blobs/{digest}")
-            try:
-                response = await self.http.send(
-                    self.http.build_request("GET", url, headers=headers), stream=True
-                )
-            except httpx.HTTPError as exc:
-                attempts.add(mirror, _describe(exc))
-                continue
-            expected_status = 206 if offset else 200
-            if response.status_code != expected_status:
-                await response.aclose()
-                self._record_failure(attempts, mirror, response)
-                continue
-            try:
-                yield BlobStream(response, _blob_size(response, offset), offset, mirror.name)
-            finally:
-                await response.aclose()
-            return
-        raise attempts.error(ErrorCode.BLOB_UNKNOWN, f"blob {digest}")
+            response = await self._send(mirror, "GET", url, headers=headers, stream=True)
+            if response.status_code == 200 or (offset and response.status_code == 206):
+                return response
+            raise await failure(mirror, response)
+
+        response, mirror = await self._over_mirrors(
+            Capability.PULL, f"blob {digest}", ErrorCode.BLOB_UNKNOWN, attempt, exclude=exclude
+        )
+        try:
+            # An upstream that ignores Range sends the whole blob: drop what we have.
+            skip = offset if offset and response.status_code == 200 else 0
+            size = _blob_size(response, offset if response.status_code == 206 else 0)
+            yield BlobStream(response, size, offset, mirror.name, self.breakers[mirror.url], skip)
+        finally:
+            await response.aclose()
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         """Whether a pull mirror confirms the blob in this repository."""
-        for mirror in self.mirrors(Capability.PULL):
+
+        async def attempt(mirror: Mirror) -> bool:
             url = self.url(mirror, repository, f"blobs/{digest}")
-            try:
-                response = await self.http.head(url)
-                if response.status_code == 404:
-                    # An upstream that is itself a proxy may 404 a HEAD until a GET fetched
-                    # the blob: probe with a one-byte GET.
-                    response = await self.http.get(url, headers={"Range": "bytes=0-0"})
-            except httpx.HTTPError:
-                continue
+            response = await self._send(mirror, "HEAD", url)
+            if response.status_code == 404:
+                # An upstream that is itself a proxy may 404 a HEAD until a GET fetched the
+                # blob: probe with a one-byte GET.
+                response = await self._send(mirror, "GET", url, headers={"Range": "bytes=0-0"})
             if response.status_code in (200, 206):
                 return True
-        return False
+            raise await failure(mirror, response)
+
+        try:
+            await self._over_mirrors(
+                Capability.PULL, f"blob {digest}", ErrorCode.BLOB_UNKNOWN, attempt
+            )
+        except RegistryError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ tags, referrers
 
     async def get_tags(self, repository: str, query: Mapping[str, str]) -> httpx.Response:
         """The tag list page from the first resolve mirror that answers 200 (body read)."""
-        attempts = Attempts(self.name)
-        for mirror in self.mirrors(Capability.RESOLVE):
-            try:
-                response = await self.http.get(
-                    self.url(mirror, repository, "tags/list"), params=dict(query)
-                )
-            except httpx.HTTPError as exc:
-                attempts.add(mirror, _describe(exc))
-                continue
-            if response.status_code == 200:
-                return response
-            self._record_failure(attempts, mirror, response)
-        raise attempts.error(ErrorCode.NAME_UNKNOWN, f"repository {repository}")
+
+        async def attempt(mirror: Mirror) -> httpx.Response:
+            url = self.url(mirror, repository, "tags/list")
+            response = await self._send(mirror, "GET", url, params=query)
+            if response.status_code != 200:
+                raise await failure(mirror, response)
+            return response
+
+        response, _ = await self._over_mirrors(
+            Capability.RESOLVE, f"repository {repository}", ErrorCode.NAME_UNKNOWN, attempt
+        )
+        return response
 
     async def get_referrers(
         self, repository: str, digest: Digest, artifact_type: str | None
     ) -> httpx.Response | None:
-        """The upstream's referrers answer; None when no mirror has the referrers API."""
-        attempts = Attempts(self.name)
+        """The upstream's referrers answer; None when the mirror has no referrers API."""
         params = {"artifactType": artifact_type} if artifact_type else {}
-        for mirror in self.mirrors(Capability.RESOLVE):
-            try:
-                response = await self.http.get(
-                    self.url(mirror, repository, f"referrers/{digest}"), params=params
-                )
-            except httpx.HTTPError as exc:
-                attempts.add(mirror, _describe(exc))
-                continue
+
+        async def attempt(mirror: Mirror) -> httpx.Response | None:
+            url = self.url(mirror, repository, f"referrers/{digest}")
+            response = await self._send(mirror, "GET", url, params=params)
             if response.status_code == 200:
                 return response
             if response.status_code in (404, 405, 501):
                 return None  # no referrers API here: the tag schema is the fallback
-            self._record_failure(attempts, mirror, response)
-        raise attempts.error(ErrorCode.NAME_UNKNOWN, f"referrers of {digest}")
+            raise await failure(mirror, response)
 
-    # ------------------------------------------------------------------ helpers
+        response, _ = await self._over_mirrors(
+            Capability.RESOLVE, f"referrers of {digest}", ErrorCode.NAME_UNKNOWN, attempt
+        )
+        return response
 
-    def _record_failure(self, attempts: Attempts, mirror: Mirror, response: httpx.Response) -> None:
-        status = response.status_code
-        reason = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
-        attempts.add(mirror, f"HTTP {status} {reason.get(status, '')}".rstrip(), status)
-        if status == 429:
-            attempts.retry_after = retry_after_seconds(response.headers.get("retry-after"))
+
+# ---------------------------------------------------------------------- classification
+
+
+def _bind(attempt: Callable[[Mirror], Awaitable[T]], mirror: Mirror) -> Callable[[], Awaitable[T]]:
+    # A coroutine function, not a lambda: tenacity awaits only what it sees as async.
+    async def bound() -> T:
+        return await attempt(mirror)
+
+    return bound
+
+
+async def failure(mirror: Mirror, response: httpx.Response) -> UpstreamError:
+    """Classify a non-success answer: temporary (retry, fail over), not found, or final."""
+    status = response.status_code
+    temporary = status in TEMPORARY_STATUSES
+    if not temporary and status >= 400 and status not in (401, 403, 404):
+        temporary = await _error_code(response) in TEMPORARY_CODES
+    await response.aclose()
+    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    return UpstreamError(
+        f"HTTP {status} {_REASONS.get(status, '')}".rstrip(),
+        mirror=mirror.name,
+        status=status,
+        is_temporary=temporary,
+        retry_after=retry_after if status in (429, 503) else None,
+    )
+
+
+def _final(mirror: Mirror, message: str) -> UpstreamError:
+    return UpstreamError(message, mirror=mirror.name, is_temporary=False)
+
+
+async def _error_code(response: httpx.Response) -> str | None:
+    try:
+        body = await response.aread()
+        errors = json.loads(body[:65536]).get("errors") or []
+        return str(errors[0].get("code")) if errors else None
+    except (ValueError, AttributeError, IndexError, httpx.HTTPError):
+        return None
 
 
 def _describe(exc: httpx.HTTPError) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from mirrorrouter.app import create_app
 from mirrorrouter.config import parse_settings
+from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 
 pytestmark = pytest.mark.anyio
@@ -25,6 +26,10 @@ ACCEPT_ALL = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     ]
 )
+
+
+async def no_sleep(seconds: float) -> None:
+    """Retries in tests wait for nothing."""
 
 
 class Clock:
@@ -67,7 +72,8 @@ async def gateway(
 ) -> AsyncIterator[Gateway]:
     clock = Clock()
     settings = parse_settings(text or config(tmp_path), env={"HUB_PASSWORD": "hunter2"})
-    app = create_app(settings, transport=httpx.ASGITransport(app=fake.app), clock=clock)
+    timing = Timing(wall=clock, monotonic=clock, sleep=no_sleep)
+    app = create_app(settings, transport=httpx.ASGITransport(app=fake.app), timing=timing)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mirror") as client:
@@ -270,7 +276,7 @@ async def test_rate_limit_becomes_toomanyrequests(
     tmp_path: Path, fake: FakeRegistry, image: Image
 ) -> None:
     """An upstream 429 with no cached copy becomes TOOMANYREQUESTS with Retry-After."""
-    fake.faults["/manifests/3.19"] = [429]
+    fake.faults["/manifests/3.19"] = [429, 429, 429]  # every retry of the one mirror
     async with gateway(tmp_path, fake) as gw:
         response = await gw.client.get("/v2/library/alpine/manifests/3.19")
     assert response.status_code == 429
@@ -298,7 +304,7 @@ async def test_failover_to_the_next_mirror_and_error_detail(
 
 async def test_unavailable_upstream_is_503_with_detail(tmp_path: Path, fake: FakeRegistry) -> None:
     """Server errors on every mirror give 503 UNAVAILABLE naming what each mirror said."""
-    fake.faults["/manifests/"] = [500, 502]
+    fake.faults["/manifests/"] = [500, 500, 500, 502, 502, 502]  # three tries per mirror
     mirrors = '[{ url = "http://upstream.test" }, { url = "http://upstream.test" }]'
     async with gateway(tmp_path, fake, config(tmp_path, mirrors=mirrors)) as gw:
         response = await gw.client.get("/v2/library/alpine/manifests/1")
