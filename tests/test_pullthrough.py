@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -13,8 +10,8 @@ import pytest
 
 from mirrorrouter.app import create_app
 from mirrorrouter.config import parse_settings
-from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
+from tests.support.inprocess import config, gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -26,58 +23,6 @@ ACCEPT_ALL = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     ]
 )
-
-
-async def no_sleep(seconds: float) -> None:
-    """Retries in tests wait for nothing."""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class Gateway:
-    client: httpx.AsyncClient
-    fake: FakeRegistry
-    clock: Clock
-    cache_dir: Path
-
-
-def config(
-    tmp_path: Path, extra: str = "", mirrors: str = '[{ url = "http://upstream.test" }]'
-) -> str:
-    return f"""
-[cache]
-directory = "{tmp_path / "cache"}"
-[upstreams."docker.io"]
-tag_ttl = "60s"
-mirrors = {mirrors}
-{extra}
-[upstreams."quay.io"]
-mirrors = [{{ url = "http://quay.test" }}]
-[[routes]]
-prefix = "hub"
-upstream = "docker.io"
-"""
-
-
-@asynccontextmanager
-async def gateway(
-    tmp_path: Path, fake: FakeRegistry, text: str | None = None
-) -> AsyncIterator[Gateway]:
-    clock = Clock()
-    settings = parse_settings(text or config(tmp_path), env={"HUB_PASSWORD": "hunter2"})
-    timing = Timing(wall=clock, monotonic=clock, sleep=no_sleep)
-    app = create_app(settings, transport=httpx.ASGITransport(app=fake.app), timing=timing)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://mirror") as client:
-            yield Gateway(client, fake, clock, tmp_path / "cache")
 
 
 @pytest.fixture

@@ -1,0 +1,81 @@
+"""The gateway app in-process, in front of a fake registry, with injected time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from mirrorrouter.app import create_app
+from mirrorrouter.config import parse_settings
+from mirrorrouter.timing import Timing
+from tests.support.fakeregistry import FakeRegistry
+
+
+class Clock:
+    """A settable clock: tests move ``now`` instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Gateway:
+    client: httpx.AsyncClient
+    fake: FakeRegistry
+    clock: Clock
+    cache_dir: Path
+
+
+def config(
+    tmp_path: Path, extra: str = "", mirrors: str = '[{ url = "http://upstream.test" }]'
+) -> str:
+    """A config with docker.io on the fake registry (``extra`` goes in its table)."""
+    return f"""
+[cache]
+directory = "{tmp_path / "cache"}"
+[upstreams."docker.io"]
+tag_ttl = "60s"
+mirrors = {mirrors}
+{extra}
+[upstreams."quay.io"]
+mirrors = [{{ url = "http://quay.test" }}]
+[[routes]]
+prefix = "hub"
+upstream = "docker.io"
+"""
+
+
+@asynccontextmanager
+async def gateway(
+    tmp_path: Path,
+    fake: FakeRegistry,
+    text: str | None = None,
+    *,
+    sleeps: list[float] | None = None,
+    wrap: Callable[[httpx.ASGITransport], httpx.AsyncBaseTransport] | None = None,
+) -> AsyncIterator[Gateway]:
+    """The gateway app with its lifespan running; retries wait for nothing (and are
+    recorded in ``sleeps``); ``wrap`` may put a faulty transport around the fake."""
+    clock = Clock()
+
+    async def sleep(seconds: float) -> None:
+        if sleeps is not None:
+            sleeps.append(seconds)
+
+    settings = parse_settings(text or config(tmp_path), env={"HUB_PASSWORD": "hunter2"})
+    upstream: httpx.AsyncBaseTransport = httpx.ASGITransport(app=fake.app)
+    if wrap is not None:
+        upstream = wrap(httpx.ASGITransport(app=fake.app))
+    timing = Timing(wall=clock, monotonic=clock, sleep=sleep)
+    app = create_app(settings, transport=upstream, timing=timing)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mirror") as client:
+            yield Gateway(client, fake, clock, tmp_path / "cache")

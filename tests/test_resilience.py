@@ -1,0 +1,383 @@
+"""Resilience: retries, circuit breakers, failover, resume, stale serving, corrupt content."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirrorrouter.breaker import CircuitBreaker, CircuitState
+from mirrorrouter.cache.filesystem import FilesystemCache
+from mirrorrouter.config import parse_settings
+from mirrorrouter.errors import UpstreamError
+from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.reference import Digest
+from mirrorrouter.retry import RetryPolicy
+from mirrorrouter.timing import Timing
+from tests.support.fakeregistry import FakeRegistry, Image, make_image
+from tests.support.inprocess import Clock, config, gateway
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------- the retry policy
+
+
+def error(
+    status: int | None = 503, retry_after: float | None = None, temporary: bool = True
+) -> UpstreamError:
+    return UpstreamError(
+        "x", mirror="m", status=status, is_temporary=temporary, retry_after=retry_after
+    )
+
+
+def test_backoff_grows_exponentially_up_to_its_cap() -> None:
+    """Waits double per attempt (full jitter scales them) and stop growing at backoff_max."""
+    policy = RetryPolicy(backoff_base=0.5, backoff_max=3.0, jitter=lambda: 1.0)
+    assert [policy.wait_seconds(n, error()) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    jittered = RetryPolicy(backoff_base=0.5, jitter=lambda: 0.25)
+    assert jittered.wait_seconds(3, error()) == 0.5
+
+
+def test_retry_after_is_honoured_up_to_the_cap() -> None:
+    """A Retry-After within the cap is the wait; the cap bounds it."""
+    policy = RetryPolicy(retry_after_cap=10.0)
+    assert policy.wait_seconds(1, error(429, retry_after=7)) == 7
+    assert policy.wait_seconds(1, error(429, retry_after=30)) == 10
+
+
+async def test_temporary_failures_are_retried_until_attempts_run_out() -> None:
+    """Temporary failures retry (waiting as the policy says); final ones raise at once."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    policy = RetryPolicy(attempts=3, sleep=sleep, jitter=lambda: 1.0, backoff_base=0.1)
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise error(503)
+        return "ok"
+
+    assert await policy.call(flaky, policy.start()) == "ok"
+    assert (calls, waits) == (3, [0.1, 0.2])
+
+    async def final() -> str:
+        raise error(404, temporary=False)
+
+    with pytest.raises(UpstreamError):
+        await policy.call(final, policy.start())
+    assert len(waits) == 2  # no wait for a final failure
+
+
+async def test_long_retry_after_and_deadline_stop_retrying() -> None:
+    """A Retry-After over the cap, or a wait past the deadline, fails over instead of waiting."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    calls = 0
+
+    async def throttled() -> str:
+        nonlocal calls
+        calls += 1
+        raise error(429, retry_after=3600)
+
+    policy = RetryPolicy(attempts=5, sleep=sleep)
+    with pytest.raises(UpstreamError):
+        await policy.call(throttled, policy.start())
+    assert (calls, waits) == (1, [])
+    now = [0.0]
+    tight = RetryPolicy(attempts=5, sleep=sleep, clock=lambda: now[0], jitter=lambda: 1.0)
+
+    async def down() -> str:
+        raise error(503)
+
+    with pytest.raises(UpstreamError):
+        await tight.call(down, deadline=0.3)  # the first wait (0.25) fits, the second not
+    assert waits == [0.25]
+
+
+# ---------------------------------------------------------------------- the circuit breaker
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    """N failures open the circuit; after the cooldown one probe goes; success closes it."""
+    clock = Clock()
+    breaker = CircuitBreaker("m", threshold=3, cooldown=30, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure()
+    assert breaker.state is CircuitState.CLOSED
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN and not breaker.allow()
+    clock.now += 29.9
+    assert not breaker.allow()
+    clock.now += 0.2
+    assert breaker.allow() and breaker.state is CircuitState.HALF_OPEN
+    assert not breaker.allow()  # one probe at a time
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN and not breaker.allow()
+    clock.now += 30
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state is CircuitState.CLOSED and breaker.allow()
+
+
+async def test_open_circuit_skips_a_failing_mirror(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """After breaker_failures failed requests a mirror is skipped, then probed after cooldown."""
+    mirrors = '[{ url = "http://upstream.test/down" }, { url = "http://upstream.test" }]'
+    policy = 'retry_attempts = 1\nbreaker_failures = 2\nbreaker_cooldown = "60s"'
+    fake.faults["/down/"] = [503] * 100
+    async with gateway(tmp_path, fake, config(tmp_path, policy, mirrors=mirrors)) as gw:
+        for tag in ("a", "b", "c", "d"):
+            fake.add(make_image("library/alpine", [tag.encode()]), tag)
+            assert (await gw.client.get(f"/v2/library/alpine/manifests/{tag}")).status_code == 200
+        assert fake.count("GET", "/down/") == 2  # then the circuit opened
+        skipped = await gw.client.get("/v2/library/nothing/manifests/1")
+        tried = json.loads(skipped.content)["errors"][0]["detail"]["tried"]
+        assert tried[0] == {"mirror": "upstream.test/down", "result": "skipped: circuit open"}
+        gw.clock.now += 61
+        fake.faults.clear()
+        fake.add(make_image("library/alpine", [b"e"]), "e")
+        assert (await gw.client.get("/v2/library/alpine/manifests/e")).status_code == 200
+        assert fake.count("GET", "/down/") == 3  # the half-open probe, which succeeded
+
+
+async def test_throttled_mirror_is_retried_after_retry_after(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """A 429 with Retry-After: 7 is retried after 7 s (injected sleep) and then succeeds."""
+    waits: list[float] = []
+    fake.faults["/manifests/3.19"] = [429]
+    async with gateway(tmp_path, fake, sleeps=waits) as gw:
+        response = await gw.client.get("/v2/library/alpine/manifests/3.19")
+    assert response.status_code == 200 and waits == [7.0]
+
+
+async def test_dead_first_mirror_fails_over(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """A mirror that refuses connections is skipped for the next, within one request."""
+    mirrors = '[{ url = "http://refused.test" }, { url = "http://upstream.test" }]'
+
+    def refuse(app: httpx.ASGITransport) -> httpx.AsyncBaseTransport:
+        async def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.host == "refused.test":
+                raise httpx.ConnectError("connection refused", request=request)
+            return await app.handle_async_request(request)
+
+        return httpx.MockTransport(handler)
+
+    async with gateway(tmp_path, fake, config(tmp_path, mirrors=mirrors), wrap=refuse) as gw:
+        response = await gw.client.get("/v2/library/alpine/manifests/3.19")
+    assert response.status_code == 200 and response.content == image.manifest
+
+
+# ---------------------------------------------------------------------- stale and negative
+
+
+async def test_stale_tag_is_served_when_every_mirror_fails(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """Past its TTL, a tag is served STALE while upstream fails, until max_stale runs out."""
+    policy = 'max_stale = "1h"'
+    async with gateway(tmp_path, fake, config(tmp_path, policy)) as gw:
+        await gw.client.get("/v2/library/alpine/manifests/3.19")
+        fake.faults["/manifests/"] = [503] * 1000
+        gw.clock.now += 120
+        stale = await gw.client.get("/v2/library/alpine/manifests/3.19")
+        assert stale.status_code == 200 and stale.headers["x-cache"] == "STALE"
+        assert stale.content == image.manifest
+        fake.faults["/manifests/"] = [429] * 1000
+        throttled = await gw.client.get("/v2/library/alpine/manifests/3.19")
+        assert throttled.status_code == 200 and throttled.headers["x-cache"] == "STALE"
+        gw.clock.now += 3600
+        expired = await gw.client.get("/v2/library/alpine/manifests/3.19")
+        assert expired.status_code == 429
+        never = await gw.client.get("/v2/library/other/manifests/1")
+        assert never.status_code == 429
+        assert (
+            json.loads(never.content)["errors"][0]["detail"]["tried"][0]["mirror"]
+            == "upstream.test"
+        )
+
+
+async def test_tag_gone_upstream_is_not_served_stale(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """A tag that upstream says is gone (404) is not served stale: only failures are."""
+    async with gateway(tmp_path, fake) as gw:
+        await gw.client.get("/v2/library/alpine/manifests/3.19")
+        del fake.manifests[("library/alpine", "3.19")]
+        gw.clock.now += 120
+        gone = await gw.client.get("/v2/library/alpine/manifests/3.19")
+    assert gone.status_code == 404
+
+
+async def test_not_found_is_remembered_for_negative_ttl(tmp_path: Path, fake: FakeRegistry) -> None:
+    """An upstream 404 is answered from memory for negative_ttl, then asked again."""
+    policy = 'negative_ttl = "30s"'
+    async with gateway(tmp_path, fake, config(tmp_path, policy)) as gw:
+        for _ in range(3):
+            assert (await gw.client.get("/v2/library/nope/manifests/1")).status_code == 404
+        assert fake.count("GET", "/manifests/1") == 1
+        gw.clock.now += 31
+        fake.add(make_image("library/nope", [b"now"]), "1")
+        assert (await gw.client.get("/v2/library/nope/manifests/1")).status_code == 200
+
+
+# ---------------------------------------------------------------------- blobs on bad days
+
+PAYLOAD = bytes(range(256)) * (3 * MIB // 256)
+DIGEST = Digest.of(PAYLOAD)
+
+
+class CutBody(httpx.AsyncByteStream):
+    """Sends ``cut`` bytes, then fails like a dropped connection."""
+
+    def __init__(self, data: bytes, cut: int) -> None:
+        self.data, self.cut = data, cut
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data[: self.cut]
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
+def pull_for(
+    tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], mirrors: int = 1
+) -> Pullthrough:
+    urls = ", ".join(f'{{ url = "http://m{i}.test" }}' for i in range(mirrors))
+    text = f'[cache]\ndirectory = "{tmp_path}"\n[upstreams."docker.io"]\nmirrors = [{urls}]\n'
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    return Pullthrough(
+        parse_settings(text, env={}),
+        transport=httpx.MockTransport(handler),
+        timing=Timing(sleep=no_sleep),
+    )
+
+
+async def read_blob(pull: Pullthrough) -> bytes:
+    answer = await pull.blob(pull.settings.upstreams["docker.io"], "library/a", DIGEST)
+    return b"".join([chunk async for chunk in answer.stream(0, None)])
+
+
+@pytest.mark.parametrize("honours_range", [True, False])
+async def test_blob_cut_mid_stream_resumes_from_its_offset(
+    tmp_path: Path, honours_range: bool
+) -> None:
+    """A connection cut mid-blob resumes from the byte offset; the reader sees one stream."""
+    requests: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request.headers.get("range"))
+        if len(requests) == 1:
+            return httpx.Response(
+                200,
+                headers={"Content-Length": str(len(PAYLOAD))},
+                stream=CutBody(PAYLOAD, MIB + 123),
+            )
+        if honours_range:
+            start = int(request.headers["range"].removeprefix("bytes=").rstrip("-"))
+            headers = {"Content-Range": f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}"}
+            return httpx.Response(206, headers=headers, content=PAYLOAD[start:])
+        return httpx.Response(200, content=PAYLOAD)  # ignores Range: the overlap is dropped
+
+    pull = pull_for(tmp_path, handler)
+    await pull.start()
+    try:
+        assert await read_blob(pull) == PAYLOAD
+        assert requests == [None, f"bytes={MIB}-"]  # resumed from what had been written
+        assert (
+            await pull.blob(pull.settings.upstreams["docker.io"], "library/a", DIGEST)
+        ).cache == "HIT"
+    finally:
+        await pull.close()
+
+
+async def test_corrupt_mirror_is_skipped_by_the_replacement_fill(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Corrupt bytes are never cached; the next mirror serves the retry; the event is logged."""
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        body = b"X" + PAYLOAD[1:] if request.url.host == "m0.test" else PAYLOAD
+        return httpx.Response(200, content=body)
+
+    pull = pull_for(tmp_path, handler, mirrors=2)
+    await pull.start()
+    try:
+        with pytest.raises(Exception, match=r"failed verification|hashed"):
+            await read_blob(pull)
+        assert await read_blob(pull) == PAYLOAD
+        assert asked == ["m0.test", "m1.test"]
+        assert "m0.test failed verification" in caplog.text
+    finally:
+        await pull.close()
+
+
+async def test_full_disk_streams_without_caching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the cache cannot write, the pull still succeeds, uncached, with a logged error."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=PAYLOAD)
+
+    def full(self: object, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mirrorrouter.cache.filesystem._FileBlobWriter._write_sync", full)
+    pull = pull_for(tmp_path, handler)
+    await pull.start()
+    try:
+        assert await read_blob(pull) == PAYLOAD
+        cache = FilesystemCache(tmp_path / "docker.io")
+        assert await cache.blob_size(DIGEST) is None
+        assert "streaming it from upstream uncached" in caplog.text
+    finally:
+        await pull.close()
+
+
+async def test_slow_mirror_fails_over_to_the_next(tmp_path: Path) -> None:
+    """A mirror that times out is retried, then the next mirror serves the blob."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "m0.test":
+            raise httpx.ReadTimeout("timed out", request=request)
+        return httpx.Response(200, content=PAYLOAD)
+
+    pull = pull_for(tmp_path, handler, mirrors=2)
+    await pull.start()
+    try:
+        assert await read_blob(pull) == PAYLOAD
+    finally:
+        await pull.close()
+
+
+@pytest.fixture
+def fake() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def image(fake: FakeRegistry) -> Image:
+    return fake.add(make_image("library/alpine", [b"layer-one" * 1000, b"layer-two"]), "3.19")
