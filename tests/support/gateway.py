@@ -80,6 +80,13 @@ class GatewayProcess:
                 self.process.wait(5)
         self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown code runs."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

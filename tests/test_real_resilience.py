@@ -1,0 +1,124 @@
+"""Bad days with real registries: upstreams down, a crash mid-ingest, faults on the wire.
+
+Each test has upstreams of its own, since it stops, freezes or breaks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.clients import Containerd, Skopeo, write_hosts_toml
+from tests.support.gateway import GatewayProcess
+from tests.support.images import ImageFactory, session_factory
+from tests.support.registry import DistributionRegistry
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFactory:
+    return session_factory(tmp_path_factory)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
+    """A registry of this test's own, standing in for docker.io."""
+    with DistributionRegistry(tmp_path / "upstream") as registry:
+        yield registry
+
+
+def hub_config(cache: Path, mirrors: list[str], policy: str = "") -> str:
+    listed = ", ".join(f'{{ url = "{url}" }}' for url in mirrors)
+    return f"""
+[cache]
+directory = "{cache}"
+[upstreams."docker.io"]
+mirrors = [{listed}]
+{policy}
+"""
+
+
+def test_every_mirror_down_serves_known_tags_stale(
+    factory: ImageFactory, upstream: DistributionRegistry, tmp_path: Path
+) -> None:
+    """With every mirror down, a pulled tag still pulls (skopeo, ctr); a new one gets an error."""
+    pushed = factory.push(factory.runnable(), upstream, "library/app", "1")
+    policy = 'tag_ttl = "0s"\nretry_attempts = 1\nretry_deadline = "5s"'
+    config = hub_config(tmp_path / "cache", [upstream.url], policy)
+    hosts = tmp_path / "hosts"
+    with GatewayProcess(tmp_path / "gw", config) as gateway:
+        write_hosts_toml(hosts, "docker.io", gateway.url, server=None)
+        skopeo = Skopeo()
+        assert (
+            skopeo.copy_to_local(f"{gateway.host}/library/app:1", tmp_path / "warm").manifest_digest
+            == pushed.digest
+        )
+        upstream.stop()
+        stale = httpx.get(f"{gateway.url}/v2/library/app/manifests/1")
+        assert stale.status_code == 200 and stale.headers["x-cache"] == "STALE"
+        copied = skopeo.copy_to_local(f"{gateway.host}/library/app:1", tmp_path / "stale")
+        assert copied.manifest_digest == pushed.digest
+        with Containerd(base_dir=tmp_path) as containerd:
+            assert containerd.ctr_pull("docker.io/library/app:1", hosts) == pushed.digest
+        never = httpx.get(f"{gateway.url}/v2/library/never/manifests/1")
+        assert never.status_code == 503
+        error = json.loads(never.content)["errors"][0]
+        assert error["code"] == "UNAVAILABLE"
+        assert error["detail"]["tried"][0]["mirror"] == upstream.host
+        assert "ConnectError" in error["detail"]["tried"][0]["result"]
+
+
+def test_kill_9_mid_ingest_leaves_nothing_partial(
+    factory: ImageFactory, upstream: DistributionRegistry, tmp_path: Path
+) -> None:
+    """kill -9 during a blob download: after a restart no partial file remains or is served,
+    and the next pull fetches the blob cleanly."""
+    pushed = factory.push(factory.large(), upstream, "library/big", "1")
+    layer = max(pushed.blobs, key=lambda b: b.size)
+    cache = tmp_path / "cache"
+    config = hub_config(cache, [upstream.url], 'read_timeout = "60s"')
+    url_path = f"/v2/library/big/blobs/{layer.digest}"
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    try:
+        httpx.get(f"{gateway.url}/v2/library/big/manifests/1").raise_for_status()
+        with httpx.stream("GET", gateway.url + url_path, timeout=30) as response:
+            first = next(response.iter_raw(64 * 1024))
+            upstream.freeze()  # the fill stalls mid-blob
+            assert first
+            spools = _wait_for_spool(cache / "docker.io" / "tmp")
+            gateway.kill()
+    finally:
+        upstream.thaw()
+        gateway.stop()
+    blob_file = cache / "docker.io" / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
+    assert spools and not blob_file.exists()
+    with GatewayProcess(tmp_path / "gw2", config) as restarted:
+        assert _spool_files(cache / "docker.io" / "tmp") == []  # swept at start
+        digest = hashlib.sha256()
+        with httpx.stream("GET", restarted.url + url_path, timeout=60) as response:
+            assert response.headers["x-cache"] == "MISS"
+            for chunk in response.iter_bytes():
+                digest.update(chunk)
+        assert "sha256:" + digest.hexdigest() == layer.digest
+    assert hashlib.sha256(blob_file.read_bytes()).hexdigest() == layer.digest[7:]
+
+
+def _spool_files(tmp: Path) -> list[Path]:
+    return [p for p in tmp.rglob("*") if p.is_file() and p.name != ".lock"]
+
+
+def _wait_for_spool(tmp: Path, timeout: float = 10.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spools = [p for p in _spool_files(tmp) if p.stat().st_size > 0]
+        if spools:
+            return spools
+        time.sleep(0.02)
+    return []
