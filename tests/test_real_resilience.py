@@ -9,14 +9,16 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.clients import Containerd, Skopeo, write_hosts_toml
+from tests.support.faultproxy import FaultProxy, closed_port_url
 from tests.support.gateway import GatewayProcess
-from tests.support.images import ImageFactory, session_factory
+from tests.support.images import Descriptor, ImageFactory, PushedImage, session_factory
 from tests.support.registry import DistributionRegistry
 
 pytestmark = pytest.mark.real
@@ -122,3 +124,98 @@ def _wait_for_spool(tmp: Path, timeout: float = 10.0) -> list[Path]:
             return spools
         time.sleep(0.02)
     return []
+
+
+# ---------------------------------------------------------------------- faults on the wire
+
+
+@pytest.fixture(scope="module")
+def stocked(tmp_path_factory: pytest.TempPathFactory, factory: ImageFactory) -> Iterator[Stocked]:
+    """One registry with a small and a 110 MiB image, shared by the fault tests (read-only)."""
+    with DistributionRegistry(tmp_path_factory.mktemp("stocked")) as registry:
+        small = factory.push(factory.small(), registry, "library/small", "1")
+        large = factory.push(factory.large(), registry, "library/large", "1")
+        yield Stocked(registry, small, large)
+
+
+@dataclass
+class Stocked:
+    registry: DistributionRegistry
+    small: PushedImage
+    large: PushedImage
+
+    @property
+    def layer(self) -> Descriptor:
+        return max(self.large.blobs, key=lambda b: b.size)
+
+
+def fetch_digest(url: str, timeout: float = 60) -> str:
+    digest = hashlib.sha256()
+    with httpx.stream("GET", url, timeout=timeout) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def test_dead_and_failing_first_mirrors_fail_over(stocked: Stocked, tmp_path: Path) -> None:
+    """A refused first mirror, a 503 one and one asking a long Retry-After all fail over."""
+    with FaultProxy(stocked.registry.url) as broken:
+        mirrors = [closed_port_url(), broken.url, stocked.registry.url]
+        policy = "retry_attempts = 2"
+        broken.status(503, path_contains="/manifests/", times=2)
+        broken.status(429, path_contains="/blobs/", headers={"Retry-After": "3600"})
+        with GatewayProcess(tmp_path / "gw", hub_config(tmp_path / "c", mirrors, policy)) as gw:
+            manifest = httpx.get(f"{gw.url}/v2/library/small/manifests/1")
+            assert manifest.headers["docker-content-digest"] == stocked.small.digest
+            for blob in stocked.small.blobs:
+                assert fetch_digest(f"{gw.url}/v2/library/small/blobs/{blob.digest}") == blob.digest
+        assert broken.count("GET", "/manifests/", fault="status") == 2  # retried, then next
+        blob_gets = broken.count("GET", "/blobs/")
+        assert blob_gets == len(stocked.small.blobs)  # 429 + 3600 s: not retried
+
+
+def test_blob_cut_mid_stream_resumes_with_range(stocked: Stocked, tmp_path: Path) -> None:
+    """A connection cut 30 MiB into a 110 MiB blob resumes there: one logical fetch."""
+    layer = stocked.layer
+    with FaultProxy(stocked.registry.url) as proxy:
+        proxy.cut_after(30 * 1024 * 1024, path_contains=layer.digest, times=1)
+        with GatewayProcess(tmp_path / "gw", hub_config(tmp_path / "c", [proxy.url])) as gw:
+            httpx.get(f"{gw.url}/v2/library/large/manifests/1").raise_for_status()
+            assert fetch_digest(f"{gw.url}/v2/library/large/blobs/{layer.digest}") == layer.digest
+            assert "resuming at byte" in gw.log()
+        gets = [r for r in proxy.requests() if r.method == "GET" and layer.digest in r.path]
+    assert [r.range for r in gets] == [None, f"bytes={30 * 1024 * 1024}-"]
+
+
+def test_corrupting_mirror_is_never_cached(stocked: Stocked, tmp_path: Path) -> None:
+    """A mirror flipping a byte: the blob is never cached from it; the next mirror serves."""
+    blob = max(stocked.small.blobs, key=lambda b: b.size)
+    cache = tmp_path / "c"
+    with FaultProxy(stocked.registry.url) as bad:
+        bad.corrupt(path_contains="/blobs/")
+        mirrors = [bad.url, stocked.registry.url]
+        with GatewayProcess(tmp_path / "gw", hub_config(cache, mirrors)) as gw:
+            httpx.get(f"{gw.url}/v2/library/small/manifests/1").raise_for_status()
+            url = f"{gw.url}/v2/library/small/blobs/{blob.digest}"
+            with pytest.raises(httpx.HTTPError):
+                fetch_digest(url)  # cut short: the first download came from the bad mirror
+            assert fetch_digest(url) == blob.digest
+            assert "failed verification" in gw.log() and bad.host in gw.log()
+        assert bad.count("GET", blob.digest) == 1
+    stored = cache / "docker.io" / "blobs" / "sha256" / blob.digest[7:9] / blob.digest[7:]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob.digest[7:]
+
+
+def test_slow_mirror_fails_over_within_the_deadline(stocked: Stocked, tmp_path: Path) -> None:
+    """A mirror slower than read_timeout is abandoned for the next one within seconds."""
+    with FaultProxy(stocked.registry.url) as slow:
+        slow.delay(30, path_contains="/manifests/")
+        policy = 'read_timeout = "1s"\nretry_attempts = 1'
+        mirrors = [slow.url, stocked.registry.url]
+        with GatewayProcess(tmp_path / "gw", hub_config(tmp_path / "c", mirrors, policy)) as gw:
+            started = time.monotonic()
+            response = httpx.get(f"{gw.url}/v2/library/small/manifests/1", timeout=20)
+            elapsed = time.monotonic() - started
+    assert response.headers["docker-content-digest"] == stocked.small.digest
+    assert elapsed < 10
