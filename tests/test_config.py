@@ -53,7 +53,7 @@ def test_minimal_config_gets_defaults() -> None:
     hub = settings.upstreams["docker.io"]
     assert [m.url for m in hub.mirrors] == ["https://registry-1.docker.io"]
     assert hub.mirrors[0].capabilities == frozenset(Capability)
-    assert hub.tag_ttl == 300 and hub.credentials is None
+    assert hub.policy.tag_ttl == 300 and hub.credentials is None
 
 
 def test_mirror_order_and_capabilities_are_kept() -> None:
@@ -194,6 +194,44 @@ def test_each_bad_value_gets_a_named_message(text: str, fragment: str) -> None:
     """Each bad value is refused with a message that names the key and what was expected."""
     found = problems(text)
     assert any(fragment in p for p in found), found
+
+
+def test_policy_inherits_from_defaults_and_overrides_per_upstream() -> None:
+    """[defaults] sets every upstream's policy; an upstream table overrides single keys."""
+    settings = parse_settings(
+        """
+        [defaults]
+        max_stale = "1d"
+        retry_attempts = 5
+        breaker_cooldown = "1m"
+        [upstreams."docker.io"]
+        retry_attempts = 2
+        negative_ttl = 0
+        [upstreams."quay.io"]
+        """,
+        env={},
+    )
+    hub = settings.upstreams["docker.io"].policy
+    quay = settings.upstreams["quay.io"].policy
+    assert (hub.retry_attempts, hub.max_stale, hub.negative_ttl) == (2, 86400, 0)
+    assert (quay.retry_attempts, quay.breaker_cooldown, quay.negative_ttl) == (5, 60, 30)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (
+            "[defaults]\nretry_attempts = 0",
+            "defaults.retry_attempts: expected a number from 1 to 10",
+        ),
+        ('[defaults]\nretry_deadline = "0s"', "defaults.retry_deadline: expected a duration"),
+        ("[defaults]\nbreaker_failures = -1", "defaults.breaker_failures: expected a number"),
+        ('[defaults]\nmax_stale = "forever"', "defaults.max_stale: expected a duration"),
+    ],
+)
+def test_bad_policy_values(text: str, fragment: str) -> None:
+    """Policy keys are range-checked with the key path named."""
+    assert any(fragment in p for p in problems(text + "\n" + MINIMAL))
 
 
 def test_all_problems_are_reported_together() -> None:
