@@ -10,26 +10,10 @@ from pathlib import Path
 import pytest
 
 from mirrorrouter.cli import main
+from tests.test_reference import REFERENCE_TABLE as TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = str(ROOT / "mirrors.toml")
-TABLE = [
-    (
-        "alpine",
-        "docker.io/library/alpine",
-        "https://registry-1.docker.io/v2/library/alpine/manifests/latest",
-    ),
-    (
-        "gcr.io/istio-release/pilot:1.9.1",
-        "gcr.io/istio-release/pilot",
-        "https://gcr.io/v2/istio-release/pilot/manifests/1.9.1",
-    ),
-    (
-        "foo.org/something/someimage",
-        "foo.org/something/someimage",
-        "https://foo.org/v2/something/someimage/manifests/latest",
-    ),
-]
 
 
 def test_resolve_prints_the_reference_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,16 +25,6 @@ ACCEPT_ALL = ", ".join(
 )
 
 
-@pytest.fixture
-def fake() -> FakeRegistry:
-    return FakeRegistry()
-
-
-@pytest.fixture
-def image(fake: FakeRegistry) -> Image:
-    return fake.add(make_image("library/alpine", [b"layer-one" * 1000, b"layer-two"]), "3.19")
-
-
 async def test_manifest_by_tag_is_byte_exact_and_cached_within_ttl(
     tmp_path: Path, fake: FakeRegistry, image: Image
 ) -> None:

@@ -80,26 +80,27 @@ def test_invalid_names_are_refused(text: str) -> None:
         ImageReference.parse(text)
 
 
-@pytest.mark.parametrize(
-    ("image", "canonical", "address"),
-    [
-        (
-            "alpine",
-            "docker.io/library/alpine",
-            "https://registry-1.docker.io/v2/library/alpine/manifests/latest",
-        ),
-        (
-            "gcr.io/istio-release/pilot:1.9.1",
-            "gcr.io/istio-release/pilot",
-            "https://gcr.io/v2/istio-release/pilot/manifests/1.9.1",
-        ),
-        (
-            "foo.org/something/someimage",
-            "foo.org/something/someimage",
-            "https://foo.org/v2/something/someimage/manifests/latest",
-        ),
-    ],
-)
+# The reference table of issue 2: image name, canonical name, registry address.
+REFERENCE_TABLE = [
+    (
+        "alpine",
+        "docker.io/library/alpine",
+        "https://registry-1.docker.io/v2/library/alpine/manifests/latest",
+    ),
+    (
+        "gcr.io/istio-release/pilot:1.9.1",
+        "gcr.io/istio-release/pilot",
+        "https://gcr.io/v2/istio-release/pilot/manifests/1.9.1",
+    ),
+    (
+        "foo.org/something/someimage",
+        "foo.org/something/someimage",
+        "https://foo.org/v2/something/someimage/manifests/latest",
+    ),
+]
+
+
+@pytest.mark.parametrize(("image", "canonical", "address"), REFERENCE_TABLE)
 def test_reference_table(image: str, canonical: str, address: str) -> None:
     """The three rows of the reference table: canonical name and registry address."""
     ref = ImageReference.parse(image)

@@ -371,13 +371,3 @@ async def test_slow_mirror_fails_over_to_the_next(tmp_path: Path) -> None:
         assert await read_blob(pull) == PAYLOAD
     finally:
         await pull.close()
-
-
-@pytest.fixture
-def fake() -> FakeRegistry:
-    return FakeRegistry()
-
-
-@pytest.fixture
-def image(fake: FakeRegistry) -> Image:
-    return fake.add(make_image("library/alpine", [b"layer-one" * 1000, b"layer-two"]), "3.19")

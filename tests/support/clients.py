@@ -56,6 +56,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from tests.support.service import Service
+
 StrPath = str | os.PathLike[str]
 # "user:password" or (user, password)
 Creds = str | tuple[str, str]
@@ -750,7 +752,7 @@ def write_hosts_toml(
     return path
 
 
-class Containerd:
+class Containerd(Service):
     """A real ``containerd`` daemon with private root, state and socket, driven with ``ctr``.
 
     CRI and the snapshotters that cannot work here are disabled, unpacking uses ``native``
@@ -952,17 +954,6 @@ class Containerd:
                 process.kill()
                 process.wait(timeout=10)
         remove_tree(self.base)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,11 +73,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, Self
 
 import httpx
 import uvicorn
+
+from tests.support.service import Service
 
 FaultKind = Literal["status", "cut_after", "corrupt", "delay", "stall_after", "ignore_range"]
 
@@ -212,7 +213,7 @@ class ProxiedRequest:
         return self.path.split("?", 1)[0]
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """A reverse proxy to ``target`` (``http://host:port[/prefix]``) with injectable faults."""
 
     def __init__(
@@ -302,17 +303,6 @@ class FaultProxy:
             thread.join(timeout=timeout)
         if thread.is_alive():
             raise RuntimeError(f"fault proxy on port {self._port} did not stop")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:

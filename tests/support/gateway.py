@@ -7,15 +7,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import httpx
 
 from tests.support.registry import free_port
+from tests.support.service import Service
 
 
-class GatewayProcess:
+class GatewayProcess(Service):
     """``mirrorrouter serve`` with a given mirrors.toml, on a free 127.0.0.1 port."""
 
     def __init__(self, workdir: Path, config: str, *, env: dict[str, str] | None = None) -> None:
@@ -89,11 +89,3 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
+
+from tests.support.service import Service
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"
@@ -166,7 +167,7 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-class DistributionRegistry:
+class DistributionRegistry(Service):
     """A ``docker-registry serve`` child process on a free 127.0.0.1 port.
 
     ``root`` is a directory owned by the caller (a pytest ``tmp_path``); the registry keeps its
@@ -289,17 +290,6 @@ class DistributionRegistry:
         if self._process is not None:
             self._process.send_signal(signal.SIGCONT)
         self._frozen = False
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def config(self) -> dict[str, Any]:
         """Return the registry configuration as a dict (written to ``config.yml`` as JSON)."""

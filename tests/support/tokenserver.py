@@ -30,7 +30,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.support.registry import TokenAuthSettings
+from tests.support.service import Service
 
 HeaderMode = Literal["x5c", "kid"]
 
@@ -143,7 +143,7 @@ def _json_b64(obj: Any) -> str:
     return _b64url(json.dumps(obj, separators=(",", ":")).encode())
 
 
-class TokenServer:
+class TokenServer(Service):
     """Token endpoint at ``http://127.0.0.1:PORT/token`` running in a background thread.
 
     Anonymous callers may pull every repository except those under ``private_prefixes``;
@@ -217,17 +217,6 @@ class TokenServer:
         if self._owned_tmp is not None:
             self._owned_tmp.cleanup()
             self._owned_tmp = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def port(self) -> int:
