@@ -53,7 +53,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, Self
 
 from tests.support.service import Service
@@ -492,7 +491,7 @@ def registries_conf_text(*blocks: str) -> str:
     return "\n".join([header, *blocks])
 
 
-class Podman:
+class Podman(Service):
     """``podman`` confined to a temporary directory, storage driver ``vfs`` by default.
 
     ``registries_conf`` is a file (a :class:`~os.PathLike`) or the TOML text itself (a
@@ -678,15 +677,11 @@ class Podman:
                 )
         remove_tree(self.base)
 
-    def __enter__(self) -> Self:
+    def start(self) -> Self:
+        """Podman needs no daemon: its state directory is ready from the constructor on."""
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
 
 

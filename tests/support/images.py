@@ -36,6 +36,8 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
+from tests.support.service import LOOPBACK_ONLY_ENV
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -59,15 +61,6 @@ BUILD_VERSION = 1  # bump when a builder changes its output, to invalidate on-di
 
 Format = Literal["oci", "docker"]
 Compression = Literal["none", "gzip"]
-
-LOOPBACK_ONLY_ENV = {
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "http_proxy": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9",
-    "no_proxy": "127.0.0.1,localhost",
-}
 
 
 class HasHost(Protocol):

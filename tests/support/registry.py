@@ -32,20 +32,11 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from tests.support.service import Service
+from tests.support.service import LOOPBACK_ONLY_ENV, Service
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTPASSWD_BINARY = "/usr/bin/htpasswd"
 
-# Keeps any client the registry runs (proxy mode) off the internet; Go never proxies loopback.
-LOOPBACK_ONLY_ENV = {
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "http_proxy": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9",
-    "no_proxy": "127.0.0.1,localhost",
-}
 
 SYNC_PATH = "/?mirrorrouter-harness-sync="
 

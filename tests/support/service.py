@@ -5,6 +5,17 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Self
 
+# Every process a test starts gets proxies aimed at a closed loopback port: a client that
+# falls back to a public registry name then fails fast, with no DNS lookup.
+LOOPBACK_ONLY_ENV = {
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "no_proxy": "127.0.0.1,localhost",
+}
+
 
 class Service:
     """``with Service() as s`` starts it and always stops it (``close()``, which is ``stop()``
