@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 from collections.abc import AsyncIterator, Callable
@@ -226,6 +227,27 @@ async def test_tag_gone_upstream_is_not_served_stale(
         gw.clock.now += 120
         gone = await gw.client.get("/v2/library/alpine/manifests/3.19")
     assert gone.status_code == 404
+
+
+async def test_concurrent_revalidations_of_a_tag_are_coalesced(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """Ten clients asking an expired tag at once cause one upstream HEAD."""
+    async with gateway(tmp_path, fake) as gw:
+        await gw.client.get("/v2/library/alpine/manifests/3.19")
+        gw.clock.now += 61
+        fake.gate = asyncio.Event()
+        tasks = [
+            asyncio.create_task(gw.client.get("/v2/library/alpine/manifests/3.19"))
+            for _ in range(10)
+        ]
+        for _ in range(20):  # let every request reach the upstream call
+            await asyncio.sleep(0)
+        fake.gate.set()
+        responses = await asyncio.gather(*tasks)
+    assert [r.headers["docker-content-digest"] for r in responses] == [image.digest] * 10
+    assert fake.count("HEAD", "/manifests/3.19") == 1
+    assert fake.count("GET", "/manifests/3.19") == 1
 
 
 async def test_not_found_is_remembered_for_negative_ttl(tmp_path: Path, fake: FakeRegistry) -> None:

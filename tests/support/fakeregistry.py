@@ -7,6 +7,7 @@ told to misbehave (status codes, corrupt bytes, redirects to another host).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -82,6 +83,7 @@ class FakeRegistry:
     referrers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     token_requests: list[dict[str, str]] = field(default_factory=list)
     token_get_allowed: bool = True  # False: the realm only speaks the OAuth2 POST form
+    gate: asyncio.Event | None = None  # when set, every answer waits for it (overlap tests)
     seen_authorization: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, image: Image, *tags: str) -> Image:
@@ -178,6 +180,8 @@ class FakeRegistry:
     async def _serve(self, request: Request) -> Response:
         path = "/" + request.path_params["path"]
         self.requests.append((request.method, path))
+        if self.gate is not None:
+            await self.gate.wait()
         for fragment, statuses in self.faults.items():
             if fragment in path and statuses:
                 status = statuses.pop(0)
