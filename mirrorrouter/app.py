@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.endpoints import Endpoints
@@ -50,19 +52,41 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error; see the mirror's log"))
 
 
+class Gateway(Starlette):
+    """The Starlette app, with the hottest request answered before the middleware stack.
+
+    A manifest that memory can serve (a linked digest, a tag within its TTL) is every pull's
+    first request; answering it without routing and middleware layers roughly doubles the
+    requests a worker serves. Everything else, errors included, takes the full path.
+    """
+
+    def __init__(self, endpoints: Endpoints, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            response = self.endpoints.fast_manifest(scope)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     timing: Timing | None = None,
-) -> Starlette:
+) -> Gateway:
     """Build the gateway application for ``settings``.
 
     ``transport`` replaces the network for upstream traffic (tests use httpx.MockTransport
     or an ASGITransport around a fake registry); ``timing`` replaces clocks and sleep.
     """
     endpoints = Endpoints(settings, transport=transport, timing=timing or REAL_TIME)
-    app = Starlette(
+    app = Gateway(
+        endpoints,
         routes=[Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS)],
         exception_handlers={
             RegistryError: _registry_error,
@@ -75,6 +99,6 @@ def create_app(
     return app
 
 
-def app_from_environment() -> Starlette:
+def app_from_environment() -> Gateway:
     """Factory for ``uvicorn --factory``: reads the config file named by MIRRORROUTER_CONFIG."""
     return create_app(load_settings(os.environ.get(CONFIG_ENV, "mirrors.toml")))

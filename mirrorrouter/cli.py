@@ -86,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port or settings.server.port,
         workers=args.workers or settings.server.workers,
         log_level=settings.server.log_level,
+        access_log=settings.server.access_log,
         loop="uvloop",
         http="httptools",
         proxy_headers=False,

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from mirrorrouter.config import Settings
 from mirrorrouter.errors import ErrorCode, RegistryError
@@ -26,23 +26,34 @@ from mirrorrouter.oci import (
     RequestKind,
     parse_request,
 )
-from mirrorrouter.pullthrough import Pullthrough
-from mirrorrouter.responses import BlobResponse, parse_range
+from mirrorrouter.pullthrough import ManifestAnswer, Pullthrough
+from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
 from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"
 UPSTREAM_HEADER = "X-Upstream"
 
 
-def parse(request: Request) -> OciRequest:
-    """The one parse of a Starlette request into an ``OciRequest``."""
+def parse_scope(scope: Scope) -> OciRequest:
+    """The one parse of an ASGI request into an ``OciRequest`` (both the fast path and the
+    Starlette handlers use it)."""
+    host = range_header = ""
+    accept: list[str] = []
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value.decode("latin-1")
+        elif name == b"accept":
+            accept.append(value.decode("latin-1"))
+        elif name == b"range":
+            range_header = value.decode("latin-1")
+    query = scope.get("query_string", b"")
     return parse_request(
-        request.method,
-        request.url.path,
-        query=request.query_params.multi_items(),
-        host=request.headers.get("host", ""),
-        range_header=request.headers.get("range"),
-        accept=request.headers.getlist("accept"),
+        scope["method"],
+        scope["path"],
+        query=parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else (),
+        host=host,
+        range_header=range_header or None,
+        accept=accept,
     )
 
 
@@ -68,8 +79,23 @@ class Endpoints:
         finally:
             await self.pull.close()
 
+    def fast_manifest(self, scope: Scope) -> RawResponse | None:
+        """A manifest GET/HEAD answered from memory before any framework code runs, or None
+        (then the full path handles the request, errors included)."""
+        try:
+            oci = parse_scope(scope)
+            if oci.kind is not RequestKind.MANIFEST:
+                return None
+            resolution = self.mapper.resolve(oci)
+        except RegistryError:
+            return None
+        answer = self.pull.memory_manifest(resolution.upstream, resolution.reference, oci.accept)
+        if answer is None:
+            return None
+        return self._manifest_response(oci, resolution, answer)
+
     async def dispatch(self, request: Request) -> Response | ASGIApp:
-        oci = parse(request)
+        oci = parse_scope(request.scope)
         if oci.kind is RequestKind.BASE:
             return self.base(oci)
         resolution = self.mapper.resolve(oci)
@@ -102,20 +128,25 @@ class Endpoints:
             b"{}", 200, {API_VERSION_HEADER: API_VERSION}, media_type="application/json"
         )
 
-    async def manifest(self, oci: OciRequest, resolution: Resolution) -> Response:
+    async def manifest(self, oci: OciRequest, resolution: Resolution) -> RawResponse:
         answer = await self.pull.manifest_for_client(
             resolution.upstream, resolution.reference, oci.accept
         )
+        return self._manifest_response(oci, resolution, answer)
+
+    def _manifest_response(
+        self, oci: OciRequest, resolution: Resolution, answer: ManifestAnswer
+    ) -> RawResponse:
         manifest = answer.manifest
         headers = {
             **self._common_headers(oci, resolution),
-            "Content-Type": manifest.media_type,
-            "Content-Length": str(len(manifest.data)),
+            "content-type": manifest.media_type,
+            "content-length": str(len(manifest.data)),
             CONTENT_DIGEST_HEADER: str(manifest.digest),
             CACHE_HEADER: answer.cache,
         }
-        body = b"" if oci.method == "HEAD" else manifest.data
-        return Response(body, 200, headers)
+        raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
+        return RawResponse(200, raw, b"" if oci.method == "HEAD" else manifest.data)
 
     async def blob(self, oci: OciRequest, resolution: Resolution) -> BlobResponse:
         digest = resolution.reference.digest

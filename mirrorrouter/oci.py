@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, ReferenceError, validate_tag
@@ -109,9 +109,21 @@ def parse_request(
     """
     query = tuple(query)
     prefix, api_path = _split_prefix(path)
-    base = OciRequest(
+    kind, name, rest = _endpoint(api_path, path)
+    tag = digest = upload_id = None
+    if kind is RequestKind.UPLOAD:
+        upload_id = rest.strip("/") or None
+    elif kind is RequestKind.MANIFEST and ":" not in rest:
+        tag = _parse_tag(rest)
+    elif kind in (RequestKind.MANIFEST, RequestKind.BLOB, RequestKind.REFERRERS):
+        digest = _parse_digest(rest)
+    return OciRequest(
         method=method,
-        kind=RequestKind.BASE,
+        kind=kind,
+        name=name,
+        tag=tag,
+        digest=digest,
+        upload_id=upload_id,
         prefix=prefix,
         ns=next((v for k, v in query if k == "ns"), None) or None,
         host=_host_without_port(host),
@@ -125,23 +137,21 @@ def parse_request(
         ),
         query=query,
     )
+
+
+def _endpoint(api_path: str, path: str) -> tuple[RequestKind, str, str]:
+    """Which endpoint ``/<name>/<keyword>/<rest>`` addresses: (kind, name, rest)."""
     if api_path in ("", "/"):
-        return base
+        return RequestKind.BASE, "", ""
     for suffix, kind in _SUFFIXES:
         index = api_path.rfind(suffix)
         if index <= 0:
             continue
         name, rest = api_path[1:index], api_path[index + len(suffix) :]
         _check_name(name)
-        if kind is RequestKind.UPLOAD:
-            return replace(base, kind=kind, name=name, upload_id=rest.strip("/") or None)
-        if kind is RequestKind.TAGS:
-            if rest != "list":
-                break
-            return replace(base, kind=kind, name=name)
-        if kind is RequestKind.MANIFEST and ":" not in rest:
-            return replace(base, kind=kind, name=name, tag=_parse_tag(rest))
-        return replace(base, kind=kind, name=name, digest=_parse_digest(rest))
+        if kind is RequestKind.TAGS and rest != "list":
+            break
+        return kind, name, rest
     raise RegistryError(ErrorCode.NOT_FOUND, f"no distribution API endpoint at {path}")
 
 

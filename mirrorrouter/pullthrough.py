@@ -44,6 +44,7 @@ log = logging.getLogger("mirrorrouter.pullthrough")
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
 TAG_MEMORY_ENTRIES = 100_000
 NOT_FOUND_ENTRIES = 10_000
+LINK_MEMORY_ENTRIES = 200_000
 SUSPECT_SECONDS = 3600.0
 MAX_RESUMES = 5  # per blob download
 
@@ -90,6 +91,8 @@ class UpstreamSite:
             maxsize=MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 200
         )
         self.tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY_ENTRIES)
+        # (repository, digest) pairs known to be linked: the hot path does no stat.
+        self.links: LRUCache[tuple[str, Digest], bool] = LRUCache(maxsize=LINK_MEMORY_ENTRIES)
         # Mirrors that served content failing verification, per digest: not asked again.
         self.suspects: TTLCache[Digest, frozenset[str]] = TTLCache(
             maxsize=NOT_FOUND_ENTRIES, ttl=SUSPECT_SECONDS, timer=clock
@@ -106,6 +109,31 @@ class UpstreamSite:
             if stored is not None:
                 self.manifests[digest] = stored
         return stored
+
+    async def is_linked(self, repository: str, digest: Digest) -> bool:
+        if (repository, digest) in self.links:
+            return True
+        if await self.cache.is_linked(repository, digest):
+            self.links[(repository, digest)] = True
+            return True
+        return False
+
+    async def link(self, repository: str, digests: list[Digest]) -> None:
+        await self.cache.link(repository, digests)
+        for digest in digests:
+            self.links[(repository, digest)] = True
+
+    def cached_manifest(self, ref: ImageReference, now: float) -> StoredManifest | None:
+        """The manifest for ``ref`` when memory alone can answer for certain: a linked digest,
+        or a tag within its TTL. The hot path of every pull, with no I/O."""
+        if ref.digest is not None:
+            if (ref.repository, ref.digest) not in self.links:
+                return None
+            return self.manifests.get(ref.digest)
+        record = self.tags.get((ref.repository, ref.tag or ""))
+        if record is None or now - record.checked_at >= self.settings.policy.tag_ttl:
+            return None
+        return self.manifests.get(record.digest)
 
     async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
         record = self.tags.get((repository, tag))
@@ -182,6 +210,9 @@ class Pullthrough:
         A client that does not accept index types gets the linux/amd64 manifest of an
         index (what the distribution registry does for old Docker clients).
         """
+        answer = self.memory_manifest(upstream, ref, accept)
+        if answer is not None:
+            return answer
         answer = await self.manifest(upstream, ref)
         media_type = answer.manifest.media_type
         if accepts(accept, media_type):
@@ -198,11 +229,23 @@ class Pullthrough:
             detail={"accept": list(accept)},
         )
 
+    def memory_manifest(
+        self, upstream: UpstreamSettings, ref: ImageReference, accept: tuple[str, ...]
+    ) -> ManifestAnswer | None:
+        """A cache hit answered from memory alone, or None (then the full path decides)."""
+        site = self._sites.get(upstream.name)
+        if site is None:
+            return None
+        stored = site.cached_manifest(ref, self.clock())
+        if stored is None or not accepts(accept, stored.media_type):
+            return None
+        return ManifestAnswer(stored, CacheStatus.HIT, upstream.name)
+
     async def _manifest_by_digest(
         self, site: UpstreamSite, ref: ImageReference, digest: Digest
     ) -> ManifestAnswer:
         stored = await site.get_manifest(digest)
-        if stored is not None and await site.cache.is_linked(ref.repository, digest):
+        if stored is not None and await site.is_linked(ref.repository, digest):
             return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
         fetched = await self._fetch(site, ref)
         stored = await self._store_manifest(site, ref.repository, fetched)
@@ -300,7 +343,7 @@ class Pullthrough:
         stored = StoredManifest(fetched.digest, fetched.media_type, fetched.data)
         await site.cache.put_manifest(stored)
         site.manifests[stored.digest] = stored
-        await site.cache.link(repository, [stored.digest, *referenced_digests(stored.data)])
+        await site.link(repository, [stored.digest, *referenced_digests(stored.data)])
         return stored
 
     # ------------------------------------------------------------------ blobs
@@ -333,10 +376,10 @@ class Pullthrough:
         return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read)
 
     async def _check_visible(self, site: UpstreamSite, repository: str, digest: Digest) -> None:
-        if await site.cache.is_linked(repository, digest):
+        if await site.is_linked(repository, digest):
             return
         if await site.client.blob_exists(repository, digest):
-            await site.cache.link(repository, [digest])
+            await site.link(repository, [digest])
             return
         raise RegistryError(
             ErrorCode.BLOB_UNKNOWN,
@@ -359,7 +402,7 @@ class Pullthrough:
             if writer is None:
                 return  # degraded: readers stream straight from upstream
             committed = await writer.commit()
-            await site.cache.link(fill.repository, [fill.digest])
+            await site.link(fill.repository, [fill.digest])
             fill.finish(committed)
         except DigestMismatch as error:
             self._on_corrupt(site, fill, error)

@@ -44,6 +44,22 @@ def _unsatisfiable(size: int) -> RegistryError:
     )
 
 
+class RawResponse:
+    """A complete answer sent as two ASGI messages, without a framework's header handling:
+    the manifest hot path. Header names must be given in lower case."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 class BlobResponse:
     """Streams a blob (or a range of it) from an async byte source, ~1 MiB per send."""
 

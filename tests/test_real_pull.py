@@ -78,6 +78,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def gateway_config(world: World, cache: Path) -> str:
     return f"""
+[server]
+access_log = true
 [cache]
 directory = "{cache}"
 [upstreams."docker.io"]
