@@ -443,15 +443,9 @@ class Pullthrough:
                                 mirror=stream.mirror,
                                 is_temporary=False,
                             )
-                        async for chunk in stream.chunks():
-                            try:
-                                await writer.write(chunk)
-                            except OSError as error:
-                                await writer.abort()
-                                writer = None
-                                self._degrade(site, fill, error)
-                                return None
-                            fill.progress(writer.written)
+                        if not await self._spool(site, fill, writer, stream.chunks()):
+                            writer = None
+                            return None
                     return writer
                 except UpstreamError as error:
                     if writer is None or not error.is_temporary or resumes >= MAX_RESUMES:
@@ -469,9 +463,26 @@ class Pullthrough:
                 await writer.abort()
             raise
 
+    async def _spool(
+        self, site: UpstreamSite, fill: BlobFill, writer: BlobWriter, chunks: AsyncIterator[bytes]
+    ) -> bool:
+        """Write the chunks, telling readers as bytes land; False when the cache could not
+        take them (the writer is aborted and the fill degraded)."""
+        try:
+            try:
+                async for chunk in chunks:
+                    await writer.write(chunk)  # readers hear of it through on_written
+            finally:
+                await writer.flush()  # keep what arrived, also before a resume
+        except OSError as error:
+            await writer.abort()
+            self._degrade(site, fill, error)
+            return False
+        return True
+
     def _writer(self, site: UpstreamSite, fill: BlobFill, size: int | None) -> BlobWriter | None:
         try:
-            return site.cache.blob_writer(fill.digest, size)
+            return site.cache.blob_writer(fill.digest, size, on_written=fill.progress)
         except OSError as error:
             fill.size = size
             self._degrade(site, fill, error)

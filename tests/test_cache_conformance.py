@@ -231,6 +231,9 @@ async def test_spool_file_grows_with_writes(backend: Harness) -> None:
         bounds = [0, 1, 1_001, 66_001, MIB + 66_001, len(PAYLOAD)]
         for offset, stop in itertools.pairwise(bounds):
             await writer.write(PAYLOAD[offset:stop])
+            # Whatever ``written`` says is already in the spool file, flushed or not.
+            assert os.pread(fd, writer.written, 0) == PAYLOAD[: writer.written]
+            await writer.flush()
             assert writer.written == stop
             assert await backend.cache.blob_size(digest) is None  # not before commit
             followed += os.pread(fd, len(PAYLOAD), len(followed))

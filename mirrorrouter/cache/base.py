@@ -16,7 +16,7 @@ Writers stream into a local spool file that readers may follow while it grows
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -55,9 +55,17 @@ class BlobWriter(Protocol):
         ...
 
     @property
-    def written(self) -> int: ...
+    def written(self) -> int:
+        """Bytes already in the spool file: what followers may read."""
+        ...
 
-    async def write(self, chunk: bytes) -> None: ...
+    async def write(self, chunk: bytes) -> None:
+        """Queue a chunk; it may reach the spool file after this returns (see ``written``)."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until every chunk written so far is in the spool file."""
+        ...
 
     async def commit(self) -> Path:
         """Verify digest (and size when known), make the blob visible; return where it is."""
@@ -86,7 +94,15 @@ class CacheBackend(Protocol):
 
     def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]: ...
 
-    def blob_writer(self, digest: Digest, expected_size: int | None = None) -> BlobWriter: ...
+    def blob_writer(
+        self,
+        digest: Digest,
+        expected_size: int | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> BlobWriter:
+        """A writer for ``digest``; ``on_written(total)`` is called on the event loop each
+        time more bytes are in the spool file."""
+        ...
 
     # -- manifests
     async def get_manifest(self, digest: Digest) -> StoredManifest | None: ...

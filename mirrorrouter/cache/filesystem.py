@@ -21,18 +21,23 @@ alone, since their lock cannot be taken. Repository components never start with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorrouter.cache.base import DigestMismatch, StoredManifest, TagRecord
 from mirrorrouter.reference import Digest
 
 READ_CHUNK = 1024 * 1024
+IN_FLIGHT = 4  # chunks a blob writer may hash and write behind the network reads
 
 
 class FilesystemCache:
@@ -109,8 +114,13 @@ class FilesystemCache:
         finally:
             os.close(fd)
 
-    def blob_writer(self, digest: Digest, expected_size: int | None = None) -> _FileBlobWriter:
-        return _FileBlobWriter(self, digest, expected_size)
+    def blob_writer(
+        self,
+        digest: Digest,
+        expected_size: int | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> _FileBlobWriter:
+        return _FileBlobWriter(self, digest, expected_size, on_written)
 
     # ------------------------------------------------------------------ manifests
 
@@ -194,17 +204,42 @@ class FilesystemCache:
         return target
 
 
-class _FileBlobWriter:
-    """Streams a blob into ``tmp/``, hashing as it goes; commit renames it into place."""
+@dataclass(slots=True)
+class _Queued:
+    """A chunk handed to the writer thread."""
 
-    def __init__(self, cache: FilesystemCache, digest: Digest, expected_size: int | None) -> None:
+    future: asyncio.Future[None]
+    size: int
+    counted: bool = False
+
+
+class _FileBlobWriter:
+    """Streams a blob into the owner's temp directory, hashing as it goes; commit verifies
+    and renames it into place.
+
+    Hashing and writing run on one ordered worker thread per blob, up to ``IN_FLIGHT``
+    chunks behind the caller, so they overlap the next network read (hashlib releases the
+    GIL on large buffers). ``written`` counts only bytes already in the spool file, which is
+    what followers may read.
+    """
+
+    def __init__(
+        self,
+        cache: FilesystemCache,
+        digest: Digest,
+        expected_size: int | None,
+        on_written: Callable[[int], None] | None,
+    ) -> None:
         self._cache = cache
+        self._on_written = on_written
         self._digest = digest
         self._expected_size = expected_size
         self._hasher = digest.hasher()
         self._path = cache.temp_path()
         # Unbuffered: every write reaches the file at once, so followers see it.
         self._file = open(self._path, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
+        self._pending: deque[_Queued] = deque()
         self._written = 0
 
     @property
@@ -216,16 +251,47 @@ class _FileBlobWriter:
         return self._written
 
     async def write(self, chunk: bytes) -> None:
-        await asyncio.to_thread(self._write_sync, chunk)
-        self._written += len(chunk)
+        """Queue a chunk; returns once at most IN_FLIGHT chunks are still being written.
+        A failed write (a full disk) raises here or from a later call."""
+        future = asyncio.get_running_loop().run_in_executor(self._worker, self._write_sync, chunk)
+        queued = _Queued(future, len(chunk))
+        # Counted as soon as the chunk is on disk (in order: one worker), so followers see
+        # it even while the caller waits for the network.
+        future.add_done_callback(lambda _: self._count(queued))
+        self._pending.append(queued)
+        while self._pending and (len(self._pending) > IN_FLIGHT or self._pending[0].future.done()):
+            await self._settle_oldest()
+
+    async def flush(self) -> None:
+        """Wait until every queued chunk is in the spool file."""
+        while self._pending:
+            await self._settle_oldest()
+
+    async def _settle_oldest(self) -> None:
+        queued = self._pending.popleft()
+        await queued.future  # raises what the write raised
+        self._count(queued)  # its done-callback may not have run yet
+
+    def _count(self, queued: _Queued) -> None:
+        future = queued.future
+        if queued.counted or future.cancelled() or future.exception() is not None:
+            return  # a failure is raised to the caller by write() or flush()
+        queued.counted = True
+        self._written += queued.size
+        if self._on_written is not None:
+            self._on_written(self._written)
 
     def _write_sync(self, chunk: bytes) -> None:
-        # hashlib releases the GIL on large buffers, so this overlaps the next network read.
         self._hasher.update(chunk)
         self._file.write(chunk)
 
     async def commit(self) -> Path:
-        self._file.close()
+        try:
+            await self.flush()
+        except BaseException:
+            await self.abort()
+            raise
+        self._close()
         actual = self._hasher.hexdigest()
         if actual != self._digest.hex:
             await self.abort()
@@ -240,5 +306,13 @@ class _FileBlobWriter:
         return self._cache.commit_file(self._path, self._digest)
 
     async def abort(self) -> None:
-        self._file.close()
+        self._on_written = None  # readers must not be told of bytes that are going away
+        while self._pending:  # let the worker finish before the file goes
+            with contextlib.suppress(Exception):
+                await self._pending.popleft().future
+        self._close()
         self._path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        self._file.close()
+        self._worker.shutdown(wait=False)
