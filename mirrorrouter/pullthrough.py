@@ -26,6 +26,7 @@ from cachetools import LRUCache, TTLCache
 from mirrorrouter.cache import (
     BlobWriter,
     CacheBackend,
+    Claim,
     DigestMismatch,
     StoredManifest,
     TagRecord,
@@ -47,6 +48,7 @@ NOT_FOUND_ENTRIES = 10_000
 LINK_MEMORY_ENTRIES = 200_000
 SUSPECT_SECONDS = 3600.0
 MAX_RESUMES = 5  # per blob download
+CLAIM_POLL_SECONDS = 0.05  # how often a worker checks another worker's download
 
 
 class CacheStatus:
@@ -397,7 +399,11 @@ class Pullthrough:
 
     async def _run_fill(self, site: UpstreamSite, fill: BlobFill) -> None:
         """Download, verify and commit one blob; readers follow ``fill`` meanwhile."""
+        claim = None
         try:
+            claim = await self._claim(site, fill)
+            if claim is None:
+                return  # another worker process committed it meanwhile
             writer = await self._download(site, fill)
             if writer is None:
                 return  # degraded: readers stream straight from upstream
@@ -413,8 +419,31 @@ class Pullthrough:
             if isinstance(error, asyncio.CancelledError):
                 raise
         finally:
+            if claim is not None:
+                claim.release()
             if site.fills.get(fill.digest) is fill:
                 del site.fills[fill.digest]
+
+    async def _claim(self, site: UpstreamSite, fill: BlobFill) -> Claim | None:
+        """Claim the download among worker processes sharing the cache. While another
+        process holds it, wait; when it is done, serve its committed blob (None), or take the
+        claim over if it died or failed. One upstream fetch however many workers ask."""
+        while True:
+            claim = site.cache.try_claim(fill.digest)
+            size = await site.cache.blob_size(fill.digest)
+            if size is not None:
+                if claim is not None:
+                    claim.release()
+                path = site.cache.blob_path(fill.digest)
+                assert path is not None
+                await site.link(fill.repository, [fill.digest])
+                fill.begin(path, size, "cache")
+                fill.progress(size)
+                fill.finish(path)
+                return None
+            if claim is not None:
+                return claim
+            await self.timing.sleep(CLAIM_POLL_SECONDS)
 
     async def _download(self, site: UpstreamSite, fill: BlobFill) -> BlobWriter | None:
         """Stream the blob into a writer, resuming mid-blob with Range on the same or the

@@ -436,6 +436,22 @@ async def test_open_sweeps_interrupted_writes(backend: Harness) -> None:
         await writer.abort()  # release the dead writer's handle
 
 
+async def test_claims_are_exclusive_until_released(backend: Harness) -> None:
+    """One holder at a time may claim a digest's download, across instances (processes)."""
+    digest = Digest.of(b"claimed")
+    other = backend.reopen()
+    await other.open()
+    claim = backend.cache.try_claim(digest)
+    assert claim is not None
+    assert other.try_claim(digest) is None
+    assert backend.cache.try_claim(Digest.of(b"another")) is not None
+    claim.release()
+    again = other.try_claim(digest)
+    assert again is not None
+    again.release()
+    await other.close()
+
+
 async def test_open_leaves_live_writers_alone(backend: Harness) -> None:
     """open() of a second instance (another worker) never sweeps a write still in progress."""
     digest = Digest.of(PAYLOAD)

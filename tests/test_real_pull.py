@@ -243,3 +243,36 @@ def test_containerd_pulls_docker_gcr_and_quay_through_hosts_toml(
         or "ns=gcr.io" in log
         or world.hub.count("GET", "/v2/library/runnable") > 0
     )
+
+
+def test_two_worker_processes_fetch_a_cold_blob_once(world: World, tmp_path: Path) -> None:
+    """Two gateway processes sharing one cache fetch a cold blob from upstream once."""
+    large = world.images["large"]
+    layer = max(large.blobs, key=lambda b: b.size)
+    config = gateway_config(world, tmp_path / "shared-cache")
+    env = {"GCR_PASSWORD": PASSWORD, "QUAY_PASSWORD": PASSWORD}
+    with (
+        GatewayProcess(tmp_path / "a", config, env=env) as first,
+        GatewayProcess(tmp_path / "b", config, env=env) as second,
+    ):
+        start = world.hub.mark()
+
+        async def fetch(client: httpx.AsyncClient, base: str) -> str:
+            digest = hashlib.sha256()
+            async with client.stream("GET", f"{base}/v2/library/large/blobs/{layer.digest}") as r:
+                async for chunk in r.aiter_bytes():
+                    digest.update(chunk)
+            return "sha256:" + digest.hexdigest()
+
+        async def main() -> list[str]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                for base in (first.url, second.url):
+                    await client.get(f"{base}/v2/library/large/manifests/1")
+                bases = [first.url, second.url] * 3
+                return await asyncio.gather(*(fetch(client, b) for b in bases))
+
+        assert asyncio.run(main()) == [layer.digest] * 6
+        gets = [
+            r for r in world.hub.requests(start) if r.method == "GET" and layer.digest in r.path
+        ]
+        assert len(gets) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mirrorrouter.cache.base import (
     BlobWriter,
     CacheBackend,
+    Claim,
     DigestMismatch,
     StoredManifest,
     TagRecord,
@@ -23,6 +24,7 @@ def open_backend(settings: CacheSettings) -> CacheBackend:
 __all__ = [
     "BlobWriter",
     "CacheBackend",
+    "Claim",
     "DigestMismatch",
     "FilesystemCache",
     "StoredManifest",

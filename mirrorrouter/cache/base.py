@@ -46,6 +46,12 @@ class TagRecord:
     checked_at: float  # wall-clock seconds of the last upstream confirmation
 
 
+class Claim(Protocol):
+    """The right to download one blob into a shared cache."""
+
+    def release(self) -> None: ...
+
+
 class BlobWriter(Protocol):
     """A blob being written: chunks in, then ``commit`` (verified, atomic) or ``abort``."""
 
@@ -102,6 +108,11 @@ class CacheBackend(Protocol):
     ) -> BlobWriter:
         """A writer for ``digest``; ``on_written(total)`` is called on the event loop each
         time more bytes are in the spool file."""
+        ...
+
+    def try_claim(self, digest: Digest) -> Claim | None:
+        """Claim the download of ``digest`` among every process sharing this cache; None
+        while another holds it. A claim ends when released or when its holder dies."""
         ...
 
     # -- manifests

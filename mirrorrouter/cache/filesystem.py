@@ -122,6 +122,19 @@ class FilesystemCache:
     ) -> _FileBlobWriter:
         return _FileBlobWriter(self, digest, expected_size, on_written)
 
+    def try_claim(self, digest: Digest) -> _FileClaim | None:
+        """Claim the download of ``digest`` among processes sharing this cache, or None
+        when another process holds it. The claim ends when released or its process dies."""
+        path = self.root / "locks" / f"{digest.algorithm}-{digest.hex}"
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return _FileClaim(fd)
+
     # ------------------------------------------------------------------ manifests
 
     def _manifest_file(self, digest: Digest) -> Path:
@@ -202,6 +215,18 @@ class FilesystemCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, target)
         return target
+
+
+class _FileClaim:
+    """A held flock on a digest's lock file."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
 
 
 @dataclass(slots=True)
