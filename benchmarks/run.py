@@ -1,0 +1,923 @@
+"""The mirrorrouter benchmark suite (issue 5): one run, interleaved rounds, one table of ratios.
+
+    .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--out FILE]
+
+Everything runs on loopback, started and stopped by this run:
+
+- UPSTREAM: a CNCF distribution registry holding ``library/big:1`` (one uncompressed 256 MiB
+  layer; 64 MiB with ``--quick``), ``library/small:1`` and ``library/huge:1`` (1 GiB; 256 MiB);
+- PEER: a second distribution registry in proxy mode in front of the upstream, the
+  pull-through cache mirrorrouter is compared with;
+- CEILING: nginx with sendfile serving the blob file mirrorrouter committed to its cache;
+- mirrorrouter with 1 worker, and with 2 workers where that can matter.
+
+Each round measures every contender in turn (the order rotates from round to round), so slow
+drift of the machine hits all of them alike; the table shows the median and the range over
+rounds, and ratios are taken within a round before they are summarised. Absolute figures
+depend on the machine: compare the ratios. The JSON file holds every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import httpx
+
+from benchmarks.clients import (
+    ACCEPT_MANIFESTS,
+    ClientError,
+    curl_read,
+    parallel_reads,
+    run_wrk,
+    skopeo_pull,
+)
+from benchmarks.machine import CpuSnapshot, foreign_share, machine_facts
+from benchmarks.peers import (
+    BLOB_PATH,
+    Gateway,
+    NginxServer,
+    RssSampler,
+    process_name,
+    process_tree,
+    status_kib,
+)
+from benchmarks.results import Results, Row
+from tests.support.images import Descriptor, ImageFactory, PushedImage
+from tests.support.registry import DistributionRegistry, LoggedRequest, wait_until
+from tests.support.service import Service
+
+MIB = 1024 * 1024
+GB = 1e9
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "latest.json"
+COLD_CLIENTS = 10
+WARM_CLIENTS = 4
+
+NGINX = "nginx"
+PEER = "peer"
+MR1 = "mr-1w"
+MR2 = "mr-2w"
+DIRECT = "direct"
+LABELS = {
+    NGINX: "nginx sendfile (ceiling)",
+    PEER: "peer: distribution proxy",
+    MR1: "mirrorrouter, 1 worker",
+    MR2: "mirrorrouter, 2 workers",
+    DIRECT: "upstream directly",
+}
+
+S = TypeVar("S", bound=Service)
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    rounds: int
+    big_size: int  # payload of the big layer (the layer is a tar: 1.5 KiB more)
+    huge_size: int  # payload of the layer served for the memory measure
+    wrk_duration: float
+    sample_bytes: int  # what one warm-blob sample reads in all (whole GETs of the layer)
+    out: Path
+    keep: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        quick = bool(args.quick)
+        return cls(
+            quick=quick,
+            rounds=args.rounds or (3 if quick else 5),
+            big_size=(64 if quick else 256) * MIB,
+            huge_size=(256 if quick else 1024) * MIB,
+            wrk_duration=2.0 if quick else 5.0,
+            sample_bytes=(512 if quick else 1024) * MIB,
+            out=args.out,
+            keep=bool(args.keep),
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a contender answers: blob reads go to ``blob_path`` on ``host:port``."""
+
+    name: str
+    host: str
+    port: int
+    blob_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class World:
+    root: Path
+    upstream: DistributionRegistry
+    peer: DistributionRegistry
+    big: PushedImage
+    small: PushedImage
+    huge: PushedImage
+    layer: Descriptor  # the big layer
+    huge_layer: Descriptor
+    warm_cache: Path
+
+
+class Bench:
+    """One run: owns the temp directory, every server and the results."""
+
+    world: World
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.results = Results(plan.rounds)
+        self.started = time.monotonic()
+        self.meta: dict[str, Any] = {}
+        self.stack = contextlib.ExitStack()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def order(self, contenders: Sequence[str], round_index: int) -> list[str]:
+        """The contenders, rotated by the round: each goes first in some round."""
+        shift = round_index % len(contenders)
+        return [*contenders[shift:], *contenders[:shift]]
+
+    def attempt(
+        self,
+        key: str,
+        contender: str,
+        round_index: int,
+        action: Callable[[], tuple[float, Any]],
+        show: Callable[[float], str],
+    ) -> None:
+        """Run one measurement; an ordinary failure is recorded and the run goes on."""
+        measure = self.results.measures[key]
+        try:
+            value, raw = action()
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"[:600]
+            measure.fail(contender, round_index, text, getattr(exc, "raw", None))
+            self.results.warn(f"{measure.title} / {LABELS[contender]}: {text}")
+            self.log(f"  {contender:<6} {key}: ERROR {text}")
+            return
+        measure.record(contender, round_index, value, raw)
+        self.log(f"  {contender:<6} {key}: {show(value)}")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Note how much CPU other processes took during the phase (a disturbed machine)."""
+        before = CpuSnapshot.take()
+        try:
+            yield
+        finally:
+            share = foreign_share(before, CpuSnapshot.take())
+            self.meta.setdefault("foreign_cpu_share", {})[name] = round(share, 4)
+            if share > 0.05 and name != "setup":
+                self.results.warn(
+                    f"other processes used {share:.0%} of the machine's CPU during the "
+                    f"{name} phase: its figures are disturbed"
+                )
+
+    @staticmethod
+    def start(stack: contextlib.ExitStack, service: S) -> S:
+        """Start a service and register its stop; a half-started one is stopped too."""
+        try:
+            service.start()
+        except BaseException:
+            service.stop()
+            raise
+        stack.callback(service.stop)
+        return service
+
+    @contextlib.contextmanager
+    def gateway(self, name: str, cache: Path, workers: int) -> Iterator[Gateway]:
+        """A gateway process in front of the upstream, stopped on leaving the block."""
+        with contextlib.ExitStack() as stack:
+            yield self.start(
+                stack,
+                Gateway(
+                    self.world.root / "gateways" / name,
+                    self.world.upstream.url,
+                    cache,
+                    workers=workers,
+                ),
+            )
+
+    def target(self, name: str, host: str, repo: str = "library/big") -> Target:
+        address, _, port = host.partition(":")
+        digest = (self.world.layer if repo == "library/big" else self.world.huge_layer).digest
+        return Target(name, address, int(port), f"/v2/{repo}/blobs/{digest}")
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self, root: Path) -> None:
+        plan = self.plan
+        factory = ImageFactory(root / "images")
+        self.log(
+            f"building images: big {plan.big_size // MIB} MiB, huge {plan.huge_size // MIB} MiB"
+        )
+        big = factory.large("big", size=plan.big_size, seed=6)
+        huge = factory.large("huge", size=plan.huge_size, seed=8)
+        small = factory.small()
+        upstream = self.start(self.stack, DistributionRegistry(root / "upstream"))
+        self.log(f"upstream {upstream.url}: pushing library/big:1, library/small:1, library/huge:1")
+        pushed_big = factory.push(big, upstream, "library/big", "1")
+        pushed_small = factory.push(small, upstream, "library/small", "1")
+        pushed_huge = factory.push(huge, upstream, "library/huge", "1")
+        peer = self.start(
+            self.stack, DistributionRegistry(root / "peer", proxy_remoteurl=upstream.url)
+        )
+        self.world = World(
+            root=root,
+            upstream=upstream,
+            peer=peer,
+            big=pushed_big,
+            small=pushed_small,
+            huge=pushed_huge,
+            layer=max(pushed_big.blobs, key=lambda b: b.size),
+            huge_layer=max(pushed_huge.blobs, key=lambda b: b.size),
+            warm_cache=root / "warm-cache",
+        )
+        self.meta["sizes"] = {
+            "big_layer_bytes": self.world.layer.size,
+            "huge_layer_bytes": self.world.huge_layer.size,
+            "small_manifest_digest": pushed_small.digest,
+        }
+
+    def warm(self, host: str, name: str) -> None:
+        """Fetch the small image's manifest (tag, digest), big's tag and its layer once."""
+        world = self.world
+        headers = {"Accept": ACCEPT_MANIFESTS}
+        with httpx.Client(base_url=f"http://{host}", timeout=120, trust_env=False) as client:
+            for path in (
+                "/v2/library/small/manifests/1",
+                f"/v2/library/small/manifests/{world.small.digest}",
+                "/v2/library/big/manifests/1",
+            ):
+                response = client.get(path, headers=headers)
+                if response.status_code != 200:
+                    raise ClientError(f"{name} {path}: HTTP {response.status_code}")
+        target = self.target(name, host)
+        parallel_reads(
+            target.host, target.port, target.blob_path, clients=1, expected_size=world.layer.size
+        )
+
+    def warm_peer(self) -> None:
+        """Warm the peer, wait for its background copy to commit, check it serves locally."""
+        world = self.world
+        self.warm(world.peer.host, PEER)
+        committed = True
+        try:
+            wait_until(
+                lambda: world.peer.has_blob("library/big", world.layer.digest),
+                120,
+                "the peer committing the big layer",
+            )
+        except TimeoutError as exc:
+            committed = False
+            self.results.warn(f"peer: {exc}")
+        since = world.upstream.mark()
+        self.warm(world.peer.host, PEER)
+        refetched = [r for r in world.upstream.blob_gets(since) if world.layer.digest in r.path]
+        if refetched:
+            self.results.warn(
+                f"peer: fetched the big layer from upstream again after warming "
+                f"({len(refetched)} GETs): its blob GETs were not all local"
+            )
+        self.meta["peer_committed_before_measuring"] = committed and not refetched
+
+    def nginx_file(self) -> Path:
+        """The blob file mirrorrouter committed (the ceiling reads the very same bytes)."""
+        digest = self.world.layer.digest
+        hexdigest = digest.partition(":")[2]
+        path = self.world.warm_cache / "docker.io" / "blobs" / "sha256" / hexdigest[:2] / hexdigest
+        if path.is_file() and path.stat().st_size == self.world.layer.size:
+            self.meta["nginx_serves"] = str(path)
+            return path
+        copy = self.world.root / "nginx-blob"
+        shutil.copyfile(self.world.big.image.blob_path(digest), copy)
+        self.results.warn(f"no committed blob at {path}; nginx serves a copy of the layer")
+        self.meta["nginx_serves"] = str(copy)
+        return copy
+
+    def calibrate_client(self, nginx: Target) -> None:
+        """The raw-socket reader against curl, both reading from nginx (one client)."""
+        size = self.world.layer.size
+        ours, theirs = [], []
+        for _ in range(3):
+            reads = parallel_reads(
+                nginx.host, nginx.port, nginx.blob_path, clients=1, expected_size=size
+            )
+            ours.append(reads.bytes_per_second / GB)
+            got, seconds = curl_read(nginx.url + nginx.blob_path)
+            if got != size:
+                raise ClientError(f"curl read {got} bytes from nginx, expected {size}")
+            theirs.append(size / seconds / GB)
+        self.meta["client_calibration_gbps"] = {
+            "socket_reader": ours,
+            "curl": theirs,
+        }
+        self.meta["client"] = (
+            f"raw-socket reader discarding with recv(MSG_TRUNC) (nginx, 1 client: "
+            f"{statistics.median(ours):.2f} GB/s; curl -o /dev/null: "
+            f"{statistics.median(theirs):.2f} GB/s)"
+        )
+        if statistics.median(ours) < statistics.median(theirs):
+            self.results.warn(
+                "the socket reader was slower than curl against nginx: the client may limit "
+                "the blob figures"
+            )
+
+    # -- 2 and 3: warm blobs and cached manifests ------------------------------------------
+
+    def warm_phases(self) -> None:
+        world, plan, results = self.world, self.plan, self.results
+        with contextlib.ExitStack() as stack:
+            mr1 = self.start(
+                stack,
+                Gateway(
+                    world.root / "gateways/warm-1w", world.upstream.url, world.warm_cache, workers=1
+                ),
+            )
+            self.log(f"warming mirrorrouter 1 worker ({mr1.url}) and the peer ({world.peer.url})")
+            self.warm(mr1.host, MR1)
+            mr2 = self.start(
+                stack,
+                Gateway(
+                    world.root / "gateways/warm-2w", world.upstream.url, world.warm_cache, workers=2
+                ),
+            )
+            for _ in range(4):  # each worker serves some of these
+                self.warm(mr2.host, MR2)
+            self.warm_peer()
+            nginx = self.start(stack, NginxServer(world.root / "nginx", self.nginx_file()))
+            self.log(f"nginx {nginx.url} serving {self.meta['nginx_serves']}")
+            targets = {
+                NGINX: Target(NGINX, "127.0.0.1", nginx.port, BLOB_PATH),
+                PEER: self.target(PEER, world.peer.host),
+                MR1: self.target(MR1, mr1.host),
+                MR2: self.target(MR2, mr2.host),
+            }
+            self.calibrate_client(targets[NGINX])
+
+            size = world.layer.size
+            for clients in (1, WARM_CLIENTS):
+                results.measure(
+                    f"blob_{clients}c",
+                    f"warm blob GET, {clients} client{'s' if clients > 1 else ''}",
+                    "GB/s",
+                    "higher",
+                )
+            for kind in ("digest", "tag"):
+                results.measure(
+                    f"manifest_{kind}", f"cached manifest GET by {kind}", "req/s", "higher"
+                )
+                results.measure(
+                    f"manifest_{kind}_upstream",
+                    f"upstream requests per manifest GET by {kind}",
+                    "per GET",
+                    "lower",
+                )
+
+            blob_contenders = [NGINX, PEER, MR1, MR2]
+            for r in range(plan.rounds):
+                self.log(f"round {r + 1}/{plan.rounds}: warm blob GETs ({size // MIB} MiB)")
+                for clients in (1, WARM_CLIENTS):
+                    for name in self.order(blob_contenders, r):
+                        self.attempt(
+                            f"blob_{clients}c",
+                            name,
+                            r,
+                            functools.partial(self.blob_throughput, targets[name], clients),
+                            lambda v: f"{v:.2f} GB/s",
+                        )
+            manifest_contenders = [PEER, MR1, MR2]
+            paths = {
+                "digest": f"/v2/library/small/manifests/{world.small.digest}",
+                "tag": "/v2/library/small/manifests/1",
+            }
+            for r in range(plan.rounds):
+                self.log(
+                    f"round {r + 1}/{plan.rounds}: manifest GETs "
+                    f"(wrk -t2 -c32 -d{plan.wrk_duration:g}s)"
+                )
+                for kind in self.order(["digest", "tag"], r):
+                    for name in self.order(manifest_contenders, r):
+                        self.attempt(
+                            f"manifest_{kind}",
+                            name,
+                            r,
+                            functools.partial(
+                                self.manifest_rate, name, kind, r, targets[name].url + paths[kind]
+                            ),
+                            lambda v: f"{v:.0f} req/s",
+                        )
+
+    def blob_throughput(self, target: Target, clients: int) -> tuple[float, Any]:
+        reads = parallel_reads(
+            target.host,
+            target.port,
+            target.blob_path,
+            clients=clients,
+            repeat=max(1, round(self.plan.sample_bytes / (clients * self.world.layer.size))),
+            expected_size=self.world.layer.size,
+        )
+        if target.name in (MR1, MR2):
+            caches = {read.cache for read in reads.reads}
+            if caches != {"HIT"}:
+                self.results.warn(f"{LABELS[target.name]}: warm blob GET answered X-Cache {caches}")
+        return reads.bytes_per_second / GB, reads.raw()
+
+    def manifest_rate(self, name: str, kind: str, round_index: int, url: str) -> tuple[float, Any]:
+        upstream = self.world.upstream
+        since = upstream.mark()
+        result = run_wrk(url, duration=self.plan.wrk_duration)
+        # Requests still in flight when wrk stops finish afterwards (the peer's revalidations
+        # queue up): wait until the upstream is quiet, so that they neither count for nor
+        # overlap the next contender.
+        upstream_requests = settle(upstream, since)
+        raw = {
+            "requests": result.requests,
+            "non_2xx": result.non_2xx,
+            "socket_errors": result.socket_errors,
+            "latency_ms": result.latency_ms,
+            "upstream_requests": len(upstream_requests),
+            "upstream_by_kind": _kinds(upstream_requests),
+        }
+        if result.requests:
+            self.results.measures[f"manifest_{kind}_upstream"].record(
+                name, round_index, len(upstream_requests) / result.requests, raw["upstream_by_kind"]
+            )
+        if result.non_2xx:
+            raise ClientError(
+                f"{result.non_2xx} of {result.requests} answers were not 2xx/3xx "
+                f"({result.requests_per_second:.0f} req/s)",
+                raw,
+            )
+        if result.socket_errors:
+            self.results.warn(f"wrk {url}: {result.socket_errors} socket errors")
+        return result.requests_per_second, raw
+
+    # -- 4: cold pull of the big image -----------------------------------------------------
+
+    def cold_pull_phase(self) -> None:
+        plan, results = self.plan, self.results
+        results.measure("cold_pull", "cold pull, skopeo copy of library/big:1", "s", "lower")
+        for r in range(plan.rounds):
+            self.log(f"round {r + 1}/{plan.rounds}: cold pull with skopeo")
+            for name in self.order([MR1, DIRECT], r):
+                self.attempt(
+                    "cold_pull",
+                    name,
+                    r,
+                    functools.partial(self.cold_pull, name, r),
+                    lambda v: f"{v:.2f} s",
+                )
+
+    def cold_pull(self, name: str, round_index: int) -> tuple[float, Any]:
+        world = self.world
+        scratch = world.root / f"cold-pull-{name}-{round_index}"
+        dest = scratch / "image"
+        scratch.mkdir(parents=True)
+        try:
+            if name == DIRECT:
+                seconds = skopeo_pull(f"{world.upstream.host}/library/big:1", dest)
+                raw: dict[str, Any] = {}
+            else:
+                with self.gateway(f"cold-pull-{round_index}", scratch / "cache", 1) as gw:
+                    since = world.upstream.mark()
+                    seconds = skopeo_pull(f"{gw.host}/library/big:1", dest)
+                    raw = {"upstream_blob_gets": len(world.upstream.blob_gets(since))}
+            hexdigest = world.layer.digest.partition(":")[2]
+            pulled = dest / hexdigest
+            if not pulled.is_file() or pulled.stat().st_size != world.layer.size:
+                raise ClientError(f"skopeo left no {world.layer.size}-byte layer in {dest}")
+            raw["seconds"] = seconds
+            return seconds, raw
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # -- 5: ten concurrent cold GETs of one blob -------------------------------------------
+
+    def cold_fanout_phase(self) -> None:
+        plan, results = self.plan, self.results
+        results.measure("cold_1_wall", "cold blob GET, 1 client", "s", "lower")
+        results.measure(
+            "cold_n_wall", f"cold blob GET, {COLD_CLIENTS} clients at once", "s", "lower"
+        )
+        results.measure("cold_1_upstream", "upstream blob GETs, 1 cold client", "GETs")
+        results.measure(
+            "cold_n_upstream", f"upstream blob GETs, {COLD_CLIENTS} cold clients", "GETs"
+        )
+        for r in range(plan.rounds):
+            self.log(f"round {r + 1}/{plan.rounds}: cold blob GETs, 1 and {COLD_CLIENTS} clients")
+            for name in self.order([MR1, MR2, PEER], r):
+                for clients in (1, COLD_CLIENTS):
+                    self.cold_fanout(name, clients, r)
+
+    def cold_fanout(self, name: str, clients: int, round_index: int) -> None:
+        """One fresh contender, ``clients`` concurrent GETs of the big layer, upstream count."""
+        world = self.world
+        tag = "1" if clients == 1 else "n"
+        wall_key, count_key = f"cold_{tag}_wall", f"cold_{tag}_upstream"
+        scratch = world.root / f"cold-{name}-{clients}-{round_index}"
+        layer = world.layer
+        try:
+            with contextlib.ExitStack() as stack:
+                if name == PEER:
+                    peer = self.start(
+                        stack,
+                        DistributionRegistry(scratch / "peer", proxy_remoteurl=world.upstream.url),
+                    )
+                    target = self.target(name, peer.host)
+                else:
+                    gw = self.start(
+                        stack,
+                        Gateway(
+                            scratch / "gateway",
+                            world.upstream.url,
+                            scratch / "cache",
+                            workers=2 if name == MR2 else 1,
+                        ),
+                    )
+                    target = self.target(name, gw.host)
+                since = world.upstream.mark()
+                reads = None
+
+                def run() -> tuple[float, Any]:
+                    nonlocal reads
+                    reads = parallel_reads(
+                        target.host,
+                        target.port,
+                        target.blob_path,
+                        clients=clients,
+                        expected_size=layer.size,
+                    )
+                    return reads.wall, reads.raw()
+
+                self.attempt(wall_key, name, round_index, run, lambda v: f"{v:.2f} s wall")
+                if reads is None:
+                    return
+                if name == PEER:
+                    # The peer copies the blob to its storage in the background: wait for it,
+                    # so that its upstream GET is counted too.
+                    with contextlib.suppress(TimeoutError):
+                        wait_until(lambda: peer.has_blob("library/big", layer.digest), 120)
+                requests = world.upstream.requests(since)
+                gets = [
+                    r for r in requests if r.method == "GET" and f"/blobs/{layer.digest}" in r.path
+                ]
+                heads = [
+                    r for r in requests if r.method == "HEAD" and f"/blobs/{layer.digest}" in r.path
+                ]
+                raw = {
+                    "gets": [{"status": r.status, "bytes": r.size} for r in gets],
+                    "heads": len(heads),
+                }
+                self.attempt(
+                    count_key,
+                    name,
+                    round_index,
+                    lambda: (float(len(gets)), raw),
+                    lambda v: f"{v:.0f} upstream blob GETs ({len(heads)} HEADs)",
+                )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # -- 6: memory while serving a big cached blob -----------------------------------------
+
+    def memory_phase(self) -> None:
+        world, plan, results = self.world, self.plan, self.results
+        size = world.huge_layer.size
+        self.log(f"filling the cache with the {size // MIB} MiB layer (not measured)")
+        with self.gateway("huge-fill", world.warm_cache, 1) as gw:
+            target = self.target(MR1, gw.host, "library/huge")
+            parallel_reads(
+                target.host, target.port, target.blob_path, clients=1, expected_size=size
+            )
+        results.measure(
+            "rss_hwm", f"peak RSS serving {size // MIB} MiB to {WARM_CLIENTS} clients", "MiB"
+        )
+        results.measure("rss_sampled", "peak RSS sampled every 10 ms", "MiB")
+        results.measure("rss_idle", "RSS idle, before serving", "MiB")
+        results.measure("rss_gbps", "throughput while measuring memory", "GB/s")
+        for r in range(plan.rounds):
+            self.log(f"round {r + 1}/{plan.rounds}: memory, {WARM_CLIENTS} clients")
+            for name in self.order([MR1, MR2], r):
+                self.memory(name, r)
+
+    def memory(self, name: str, round_index: int) -> None:
+        world = self.world
+        workers = 2 if name == MR2 else 1
+        with self.gateway(f"rss-{name}-{round_index}", world.warm_cache, workers) as gw:
+            pids = process_tree(gw.pid)
+            idle = sum(status_kib(p, "VmRSS") or 0 for p in pids)
+            target = self.target(name, gw.host, "library/huge")
+            with RssSampler(gw.pid) as sampler:
+                reads = None
+
+                def serve() -> tuple[float, Any]:
+                    nonlocal reads
+                    reads = parallel_reads(
+                        target.host,
+                        target.port,
+                        target.blob_path,
+                        clients=WARM_CLIENTS,
+                        expected_size=world.huge_layer.size,
+                    )
+                    return reads.bytes_per_second / GB, reads.raw()
+
+                self.attempt("rss_gbps", name, round_index, serve, lambda v: f"{v:.2f} GB/s")
+            if reads is None:
+                return
+            caches = {read.cache for read in reads.reads}
+            if caches != {"HIT"}:
+                self.results.warn(f"{LABELS[name]}: memory run answered X-Cache {caches}")
+            processes = {
+                str(p): {
+                    "cmd": process_name(p),
+                    "VmHWM_kib": status_kib(p, "VmHWM"),
+                    "VmRSS_kib": status_kib(p, "VmRSS"),
+                }
+                for p in process_tree(gw.pid)
+            }
+            hwm = sum(int(info["VmHWM_kib"] or 0) for info in processes.values())
+            raw = {"processes": processes, "samples": sampler.samples}
+            self.attempt(
+                "rss_hwm", name, round_index, lambda: (hwm / 1024, raw), lambda v: f"{v:.0f} MiB"
+            )
+            self.attempt(
+                "rss_sampled",
+                name,
+                round_index,
+                lambda: (sampler.peak_kib / 1024, {"samples": sampler.samples}),
+                lambda v: f"{v:.0f} MiB sampled",
+            )
+            self.attempt(
+                "rss_idle", name, round_index, lambda: (idle / 1024, None), lambda v: f"{v:.0f} MiB"
+            )
+
+    # -- the table -----------------------------------------------------------------------
+
+    def rows(self) -> list[Row]:
+        big = f"{self.world.layer.size // MIB} MiB"
+        huge = f"{self.world.huge_layer.size // MIB} MiB"
+        rows: list[Row] = []
+        for clients in (1, WARM_CLIENTS):
+            section = f"warm blob GET {big}, {clients} client{'s' if clients > 1 else ''}"
+            key = f"blob_{clients}c"
+            for name in (NGINX, PEER, MR1, MR2):
+                rows.append(Row(section, LABELS[name], key, name, "GB/s"))
+            for name in (MR1, MR2):
+                for base in (NGINX, PEER):
+                    rows.append(
+                        Row(section, f"ratio {name} / {base}", key, name, "x", over=(key, base))
+                    )
+        for kind in ("digest", "tag"):
+            section = f"manifest GET by {kind}" + (" (within TTL)" if kind == "tag" else "")
+            key = f"manifest_{kind}"
+            for name in (PEER, MR1, MR2):
+                rows.append(Row(section, LABELS[name], key, name, "req/s", digits=0))
+            for name in (MR1, MR2):
+                rows.append(Row(section, f"ratio {name} / peer", key, name, "x", over=(key, PEER)))
+            for name in (PEER, MR1, MR2):
+                rows.append(
+                    Row(
+                        section,
+                        f"{name}: upstream requests per GET",
+                        f"{key}_upstream",
+                        name,
+                        "req",
+                        digits=3,
+                    )
+                )
+        section = f"cold pull of big:1 ({big} layer), skopeo"
+        rows.append(Row(section, LABELS[DIRECT], "cold_pull", DIRECT, "s"))
+        rows.append(Row(section, "through mirrorrouter, 1 worker", "cold_pull", MR1, "s"))
+        rows.append(
+            Row(
+                section,
+                "ratio gateway / direct (lower is better)",
+                "cold_pull",
+                MR1,
+                "x",
+                over=("cold_pull", DIRECT),
+            )
+        )
+        section = f"cold blob GET {big}, {COLD_CLIENTS} clients vs 1"
+        for name in (MR1, MR2, PEER):
+            rows.append(Row(section, f"{name} wall, 1 client", "cold_1_wall", name, "s"))
+            rows.append(
+                Row(section, f"{name} wall, {COLD_CLIENTS} clients", "cold_n_wall", name, "s")
+            )
+            rows.append(
+                Row(
+                    section,
+                    f"{name} ratio {COLD_CLIENTS} / 1 (lower is better)",
+                    "cold_n_wall",
+                    name,
+                    "x",
+                    over=("cold_1_wall", name),
+                )
+            )
+            rows.append(
+                Row(
+                    section,
+                    f"{name} upstream blob GETs, {COLD_CLIENTS} clients",
+                    "cold_n_upstream",
+                    name,
+                    "GETs",
+                    digits=0,
+                )
+            )
+        section = f"gateway memory, {huge} cached blob to {WARM_CLIENTS} clients"
+        for name in (MR1, MR2):
+            workers = "process" if name == MR1 else "sum over processes"
+            rows.append(Row(section, f"{name} idle RSS", "rss_idle", name, "MiB", digits=0))
+            rows.append(
+                Row(
+                    section, f"{name} peak RSS (VmHWM, {workers})", "rss_hwm", name, "MiB", digits=0
+                )
+            )
+            rows.append(
+                Row(
+                    section,
+                    f"{name} peak RSS (10 ms samples)",
+                    "rss_sampled",
+                    name,
+                    "MiB",
+                    digits=0,
+                )
+            )
+        return rows
+
+    def document(self, rows: list[Row], complete: bool) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "complete": complete,
+            "quick": self.plan.quick,
+            "rounds": self.plan.rounds,
+            "meta": self.meta,
+            "summary": self.results.summary(rows) if rows else [],
+            "measures": {k: m.to_json() for k, m in self.results.measures.items()},
+            "warnings": self.results.warnings,
+        }
+
+
+def settle(
+    registry: DistributionRegistry, since: int, *, quiet: float = 0.3, limit: float = 10.0
+) -> list[LoggedRequest]:
+    """The registry's requests since ``since`` once no new one came for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    seen = registry.requests(since)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = registry.requests(since)
+        if len(now) == len(seen):
+            break
+        seen = now
+    return seen
+
+
+def _kinds(requests: Sequence[LoggedRequest]) -> dict[str, int]:
+    """Count upstream requests by method and kind of path ("GET /v2/", "HEAD manifests")."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        path = request.path_only
+        kind = next((k for k in ("manifests", "blobs", "tags") if f"/{k}/" in path), path)
+        key = f"{request.method} {kind}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _reap_leftovers() -> list[str]:
+    """Stop any child process still running (a cleanup bug): by pid, our descendants only."""
+    found = []
+    for pid in reversed(process_tree(os.getpid())[1:]):
+        found.append(f"{pid} {process_name(pid)}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="64 MiB layer, 256 MiB for memory, 3 rounds, 2 s wrk runs (about 2 minutes)",
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    args = parser.parse_args(argv)
+    if args.rounds is not None and not 1 <= args.rounds <= 50:
+        parser.error("--rounds must be between 1 and 50")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan = Plan.from_args(parse_args(argv))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_on_signal)
+    bench = Bench(plan)
+    bench.meta.update(machine_facts(REPO_ROOT))
+    root = Path(tempfile.mkdtemp(prefix="mirrorrouter-bench-"))
+    bench.meta["workdir"] = str(root)
+    complete = False
+    try:
+        with bench.stack:
+            with bench.phase("setup"):
+                bench.setup(root)
+            with bench.phase("warm blobs and manifests"):
+                bench.warm_phases()
+            with bench.phase("cold pull"):
+                bench.cold_pull_phase()
+            with bench.phase("cold fan-out"):
+                bench.cold_fanout_phase()
+            with bench.phase("memory"):
+                bench.memory_phase()
+        complete = True
+    except Exception as exc:
+        # Not Ctrl-C (that ends the run after the cleanup below): report what was measured.
+        bench.results.warn(f"the run stopped early: {type(exc).__name__}: {exc}")
+        bench.log(f"run failed: {exc!r}")
+    finally:
+        bench.meta["duration_s"] = round(time.monotonic() - bench.started, 1)
+        bench.meta["loadavg_end"] = os.getloadavg()
+        leftovers = _reap_leftovers()
+        if leftovers:
+            bench.results.warn(f"processes left running after cleanup, killed: {leftovers}")
+        rows = bench.rows() if hasattr(bench, "world") else []
+        plan.out.parent.mkdir(parents=True, exist_ok=True)
+        plan.out.write_text(json.dumps(bench.document(rows, complete), indent=1) + "\n")
+        if plan.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        print_report(bench, rows)
+    return 0 if complete else 1
+
+
+def print_report(bench: Bench, rows: list[Row]) -> None:
+    meta, plan = bench.meta, bench.plan
+    print()
+    print(
+        f"mirrorrouter benchmarks{' (--quick)' if plan.quick else ''}: "
+        f"{meta['cores']} CPU cores, {meta['memory_gib']} GiB, Linux {meta['kernel']}, "
+        f"Python {meta['python']}; {plan.rounds} interleaved rounds in {meta['duration_s']:.0f} s"
+    )
+    print(
+        "Every figure comes from this one run on this machine; the absolute numbers are not "
+        "portable, the ratios are."
+    )
+    print(
+        "Median [min, max] over rounds; a ratio is taken within each round, then summarised. "
+        "Higher is better unless a row says otherwise."
+    )
+    if "client" in meta:
+        print(f"Blob client: {meta['client']}.")
+    shares = meta.get("foreign_cpu_share", {})
+    if shares:
+        print(
+            "CPU taken by other processes: "
+            + ", ".join(f"{name} {share:.1%}" for name, share in shares.items())
+            + " of the machine."
+        )
+    print()
+    if rows:
+        print(bench.results.table(rows))
+    if bench.results.warnings:
+        print()
+        print("Warnings:")
+        for warning in bench.results.warnings:
+            print(f"  - {warning}")
+    print()
+    print(f"Samples: {plan.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
