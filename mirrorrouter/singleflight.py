@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from mirrorrouter.reference import Digest
 
-READ_CHUNK = 1024 * 1024
+READ_CHUNK = 4 * 1024 * 1024
 T = TypeVar("T")
 
 

@@ -47,6 +47,7 @@ from mirrorrouter.oci import (
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES, RetryPolicy
 from mirrorrouter.timing import REAL_TIME, Timing
+from mirrorrouter.transport import AiohttpTransport
 
 log = logging.getLogger("mirrorrouter.upstream")
 
@@ -180,7 +181,9 @@ class UpstreamClient:
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
             proxy=policy.proxy,
             follow_redirects=True,  # CDN redirects; httpx drops Authorization across hosts
-            transport=transport,
+            # The aiohttp transport moves bytes twice as fast (transport.py); traffic through
+            # a configured proxy takes httpx's own proxy transport.
+            transport=transport or AiohttpTransport(),
             headers={"User-Agent": "mirrorrouter"},
         )
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.anyio
 
 MIB = 1024 * 1024
 # Deterministic, non-periodic bytes; 2.5 MiB spans several 1 MiB reads.
-PAYLOAD = random.Random(0).randbytes(5 * MIB // 2)
+PAYLOAD = random.Random(0).randbytes(9 * MIB + 12_345)  # several reads of any backend
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 ALGORITHMS = ["sha256", "sha512"]
