@@ -165,7 +165,6 @@ class Endpoints:
             byte_range=byte_range,
             headers=headers,
             head=oci.method == "HEAD",
-            path=answer.path,
         )
 
     async def tags(self, oci: OciRequest, resolution: Resolution) -> Response:

@@ -19,7 +19,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from cachetools import LRUCache, TTLCache
@@ -73,7 +72,6 @@ class BlobAnswer:
     cache: str
     upstream: str
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
-    path: Path | None = None  # the committed file, which a server may send by itself
 
 
 class UpstreamSite:
@@ -364,7 +362,6 @@ class Pullthrough:
                 lambda start, end: site.cache.read_blob(
                     digest, start, size if end is None else end
                 ),
-                site.cache.blob_path(digest),
             )
         fill = site.fills.get(digest)
         if fill is None:

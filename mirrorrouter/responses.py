@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
 
 from starlette.types import Receive, Scope, Send
 
 from mirrorrouter.errors import ErrorCode, RegistryError
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
-PATHSEND = "http.response.pathsend"
 
 
 def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
@@ -73,10 +71,8 @@ class BlobResponse:
         byte_range: tuple[int, int] | None,
         headers: Mapping[str, str],
         head: bool,
-        path: Path | None = None,
     ) -> None:
         self.source = source
-        self.path = path
         self.head = head
         self.headers = dict(headers)
         self.start = byte_range[0] if byte_range else 0
@@ -97,11 +93,6 @@ class BlobResponse:
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         if self.head:
             await send({"type": "http.response.body", "body": b""})
-            return
-        if self.path is not None and self.status == 200 and PATHSEND in scope.get("extensions", {}):
-            # The server sends the whole committed file itself (granian: from Rust), with
-            # no Python in the loop; uvicorn does not offer this and gets 1 MiB chunks.
-            await send({"type": PATHSEND, "path": str(self.path)})
             return
         chunks = self.source(self.start, self.end)
         try:
