@@ -46,14 +46,6 @@ class NginxServer(Service):
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
     def config_text(self) -> str:
         temp = self.root / "temp"
         # Running as root, the workers would drop to "nobody", which cannot read a 0700 temp

@@ -311,16 +311,6 @@ class FaultProxy(Service):
             raise RuntimeError("fault proxy never started")
         return self._port
 
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
-
     # -- rules -----------------------------------------------------------------------------
 
     def status(

@@ -28,14 +28,6 @@ class GatewayProcess(Service):
         self.extra_env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
     def start(self) -> Self:
         # No proxy for the gateway's own upstream traffic: upstreams are on loopback.
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}

@@ -208,11 +208,6 @@ class DistributionRegistry(Service):
     # -- lifecycle -----------------------------------------------------------------------
 
     @property
-    def url(self) -> str:
-        """Base URL, ``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
-
-    @property
     def host(self) -> str:
         """The ``127.0.0.1:PORT`` authority used in image references."""
         self._require_port()

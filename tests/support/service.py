@@ -21,6 +21,18 @@ class Service:
     """``with Service() as s`` starts it and always stops it (``close()``, which is ``stop()``
     unless a service has more to clean up)."""
 
+    port: int  # every test service listens on 127.0.0.1:<port>
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, the authority in image references."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}"
+
     def start(self) -> Self:
         raise NotImplementedError
 
