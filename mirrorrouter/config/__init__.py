@@ -1,0 +1,46 @@
+"""Configuration: ``mirrors.toml`` read into frozen, validated settings.
+
+- ``model.py``: the settings as the rest of mirrorrouter sees them;
+- ``load.py``: reading and validating the file, table by table;
+- ``reader.py``: the key-path-aware TOML reading that names every problem.
+"""
+
+from __future__ import annotations
+
+from mirrorrouter.config.load import load_settings, parse_settings
+from mirrorrouter.config.model import (
+    CacheSettings,
+    Capability,
+    ConfigError,
+    Credentials,
+    Mirror,
+    Route,
+    Secret,
+    ServerSettings,
+    Settings,
+    UpstreamPolicy,
+    UpstreamSettings,
+    cache_dirname,
+    default_mirror,
+)
+from mirrorrouter.config.reader import format_path, parse_duration
+
+__all__ = [
+    "CacheSettings",
+    "Capability",
+    "ConfigError",
+    "Credentials",
+    "Mirror",
+    "Route",
+    "Secret",
+    "ServerSettings",
+    "Settings",
+    "UpstreamPolicy",
+    "UpstreamSettings",
+    "cache_dirname",
+    "default_mirror",
+    "format_path",
+    "load_settings",
+    "parse_duration",
+    "parse_settings",
+]

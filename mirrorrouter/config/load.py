@@ -1,0 +1,343 @@
+"""Load ``mirrors.toml``: validate every table into the model (model.py).
+
+Every problem is reported with its key path (``upstreams."gcr.io".mirrors[0].url``), the
+line it stands on where that can be found, and what was expected. All problems of a file are
+collected and raised together as one ``ConfigError``. Unknown keys are errors: a typo must
+never silently fall back to a default.
+
+Relative paths are relative to the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mirrorrouter.config.model import (
+    CacheSettings,
+    Capability,
+    ConfigError,
+    Credentials,
+    Mirror,
+    Route,
+    Secret,
+    ServerSettings,
+    Settings,
+    UpstreamPolicy,
+    UpstreamSettings,
+    cache_dirname,
+    default_mirror,
+)
+from mirrorrouter.config.reader import (
+    KeyLines,
+    Reader,
+    Table,
+    between,
+    one_of,
+    strings,
+)
+from mirrorrouter.reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_ALIASES,
+    PATH_COMPONENT_RE,
+    REGISTRY_RE,
+    canonical_registry,
+)
+
+
+def load_settings(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate a config file; raises ``ConfigError`` naming every problem."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror}"]) from exc
+    return parse_settings(text, source=source, env=env)
+
+
+def parse_settings(
+    text: str, *, source: Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate TOML text; relative paths resolve against ``source``'s directory."""
+    label = str(source) if source else "<config>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{label}: not valid TOML: {exc}"]) from exc
+    reader = Reader(label, KeyLines(text), env if env is not None else os.environ)
+    base_dir = source.parent.resolve() if source else Path.cwd()
+    settings = _build(reader, Table(reader, data, ()), base_dir, source)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    assert settings is not None
+    return settings
+
+
+_TOP_KEYS = ("server", "cache", "routing", "defaults", "upstreams", "routes")
+
+
+def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> Settings | None:
+    server_t = root.table("server")
+    server = ServerSettings(
+        host=server_t.get("host", str, "0.0.0.0"),
+        port=server_t.get("port", int, 5000, check=between(1, 65535)),
+        workers=server_t.get("workers", int, 1, check=between(1, 64)),
+        log_level=server_t.get(
+            "log_level", str, "info", check=one_of("debug", "info", "warning", "error")
+        ),
+        access_log=server_t.get("access_log", bool, False),
+    )
+    server_t.finish()
+
+    cache_t = root.table("cache")
+    cache = CacheSettings(
+        backend=cache_t.get("backend", str, "filesystem", check=one_of("filesystem")),
+        directory=base_dir / cache_t.get("directory", str, "cache"),
+    )
+    cache_t.finish()
+
+    defaults_t = root.table("defaults")
+    defaults = _policy(defaults_t, UpstreamPolicy())
+    defaults_t.finish()
+
+    upstreams: dict[str, UpstreamSettings] = {}
+    upstreams_t = root.table("upstreams")
+    for name in upstreams_t.names():
+        upstream = _upstream(reader, upstreams_t.table(name), name, defaults, cache)
+        if upstream is not None:
+            upstreams[upstream.name] = upstream
+    _check_aliases(reader, upstreams)
+
+    routing_t = root.table("routing")
+    default_registry = routing_t.get("default_registry", str, DOCKER_HUB)
+    allow = tuple(routing_t.get("allow_unconfigured", list, [], check=strings))
+    routing_t.finish()
+    if canonical_registry(default_registry) not in upstreams and not reader.problems:
+        reader.problem(
+            ("routing", "default_registry"),
+            f"{default_registry!r} is not a configured upstream; "
+            f"configured: {', '.join(sorted(upstreams)) or 'none'}",
+        )
+
+    routes = tuple(
+        r
+        for route_t in root.tables("routes")
+        if (r := _route(reader, route_t, upstreams)) is not None
+    )
+    _check_routes(reader, routes)
+    root.finish(_TOP_KEYS)
+    return Settings(
+        server=server,
+        cache=cache,
+        defaults=defaults,
+        upstreams=upstreams,
+        routes=routes,
+        default_registry=canonical_registry(default_registry),
+        allow_unconfigured=allow,
+        source=source,
+    )
+
+
+def _upstream(
+    reader: Reader,
+    table: Table,
+    name: str,
+    defaults: UpstreamPolicy,
+    cache: CacheSettings,
+) -> UpstreamSettings | None:
+    if not REGISTRY_RE.fullmatch(name):
+        reader.problem(table.path, "the table name must be a registry host[:port] like gcr.io")
+        return None
+    if name.lower() in DOCKER_HUB_ALIASES or name != name.lower():
+        reader.problem(
+            table.path,
+            f"name the table by its canonical registry name, "
+            f'[upstreams."{canonical_registry(name)}"]',
+        )
+        return None
+    aliases = frozenset(
+        canonical_registry(a) for a in table.get("aliases", list, [], check=_registries)
+    )
+    if name == DOCKER_HUB:
+        aliases |= DOCKER_HUB_ALIASES
+    mirrors = tuple(m for m_t in table.tables("mirrors") if (m := _mirror(m_t)) is not None) or (
+        default_mirror(name),
+    )
+    if not any(m.can_resolve for m in mirrors):
+        reader.problem(
+            (*table.path, "mirrors"),
+            "no mirror has the 'resolve' capability, so no tag could ever be resolved",
+        )
+    cache_t = table.table("cache")
+    upstream_cache = CacheSettings(
+        backend=cache.backend,
+        directory=cache.directory / cache_t.get("directory", str, cache_dirname(name)),
+    )
+    cache_t.finish()
+    upstream = UpstreamSettings(
+        name=name,
+        aliases=aliases,
+        mirrors=mirrors,
+        credentials=_credentials(reader, table.table("credentials")),
+        cache=upstream_cache,
+        policy=_policy(table, defaults),
+    )
+    table.finish()
+    return upstream
+
+
+def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
+    """The policy keys of ``[defaults]`` or an upstream table, falling back to ``base``."""
+    return UpstreamPolicy(
+        tag_ttl=table.duration("tag_ttl", base.tag_ttl),
+        max_stale=table.duration("max_stale", base.max_stale),
+        negative_ttl=table.duration("negative_ttl", base.negative_ttl),
+        connect_timeout=table.duration("connect_timeout", base.connect_timeout, positive=True),
+        read_timeout=table.duration("read_timeout", base.read_timeout, positive=True),
+        retry_attempts=table.get("retry_attempts", int, base.retry_attempts, check=between(1, 10)),
+        retry_deadline=table.duration("retry_deadline", base.retry_deadline, positive=True),
+        breaker_failures=table.get(
+            "breaker_failures", int, base.breaker_failures, check=between(1, 1000)
+        ),
+        breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
+        proxy=table.get("proxy", str, base.proxy, check=_proxy_url),
+    )
+
+
+def _mirror(table: Table) -> Mirror | None:
+    url = table.get("url", str, None, check=_mirror_url, required=True)
+    caps = table.get("capabilities", list, ["pull", "resolve"], check=_capabilities)
+    table.finish()
+    if url is None:
+        return None
+    return Mirror(url.rstrip("/"), frozenset(Capability(c) for c in caps))
+
+
+def _credentials(reader: Reader, table: Table) -> Credentials | None:
+    if not table.present:
+        return None
+    username = table.get("username", str, None)
+    username_env = table.get("username_env", str, None)
+    password_env = table.get("password_env", str, None)
+    password_file = table.get("password_file", str, None)
+    table.finish()
+    if (username is None) == (username_env is None):
+        reader.problem(table.path, "set exactly one of username or username_env")
+        return None
+    if (password_env is None) == (password_file is None):
+        reader.problem(table.path, "set exactly one of password_env or password_file")
+        return None
+    if username_env is not None:
+        username = reader.env.get(username_env)
+        if username is None:
+            reader.problem((*table.path, "username_env"), f"${username_env} is not set")
+            return None
+    if password_env is not None:
+        password = reader.env.get(password_env)
+        if password is None:
+            reader.problem((*table.path, "password_env"), f"${password_env} is not set")
+            return None
+    else:
+        assert password_file is not None
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            reader.problem((*table.path, "password_file"), f"cannot read: {exc.strerror}")
+            return None
+    assert username is not None
+    return Credentials(username, Secret(password))
+
+
+def _route(reader: Reader, table: Table, upstreams: Mapping[str, UpstreamSettings]) -> Route | None:
+    prefix = table.get("prefix", str, None, check=_route_prefix)
+    host = table.get("host", str, None, check=_host_name)
+    upstream = table.get("upstream", str, None, required=True)
+    table.finish()
+    if (prefix is None) == (host is None):
+        reader.problem(table.path, "set exactly one of prefix or host")
+        return None
+    if upstream is None:
+        return None
+    if canonical_registry(upstream) not in upstreams:
+        reader.problem(
+            (*table.path, "upstream"),
+            f"no upstream named {upstream!r}; configured: {', '.join(sorted(upstreams)) or 'none'}",
+        )
+        return None
+    return Route(upstream=canonical_registry(upstream), prefix=prefix, host=host and host.lower())
+
+
+def _check_aliases(reader: Reader, upstreams: Mapping[str, UpstreamSettings]) -> None:
+    owner: dict[str, str] = {}
+    for upstream in upstreams.values():
+        for alias in upstream.aliases:
+            if alias in upstreams and alias != upstream.name:
+                reader.problem(
+                    ("upstreams", upstream.name, "aliases"), f"{alias!r} is an upstream of its own"
+                )
+            elif alias in owner:
+                reader.problem(
+                    ("upstreams", upstream.name, "aliases"),
+                    f"{alias!r} is already an alias of {owner[alias]!r}",
+                )
+            owner[alias] = upstream.name
+
+
+def _check_routes(reader: Reader, routes: tuple[Route, ...]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for index, route in enumerate(routes):
+        key = ("prefix", route.prefix) if route.prefix is not None else ("host", route.host or "")
+        if key in seen:
+            reader.problem(("routes", index, key[0]), f"{key[1]!r} is routed twice")
+        seen.add(key)
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _registries(value: list[Any]) -> str | None:
+    ok = all(isinstance(v, str) and REGISTRY_RE.fullmatch(v) for v in value)
+    return None if ok else "a list of registry hosts like gcr.io or registry.corp:5000"
+
+
+def _capabilities(value: list[Any]) -> str | None:
+    names = {c.value for c in Capability}
+    if value and all(v in names for v in value):
+        return None
+    return "a non-empty list of 'pull' and/or 'resolve'"
+
+
+def _mirror_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        return "an http:// or https:// base URL such as https://registry-1.docker.io"
+    if parts.path.rstrip("/").endswith("/v2"):
+        return "the base URL without /v2 (it is appended to every request)"
+    return None
+
+
+def _proxy_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https", "socks5") and parts.netloc:
+        return None
+    return "a proxy URL such as http://proxy.corp:3128"
+
+
+def _route_prefix(value: str) -> str | None:
+    parts = value.split("/")
+    if all(PATH_COMPONENT_RE.fullmatch(p) and "." not in p for p in parts):
+        return None
+    return "path components without dots such as 'gcr' or 'mirrors/quay'"
+    return None
+
+
+def _host_name(value: str) -> str | None:
+    if REGISTRY_RE.fullmatch(value) and ":" not in value:
+        return None
+    return "a host name without port such as gcr.mirror.corp"

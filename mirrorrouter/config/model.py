@@ -1,0 +1,168 @@
+"""The configuration model: frozen, validated settings as the rest of mirrorrouter sees them."""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mirrorrouter.reference import registry_endpoint
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Capability(enum.Enum):
+    """What a mirror may be asked (containerd's host capabilities)."""
+
+    PULL = "pull"  # content by digest: manifests by digest and blobs, always verified
+    RESOLVE = "resolve"  # what digest a tag points to; only trusted mirrors get this
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A credential value that never shows itself in a repr, a log or an error."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """One endpoint of an upstream registry; the list order is the failover order."""
+
+    url: str  # base URL without a trailing slash; requests go to url + "/v2/..."
+    capabilities: frozenset[Capability]
+
+    @property
+    def can_resolve(self) -> bool:
+        return Capability.RESOLVE in self.capabilities
+
+    @property
+    def name(self) -> str:
+        """A short name for logs and error details: scheme-less host and path."""
+        return self.url.split("://", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    backend: str
+    directory: Path
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """Everything about one upstream registry, keyed by its canonical registry name."""
+
+    name: str
+    aliases: frozenset[str]
+    mirrors: tuple[Mirror, ...]
+    credentials: Credentials | None
+    cache: CacheSettings
+    policy: UpstreamPolicy
+    from_pattern: bool = False  # made on demand for a host matched by routing.allow_unconfigured
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A client-facing name for an upstream: a path prefix or a Host name."""
+
+    upstream: str
+    prefix: str | None = None
+    host: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"prefix {self.prefix}" if self.prefix is not None else f"host {self.host}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPolicy:
+    """How one upstream is treated: cache lifetimes, timeouts, retries, circuit breaking.
+
+    ``[defaults]`` sets these for every upstream; an upstream table overrides any of them.
+    """
+
+    tag_ttl: float = 300.0  # serve a tag from cache this long before revalidating
+    max_stale: float = 7 * 86400.0  # serve a tag this long past its TTL when upstream fails
+    negative_ttl: float = 30.0  # remember an upstream "not found" this long
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retry_attempts: int = 3  # tries of one mirror before failing over to the next
+    retry_deadline: float = 120.0  # all tries of one request, across mirrors
+    breaker_failures: int = 5  # consecutive failures that open a mirror's circuit
+    breaker_cooldown: float = 30.0  # how long an open circuit skips its mirror
+    proxy: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    workers: int = 1
+    log_level: str = "info"
+    access_log: bool = False  # uvicorn's per-request line costs about a fifth of throughput
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole, validated configuration."""
+
+    server: ServerSettings
+    cache: CacheSettings
+    defaults: UpstreamPolicy
+    upstreams: Mapping[str, UpstreamSettings]
+    routes: tuple[Route, ...]
+    default_registry: str
+    allow_unconfigured: tuple[str, ...]
+    source: Path | None = None
+
+    def upstream_for(self, registry: str) -> UpstreamSettings | None:
+        """The upstream serving a canonical registry name, or None when it is not routed."""
+        found = self.upstreams.get(registry)
+        if found is not None:
+            return found
+        for upstream in self.upstreams.values():
+            if registry in upstream.aliases:
+                return upstream
+        if any(fnmatch.fnmatchcase(registry, pattern) for pattern in self.allow_unconfigured):
+            return self._pattern_upstream(registry)
+        return None
+
+    def _pattern_upstream(self, registry: str) -> UpstreamSettings:
+        return UpstreamSettings(
+            name=registry,
+            aliases=frozenset(),
+            mirrors=(default_mirror(registry),),
+            credentials=None,
+            cache=CacheSettings(self.cache.backend, self.cache.directory / cache_dirname(registry)),
+            policy=self.defaults,
+            from_pattern=True,
+        )
+
+
+def default_mirror(registry: str) -> Mirror:
+    """The registry's own endpoint, trusted for tags and content."""
+    return Mirror(registry_endpoint(registry), frozenset(Capability))
+
+
+def cache_dirname(registry: str) -> str:
+    """A directory name for a registry's cache (``127.0.0.1:5000`` -> ``127.0.0.1_5000``)."""
+    return registry.replace(":", "_").replace("[", "").replace("]", "")
