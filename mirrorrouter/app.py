@@ -87,7 +87,10 @@ def create_app(
     endpoints = Endpoints(settings, transport=transport, timing=timing or REAL_TIME)
     app = Gateway(
         endpoints,
-        routes=[Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS)],
+        routes=[
+            Route("/auth/token", endpoints.token, methods=["GET", "POST"]),
+            Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS),
+        ],
         exception_handlers={
             RegistryError: _registry_error,
             HTTPException: _http_error,

@@ -1,4 +1,4 @@
-"""The ``mirrorrouter`` command: serve, resolve, check-config."""
+"""The ``mirrorrouter`` command: serve, resolve, check-config, client-config."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.config import ConfigError, Settings, load_settings
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.mapping import Mapper
@@ -60,6 +61,26 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", type=Path, help="the file (default: as for serve)")
     check.set_defaults(func=_check_config)
+
+    client = sub.add_parser(
+        "client-config",
+        help="print the configuration that makes a client pull through the mirror",
+        description="Print (or write) client configuration generated from the routing table: "
+        "every upstream with its aliases, the named prefix routes, the default registry.",
+    )
+    _config_option(client)
+    client.add_argument("--for", dest="client", required=True, choices=CLIENTS)
+    client.add_argument(
+        "--mirror-url",
+        help="where clients reach the mirror, scheme://host[:port] without a path "
+        "(default: http://<server.host, localhost for 0.0.0.0>:<server.port>)",
+    )
+    client.add_argument(
+        "--output-dir",
+        type=Path,
+        help="write the files under this directory instead of printing them",
+    )
+    client.set_defaults(func=_client_config)
     return parser
 
 
@@ -189,6 +210,26 @@ def _check_config(args: argparse.Namespace) -> int:
     for route in settings.routes:
         print(f"  route {route.label} -> {route.upstream}")
     print(f"  default registry: {settings.default_registry}")
+    return 0
+
+
+def _client_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config or default_config_path())
+    output_dir: Path | None = args.output_dir
+    # Kind mounts the nodes' hosts.toml files from the host: from where --output-dir puts them.
+    kind_hosts_dir = KIND_HOSTS_DIR if output_dir is None else str(output_dir.resolve() / "certs.d")
+    try:
+        config = generate(settings, args.client, args.mirror_url, kind_hosts_dir=kind_hosts_dir)
+    except ClientConfigError as exc:
+        print(f"mirrorrouter: client-config: {exc}", file=sys.stderr)
+        return 2
+    if output_dir is None:
+        print(config.render(), end="")
+    else:
+        for path in config.write(output_dir):
+            print(f"wrote {path}")
+    for note in config.notes:
+        print(f"# {note}", file=sys.stderr)
     return 0
 
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
+from mirrorrouter.access import AccessPolicy
+from mirrorrouter.audit import AuditLog
+from mirrorrouter.clientauth import Authenticator, Identity
 from mirrorrouter.config import Settings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
@@ -57,6 +61,16 @@ def parse_scope(scope: Scope) -> OciRequest:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One admitted request: what was asked, where it goes, who asks, from where."""
+
+    oci: OciRequest
+    resolution: Resolution
+    identity: Identity | None
+    client: str
+
+
 class Endpoints:
     """The request handlers, bound to one configuration."""
 
@@ -70,6 +84,9 @@ class Endpoints:
         self.settings = settings
         self.mapper = Mapper(settings)
         self.pull = Pullthrough(settings, transport=transport, timing=timing)
+        self.auth = Authenticator(settings.auth, clock=timing.wall) if settings.auth else None
+        self.access = AccessPolicy(settings)
+        self.audit = AuditLog(settings.audit.file)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -78,6 +95,14 @@ class Endpoints:
             yield
         finally:
             await self.pull.close()
+            self.audit.close()
+
+    def _admit(self, scope: Scope, oci: OciRequest, resolution: Resolution) -> Call:
+        """Who is asking, and may they? The one check both the fast and the full path make."""
+        identity = self.auth.identify(_header(scope, b"authorization")) if self.auth else None
+        self.access.check(identity, resolution)
+        client = scope.get("client") or ("", 0)
+        return Call(oci, resolution, identity, f"{client[0]}:{client[1]}")
 
     def fast_manifest(self, scope: Scope) -> RawResponse | None:
         """A manifest GET/HEAD answered from memory before any framework code runs, or None
@@ -86,20 +111,23 @@ class Endpoints:
             oci = parse_scope(scope)
             if oci.kind is not RequestKind.MANIFEST:
                 return None
-            resolution = self.mapper.resolve(oci)
+            call = self._admit(scope, oci, self.mapper.resolve(oci))
         except RegistryError:
             return None
-        answer = self.pull.memory_manifest(resolution.upstream, resolution.reference, oci.accept)
+        reference = call.resolution.reference
+        answer = self.pull.memory_manifest(call.resolution.upstream, reference, oci.accept)
         if answer is None:
             return None
-        return self._manifest_response(oci, resolution, answer)
+        return self._manifest_response(call, answer)
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
-        oci = parse_scope(request.scope)
+        scope = request.scope
+        oci = parse_scope(scope)
         if oci.kind is RequestKind.BASE:
-            return self.base(oci)
+            return self.base(scope, oci)
         resolution = self.mapper.resolve(oci)
         try:
+            call = self._admit(scope, oci, resolution)
             if oci.is_write:
                 raise RegistryError(
                     ErrorCode.UNSUPPORTED,
@@ -108,81 +136,140 @@ class Endpoints:
             if oci.method not in ("GET", "HEAD"):
                 raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} is not supported here")
             if oci.kind is RequestKind.MANIFEST:
-                return await self.manifest(oci, resolution)
+                return await self.manifest(call)
             if oci.kind is RequestKind.BLOB:
-                return await self.blob(oci, resolution)
+                return await self.blob(call)
             if oci.kind is RequestKind.TAGS:
-                return await self.tags(oci, resolution)
+                return await self.tags(call)
             if oci.kind is RequestKind.REFERRERS:
-                return await self.referrers(oci, resolution)
+                return await self.referrers(call)
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.kind.value} is not supported")
         except RegistryError as error:
             # Say which route was taken, so an operator can see why.
             headers = self._common_headers(oci, resolution)
+            if error.code is ErrorCode.UNAUTHORIZED:
+                headers["WWW-Authenticate"] = self._challenge(scope, oci.name)
             raise error.with_context(resolution.describe, headers) from error
 
-    def base(self, oci: OciRequest) -> Response:
+    def base(self, scope: Scope, oci: OciRequest) -> Response:
         if oci.method not in ("GET", "HEAD"):
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} /v2/ is not supported")
+        if self.auth is not None:
+            # Clients log in (and get anonymous tokens) from the challenge on /v2/.
+            try:
+                identity = self.auth.identify(_header(scope, b"authorization"))
+                if identity is None:
+                    raise self.auth.unauthorized("authentication required")
+            except RegistryError as error:
+                raise error.with_context(
+                    "base", {"WWW-Authenticate": self._challenge(scope, "")}
+                ) from error
         return Response(
             b"{}", 200, {API_VERSION_HEADER: API_VERSION}, media_type="application/json"
         )
 
-    async def manifest(self, oci: OciRequest, resolution: Resolution) -> RawResponse:
-        answer = await self.pull.manifest_for_client(
-            resolution.upstream, resolution.reference, oci.accept
-        )
-        return self._manifest_response(oci, resolution, answer)
+    async def token(self, request: Request) -> Response:
+        """The token realm (``docker login``, ``podman login``, containerd credentials)."""
+        if self.auth is None:
+            raise RegistryError(ErrorCode.NOT_FOUND, "client authentication is off here")
+        try:
+            if request.method == "POST":
+                form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+                answer = self.auth.issue(authorization=None, form=form)
+            else:
+                answer = self.auth.issue(authorization=request.headers.get("authorization"))
+        except RegistryError as error:
+            challenge = f'Basic realm="{self.auth.settings.service}"'
+            raise error.with_context("token realm", {"WWW-Authenticate": challenge}) from error
+        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
-    def _manifest_response(
-        self, oci: OciRequest, resolution: Resolution, answer: ManifestAnswer
-    ) -> RawResponse:
+    def _challenge(self, scope: Scope, name: str) -> str:
+        assert self.auth is not None
+        realm = self.auth.settings.realm
+        if realm is None:
+            host = _header(scope, b"host") or "localhost"
+            realm = f"{scope.get('scheme', 'http')}://{host}/auth/token"
+        return self.auth.challenge(realm, f"repository:{name}:pull" if name else None)
+
+    async def manifest(self, call: Call) -> RawResponse:
+        reference = call.resolution.reference
+        answer = await self.pull.manifest_for_client(
+            call.resolution.upstream, reference, call.oci.accept
+        )
+        return self._manifest_response(call, answer)
+
+    def _manifest_response(self, call: Call, answer: ManifestAnswer) -> RawResponse:
         manifest = answer.manifest
         headers = {
-            **self._common_headers(oci, resolution),
+            **self._common_headers(call.oci, call.resolution),
             "content-type": manifest.media_type,
             "content-length": str(len(manifest.data)),
             CONTENT_DIGEST_HEADER: str(manifest.digest),
             CACHE_HEADER: answer.cache,
         }
         raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-        return RawResponse(200, raw, b"" if oci.method == "HEAD" else manifest.data)
+        if call.oci.method == "HEAD":
+            return RawResponse(200, raw, b"")
+        self._audit(call, str(manifest.digest), answer.mirror, answer.cache, len(manifest.data))
+        return RawResponse(200, raw, manifest.data)
 
-    async def blob(self, oci: OciRequest, resolution: Resolution) -> BlobResponse:
-        digest = resolution.reference.digest
+    async def blob(self, call: Call) -> BlobResponse:
+        digest = call.resolution.reference.digest
         assert digest is not None
-        answer = await self.pull.blob(resolution.upstream, resolution.reference.repository, digest)
+        upstream, repository = call.resolution.upstream, call.resolution.reference.repository
+        answer = await self.pull.blob(upstream, repository, digest)
         headers = {
-            **self._common_headers(oci, resolution),
+            **self._common_headers(call.oci, call.resolution),
             "Content-Type": "application/octet-stream",
             CONTENT_DIGEST_HEADER: str(digest),
             CACHE_HEADER: answer.cache,
         }
-        byte_range = parse_range(oci.range, answer.size)
+
+        def sent(count: int) -> None:
+            self._audit(call, str(digest), answer.mirror, answer.cache, count)
+
         return BlobResponse(
             answer.stream,
             size=answer.size,
-            byte_range=byte_range,
+            byte_range=parse_range(call.oci.range, answer.size),
             headers=headers,
-            head=oci.method == "HEAD",
+            head=call.oci.method == "HEAD",
+            on_sent=sent if self.audit.enabled else None,
         )
 
-    async def tags(self, oci: OciRequest, resolution: Resolution) -> Response:
+    def _audit(self, call: Call, digest: str, mirror: str | None, cache: str, size: int) -> None:
+        if not self.audit.enabled:
+            return
+        self.audit.record(
+            client=call.client,
+            user=call.identity.name if call.identity else "anonymous",
+            reference=str(call.resolution.reference),
+            digest=digest,
+            upstream=call.resolution.upstream.name,
+            mirror=mirror,
+            cache=cache,
+            bytes=size,
+        )
+
+    async def tags(self, call: Call) -> Response:
+        oci = call.oci
         query = {k: v for k, v in oci.query if k in ("n", "last")}
-        upstream = await self.pull.tags(resolution.upstream, resolution.reference.repository, query)
-        headers = {**self._common_headers(oci, resolution), CACHE_HEADER: "MISS"}
+        repository = call.resolution.reference.repository
+        upstream = await self.pull.tags(call.resolution.upstream, repository, query)
+        headers = {**self._common_headers(oci, call.resolution), CACHE_HEADER: "MISS"}
         link = upstream.headers.get("link")
         if link:
             headers["Link"] = client_link(link, oci)
         body = b"" if oci.method == "HEAD" else upstream.content
         return Response(body, 200, headers, media_type="application/json")
 
-    async def referrers(self, oci: OciRequest, resolution: Resolution) -> Response:
+    async def referrers(self, call: Call) -> Response:
+        oci = call.oci
         artifact_type = oci.query_value("artifactType")
         body, filtered = await self.pull.referrers(
-            resolution.upstream, resolution.reference, artifact_type
+            call.resolution.upstream, call.resolution.reference, artifact_type
         )
-        headers = {**self._common_headers(oci, resolution), "Content-Type": OCI_INDEX}
+        headers = {**self._common_headers(oci, call.resolution), "Content-Type": OCI_INDEX}
         if filtered:
             headers[FILTERS_APPLIED_HEADER] = "artifactType"
         return Response(b"" if oci.method == "HEAD" else body, 200, headers)
@@ -192,6 +279,13 @@ class Endpoints:
         if resolution.via is RouteKind.NAMESPACE and oci.ns:
             headers[NAMESPACE_HEADER] = oci.ns
         return headers
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def client_link(link: str, oci: OciRequest) -> str:

@@ -62,6 +62,7 @@ class ManifestAnswer:
     manifest: StoredManifest
     cache: str
     upstream: str
+    mirror: str | None = None  # the mirror that served a miss
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ class BlobAnswer:
     cache: str
     upstream: str
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
+    mirror: str | None = None  # the mirror a miss comes from
 
 
 class UpstreamSite:
@@ -251,7 +253,7 @@ class Pullthrough:
             return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
         fetched = await self._fetch(site, ref)
         stored = await self._store_manifest(site, ref.repository, fetched)
-        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name)
+        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name, fetched.mirror)
 
     async def _manifest_by_tag(self, site: UpstreamSite, ref: ImageReference) -> ManifestAnswer:
         assert ref.tag is not None
@@ -277,7 +279,7 @@ class Pullthrough:
             ref.tag,
             TagRecord(stored.digest, stored.media_type, len(stored.data), self.clock()),
         )
-        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name)
+        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name, fetched.mirror)
 
     async def _fetch(self, site: UpstreamSite, ref: ImageReference) -> FetchedManifest:
         """GET a manifest upstream, coalesced, remembering a "not found" for negative_ttl."""
@@ -375,7 +377,7 @@ class Pullthrough:
             if isinstance(fill.error, RegistryError):
                 raise fill.error
             raise RegistryError(ErrorCode.UNAVAILABLE, f"fetching {digest} failed: {fill.error}")
-        return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read)
+        return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read, fill.mirror)
 
     async def _check_visible(self, site: UpstreamSite, repository: str, digest: Digest) -> None:
         if await site.is_linked(repository, digest):

@@ -71,9 +71,11 @@ class BlobResponse:
         byte_range: tuple[int, int] | None,
         headers: Mapping[str, str],
         head: bool,
+        on_sent: Callable[[int], None] | None = None,
     ) -> None:
         self.source = source
         self.head = head
+        self.on_sent = on_sent  # told how many body bytes went out, when the response ends
         self.headers = dict(headers)
         self.start = byte_range[0] if byte_range else 0
         self.end: int | None = byte_range[1] if byte_range else None
@@ -95,10 +97,14 @@ class BlobResponse:
             await send({"type": "http.response.body", "body": b""})
             return
         chunks = self.source(self.start, self.end)
+        sent = 0
         try:
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
         finally:
+            if self.on_sent is not None:
+                self.on_sent(sent)
             # Close the source now (its file descriptor), also when the client went away.
             close = getattr(chunks, "aclose", None)
             if close is not None:

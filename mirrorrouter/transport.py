@@ -8,15 +8,25 @@ token flow (``auth.RegistryAuth``), redirects (with ``Authorization`` dropped ac
 and timeouts are its, unchanged; aiohttp only moves the bytes.
 
 aiohttp's errors become httpx's, so the retry policy classifies them as before.
+
+``upstream_network`` decides per upstream: its TLS context (a CA bundle for TLS inspection,
+a client certificate) for both transports, and whether aiohttp may carry the traffic at all:
+when a proxy applies (``proxy`` in the config, or the standard proxy variables of the
+environment), httpx's own transport does, since httpx honours those only without a custom
+transport.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import httpx
+
+from mirrorrouter.config import TlsSettings, UpstreamSettings
 
 READ_BUFFER = 1024 * 1024
 
@@ -65,14 +75,15 @@ class _Body(httpx.AsyncByteStream):
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends httpx requests with one aiohttp session (its own connection pool)."""
 
-    def __init__(self, *, limit: int = 100) -> None:
+    def __init__(self, *, limit: int = 100, tls: ssl.SSLContext | None = None) -> None:
         self._limit = limit
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:  # created on first use, inside the running loop
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
+                connector=aiohttp.TCPConnector(limit=self._limit, ssl=self._tls or True),
                 read_bufsize=READ_BUFFER,
                 auto_decompress=False,  # httpx decodes, as with its own transport
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
@@ -109,3 +120,26 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The TLS context for one upstream: its CA bundle and client certificate, if any."""
+    if tls.verify:
+        context = ssl.create_default_context(cafile=tls.ca_bundle)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.client_cert is not None:
+        context.load_cert_chain(tls.client_cert, tls.client_key)
+    return context
+
+
+def upstream_network(
+    settings: UpstreamSettings,
+) -> tuple[httpx.AsyncBaseTransport | None, ssl.SSLContext]:
+    """The transport (None: httpx's own, proxy-aware) and TLS context of one upstream."""
+    context = tls_context(settings.tls)
+    if settings.policy.proxy is not None or urllib.request.getproxies():
+        return None, context
+    return AiohttpTransport(tls=context), context

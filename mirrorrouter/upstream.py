@@ -47,7 +47,7 @@ from mirrorrouter.oci import (
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES, RetryPolicy
 from mirrorrouter.timing import REAL_TIME, Timing
-from mirrorrouter.transport import AiohttpTransport
+from mirrorrouter.transport import upstream_network
 
 log = logging.getLogger("mirrorrouter.upstream")
 
@@ -184,6 +184,8 @@ class UpstreamClient:
             for m in settings.mirrors
         }
         self.auth = RegistryAuth(settings.credentials)
+        # The aiohttp transport moves bytes twice as fast unless a proxy applies (transport.py).
+        network, tls = upstream_network(settings)
         self.http = httpx.AsyncClient(
             auth=self.auth,
             timeout=httpx.Timeout(
@@ -195,9 +197,8 @@ class UpstreamClient:
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
             proxy=policy.proxy,
             follow_redirects=True,  # CDN redirects; httpx drops Authorization across hosts
-            # The aiohttp transport moves bytes twice as fast (transport.py); traffic through
-            # a configured proxy takes httpx's own proxy transport.
-            transport=transport or AiohttpTransport(),
+            verify=tls,
+            transport=transport or network,
             headers={"User-Agent": "mirrorrouter"},
         )
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from mirrorrouter.config.load import load_settings, parse_settings
 from mirrorrouter.config.model import (
+    AccessRule,
+    AccessSettings,
+    AuditSettings,
+    AuthSettings,
     CacheSettings,
     Capability,
     ConfigError,
@@ -18,6 +22,7 @@ from mirrorrouter.config.model import (
     Secret,
     ServerSettings,
     Settings,
+    TlsSettings,
     UpstreamPolicy,
     UpstreamSettings,
     cache_dirname,
@@ -26,6 +31,10 @@ from mirrorrouter.config.model import (
 from mirrorrouter.config.reader import format_path, parse_duration
 
 __all__ = [
+    "AccessRule",
+    "AccessSettings",
+    "AuditSettings",
+    "AuthSettings",
     "CacheSettings",
     "Capability",
     "ConfigError",
@@ -35,6 +44,7 @@ __all__ = [
     "Secret",
     "ServerSettings",
     "Settings",
+    "TlsSettings",
     "UpstreamPolicy",
     "UpstreamSettings",
     "cache_dirname",

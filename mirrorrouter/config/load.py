@@ -40,6 +40,14 @@ from mirrorrouter.config.reader import (
     one_of,
     strings,
 )
+from mirrorrouter.config.security import (
+    check_principals,
+    load_access,
+    load_access_rules,
+    load_audit,
+    load_auth,
+    load_tls,
+)
 from mirrorrouter.reference import (
     DOCKER_HUB,
     DOCKER_HUB_ALIASES,
@@ -79,7 +87,17 @@ def parse_settings(
     return settings
 
 
-_TOP_KEYS = ("server", "cache", "routing", "defaults", "upstreams", "routes")
+_TOP_KEYS = (
+    "server",
+    "cache",
+    "routing",
+    "defaults",
+    "upstreams",
+    "routes",
+    "auth",
+    "access",
+    "audit",
+)
 
 
 def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> Settings | None:
@@ -109,7 +127,7 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     upstreams: dict[str, UpstreamSettings] = {}
     upstreams_t = root.table("upstreams")
     for name in upstreams_t.names():
-        upstream = _upstream(reader, upstreams_t.table(name), name, defaults, cache)
+        upstream = _upstream(reader, upstreams_t.table(name), name, defaults, cache, base_dir)
         if upstream is not None:
             upstreams[upstream.name] = upstream
     _check_aliases(reader, upstreams)
@@ -131,6 +149,10 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
         if (r := _route(reader, route_t, upstreams)) is not None
     )
     _check_routes(reader, routes)
+    auth = load_auth(reader, root.table("auth"), base_dir, cache.directory)
+    access = load_access(root.table("access"))
+    audit = load_audit(root.table("audit"), base_dir)
+    check_principals(reader, upstreams, auth)
     root.finish(_TOP_KEYS)
     return Settings(
         server=server,
@@ -140,6 +162,9 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
         routes=routes,
         default_registry=canonical_registry(default_registry),
         allow_unconfigured=allow,
+        auth=auth,
+        access=access,
+        audit=audit,
         source=source,
     )
 
@@ -150,6 +175,7 @@ def _upstream(
     name: str,
     defaults: UpstreamPolicy,
     cache: CacheSettings,
+    base_dir: Path,
 ) -> UpstreamSettings | None:
     if not REGISTRY_RE.fullmatch(name):
         reader.problem(table.path, "the table name must be a registry host[:port] like gcr.io")
@@ -187,6 +213,8 @@ def _upstream(
         credentials=_credentials(reader, table.table("credentials")),
         cache=upstream_cache,
         policy=_policy(table, defaults),
+        access=load_access_rules(table.tables("access")),
+        tls=load_tls(table.table("tls"), base_dir),
     )
     table.finish()
     return upstream

@@ -68,6 +68,28 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessRule:
+    """Who may pull which repositories of one upstream; the first matching rule decides.
+
+    Principals: ``anonymous`` (everyone, logged in or not), ``authenticated`` (any user who
+    logged in), a user name, or ``group:<name>``.
+    """
+
+    repositories: tuple[str, ...]  # glob patterns on the repository path within the upstream
+    pull: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """How to trust an upstream's TLS (a corporate CA) and prove who we are (client cert)."""
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     """Everything about one upstream registry, keyed by its canonical registry name."""
 
@@ -77,6 +99,8 @@ class UpstreamSettings:
     credentials: Credentials | None
     cache: CacheSettings
     policy: UpstreamPolicy
+    access: tuple[AccessRule, ...] = ()  # no rules: anyone may pull
+    tls: TlsSettings = field(default_factory=TlsSettings)
     from_pattern: bool = False  # made on demand for a host matched by routing.allow_unconfigured
 
 
@@ -122,6 +146,31 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Client authentication: users from an htpasswd file, tokens from the gateway's realm."""
+
+    htpasswd: Path
+    secret_file: Path  # the key tokens are signed with, shared by every worker
+    token_ttl: float = 900.0
+    groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    realm: str | None = None  # the token endpoint's public URL; default: from the request
+    service: str = "mirrorrouter"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSettings:
+    """Gateway-wide allow and deny lists of canonical repository names (glob patterns)."""
+
+    allow: tuple[str, ...] = ()  # empty: everything not denied
+    deny: tuple[str, ...] = ()  # wins over allow
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    file: Path | None = None  # one JSON line per pull; None: no audit log
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole, validated configuration."""
 
@@ -132,6 +181,9 @@ class Settings:
     routes: tuple[Route, ...]
     default_registry: str
     allow_unconfigured: tuple[str, ...]
+    auth: AuthSettings | None = None
+    access: AccessSettings = field(default_factory=AccessSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     source: Path | None = None
 
     def upstream_for(self, registry: str) -> UpstreamSettings | None:

@@ -1,0 +1,137 @@
+"""Load the security tables: ``[auth]``, ``[access]``, ``[audit]``, and per upstream its
+``[[upstreams."x".access]]`` rules and ``[upstreams."x".tls]``."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mirrorrouter.config.model import (
+    AccessRule,
+    AccessSettings,
+    AuditSettings,
+    AuthSettings,
+    TlsSettings,
+    UpstreamSettings,
+)
+from mirrorrouter.config.reader import Reader, Table, strings
+
+BUILTIN_PRINCIPALS = frozenset({"anonymous", "authenticated"})
+
+
+def load_auth(reader: Reader, table: Table, base_dir: Path, cache_dir: Path) -> AuthSettings | None:
+    """``[auth]``: absent means no client authentication (every client is anonymous)."""
+    if not table.present:
+        table.finish()
+        return None
+    htpasswd = table.get("htpasswd", str, None, required=True)
+    secret = table.get("secret_file", str, None)
+    ttl = table.duration("token_ttl", 900.0, positive=True)
+    realm = table.get("realm", str, None, check=_url)
+    service = table.get("service", str, "mirrorrouter")
+    groups_t = table.table("groups")
+    groups = {
+        name: frozenset(groups_t.get(name, list, [], check=strings)) for name in groups_t.names()
+    }
+    groups_t.finish()
+    table.finish()
+    if htpasswd is None:
+        return None
+    path = base_dir / htpasswd
+    if not path.is_file():
+        reader.problem((*table.path, "htpasswd"), f"no readable file at {path}")
+    return AuthSettings(
+        htpasswd=path,
+        secret_file=base_dir / secret if secret else cache_dir / ".token-secret",
+        token_ttl=ttl,
+        groups=groups,
+        realm=realm,
+        service=service,
+    )
+
+
+def load_access(table: Table) -> AccessSettings:
+    """``[access]``: gateway-wide allow and deny lists of canonical repository names."""
+    access = AccessSettings(
+        allow=tuple(table.get("allow", list, [], check=_patterns)),
+        deny=tuple(table.get("deny", list, [], check=_patterns)),
+    )
+    table.finish()
+    return access
+
+
+def load_audit(table: Table, base_dir: Path) -> AuditSettings:
+    """``[audit]``: where the JSON lines of the audit log go."""
+    file = table.get("file", str, None)
+    table.finish()
+    return AuditSettings(file=base_dir / file if file else None)
+
+
+def load_access_rules(tables: list[Table]) -> tuple[AccessRule, ...]:
+    """``[[upstreams."x".access]]``: ordered rules; the first whose repositories match decides."""
+    rules = []
+    for table in tables:
+        repositories = table.get("repositories", list, ["*"], check=_patterns)
+        pull = table.get("pull", list, None, check=_principals, required=True)
+        table.finish()
+        if pull is not None:
+            rules.append(AccessRule(tuple(repositories), frozenset(pull)))
+    return tuple(rules)
+
+
+def load_tls(table: Table, base_dir: Path) -> TlsSettings:
+    """``[upstreams."x".tls]``: a CA bundle for TLS inspection, a client certificate."""
+    values = {}
+    for key in ("ca_bundle", "client_cert", "client_key"):
+        value = table.get(key, str, None)
+        if value is not None:
+            path = base_dir / value
+            if not path.is_file():
+                table.reader.problem((*table.path, key), f"no readable file at {path}")
+            values[key] = path
+    verify = table.get("verify", bool, True)
+    table.finish()
+    if ("client_cert" in values) != ("client_key" in values):
+        table.reader.problem(table.path, "set both client_cert and client_key, or neither")
+    return TlsSettings(verify=verify, **values)
+
+
+def check_principals(
+    reader: Reader, upstreams: Mapping[str, UpstreamSettings], auth: AuthSettings | None
+) -> None:
+    """Rules naming users or groups need [auth]; named groups must be defined."""
+    for upstream in upstreams.values():
+        for index, rule in enumerate(upstream.access):
+            path = ("upstreams", upstream.name, "access", index, "pull")
+            named = rule.pull - BUILTIN_PRINCIPALS
+            if "anonymous" not in rule.pull and auth is None:
+                reader.problem(path, "rules other than 'anonymous' need an [auth] table")
+            for principal in named:
+                group = principal.removeprefix("group:")
+                if principal.startswith("group:") and (auth is None or group not in auth.groups):
+                    reader.problem(path, f"group {group!r} is not defined in [auth.groups]")
+
+
+def repository_matches(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether a repository name matches any glob pattern (``*`` also matches ``/``)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _patterns(value: list[Any]) -> str | None:
+    if all(isinstance(v, str) and v for v in value):
+        return None
+    return "a list of glob patterns such as 'docker.io/library/*'"
+
+
+def _principals(value: list[Any]) -> str | None:
+    if value and all(isinstance(v, str) and v and v == v.strip() for v in value):
+        return None
+    return "a non-empty list of 'anonymous', 'authenticated', user names or 'group:<name>'"
+
+
+def _url(value: str) -> str | None:
+    if value.startswith(("http://", "https://")):
+        return None
+    return "an absolute http:// or https:// URL"
