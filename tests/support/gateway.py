@@ -56,7 +56,8 @@ class GatewayProcess(Service):
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/v2/", timeout=1).status_code == 200:
+                # 200, or 401 when client authentication is on: either way it answers.
+                if httpx.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401):
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)
