@@ -451,11 +451,13 @@ def _podman(table: RoutingTable, mirror: MirrorURL) -> tuple[list[GeneratedFile]
     blocks = [_comment(intro)]
     skipped: list[str] = []
     for registry in table.registries():
-        path = table.path_prefix(registry.upstream)
+        # A named path for every registry, the default one too: at the root, a named prefix
+        # would take a default-registry namespace of the same name (docker.io/gcr/foo).
+        path = table.named_path(registry.upstream)
         if path is None:
             skipped.append(registry.name)
             continue
-        location = f"{mirror.authority}/{path}" if path else mirror.authority
+        location = f"{mirror.authority}/{path}"
         lines = []
         if registry.is_alias:
             lines.append(f"# {registry.name} is an alias of {registry.upstream.name}")
@@ -487,14 +489,6 @@ def _podman(table: RoutingTable, mirror: MirrorURL) -> tuple[list[GeneratedFile]
             f"Registries matching {', '.join(table.allow_unconfigured)} have no entry here: "
             f"name the mirror in the image instead, podman pull "
             f"{mirror.authority}/<registry>/<repository>:<tag>"
-        )
-    default = table.settings.upstreams.get(table.default_registry)
-    shadowed = [prefix for upstream in table.upstreams() for prefix in table.prefixes(upstream)]
-    if default is not None and shadowed:
-        notes.append(
-            f"{default.name} is mirrored at the root, where named prefixes come first: a "
-            f"{default.name} repository in a namespace called {', '.join(shadowed)} cannot be "
-            f"pulled through this entry (the route would take it)."
         )
     content = "\n".join(blocks)
     path = "/etc/containers/registries.conf.d/50-mirrorrouter.conf"

@@ -264,9 +264,10 @@ def test_podman_registries_conf() -> None:
     assert file.path == "/etc/containers/registries.conf.d/50-mirrorrouter.conf"
     registries = podman_registries(file.content)
     expected = {
-        "docker.io": "mirror.corp:5000",
-        "index.docker.io": "mirror.corp:5000",
-        "registry-1.docker.io": "mirror.corp:5000",
+        # Named even for the default registry: at the root a prefix would take docker.io/gcr/x.
+        "docker.io": "mirror.corp:5000/docker.io",
+        "index.docker.io": "mirror.corp:5000/docker.io",
+        "registry-1.docker.io": "mirror.corp:5000/docker.io",
         "gcr.io": "mirror.corp:5000/gcr",
         "gcr.corp.example": "mirror.corp:5000/gcr",
         "quay.io": "mirror.corp:5000/quay",
@@ -277,7 +278,6 @@ def test_podman_registries_conf() -> None:
         assert registries[prefix]["location"] == prefix
         assert registries[prefix]["mirror"] == [{"location": location, "insecure": True}]
     assert "Not listed: registry.corp:8443" in file.content
-    assert any("namespace called gcr, mirrors/gcr, quay" in n for n in config.notes)
 
 
 def test_podman_https_and_a_default_registry_other_than_docker_hub() -> None:
@@ -285,7 +285,7 @@ def test_podman_https_and_a_default_registry_other_than_docker_hub() -> None:
     registries = podman_registries(
         generate(settings(text), "podman", "https://m.corp").files[0].content
     )
-    assert registries["quay.io"]["mirror"] == [{"location": "m.corp"}]
+    assert registries["quay.io"]["mirror"] == [{"location": "m.corp/quay"}]
     assert registries["docker.io"]["mirror"] == [{"location": "m.corp/docker.io"}]
 
 

@@ -135,6 +135,6 @@ def test_podman_pulls_through_generated_registries_conf(
             podman.run("pull", "--quiet", "--authfile", str(podman.authfile), ref)
             assert podman.image_digest(ref) == world.images[name].digest
     log = gateway.log()
-    assert "/v2/library/x/manifests/1 " in log  # the default registry, at the root
+    assert "/v2/docker.io/library/x/manifests/1 " in log  # the default registry, by host
     assert "/v2/quay/coreos/etcd/manifests/v3 " in log  # the named route
     assert "/v2/gcr.io/istio-release/pilot/manifests/1.9.1 " in log  # the registry host
