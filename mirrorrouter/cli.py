@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mirrorrouter import cachecli, warmcli
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.config import ConfigError, Settings, load_settings
 from mirrorrouter.errors import RegistryError
@@ -81,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         help="write the files under this directory instead of printing them",
     )
     client.set_defaults(func=_client_config)
+
+    # Operator commands live in modules of their own.
+    for register in (cachecli.register, warmcli.register):
+        register(sub, _config_option)
     return parser
 
 
