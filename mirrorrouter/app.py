@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -89,6 +91,9 @@ def create_app(
         endpoints,
         routes=[
             Route("/auth/token", endpoints.token, methods=["GET", "POST"]),
+            Route("/metrics", _metrics(endpoints), methods=["GET"]),
+            Route("/healthz", _healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", _readyz(endpoints), methods=["GET", "HEAD"]),
             Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS),
         ],
         exception_handlers={
@@ -100,6 +105,26 @@ def create_app(
     )
     app.state.settings = settings
     return app
+
+
+async def _healthz(request: Request) -> Response:
+    """The process is alive and answering."""
+    return JSONResponse({"status": "ok"})
+
+
+def _readyz(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
+    async def readyz(request: Request) -> Response:
+        ready, body = endpoints.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return readyz
+
+
+def _metrics(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
+    async def metrics(request: Request) -> Response:
+        return Response(endpoints.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
 
 
 def app_from_environment() -> Gateway:

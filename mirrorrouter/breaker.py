@@ -32,8 +32,10 @@ class CircuitBreaker:
         threshold: int,
         cooldown: float,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitState], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_change = on_change
         self.threshold = threshold
         self.cooldown = cooldown
         self.clock = clock
@@ -81,3 +83,5 @@ class CircuitBreaker:
             self.failures,
         )
         self.state = state
+        if self.on_change is not None:
+            self.on_change(state)

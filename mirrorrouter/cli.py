@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,17 +102,34 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     path = (args.config or default_config_path()).resolve()
     settings = load_settings(path)  # fail here, with the clear message, not in a worker
     os.environ["MIRRORROUTER_CONFIG"] = str(path)
+    workers = args.workers or settings.server.workers
+    metrics_dir = None
+    if workers > 1:
+        # prometheus_client sums the workers' metrics from files here; it must be set (and
+        # empty) before any worker imports it.
+        metrics_dir = tempfile.mkdtemp(prefix="mirrorrouter-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run_uvicorn(settings, args, workers)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> None:
+    import uvicorn
+
     uvicorn.run(
         "mirrorrouter.app:app_from_environment",
         factory=True,
         host=args.host or settings.server.host,
         port=args.port or settings.server.port,
-        workers=args.workers or settings.server.workers,
+        workers=workers,
+        timeout_graceful_shutdown=30,  # in-flight responses finish on SIGTERM
         log_level=settings.server.log_level,
         access_log=settings.server.access_log,
         loop="uvloop",
@@ -118,7 +137,6 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
     )
-    return 0
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,10 +17,12 @@ from starlette.types import ASGIApp, Scope
 
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
+from mirrorrouter.breaker import CircuitState
 from mirrorrouter.clientauth import Authenticator, Identity
 from mirrorrouter.config import Settings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
+from mirrorrouter.metrics import Metrics, Pull
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -83,7 +87,8 @@ class Endpoints:
     ) -> None:
         self.settings = settings
         self.mapper = Mapper(settings)
-        self.pull = Pullthrough(settings, transport=transport, timing=timing)
+        self.metrics = Metrics()
+        self.pull = Pullthrough(settings, transport=transport, timing=timing, metrics=self.metrics)
         self.auth = Authenticator(settings.auth, clock=timing.wall) if settings.auth else None
         self.access = AccessPolicy(settings)
         self.audit = AuditLog(settings.audit.file)
@@ -118,7 +123,9 @@ class Endpoints:
         answer = self.pull.memory_manifest(call.resolution.upstream, reference, oci.accept)
         if answer is None:
             return None
-        return self._manifest_response(call, answer)
+        response = self._manifest_response(call, answer)
+        self._count(oci, call.resolution, response.status_code)
+        return response
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
         scope = request.scope
@@ -126,6 +133,24 @@ class Endpoints:
         if oci.kind is RequestKind.BASE:
             return self.base(scope, oci)
         resolution = self.mapper.resolve(oci)
+        status = 500
+        try:
+            response = await self._handle(scope, oci, resolution)
+            status = response.status_code
+            return response
+        except RegistryError as error:
+            status = error.status
+            raise
+        finally:
+            self._count(oci, resolution, status)
+
+    def _count(self, oci: OciRequest, resolution: Resolution, status: int) -> None:
+        route = resolution.route.label if resolution.route else resolution.via.value
+        self.metrics.request(route, resolution.upstream.name, oci.method, status)
+
+    async def _handle(
+        self, scope: Scope, oci: OciRequest, resolution: Resolution
+    ) -> Response | RawResponse | BlobResponse:
         try:
             call = self._admit(scope, oci, resolution)
             if oci.is_write:
@@ -208,9 +233,12 @@ class Endpoints:
             CACHE_HEADER: answer.cache,
         }
         raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
+        self.metrics.cache_result(call.resolution.upstream.name, "manifest", answer.cache)
         if call.oci.method == "HEAD":
             return RawResponse(200, raw, b"")
-        self._audit(call, str(manifest.digest), answer.mirror, answer.cache, len(manifest.data))
+        self._record_pull(
+            call, str(manifest.digest), answer.mirror, answer.cache, len(manifest.data)
+        )
         return RawResponse(200, raw, manifest.data)
 
     async def blob(self, call: Call) -> BlobResponse:
@@ -225,8 +253,12 @@ class Endpoints:
             CACHE_HEADER: answer.cache,
         }
 
+        self.metrics.cache_result(upstream.name, "blob", answer.cache)
+
         def sent(count: int) -> None:
-            self._audit(call, str(digest), answer.mirror, answer.cache, count)
+            if answer.cache == "HIT":
+                self.metrics.served_from_cache(upstream.name, count)
+            self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
 
         return BlobResponse(
             answer.stream,
@@ -234,18 +266,25 @@ class Endpoints:
             byte_range=parse_range(call.oci.range, answer.size),
             headers=headers,
             head=call.oci.method == "HEAD",
-            on_sent=sent if self.audit.enabled else None,
+            on_sent=sent,
         )
 
-    def _audit(self, call: Call, digest: str, mirror: str | None, cache: str, size: int) -> None:
+    def _record_pull(
+        self, call: Call, digest: str, mirror: str | None, cache: str, size: int
+    ) -> None:
+        """A manifest or blob GET answered: the audit log and the status page's recent pulls."""
+        user = call.identity.name if call.identity else "anonymous"
+        reference = str(call.resolution.reference)
+        upstream = call.resolution.upstream.name
+        self.metrics.pulled(Pull(time.time(), user, reference, digest, upstream, cache, size))
         if not self.audit.enabled:
             return
         self.audit.record(
             client=call.client,
-            user=call.identity.name if call.identity else "anonymous",
-            reference=str(call.resolution.reference),
+            user=user,
+            reference=reference,
             digest=digest,
-            upstream=call.resolution.upstream.name,
+            upstream=upstream,
             mirror=mirror,
             cache=cache,
             bytes=size,
@@ -279,6 +318,20 @@ class Endpoints:
         if resolution.via is RouteKind.NAMESPACE and oci.ns:
             headers[NAMESPACE_HEADER] = oci.ns
         return headers
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: config loaded, every cache writable, every upstream with a mirror whose
+        circuit is not open."""
+        problems: dict[str, str] = {}
+        for upstream in self.settings.upstreams.values():
+            directory = upstream.cache.directory
+            if not os.access(directory, os.W_OK):
+                problems[upstream.name] = f"cache directory {directory} is not writable"
+                continue
+            breakers = self.pull.breakers(upstream)
+            if breakers and all(b.state is CircuitState.OPEN for b in breakers):
+                problems[upstream.name] = "every mirror's circuit is open"
+        return not problems, {"ready": not problems, "problems": problems}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import httpx
 from cachetools import LRUCache, TTLCache
 
+from mirrorrouter.breaker import CircuitBreaker
 from mirrorrouter.cache import (
     BlobWriter,
     CacheBackend,
@@ -34,6 +35,7 @@ from mirrorrouter.cache import (
 )
 from mirrorrouter.config import Capability, Settings, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import INDEX_MEDIA_TYPES
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.singleflight import BlobFill, Coalescer
@@ -161,8 +163,10 @@ class Pullthrough:
         *,
         timing: Timing = REAL_TIME,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.timing = timing
         self.clock = timing.wall
         self._transport = transport
@@ -183,6 +187,11 @@ class Pullthrough:
             await site.client.aclose()
             await site.cache.close()
 
+    def breakers(self, upstream: UpstreamSettings) -> list[CircuitBreaker]:
+        """The circuit breakers of an upstream's mirrors (none before its first use)."""
+        site = self._sites.get(upstream.name)
+        return list(site.client.breakers.values()) if site else []
+
     async def site(self, upstream: UpstreamSettings) -> UpstreamSite:
         site = self._sites.get(upstream.name)
         if site is not None:
@@ -192,7 +201,9 @@ class Pullthrough:
             if site is None:
                 cache = open_backend(upstream.cache)
                 await cache.open()
-                client = UpstreamClient(upstream, transport=self._transport, timing=self.timing)
+                client = UpstreamClient(
+                    upstream, transport=self._transport, timing=self.timing, metrics=self.metrics
+                )
                 site = self._sites[upstream.name] = UpstreamSite(
                     upstream, client, cache, self.clock
                 )
@@ -370,6 +381,7 @@ class Pullthrough:
             fill = self._start_fill(site, repository, digest)
         else:
             fill.followers += 1
+            self.metrics.followers.labels(upstream.name).inc()
             if fill.repository != repository:
                 await self._check_visible(site, repository, digest)
         await fill.started.wait()
@@ -482,6 +494,7 @@ class Pullthrough:
                     if writer is None or not error.is_temporary or resumes >= MAX_RESUMES:
                         raise
                     resumes += 1
+                    self.metrics.resumes.labels(site.settings.name).inc()
                     log.warning(
                         "blob %s: %s; resuming at byte %d (resume %d)",
                         fill.digest,
@@ -503,6 +516,7 @@ class Pullthrough:
             try:
                 async for chunk in chunks:
                     await writer.write(chunk)  # readers hear of it through on_written
+                    self.metrics.fetched(site.settings.name, len(chunk))
             finally:
                 await writer.flush()  # keep what arrived, also before a resume
         except OSError as error:

@@ -48,15 +48,17 @@ class RawResponse:
     """A complete answer sent as two ASGI messages, without a framework's header handling:
     the manifest hot path. Header names must be given in lower case."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "status_code")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        self.status = status
+        self.status_code = status
         self.headers = headers
         self.body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.headers}
+        )
         await send({"type": "http.response.body", "body": self.body})
 
 
@@ -82,17 +84,17 @@ class BlobResponse:
         self.headers["Accept-Ranges"] = "bytes"
         if byte_range is not None:
             assert size is not None
-            self.status = 206
+            self.status_code = 206
             self.headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1] - 1}/{size}"
             self.headers["Content-Length"] = str(byte_range[1] - byte_range[0])
         else:
-            self.status = 200
+            self.status_code = 200
             if size is not None:
                 self.headers["Content-Length"] = str(size)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.start", "status": self.status_code, "headers": raw})
         if self.head:
             await send({"type": "http.response.body", "body": b""})
             return

@@ -66,7 +66,12 @@ class RetryPolicy:
         ceiling = min(self.backoff_max, self.backoff_base * 2.0 ** (attempt - 1))
         return float(ceiling * self.jitter())
 
-    async def call(self, fn: Callable[[], Awaitable[T]], deadline: float) -> T:
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        deadline: float,
+        on_retry: Callable[[], None] | None = None,
+    ) -> T:
         """Run ``fn``, retrying temporary failures while attempts and time remain."""
 
         def wait(state: RetryCallState) -> float:
@@ -79,6 +84,7 @@ class RetryPolicy:
             retry=retry_if_exception(is_temporary),
             sleep=self.sleep,
             reraise=True,
+            before_sleep=(lambda _state: on_retry()) if on_retry is not None else None,
         )
         result: T = await retrying(fn)
         return result

@@ -32,9 +32,10 @@ from typing import Any, TypeVar
 import httpx
 
 from mirrorrouter.auth import RegistryAuth
-from mirrorrouter.breaker import CircuitBreaker
+from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.config import Capability, Mirror, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import (
     CONTENT_DIGEST_HEADER,
     DOCKER_MANIFEST,
@@ -164,10 +165,13 @@ class UpstreamClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timing: Timing = REAL_TIME,
+        metrics: Metrics | None = None,
     ) -> None:
         policy = settings.policy
         self.settings = settings
         self.name = settings.name
+        self.metrics = metrics or Metrics()
+        self.clock = timing.monotonic
         self.retry = RetryPolicy(
             attempts=policy.retry_attempts,
             deadline=policy.retry_deadline,
@@ -180,6 +184,7 @@ class UpstreamClient:
                 threshold=policy.breaker_failures,
                 cooldown=policy.breaker_cooldown,
                 clock=timing.monotonic,
+                on_change=self._circuit_reporter(m),
             )
             for m in settings.mirrors
         }
@@ -204,6 +209,12 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    def _circuit_reporter(self, mirror: Mirror) -> Callable[[CircuitState], None]:
+        def report(state: CircuitState) -> None:
+            self.metrics.circuit_changed(self.name, mirror.name, state.value)
+
+        return report
 
     def report_failure(self, mirror_name: str) -> None:
         """Count a failure found after the fact (content that failed verification)."""
@@ -240,18 +251,27 @@ class UpstreamClient:
             if not breaker.allow():
                 attempts.add(mirror, "skipped: circuit open")
                 continue
+            started = self.clock()
             try:
-                result = await self.retry.call(_bind(attempt, mirror), deadline)
+                result = await self.retry.call(
+                    _bind(attempt, mirror),
+                    deadline,
+                    on_retry=self.metrics.retries.labels(self.name, mirror.name).inc,
+                )
             except UpstreamError as exc:
+                outcome = "not_found" if exc.is_not_found else "failure"
+                self.metrics.mirror_answer(self.name, mirror.name, outcome, self.clock() - started)
                 if exc.is_not_found:
                     breaker.success()  # a healthy answer
                 else:
                     breaker.failure()
+                    self.metrics.failovers.labels(self.name, mirror.name).inc()
                     log.warning("mirror %s failed %s: %s", mirror.name, what, exc.outcome)
                 attempts.add(mirror, exc.outcome, exc.status)
                 if exc.retry_after is not None:
                     attempts.retry_after = exc.retry_after
                 continue
+            self.metrics.mirror_answer(self.name, mirror.name, "ok", self.clock() - started)
             breaker.success()
             return result, mirror
         raise attempts.error(not_found, what)
@@ -268,9 +288,13 @@ class UpstreamClient:
     ) -> httpx.Response:
         request = self.http.build_request(method, url, headers=headers, params=params)
         try:
-            return await self.http.send(request, stream=stream)
+            response = await self.http.send(request, stream=stream)
         except httpx.HTTPError as exc:
             raise UpstreamError(_describe(exc), mirror=mirror.name, is_temporary=True) from exc
+        remaining = response.headers.get("ratelimit-remaining")  # Docker Hub's pull quota
+        if remaining is not None:
+            self.metrics.ratelimit_remaining(self.name, remaining)
+        return response
 
     # ------------------------------------------------------------------ manifests
 

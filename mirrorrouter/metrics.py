@@ -1,0 +1,200 @@
+"""What the gateway counts: Prometheus metrics (``/metrics``) and the status page's numbers.
+
+One ``Metrics`` object per app. Every layer records into it (endpoints: requests and cache
+results; the pull-through: bytes, fills, followers; the upstream client: latency, retries,
+failovers, circuit states, Docker Hub's rate-limit headers) through plain method calls, so
+the counting lives here and nowhere else.
+
+Several uvicorn workers: ``mirrorrouter serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at an empty
+directory before the workers start; prometheus_client then keeps each worker's values in
+files there, and ``/metrics`` (from any worker) sums them. The status page's numbers are the
+answering worker's own.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+RECENT_PULLS = 50
+
+
+@dataclass
+class UpstreamTally:
+    """Per-process numbers of one upstream, for the status page."""
+
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_upstream: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    time: float
+    user: str
+    reference: str
+    digest: str
+    upstream: str
+    cache: str
+    bytes: int
+
+
+@dataclass
+class Tallies:
+    upstreams: dict[str, UpstreamTally] = field(default_factory=dict)
+    recent: collections.deque[Pull] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_PULLS)
+    )
+
+    def of(self, upstream: str) -> UpstreamTally:
+        return self.upstreams.setdefault(upstream, UpstreamTally())
+
+
+class Metrics:
+    """The Prometheus series and the live tallies of one gateway."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tallies = Tallies()
+        self.started_at = time.time()
+        r = self.registry
+        self.requests = Counter(
+            "mirrorrouter_requests",
+            "Requests answered, by route, upstream, method and HTTP status.",
+            ["route", "upstream", "method", "status"],
+            registry=r,
+        )
+        self.cache_results = Counter(
+            "mirrorrouter_cache_results",
+            "Manifest and blob answers by cache result (HIT, MISS, STALE).",
+            ["upstream", "kind", "result"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "mirrorrouter_bytes",
+            "Blob bytes served from the cache, and fetched from upstream.",
+            ["upstream", "source"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "mirrorrouter_upstream_request_seconds",
+            "Time to an upstream mirror's answer (headers), by outcome.",
+            ["upstream", "mirror", "outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.retries = Counter(
+            "mirrorrouter_retries",
+            "Retries of an upstream mirror.",
+            ["upstream", "mirror"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "mirrorrouter_failovers",
+            "Requests that moved on from a mirror to the next one.",
+            ["upstream", "mirror"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "mirrorrouter_resumed_blobs",
+            "Blob downloads continued with Range after a cut.",
+            ["upstream"],
+            registry=r,
+        )
+        self.followers = Counter(
+            "mirrorrouter_singleflight_followers",
+            "Requests that followed a download another request had started.",
+            ["upstream"],
+            registry=r,
+        )
+        self.circuit = Gauge(
+            "mirrorrouter_circuit_state",
+            "Circuit breaker per mirror: 0 closed, 1 half-open, 2 open.",
+            ["upstream", "mirror"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.ratelimit = Gauge(
+            "mirrorrouter_upstream_ratelimit_remaining",
+            "Pulls left in Docker Hub's window (its ratelimit-remaining header).",
+            ["upstream"],
+            multiprocess_mode="min",
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "mirrorrouter_cache_bytes",
+            "Bytes of committed content in an upstream's cache.",
+            ["upstream"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "mirrorrouter_cache_entries",
+            "Blobs and manifests in an upstream's cache.",
+            ["upstream"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+
+    # ------------------------------------------------------------------ recording
+
+    def request(self, route: str, upstream: str, method: str, status: int) -> None:
+        self.requests.labels(route, upstream, method, str(status)).inc()
+
+    def cache_result(self, upstream: str, kind: str, result: str) -> None:
+        self.cache_results.labels(upstream, kind, result).inc()
+        tally = self.tallies.of(upstream)
+        if result == "HIT":
+            tally.hits += 1
+        elif result == "STALE":
+            tally.stale += 1
+        else:
+            tally.misses += 1
+
+    def served_from_cache(self, upstream: str, count: int) -> None:
+        self.bytes.labels(upstream, "cache").inc(count)
+        self.tallies.of(upstream).bytes_from_cache += count
+
+    def fetched(self, upstream: str, count: int) -> None:
+        self.bytes.labels(upstream, "upstream").inc(count)
+        self.tallies.of(upstream).bytes_from_upstream += count
+
+    def pulled(self, pull: Pull) -> None:
+        self.tallies.recent.appendleft(pull)
+
+    def mirror_answer(self, upstream: str, mirror: str, outcome: str, seconds: float) -> None:
+        self.upstream_seconds.labels(upstream, mirror, outcome).observe(seconds)
+
+    def circuit_changed(self, upstream: str, mirror: str, state: str) -> None:
+        self.circuit.labels(upstream, mirror).set(CIRCUIT_VALUES[state])
+
+    def ratelimit_remaining(self, upstream: str, header: str) -> None:
+        """Docker Hub's ``ratelimit-remaining: 76;w=21600``."""
+        value = header.split(";", 1)[0].strip()
+        if value.isdigit():
+            self.ratelimit.labels(upstream).set(int(value))
+
+    # ------------------------------------------------------------------ exposition
+
+    def exposition(self) -> bytes:
+        """The text format of every metric, summed over worker processes when there are several."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
