@@ -17,6 +17,7 @@ from mirrorrouter import cachecli, warmcli
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.config import ConfigError, Settings, load_settings
 from mirrorrouter.errors import RegistryError
+from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper
 from mirrorrouter.reference import ImageReference, ReferenceError
 
@@ -131,7 +132,8 @@ def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> 
         workers=workers,
         timeout_graceful_shutdown=30,  # in-flight responses finish on SIGTERM
         log_level=settings.server.log_level,
-        access_log=settings.server.access_log,
+        log_config=log_config(settings.server.log_level),
+        access_log=False,  # the gateway writes its own access lines (server.access_log)
         loop="uvloop",
         http="httptools",
         proxy_headers=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
+from mirrorrouter import logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
 from mirrorrouter.breaker import CircuitState
@@ -73,6 +75,7 @@ class Call:
     resolution: Resolution
     identity: Identity | None
     client: str
+    scope: Scope | None = None
 
 
 class Endpoints:
@@ -107,11 +110,12 @@ class Endpoints:
         identity = self.auth.identify(_header(scope, b"authorization")) if self.auth else None
         self.access.check(identity, resolution)
         client = scope.get("client") or ("", 0)
-        return Call(oci, resolution, identity, f"{client[0]}:{client[1]}")
+        return Call(oci, resolution, identity, f"{client[0]}:{client[1]}", scope)
 
     def fast_manifest(self, scope: Scope) -> RawResponse | None:
         """A manifest GET/HEAD answered from memory before any framework code runs, or None
         (then the full path handles the request, errors included)."""
+        started = time.perf_counter()
         try:
             oci = parse_scope(scope)
             if oci.kind is not RequestKind.MANIFEST:
@@ -125,6 +129,9 @@ class Endpoints:
             return None
         response = self._manifest_response(call, answer)
         self._count(oci, call.resolution, response.status_code)
+        self._log_access(
+            scope, call, response.status_code, started, answer.cache, None, len(response.body)
+        )
         return response
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
@@ -133,16 +140,24 @@ class Endpoints:
         if oci.kind is RequestKind.BASE:
             return self.base(scope, oci)
         resolution = self.mapper.resolve(oci)
-        status = 500
+        started = time.perf_counter()
+        status, size, logged_later = 500, 0, False
         try:
             response = await self._handle(scope, oci, resolution)
             status = response.status_code
+            if isinstance(response, BlobResponse):
+                logged_later = True  # when its body has been sent (BlobResponse.on_sent)
+            else:
+                size = len(response.body)
             return response
         except RegistryError as error:
             status = error.status
             raise
         finally:
             self._count(oci, resolution, status)
+            if not logged_later:
+                call = Call(oci, resolution, None, "", scope)
+                self._log_access(scope, call, status, started, None, None, size)
 
     def _count(self, oci: OciRequest, resolution: Resolution, status: int) -> None:
         route = resolution.route.label if resolution.route else resolution.via.value
@@ -255,15 +270,21 @@ class Endpoints:
 
         self.metrics.cache_result(upstream.name, "blob", answer.cache)
 
+        started = time.perf_counter()
+        byte_range = parse_range(call.oci.range, answer.size)
+        status = 206 if byte_range else 200
+
         def sent(count: int) -> None:
             if answer.cache == "HIT":
                 self.metrics.served_from_cache(upstream.name, count)
-            self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
+            if call.oci.method == "GET":
+                self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
+            self._log_access(call.scope, call, status, started, answer.cache, answer.mirror, count)
 
         return BlobResponse(
             answer.stream,
             size=answer.size,
-            byte_range=parse_range(call.oci.range, answer.size),
+            byte_range=byte_range,
             headers=headers,
             head=call.oci.method == "HEAD",
             on_sent=sent,
@@ -318,6 +339,37 @@ class Endpoints:
         if resolution.via is RouteKind.NAMESPACE and oci.ns:
             headers[NAMESPACE_HEADER] = oci.ns
         return headers
+
+    def _log_access(
+        self,
+        scope: Scope | None,
+        call: Call,
+        status: int,
+        started: float,
+        cache: str | None,
+        mirror: str | None,
+        size: int,
+    ) -> None:
+        """One structured access line, when ``server.access_log`` is on."""
+        if not self.settings.server.access_log or scope is None:
+            return
+        query = scope.get("query_string", b"")
+        path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        resolution = call.resolution
+        logs.access(
+            call.oci.method,
+            path,
+            status,
+            request_id=secrets.token_hex(8),
+            client=call.client or None,
+            user=call.identity.name if call.identity else None,
+            route=resolution.route.label if resolution.route else resolution.via.value,
+            upstream=resolution.upstream.name,
+            mirror=mirror,
+            cache=cache,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            bytes=size,
+        )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready: config loaded, every cache writable, every upstream with a mirror whose

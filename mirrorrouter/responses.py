@@ -97,6 +97,8 @@ class BlobResponse:
         await send({"type": "http.response.start", "status": self.status_code, "headers": raw})
         if self.head:
             await send({"type": "http.response.body", "body": b""})
+            if self.on_sent is not None:
+                self.on_sent(0)
             return
         chunks = self.source(self.start, self.end)
         sent = 0
