@@ -1,25 +1,49 @@
 # mirrorrouter: one container-registry mirror in front of every registry a team pulls from.
+#
+#   docker build -t mirrorrouter .
+#   docker run -p 5000:5000 -v mirrorrouter-cache:/var/cache/mirrorrouter mirrorrouter
+#
+# Arguments after the image name go to `mirrorrouter serve` (for example `--workers 4`).
+# docs/deployment.md has docker compose, Kubernetes, and what each line here is for.
 FROM python:3.11-slim
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/mirrorrouter --shell /usr/sbin/nologin \
-        mirrorrouter \
+LABEL org.opencontainers.image.title="mirrorrouter" \
+      org.opencontainers.image.description="One container-registry mirror in front of every registry a team pulls from" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    MIRRORROUTER_CONFIG=/etc/mirrorrouter/mirrors.toml
+
+# A fixed uid and gid (10001): the Kubernetes manifests run as these numbers, and only
+# the cache volume is the user's to write.
+RUN groupadd --system --gid 10001 mirrorrouter \
+    && useradd --system --no-log-init --uid 10001 --gid 10001 \
+        --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin mirrorrouter \
     && mkdir -p /etc/mirrorrouter /var/cache/mirrorrouter \
-    && chown mirrorrouter /var/cache/mirrorrouter
+    && chown 10001:10001 /var/cache/mirrorrouter
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mirrorrouter ./mirrorrouter
 RUN pip install --no-cache-dir . && rm -rf /src
 
-# The default config, with the cache on the volume below.
+# The default config, with the cache on the volume below. The build fails here when the
+# sed no longer matches mirrors.toml (tests/test_deploy.py runs these two lines too).
 COPY mirrors.toml /etc/mirrorrouter/mirrors.toml
 RUN sed -i 's|^directory = "cache" |directory = "/var/cache/mirrorrouter" |' \
         /etc/mirrorrouter/mirrors.toml \
     && grep -q '^directory = "/var/cache/mirrorrouter"' /etc/mirrorrouter/mirrors.toml
 
-USER mirrorrouter
+# Relative paths given to `docker exec ... mirrorrouter check-config` resolve here.
+WORKDIR /etc/mirrorrouter
+USER 10001:10001
 VOLUME /var/cache/mirrorrouter
 EXPOSE 5000
-HEALTHCHECK --interval=30s --timeout=3s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/v2/')"
+# /healthz: the process answers (it needs no login, unlike /v2/ with [auth] on). Readiness
+# (/readyz) is for orchestrators that route traffic; a restart would not mend what it reports.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=4)"]
 ENTRYPOINT ["mirrorrouter", "serve", "--config", "/etc/mirrorrouter/mirrors.toml"]
