@@ -114,7 +114,8 @@ async def _healthz(request: Request) -> Response:
 
 def _readyz(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def readyz(request: Request) -> Response:
-        ready, body = endpoints.readiness()
+        strict = request.query_params.get("strict", "").lower() in ("1", "true", "yes")
+        ready, body = endpoints.readiness(strict=strict)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return readyz

@@ -371,10 +371,16 @@ class Endpoints:
             bytes=size,
         )
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready: config loaded, every cache writable, every upstream with a mirror whose
-        circuit is not open."""
+    def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:
+        """Ready: the config is loaded and every cache is writable.
+
+        An upstream whose mirrors are all circuit-open is reported as degraded but does not
+        make the gateway unready: that is when its cache and stale tags matter most, and an
+        orchestrator would otherwise take every replica out of service at once. ``strict``
+        counts it as not ready too.
+        """
         problems: dict[str, str] = {}
+        degraded: dict[str, str] = {}
         for upstream in self.settings.upstreams.values():
             directory = upstream.cache.directory
             if not os.access(directory, os.W_OK):
@@ -382,8 +388,9 @@ class Endpoints:
                 continue
             breakers = self.pull.breakers(upstream)
             if breakers and all(b.state is CircuitState.OPEN for b in breakers):
-                problems[upstream.name] = "every mirror's circuit is open"
-        return not problems, {"ready": not problems, "problems": problems}
+                degraded[upstream.name] = "every mirror's circuit is open; serving from cache"
+        ready = not problems and not (strict and degraded)
+        return ready, {"ready": ready, "problems": problems, "degraded": degraded}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

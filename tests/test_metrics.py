@@ -102,8 +102,8 @@ async def test_metrics_count_what_happened(
 async def test_failing_mirror_shows_in_metrics_and_readiness(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
-    """Retries, failovers and an open circuit are counted; readiness fails when every mirror
-    of an upstream is open, and /healthz stays up."""
+    """Retries, failovers and an open circuit are counted; an upstream with every mirror open
+    is reported degraded (not ready only with ?strict=true); /healthz stays up."""
     policy = 'retry_attempts = 2\nbreaker_failures = 1\nbreaker_cooldown = "1h"'
     fake.faults["/manifests/"] = [503] * 10
     async with gateway(tmp_path, fake, config(tmp_path, policy)) as gw:
@@ -111,6 +111,7 @@ async def test_failing_mirror_shows_in_metrics_and_readiness(
         assert (await gw.client.get("/v2/library/x/manifests/1")).status_code == 503
         found = samples((await gw.client.get("/metrics")).text)
         ready = await gw.client.get("/readyz")
+        strict = await gw.client.get("/readyz?strict=true")
         health = await gw.client.get("/healthz")
     assert (
         value(found, "mirrorrouter_retries_total", upstream="docker.io", mirror="upstream.test")
@@ -124,8 +125,12 @@ async def test_failing_mirror_shows_in_metrics_and_readiness(
         value(found, "mirrorrouter_circuit_state", upstream="docker.io", mirror="upstream.test")
         == 2
     )
-    assert ready.status_code == 503
-    assert ready.json()["problems"] == {"docker.io": "every mirror's circuit is open"}
+    # Degraded, still ready (the cache serves); strict readiness counts the open circuits.
+    assert ready.status_code == 200
+    assert ready.json()["degraded"] == {
+        "docker.io": "every mirror's circuit is open; serving from cache"
+    }
+    assert strict.status_code == 503 and strict.json()["ready"] is False
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 
 
