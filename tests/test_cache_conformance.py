@@ -10,6 +10,7 @@ itself are at the bottom and use ``FilesystemCache`` directly.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import json
 import os
@@ -22,7 +23,15 @@ from pathlib import Path
 import pytest
 
 from mirrorrouter.cache import CacheBackend, DigestMismatch, FilesystemCache
-from mirrorrouter.cache.base import StoredManifest, TagRecord
+from mirrorrouter.cache.base import (
+    ACCESS_RESOLUTION,
+    Inventory,
+    Removal,
+    Removed,
+    StoredManifest,
+    StoredObject,
+    TagRecord,
+)
 from mirrorrouter.reference import Digest
 
 pytestmark = pytest.mark.anyio
@@ -46,11 +55,22 @@ class Harness:
     leftovers: Callable[[], list[str]]
     # Store raw bytes as the tag record of (repository, tag), bypassing put_tag.
     plant_tag: Callable[[str, str, bytes], None]
+    # The wall clock the backend dates accesses with; tests move it.
+    clock: ManualClock
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @asynccontextmanager
 async def filesystem_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     root = tmp_path / "cache"
+    clock = ManualClock()
 
     def leftovers() -> list[str]:
         tmp = root / "tmp"
@@ -65,7 +85,13 @@ async def filesystem_harness(tmp_path: Path) -> AsyncIterator[Harness]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(raw)
 
-    yield Harness(FilesystemCache(root), lambda: FilesystemCache(root), leftovers, plant_tag)
+    yield Harness(
+        FilesystemCache(root, clock=clock),
+        lambda: FilesystemCache(root, clock=clock),
+        leftovers,
+        plant_tag,
+        clock,
+    )
 
 
 HARNESSES: dict[str, Callable[[Path], AbstractAsyncContextManager[Harness]]] = {
@@ -465,6 +491,225 @@ async def test_open_leaves_live_writers_alone(backend: Harness) -> None:
     await second.close()
 
 
+# ---------------------------------------------------------------------- bounds: inventory
+
+
+async def store_manifest(cache: CacheBackend, data: bytes) -> StoredManifest:
+    manifest = StoredManifest(Digest.of(data), OCI_MANIFEST, data)
+    await cache.put_manifest(manifest)
+    return manifest
+
+
+async def accessed(harness: Harness, digest: Digest) -> float:
+    inventory = await harness.cache.inventory()
+    stored = inventory.blobs.get(digest) or inventory.manifests.get(digest)
+    assert stored is not None
+    return stored.accessed
+
+
+async def test_inventory_of_an_empty_cache_is_empty(backend: Harness) -> None:
+    """A fresh cache has nothing stored and nothing in flight."""
+    inventory = await backend.cache.inventory()
+    assert inventory == Inventory()
+    assert inventory.stored_bytes == 0
+
+
+async def test_inventory_lists_everything_stored(backend: Harness) -> None:
+    """Blobs and manifests with size and access (commit time), tags, links per repository."""
+    cache, clock = backend.cache, backend.clock
+    blob = await store_blob(cache, PAYLOAD)
+    clock.now += 5
+    manifest = await store_manifest(cache, b'{"schemaVersion":2,"layers":[]}')
+    await cache.put_tag("team/app", "v1", record(manifest.data))
+    await cache.link("team/app", [blob, manifest.digest])
+    await cache.link("team/other", [blob])
+
+    inventory = await backend.reopen().inventory()  # works without open(): no writes
+    assert inventory.blobs == {blob: StoredObject(blob, len(PAYLOAD), clock.now - 5)}
+    assert set(inventory.manifests) == {manifest.digest}
+    assert inventory.manifests[manifest.digest].accessed == clock.now
+    assert inventory.manifests[manifest.digest].size >= len(manifest.data)
+    assert inventory.tags == {("team/app", "v1"): record(manifest.data)}
+    assert inventory.links == {
+        "team/app": frozenset({blob, manifest.digest}),
+        "team/other": frozenset({blob}),
+    }
+    assert inventory.in_flight == 0
+    assert inventory.stored_bytes == len(PAYLOAD) + inventory.manifests[manifest.digest].size
+
+
+async def test_reads_record_access_at_most_once_per_resolution(backend: Harness) -> None:
+    """A read from storage persists its access, but not again within ACCESS_RESOLUTION."""
+    cache, clock = backend.cache, backend.clock
+    blob = await store_blob(cache, b"layer")
+    committed = clock.now
+    clock.now += ACCESS_RESOLUTION / 2
+    await read_all(cache, blob, 0, 5)
+    assert await accessed(backend, blob) == committed  # within the resolution: no write
+    clock.now += ACCESS_RESOLUTION
+    await read_all(cache, blob, 0, 5)
+    assert await accessed(backend, blob) == clock.now
+
+
+async def test_manifest_reads_record_access_but_peeks_do_not(backend: Harness) -> None:
+    """get_manifest is an access; peek_manifest (eviction looking) is not."""
+    cache, clock = backend.cache, backend.clock
+    manifest = await store_manifest(cache, b'{"schemaVersion":2}')
+    stored_at = clock.now
+    clock.now += 2 * ACCESS_RESOLUTION
+    assert await cache.peek_manifest(manifest.digest) == manifest
+    assert await accessed(backend, manifest.digest) == stored_at
+    assert await cache.get_manifest(manifest.digest) == manifest
+    assert await accessed(backend, manifest.digest) == clock.now
+    assert await cache.peek_manifest(Digest.of(b"absent")) is None
+
+
+async def test_touch_is_persisted_by_flush_access(backend: Harness) -> None:
+    """touch records in memory only (the hot path); flush_access writes it down, for any
+    instance over the same storage, never moving an access back."""
+    cache, clock = backend.cache, backend.clock
+    blob = await store_blob(cache, b"layer")
+    manifest = await store_manifest(cache, b'{"schemaVersion":2}')
+    stored_at = clock.now
+    clock.now += 2 * ACCESS_RESOLUTION
+    cache.touch(blob)
+    cache.touch(manifest.digest)
+    cache.touch(Digest.of(b"not stored"))  # harmless
+    assert await accessed(backend, blob) == stored_at
+    touched_at = clock.now
+    clock.now += 1
+    other = backend.reopen()  # the evictor's own instance
+    await other.flush_access()
+    assert await accessed(backend, blob) == touched_at
+    assert await accessed(backend, manifest.digest) == touched_at
+    await other.flush_access()  # nothing left to do
+    assert await accessed(backend, blob) == touched_at
+
+
+# ---------------------------------------------------------------------- bounds: in use
+
+
+async def test_reader_marks_its_blob_in_use(backend: Harness) -> None:
+    """A blob being read is in use (also seen by another instance) and is not removed."""
+    cache = backend.cache
+    blob = await store_blob(cache, PAYLOAD)
+    assert not cache.in_use(blob)
+    reader = cache.read_blob(blob, 0, len(PAYLOAD))
+    first = await anext(reader)
+    assert cache.in_use(blob)
+    assert backend.reopen().in_use(blob)
+    refused = await backend.reopen().remove(Removal(frozenset({blob})))
+    assert refused == Removed(frozenset(), 0, frozenset({blob}))
+    rest = b"".join([chunk async for chunk in reader])
+    assert first + rest == PAYLOAD  # served whole
+    assert not cache.in_use(blob)
+    assert (await cache.remove(Removal(frozenset({blob})))).removed == {blob}
+
+
+async def test_abandoned_reader_releases_its_blob(backend: Harness) -> None:
+    """A client that goes away closes the reader; the blob is no longer in use."""
+    blob = await store_blob(backend.cache, PAYLOAD)
+    reader = backend.cache.read_blob(blob, 0, len(PAYLOAD))
+    await anext(reader)
+    await reader.aclose()
+    assert not backend.cache.in_use(blob)
+
+
+async def test_writer_is_in_use_and_in_flight(backend: Harness) -> None:
+    """A download in progress counts at its announced size and its digest is in use."""
+    cache = backend.cache
+    digest = Digest.of(PAYLOAD)
+    writer = cache.blob_writer(digest, len(PAYLOAD))
+    await writer.write(PAYLOAD[:MIB])
+    await writer.flush()
+    assert cache.in_use(digest)
+    assert (await cache.inventory()).in_flight == len(PAYLOAD)
+    await writer.write(PAYLOAD[MIB:])
+    await writer.commit()
+    assert not cache.in_use(digest)
+    inventory = await cache.inventory()
+    assert inventory.in_flight == 0 and inventory.blobs[digest].size == len(PAYLOAD)
+
+
+async def test_aborted_writer_is_no_longer_in_use(backend: Harness) -> None:
+    digest = Digest.of(PAYLOAD)
+    writer = backend.cache.blob_writer(digest)
+    await writer.write(PAYLOAD[:1000])
+    await writer.flush()
+    assert (await backend.cache.inventory()).in_flight == 1000  # no announced size: bytes
+    await writer.abort()
+    await writer.abort()
+    assert not backend.cache.in_use(digest)
+    assert (await backend.cache.inventory()).in_flight == 0
+
+
+async def test_held_blob_is_in_use(backend: Harness) -> None:
+    """hold() marks a blob in use for a reader the backend does not see (a fill follower)."""
+    blob = await store_blob(backend.cache, b"layer")
+    with backend.cache.hold(blob), backend.cache.hold(blob):
+        assert backend.cache.in_use(blob)
+    assert not backend.cache.in_use(blob)
+
+
+# ---------------------------------------------------------------------- bounds: removal
+
+
+async def test_remove_deletes_content_with_its_tags_and_links(backend: Harness) -> None:
+    """remove deletes blobs and manifests, the tag records naming them and the links given;
+    everything else stays."""
+    cache = backend.cache
+    gone_blob, kept_blob = await store_blob(cache, b"gone"), await store_blob(cache, b"kept")
+    gone = await store_manifest(cache, b'{"gone":1}')
+    kept = await store_manifest(cache, b'{"kept":1}')
+    await cache.put_tag("app", "old", record(gone.data))
+    await cache.put_tag("app", "moved", record(kept.data))  # listed, but names kept content
+    await cache.put_tag("app", "new", record(kept.data))
+    await cache.link("app", [gone_blob, kept_blob, gone.digest, kept.digest])
+    before = await cache.inventory()
+
+    result = await cache.remove(
+        Removal(
+            frozenset({gone_blob, gone.digest, Digest.of(b"never stored")}),
+            tags=(("app", "old"), ("app", "moved")),
+            links=(("app", gone_blob), ("app", gone.digest)),
+        )
+    )
+    assert result.removed == {gone_blob, gone.digest} and not result.in_use
+    assert result.freed == before.blobs[gone_blob].size + before.manifests[gone.digest].size
+    assert await cache.blob_size(gone_blob) is None
+    assert await cache.get_manifest(gone.digest) is None
+    assert await cache.get_tag("app", "old") is None
+    assert await cache.get_tag("app", "moved") == record(kept.data)
+    assert not await cache.is_linked("app", gone_blob)
+    assert await cache.blob_size(kept_blob) == 4
+    assert await cache.get_manifest(kept.digest) == kept
+    assert await cache.is_linked("app", kept.digest)
+    after = await cache.inventory()
+    assert set(after.blobs) == {kept_blob} and set(after.manifests) == {kept.digest}
+    assert backend.leftovers() == []
+
+
+async def test_remove_is_all_or_nothing(backend: Harness) -> None:
+    """When one blob of a removal is in use, nothing of it is removed."""
+    cache = backend.cache
+    free, busy = await store_blob(cache, b"free"), await store_blob(cache, b"busy")
+    manifest = await store_manifest(cache, b'{"m":1}')
+    with cache.hold(busy):
+        result = await cache.remove(Removal(frozenset({free, busy, manifest.digest})))
+    assert result == Removed(frozenset(), 0, frozenset({busy}))
+    assert await cache.blob_size(free) == 4
+    assert await cache.get_manifest(manifest.digest) == manifest
+
+
+async def test_removed_blob_is_written_again(backend: Harness) -> None:
+    """After removal a blob is a miss, and a new download commits it as before."""
+    blob = await store_blob(backend.cache, PAYLOAD)
+    await backend.cache.remove(Removal(frozenset({blob})))
+    assert await backend.cache.blob_size(blob) is None
+    await store_blob(backend.cache, PAYLOAD)
+    assert b"".join(await read_all(backend.cache, blob, 0, len(PAYLOAD))) == PAYLOAD
+
+
 # ---------------------------------------------------------------------- filesystem layout
 
 
@@ -486,3 +731,69 @@ async def test_filesystem_corrupt_tag_file_is_a_miss(tmp_path: Path) -> None:
     path = tmp_path / "repositories" / "library" / "alpine" / "_tags" / "latest"
     path.write_bytes(path.read_bytes()[:10])
     assert await cache.get_tag("library/alpine", "latest") is None
+
+
+async def test_filesystem_access_is_the_mtime(tmp_path: Path) -> None:
+    """The last access is the file's mtime: set on commit, moved by reads, never by atime."""
+    clock = ManualClock()
+    cache = FilesystemCache(tmp_path, clock=clock)
+    await cache.open()
+    digest = await store_blob(cache, b"layer")
+    path = cache.blob_path(digest)
+    assert path is not None and path.stat().st_mtime == clock.now
+    clock.now += ACCESS_RESOLUTION
+    await read_all(cache, digest, 0, 5)
+    assert path.stat().st_mtime == clock.now
+
+
+async def test_filesystem_readers_of_other_processes_are_seen(tmp_path: Path) -> None:
+    """A reader in another process holds a shared flock on the blob file: in use, kept."""
+    cache = FilesystemCache(tmp_path)
+    await cache.open()
+    digest = await store_blob(cache, b"layer")
+    path = cache.blob_path(digest)
+    assert path is not None
+    fd = os.open(path, os.O_RDONLY)  # a separate open file description, like another process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        assert cache.in_use(digest)
+        assert (await cache.remove(Removal(frozenset({digest})))).in_use == {digest}
+    finally:
+        os.close(fd)
+    assert not cache.in_use(digest)
+    assert (await cache.remove(Removal(frozenset({digest})))).removed == {digest}
+
+
+async def test_filesystem_download_claimed_elsewhere_is_in_use(tmp_path: Path) -> None:
+    """A digest whose download another process claimed is in use."""
+    cache = FilesystemCache(tmp_path)
+    await cache.open()
+    digest = Digest.of(b"coming")
+    assert not cache.in_use(digest)
+    claim = FilesystemCache(tmp_path).try_claim(digest)
+    assert claim is not None
+    assert cache.in_use(digest)
+    claim.release()
+    assert not cache.in_use(digest)
+
+
+async def test_filesystem_inventory_of_a_missing_directory_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    """An operator command looking at a cache that was never used changes nothing."""
+    cache = FilesystemCache(tmp_path / "never")
+    assert await cache.inventory() == Inventory()
+    await cache.flush_access()
+    assert not (tmp_path / "never").exists()
+
+
+async def test_filesystem_inventory_skips_strays(tmp_path: Path) -> None:
+    """Files that are not named by a digest (strays, editor backups) are not content."""
+    cache = FilesystemCache(tmp_path)
+    await cache.open()
+    digest = await store_blob(cache, b"layer")
+    (tmp_path / "blobs" / "sha256" / digest.hex[:2] / "notadigest").write_bytes(b"x")
+    (tmp_path / "manifests" / "md5").mkdir(parents=True)
+    (tmp_path / "manifests" / "md5" / ("0" * 32)).write_bytes(b"x")
+    inventory = await cache.inventory()
+    assert set(inventory.blobs) == {digest} and inventory.manifests == {}

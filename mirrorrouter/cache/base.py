@@ -12,12 +12,27 @@ A backend stores three things:
 
 Writers stream into a local spool file that readers may follow while it grows
 (``BlobWriter.spool_path``); that is what makes streaming single-flight possible.
+
+For bounded caches (see mirrorrouter/eviction.py) a backend also keeps:
+
+- **last access** of each blob and manifest: ``touch`` records one in memory (the hot
+  path may call it on every hit; it does no I/O), reads from storage record their own, and
+  the backend persists them cheaply (at most once per ``ACCESS_RESOLUTION`` per object,
+  and on ``flush_access``);
+- **what is in use**: a blob being read (``read_blob``), written (``blob_writer``) or held
+  (``hold``) is never removed by ``remove``;
+- an **inventory** of everything stored, and ``remove`` to evict a set of objects together.
+
+``inventory``, ``peek_manifest``, ``remove`` and ``flush_access`` work without ``open()``
+(an operator command inspects a cache without taking part in it); storage that does not
+exist is an empty cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +59,51 @@ class TagRecord:
     media_type: str
     size: int
     checked_at: float  # wall-clock seconds of the last upstream confirmation
+
+
+ACCESS_RESOLUTION = 60.0  # seconds: an object's last access is persisted at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """A committed blob or manifest as the inventory sees it."""
+
+    digest: Digest
+    size: int  # bytes it takes in storage
+    accessed: float  # wall-clock seconds of its last recorded access
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """Everything one cache holds, for eviction and the operator commands."""
+
+    blobs: Mapping[Digest, StoredObject] = field(default_factory=dict)
+    manifests: Mapping[Digest, StoredObject] = field(default_factory=dict)
+    tags: Mapping[tuple[str, str], TagRecord] = field(default_factory=dict)
+    links: Mapping[str, frozenset[Digest]] = field(default_factory=dict)  # repository -> digests
+    in_flight: int = 0  # bytes of writes in progress (their announced size when known)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(o.size for o in self.blobs.values()) + sum(
+            o.size for o in self.manifests.values()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """Objects to evict together: all of them, or (when one is in use) none."""
+
+    digests: frozenset[Digest]  # blobs and manifests
+    tags: tuple[tuple[str, str], ...] = ()  # tag records, dropped if they still name one
+    links: tuple[tuple[str, Digest], ...] = ()  # (repository, digest) links to drop
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    removed: frozenset[Digest]  # what was deleted (those of ``digests`` that existed)
+    freed: int  # bytes
+    in_use: frozenset[Digest] = frozenset()  # not empty: nothing was removed because of these
 
 
 class Claim(Protocol):
@@ -129,3 +189,32 @@ class CacheBackend(Protocol):
     async def is_linked(self, repository: str, digest: Digest) -> bool: ...
 
     async def link(self, repository: str, digests: list[Digest]) -> None: ...
+
+    # -- bounds: access times, in-use, inventory, removal (see the module docstring)
+    def touch(self, digest: Digest) -> None:
+        """Record an access to a blob or manifest, in memory only (no I/O)."""
+        ...
+
+    async def flush_access(self) -> None:
+        """Persist the accesses recorded in memory and not yet stored."""
+        ...
+
+    def hold(self, digest: Digest) -> AbstractContextManager[None]:
+        """Mark a blob in use for the ``with`` block (a reader following a download)."""
+        ...
+
+    def in_use(self, digest: Digest) -> bool:
+        """Whether a blob is being read, written or held (by any process, where the backend
+        can tell)."""
+        ...
+
+    async def inventory(self) -> Inventory: ...
+
+    async def peek_manifest(self, digest: Digest) -> StoredManifest | None:
+        """``get_manifest`` without recording an access."""
+        ...
+
+    async def remove(self, removal: Removal) -> Removed:
+        """Delete a set of objects, and the tag records and links that go with them; nothing
+        when any of its blobs is in use."""
+        ...

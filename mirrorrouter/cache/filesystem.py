@@ -8,6 +8,7 @@ Layout (``<root>`` is the upstream's cache directory)::
     repositories/<repo>/_links/<alg>/<hex>  empty: the repository may see this digest
     tmp/<owner>/                          spool files and writes in progress of one
                                           open instance, which holds tmp/<owner>/.lock
+    locks/<alg>-<hex>                     flock: the claim on one digest's download
 
 Every write goes to the instance's own ``tmp/<owner>/`` first and is moved into place with
 ``os.replace`` after it was verified, so a reader sees the whole object or nothing.
@@ -16,6 +17,16 @@ Every write goes to the instance's own ``tmp/<owner>/`` first and is moved into 
 served. Directories of live owners (other worker processes sharing the cache) are left
 alone, since their lock cannot be taken. Repository components never start with "_", so
 ``_tags`` and ``_links`` cannot collide with a repository name.
+
+Bounds (see base.py): the **last access** of a blob or manifest is its file's mtime (the
+content never changes after the rename, so the mtime is free to carry it; reads never move
+it, unlike an atime). It is set on commit, and on a read from disk at most once per
+``ACCESS_RESOLUTION``; ``touch`` only records in memory, ``flush_access`` writes those
+down. **In use**: readers and writers of a blob count in memory, shared by every instance
+over the same directory in this process; ``read_blob`` also takes a shared ``flock`` on
+the blob file, which ``remove`` (holding an exclusive one while it deletes) and
+``in_use`` see from any process. Deleting a file that is open is harmless on Linux (the
+reader keeps the inode); the rule is kept explicitly all the same.
 """
 
 from __future__ import annotations
@@ -26,27 +37,60 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirrorrouter.cache.base import DigestMismatch, StoredManifest, TagRecord
-from mirrorrouter.reference import Digest
+from cachetools import LRUCache
+
+from mirrorrouter.cache.base import (
+    ACCESS_RESOLUTION,
+    DigestMismatch,
+    Inventory,
+    Removal,
+    Removed,
+    StoredManifest,
+    StoredObject,
+    TagRecord,
+)
+from mirrorrouter.reference import Digest, ReferenceError
 
 READ_CHUNK = 4 * 1024 * 1024  # measured: 4 MiB reads serve ~1.3x faster than 1 MiB
 IN_FLIGHT = 4  # chunks a blob writer may hash and write behind the network reads
+ACCESS_MEMORY = 100_000  # objects whose last persisted access is remembered
+PENDING_ACCESSES = 100_000  # accesses recorded in memory at most, until flushed
+
+
+@dataclass(slots=True)
+class _Shared:
+    """What every instance over one directory in this process shares: readers and writers
+    in progress, and accesses recorded in memory."""
+
+    in_use: Counter[Digest] = field(default_factory=Counter)
+    writers: dict[str, int] = field(default_factory=dict)  # spool file name -> announced size
+    pending: dict[Digest, float] = field(default_factory=dict)  # accesses not yet on disk
+    persisted: LRUCache[Digest, float] = field(
+        default_factory=lambda: LRUCache(maxsize=ACCESS_MEMORY)
+    )
+
+
+_SHARED: dict[str, _Shared] = {}
 
 
 class FilesystemCache:
     """``CacheBackend`` over a local directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.tmp = root / "tmp" / uuid.uuid4().hex
         self._lock_fd: int | None = None
+        self._clock = clock
+        self._shared = _SHARED.setdefault(os.path.abspath(root), _Shared())
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
@@ -102,7 +146,13 @@ class FilesystemCache:
 
     async def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
         fd = os.open(self._blob_file(digest), os.O_RDONLY)
+        self._shared.in_use[digest] += 1
         try:
+            # Other processes' evictors see the shared lock; when one holds its exclusive
+            # lock (it is deleting the file), this read goes on from the open inode.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            self._accessed(digest, fd)
             position = start
             while position < end:
                 size = min(READ_CHUNK, end - position)
@@ -113,6 +163,7 @@ class FilesystemCache:
                 yield chunk
         finally:
             os.close(fd)
+            self._release(digest)
 
     def blob_writer(
         self,
@@ -122,10 +173,13 @@ class FilesystemCache:
     ) -> _FileBlobWriter:
         return _FileBlobWriter(self, digest, expected_size, on_written)
 
+    def _claim_file(self, digest: Digest) -> Path:
+        return self.root / "locks" / f"{digest.algorithm}-{digest.hex}"
+
     def try_claim(self, digest: Digest) -> _FileClaim | None:
         """Claim the download of ``digest`` among processes sharing this cache, or None
         when another process holds it. The claim ends when released or its process dies."""
-        path = self.root / "locks" / f"{digest.algorithm}-{digest.hex}"
+        path = self._claim_file(digest)
         path.parent.mkdir(exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -141,6 +195,12 @@ class FilesystemCache:
         return self.root / "manifests" / digest.algorithm / digest.hex
 
     async def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        stored = await self.peek_manifest(digest)
+        if stored is not None:
+            self._accessed(digest, self._manifest_file(digest))
+        return stored
+
+    async def peek_manifest(self, digest: Digest) -> StoredManifest | None:
         try:
             raw = await asyncio.to_thread(self._manifest_file(digest).read_bytes)
         except FileNotFoundError:
@@ -152,7 +212,10 @@ class FilesystemCache:
         if Digest.of(manifest.data, manifest.digest.algorithm) != manifest.digest:
             raise DigestMismatch(f"manifest bytes do not hash to {manifest.digest}")
         raw = manifest.media_type.encode() + b"\n" + manifest.data
-        await asyncio.to_thread(self._write_atomic, self._manifest_file(manifest.digest), raw)
+        now = self._clock()
+        target = self._manifest_file(manifest.digest)
+        await asyncio.to_thread(self._write_atomic, target, raw, now)
+        self._persisted(manifest.digest, now)
 
     # ------------------------------------------------------------------ tags and links
 
@@ -162,14 +225,9 @@ class FilesystemCache:
     async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
         path = self._repository_dir(repository) / "_tags" / tag
         try:
-            data = json.loads(await asyncio.to_thread(path.read_bytes))
-            return TagRecord(
-                Digest.parse(data["digest"]), data["media_type"], data["size"], data["checked_at"]
-            )
+            return _parse_tag(await asyncio.to_thread(path.read_bytes))
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None  # an unreadable record is a miss, never an error
 
     async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
         data = json.dumps(
@@ -204,17 +262,242 @@ class FilesystemCache:
     def temp_path(self) -> Path:
         return self.tmp / uuid.uuid4().hex
 
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _write_atomic(self, target: Path, data: bytes, accessed: float | None = None) -> None:
         temp = self.temp_path()
         temp.write_bytes(data)
+        if accessed is not None:
+            os.utime(temp, (accessed, accessed))
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, target)
 
     def commit_file(self, temp: Path, digest: Digest) -> Path:
         target = self._blob_file(digest)
         target.parent.mkdir(parents=True, exist_ok=True)
+        now = self._clock()
+        os.utime(temp, (now, now))  # committed is accessed: the newest in the LRU order
         os.replace(temp, target)
+        self._persisted(digest, now)
         return target
+
+    # ------------------------------------------------------------------ access and in-use
+
+    def touch(self, digest: Digest) -> None:
+        """Record an access in memory; ``flush_access`` (or a later read) persists it."""
+        shared, now = self._shared, self._clock()
+        last = shared.pending.get(digest)
+        if last is None:
+            last = shared.persisted.get(digest)
+        if last is not None and now - last < ACCESS_RESOLUTION:
+            return
+        if digest in shared.pending or len(shared.pending) < PENDING_ACCESSES:
+            shared.pending[digest] = now
+
+    def _accessed(self, digest: Digest, file: Path | int) -> None:
+        """A read from disk: persist its access now, unless done within the resolution."""
+        now = self._clock()
+        last = self._shared.persisted.get(digest)
+        if last is not None and now - last < ACCESS_RESOLUTION:
+            return
+        try:
+            os.utime(file, (now, now))
+        except OSError:
+            return
+        self._persisted(digest, now)
+
+    def _persisted(self, digest: Digest, when: float) -> None:
+        self._shared.persisted[digest] = when
+        pending = self._shared.pending.get(digest)
+        if pending is not None and pending <= when:
+            del self._shared.pending[digest]
+
+    async def flush_access(self) -> None:
+        pending = self._shared.pending
+        if not pending:
+            return
+        batch = list(pending.items())
+        pending.clear()
+        done = await asyncio.to_thread(self._flush_sync, batch)
+        for digest, when in done:
+            self._shared.persisted[digest] = when
+
+    def _flush_sync(self, batch: list[tuple[Digest, float]]) -> list[tuple[Digest, float]]:
+        done = []
+        for digest, when in batch:
+            for path in (self._blob_file(digest), self._manifest_file(digest)):
+                try:
+                    if os.stat(path).st_mtime < when:  # never move an access back
+                        os.utime(path, (when, when))
+                except FileNotFoundError:
+                    continue
+                done.append((digest, when))
+        return done
+
+    @contextmanager
+    def hold(self, digest: Digest) -> Iterator[None]:
+        self._shared.in_use[digest] += 1
+        try:
+            yield
+        finally:
+            self._release(digest)
+
+    def _release(self, digest: Digest) -> None:
+        in_use = self._shared.in_use
+        in_use[digest] -= 1
+        if in_use[digest] <= 0:
+            del in_use[digest]
+
+    def in_use(self, digest: Digest) -> bool:
+        """Read, written or held here; read (shared flock) or claimed by another process."""
+        if self._shared.in_use.get(digest):
+            return True
+        for path in (self._blob_file(digest), self._claim_file(digest)):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)  # also drops the lock when it was taken
+        return False
+
+    # ------------------------------------------------------------------ inventory, removal
+
+    async def inventory(self) -> Inventory:
+        return await asyncio.to_thread(self._inventory_sync)
+
+    def _inventory_sync(self) -> Inventory:
+        tags: dict[tuple[str, str], TagRecord] = {}
+        links: dict[str, frozenset[Digest]] = {}
+        repositories = self.root / "repositories"
+        for directory, subdirs, _ in os.walk(repositories):
+            repository = os.path.relpath(directory, repositories)
+            if "_tags" in subdirs:
+                for entry in _entries(Path(directory) / "_tags"):
+                    with contextlib.suppress(OSError):
+                        record = _parse_tag(Path(entry.path).read_bytes())
+                        if record is not None:
+                            tags[(repository, entry.name)] = record
+            if "_links" in subdirs:
+                linked = frozenset(d for d, _ in _digest_files(Path(directory) / "_links", 1))
+                if linked:
+                    links[repository] = linked
+            subdirs[:] = [d for d in subdirs if not d.startswith("_")]
+        in_flight = 0
+        for owner in _entries(self.root / "tmp"):
+            for entry in _entries(Path(owner.path)):
+                if entry.name == ".lock":
+                    continue
+                with contextlib.suppress(OSError):
+                    announced = self._shared.writers.get(entry.name, 0)
+                    in_flight += max(entry.stat().st_size, announced)
+        return Inventory(
+            blobs=self._objects(self.root / "blobs", 2),
+            manifests=self._objects(self.root / "manifests", 1),
+            tags=tags,
+            links=links,
+            in_flight=in_flight,
+        )
+
+    @staticmethod
+    def _objects(top: Path, depth: int) -> dict[Digest, StoredObject]:
+        objects = {}
+        for digest, entry in _digest_files(top, depth):
+            with contextlib.suppress(OSError):
+                stat = entry.stat()
+                objects[digest] = StoredObject(digest, stat.st_size, stat.st_mtime)
+        return objects
+
+    async def remove(self, removal: Removal) -> Removed:
+        return await asyncio.to_thread(self._remove_sync, removal)
+
+    def _remove_sync(self, removal: Removal) -> Removed:
+        locked: list[tuple[Digest, Path, int]] = []
+        busy: set[Digest] = set()
+        try:
+            for digest in removal.digests:
+                if self._shared.in_use.get(digest):
+                    busy.add(digest)
+                    continue
+                path = self._blob_file(digest)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                locked.append((digest, path, fd))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    busy.add(digest)  # a reader in another process
+            if busy:
+                return Removed(frozenset(), 0, frozenset(busy))
+            removed: set[Digest] = set()
+            freed = 0
+            for digest, path, fd in locked:
+                size = os.fstat(fd).st_size
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.add(digest)
+                    freed += size
+            for digest in removal.digests:
+                path = self._manifest_file(digest)
+                with contextlib.suppress(FileNotFoundError):
+                    size = os.stat(path).st_size
+                    path.unlink()
+                    removed.add(digest)
+                    freed += size
+        finally:
+            for _, _, fd in locked:
+                os.close(fd)
+        for repository, tag in removal.tags:
+            path = self._repository_dir(repository) / "_tags" / tag
+            with contextlib.suppress(OSError):
+                record = _parse_tag(path.read_bytes())
+                # Only while it still names what went: it may have moved on meanwhile.
+                if record is None or record.digest in removal.digests:
+                    path.unlink()
+        for repository, digest in removal.links:
+            self._link_file(repository, digest).unlink(missing_ok=True)
+        # Directories stay: another process may be about to write into one.
+        return Removed(frozenset(removed), freed)
+
+
+def _parse_tag(raw: bytes) -> TagRecord | None:
+    """A stored tag record; None when unreadable (a miss, never an error)."""
+    try:
+        data = json.loads(raw)
+        return TagRecord(
+            Digest.parse(data["digest"]), data["media_type"], data["size"], data["checked_at"]
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _digest_files(top: Path, depth: int) -> Iterator[tuple[Digest, os.DirEntry[str]]]:
+    """The files ``<top>/<alg>/<hex>`` (depth 1) or ``<top>/<alg>/<hex[:2]>/<hex>`` (depth 2)
+    named by a valid digest; anything else (temp names, strays) is skipped."""
+    for algorithm in _entries(top):
+        directories = [algorithm]
+        if depth == 2:
+            directories = [d for d in _entries(Path(algorithm.path)) if d.is_dir()]
+        for directory in directories:
+            for entry in _entries(Path(directory.path)):
+                try:
+                    digest = Digest.parse(f"{algorithm.name}:{entry.name}")
+                except ReferenceError:
+                    continue
+                if entry.is_file():
+                    yield digest, entry
 
 
 class _FileClaim:
@@ -266,6 +549,9 @@ class _FileBlobWriter:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
         self._pending: deque[_Queued] = deque()
         self._written = 0
+        self._registered = True  # in use, and announced for the in-flight bytes
+        cache._shared.in_use[digest] += 1
+        cache._shared.writers[self._path.name] = expected_size or 0
 
     @property
     def spool_path(self) -> Path:
@@ -328,7 +614,10 @@ class _FileBlobWriter:
             raise DigestMismatch(f"got {self._written} bytes, expected {self._expected_size}")
         # The rename happens on the event loop thread, so that readers which look up the
         # spool path and the committed path never see neither.
-        return self._cache.commit_file(self._path, self._digest)
+        try:
+            return self._cache.commit_file(self._path, self._digest)
+        finally:
+            self._unregister()
 
     async def abort(self) -> None:
         self._on_written = None  # readers must not be told of bytes that are going away
@@ -337,6 +626,13 @@ class _FileBlobWriter:
                 await self._pending.popleft().future
         self._close()
         self._path.unlink(missing_ok=True)
+        self._unregister()
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._cache._shared.writers.pop(self._path.name, None)
+            self._cache._release(self._digest)
 
     def _close(self) -> None:
         self._file.close()

@@ -31,6 +31,7 @@ from mirrorrouter.config.model import (
     UpstreamSettings,
     cache_dirname,
     default_mirror,
+    pin_pattern_problem,
 )
 from mirrorrouter.config.reader import (
     KeyLines,
@@ -117,6 +118,8 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     cache = CacheSettings(
         backend=cache_t.get("backend", str, "filesystem", check=one_of("filesystem")),
         directory=base_dir / cache_t.get("directory", str, "cache"),
+        max_size=cache_t.size("max_size"),
+        pins=tuple(cache_t.get("pins", list, [], check=_pin_patterns)),
     )
     cache_t.finish()
 
@@ -204,6 +207,8 @@ def _upstream(
     upstream_cache = CacheSettings(
         backend=cache.backend,
         directory=cache.directory / cache_t.get("directory", str, cache_dirname(name)),
+        max_size=cache_t.size("max_size"),
+        pins=cache.pins,
     )
     cache_t.finish()
     upstream = UpstreamSettings(
@@ -332,6 +337,16 @@ def _check_routes(reader: Reader, routes: tuple[Route, ...]) -> None:
 def _registries(value: list[Any]) -> str | None:
     ok = all(isinstance(v, str) and REGISTRY_RE.fullmatch(v) for v in value)
     return None if ok else "a list of registry hosts like gcr.io or registry.corp:5000"
+
+
+def _pin_patterns(value: list[Any]) -> str | None:
+    for item in value:
+        if not isinstance(item, str):
+            return "a list of strings"
+        problem = pin_pattern_problem(item)
+        if problem is not None:
+            return f"a list of {problem} ({item!r} is not one)"
+    return None
 
 
 def _capabilities(value: list[Any]) -> str | None:

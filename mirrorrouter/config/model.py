@@ -65,6 +65,11 @@ class Mirror:
 class CacheSettings:
     backend: str
     directory: Path
+    # Bytes this cache may hold (``[cache]``: all caches together); None: no bound.
+    max_size: int | None = None
+    # Glob patterns over canonical ``name:tag`` whose images are never evicted (``[cache]``;
+    # an upstream's settings carry the same list).
+    pins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +209,11 @@ class Settings:
             aliases=frozenset(),
             mirrors=(default_mirror(registry),),
             credentials=None,
-            cache=CacheSettings(self.cache.backend, self.cache.directory / cache_dirname(registry)),
+            cache=CacheSettings(
+                self.cache.backend,
+                self.cache.directory / cache_dirname(registry),
+                pins=self.cache.pins,
+            ),
             policy=self.defaults,
             from_pattern=True,
         )
@@ -218,3 +227,33 @@ def default_mirror(registry: str) -> Mirror:
 def cache_dirname(registry: str) -> str:
     """A directory name for a registry's cache (``127.0.0.1:5000`` -> ``127.0.0.1_5000``)."""
     return registry.replace(":", "_").replace("[", "").replace("]", "")
+
+
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def pin_pattern_problem(pattern: str) -> str | None:
+    """What is wrong with a pin pattern (a glob over canonical ``name:tag``), or None.
+
+    Canonical names start with their registry, so a first component without glob characters
+    must look like a registry host (``docker.io``, ``registry.corp:5000``, ``localhost``):
+    ``alpine:*`` would never match anything; nor would a name with no tag and no glob.
+    """
+    if not pattern or any(c.isspace() for c in pattern):
+        return "patterns without spaces"
+    first = pattern.split("/", 1)[0]
+    if "/" not in pattern:
+        registry_first = pattern[0] in _GLOB_CHARACTERS  # a name always has a "/"
+    else:
+        registry_first = not _GLOB_CHARACTERS.isdisjoint(first) or (
+            "." in first or ":" in first or first == "localhost"
+        )
+    if not registry_first:
+        return (
+            "patterns over canonical names, registry first, such as "
+            "docker.io/library/alpine:* or gcr.io/distroless/*"
+        )
+    last = pattern.rsplit("/", 1)[-1]
+    if _GLOB_CHARACTERS.isdisjoint(pattern) and ":" not in last and "@" not in last:
+        return "patterns over name:tag, such as docker.io/library/alpine:* for every tag"
+    return None

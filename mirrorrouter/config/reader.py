@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -30,6 +31,33 @@ def parse_duration(value: object) -> float | None:
         return float(value) if value >= 0 else None
     if isinstance(value, str) and _DURATION_RE.fullmatch(value):
         return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(value))
+    return None
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]i?b|b)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgtp")},
+    **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgtp")},
+}
+
+
+def parse_size(value: object) -> int | None:
+    """Bytes from a number or a string like ``500MiB``, ``20GiB``, ``1TB``, ``1.5GB``; else None.
+
+    ``KiB``, ``MiB``, ``GiB``, ``TiB``, ``PiB`` are powers of 1024; ``kB``, ``MB``, ``GB``,
+    ``TB``, ``PB`` powers of 1000; ``B`` or no unit is bytes. Units ignore case; a
+    fraction of a byte is dropped.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match:
+            number, unit = match.groups()
+            return int(Fraction(number) * _SIZE_UNITS[(unit or "b").lower()])
     return None
 
 
@@ -122,6 +150,21 @@ class Table:
             )
             return default
         return seconds
+
+    def size(self, key: str, default: int | None = None) -> int | None:
+        """A positive byte size (``parse_size``), or ``default`` when the key is absent."""
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        size = parse_size(self.data[key])
+        if not size:
+            self.reader.problem(
+                (*self.path, key),
+                f"expected a size such as 500MiB, 20GiB or 1TB (or a number of bytes, "
+                f"more than 0), got {self.data[key]!r}",
+            )
+            return default
+        return size
 
     def table(self, key: str) -> Table:
         self.used.add(key)
