@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -24,6 +24,7 @@ from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.endpoints import Endpoints
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+from mirrorrouter.statuspage import render_status
 from mirrorrouter.timing import REAL_TIME, Timing
 
 log = logging.getLogger("mirrorrouter")
@@ -94,6 +95,8 @@ def create_app(
             Route("/metrics", _metrics(endpoints), methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET", "HEAD"]),
             Route("/readyz", _readyz(endpoints), methods=["GET", "HEAD"]),
+            Route("/_/", _status(endpoints), methods=["GET", "HEAD"]),
+            Route("/", _to_status, methods=["GET", "HEAD"]),
             Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS),
         ],
         exception_handlers={
@@ -119,6 +122,18 @@ def _readyz(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return readyz
+
+
+def _status(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
+    async def status(request: Request) -> Response:
+        return HTMLResponse(render_status(await endpoints.status()))
+
+    return status
+
+
+async def _to_status(request: Request) -> Response:
+    """A person opening the mirror's address finds the status page."""
+    return RedirectResponse("/_/", status_code=307)
 
 
 def _metrics(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
+from cachetools import TTLCache
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
-from mirrorrouter import logs
+from mirrorrouter import __version__, logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
 from mirrorrouter.breaker import CircuitState
 from mirrorrouter.clientauth import Authenticator, Identity
-from mirrorrouter.config import Settings
+from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.eviction import Evictor
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
 from mirrorrouter.oci import (
@@ -38,6 +41,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pullthrough import ManifestAnswer, Pullthrough
 from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
+from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
 from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"
@@ -95,13 +99,20 @@ class Endpoints:
         self.auth = Authenticator(settings.auth, clock=timing.wall) if settings.auth else None
         self.access = AccessPolicy(settings)
         self.audit = AuditLog(settings.audit.file)
+        # The evictor keeps the injected clocks but waits on the real sleep: its interval is
+        # a background cadence, and tests inject a sleep that returns at once (for retries).
+        self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
+        self.pull.on_commit = self.evictor.committed
+        self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         await self.pull.start()
+        self.evictor.start()  # a round now, then one a minute, and when a commit crosses a limit
         try:
             yield
         finally:
+            await self.evictor.stop()
             await self.pull.close()
             self.audit.close()
 
@@ -370,6 +381,60 @@ class Endpoints:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             bytes=size,
         )
+
+    async def status(self) -> StatusSnapshot:
+        """What the status page shows: every upstream's mirrors, cache and tallies; recent pulls."""
+        upstreams = []
+        for upstream in self.settings.upstreams.values():
+            breakers = {b.name: b for b in self.pull.breakers(upstream)}
+            mirrors = tuple(
+                MirrorStatus(
+                    mirror.url,
+                    tuple(sorted(c.value for c in mirror.capabilities)),
+                    breakers[mirror.name].state.value if mirror.name in breakers else "closed",
+                    breakers[mirror.name].failures if mirror.name in breakers else 0,
+                )
+                for mirror in upstream.mirrors
+            )
+            size, entries = await self._cache_usage(upstream)
+            tally = self.metrics.tallies.of(upstream.name)
+            self.metrics.cache_bytes.labels(upstream.name).set(size)
+            self.metrics.cache_entries.labels(upstream.name).set(entries)
+            upstreams.append(
+                UpstreamStatus(
+                    upstream.name,
+                    mirrors,
+                    size,
+                    entries,
+                    tally.hits,
+                    tally.misses,
+                    tally.stale,
+                    tally.bytes_from_cache,
+                    tally.bytes_from_upstream,
+                )
+            )
+        recent = tuple(
+            RecentPull(
+                p.time,
+                "" if p.user == "anonymous" else p.user,
+                p.reference,
+                p.digest,
+                p.upstream,
+                p.cache,
+                p.bytes,
+            )
+            for p in self.metrics.tallies.recent
+        )
+        return StatusSnapshot(__version__, self.metrics.started_at, tuple(upstreams), recent)
+
+    async def _cache_usage(self, upstream: UpstreamSettings) -> tuple[int, int]:
+        """Bytes and entries in an upstream's cache; a scan at most every 30 s."""
+        known = self._usage.get(upstream.name)
+        if known is None:
+            inventory = await (await self.pull.site(upstream)).cache.inventory()
+            known = (inventory.stored_bytes, len(inventory.blobs) + len(inventory.manifests))
+            self._usage[upstream.name] = known
+        return known
 
     def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:
         """Ready: the config is loaded and every cache is writable.

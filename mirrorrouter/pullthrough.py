@@ -171,6 +171,8 @@ class Pullthrough:
         self.clock = timing.wall
         self._transport = transport
         self._sites: dict[str, UpstreamSite] = {}
+        # Told (upstream, bytes) after each blob commit: the evictor keeps caches in bounds.
+        self.on_commit: Callable[[str, int], None] | None = None
         self._site_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -254,6 +256,7 @@ class Pullthrough:
         stored = site.cached_manifest(ref, self.clock())
         if stored is None or not accepts(accept, stored.media_type):
             return None
+        site.cache.touch(stored.digest)  # a memory hit is an access too (eviction is LRU)
         return ManifestAnswer(stored, CacheStatus.HIT, upstream.name)
 
     async def _manifest_by_digest(
@@ -424,6 +427,8 @@ class Pullthrough:
             committed = await writer.commit()
             await site.link(fill.repository, [fill.digest])
             fill.finish(committed)
+            if self.on_commit is not None:
+                self.on_commit(site.settings.name, writer.written)
         except DigestMismatch as error:
             self._on_corrupt(site, fill, error)
         except BaseException as error:

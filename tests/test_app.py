@@ -49,7 +49,7 @@ async def test_base_endpoint_answers_with_api_version(client: httpx.AsyncClient)
 @pytest.mark.parametrize(
     ("method", "path", "status", "code"),
     [
-        ("GET", "/", 404, "NAME_UNKNOWN"),
+        ("GET", "/nothing", 404, "NAME_UNKNOWN"),
         ("GET", "/index.html", 404, "NAME_UNKNOWN"),
         ("GET", "/v2/evil.example/x/manifests/1", 404, "NAME_UNKNOWN"),
         ("GET", "/v2/UPPER/manifests/latest", 400, "NAME_INVALID"),

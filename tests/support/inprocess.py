@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from mirrorrouter.app import Gateway as GatewayApp
 from mirrorrouter.app import create_app
 from mirrorrouter.config import parse_settings
 from mirrorrouter.timing import Timing
@@ -31,6 +32,7 @@ class Gateway:
     fake: FakeRegistry
     clock: Clock
     cache_dir: Path
+    app: GatewayApp
 
 
 def config(
@@ -78,4 +80,4 @@ async def gateway(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mirror") as client:
-            yield Gateway(client, fake, clock, tmp_path / "cache")
+            yield Gateway(client, fake, clock, tmp_path / "cache", app)
