@@ -18,22 +18,10 @@ import pytest
 from tests.support.clients import Containerd, Skopeo, write_hosts_toml
 from tests.support.faultproxy import FaultProxy, closed_port_url
 from tests.support.gateway import GatewayProcess
-from tests.support.images import Descriptor, ImageFactory, PushedImage, session_factory
+from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.registry import DistributionRegistry
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module")
-def factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFactory:
-    return session_factory(tmp_path_factory)
-
-
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    """A registry of this test's own, standing in for docker.io."""
-    with DistributionRegistry(tmp_path / "upstream") as registry:
-        yield registry
 
 
 def hub_config(cache: Path, mirrors: list[str], policy: str = "") -> str:

@@ -10,29 +10,16 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.clients import Skopeo
 from tests.support.gateway import GatewayProcess
-from tests.support.images import ImageFactory, session_factory
+from tests.support.images import ImageFactory
 from tests.support.registry import DistributionRegistry
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module")
-def factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFactory:
-    return session_factory(tmp_path_factory)
-
-
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    """A registry of this test's own, standing in for docker.io."""
-    with DistributionRegistry(tmp_path / "upstream") as registry:
-        yield registry
 
 
 def hub_config(cache: Path, upstream: DistributionRegistry) -> str:
