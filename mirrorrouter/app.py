@@ -138,7 +138,7 @@ async def _to_status(request: Request) -> Response:
 
 def _metrics(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def metrics(request: Request) -> Response:
-        return Response(endpoints.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await endpoints.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

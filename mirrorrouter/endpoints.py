@@ -398,8 +398,6 @@ class Endpoints:
             )
             size, entries = await self._cache_usage(upstream)
             tally = self.metrics.tallies.of(upstream.name)
-            self.metrics.cache_bytes.labels(upstream.name).set(size)
-            self.metrics.cache_entries.labels(upstream.name).set(entries)
             upstreams.append(
                 UpstreamStatus(
                     upstream.name,
@@ -428,13 +426,22 @@ class Endpoints:
         return StatusSnapshot(__version__, self.metrics.started_at, tuple(upstreams), recent)
 
     async def _cache_usage(self, upstream: UpstreamSettings) -> tuple[int, int]:
-        """Bytes and entries in an upstream's cache; a scan at most every 30 s."""
+        """Bytes and entries in an upstream's cache (also set as gauges); a scan at most
+        every 30 s."""
         known = self._usage.get(upstream.name)
         if known is None:
             inventory = await (await self.pull.site(upstream)).cache.inventory()
             known = (inventory.stored_bytes, len(inventory.blobs) + len(inventory.manifests))
             self._usage[upstream.name] = known
+            self.metrics.cache_bytes.labels(upstream.name).set(known[0])
+            self.metrics.cache_entries.labels(upstream.name).set(known[1])
         return known
+
+    async def metrics_page(self) -> bytes:
+        """The /metrics text, with the cache gauges fresh (to within 30 s)."""
+        for upstream in self.settings.upstreams.values():
+            await self._cache_usage(upstream)
+        return self.metrics.exposition()
 
     def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:
         """Ready: the config is loaded and every cache is writable.

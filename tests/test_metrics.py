@@ -87,6 +87,8 @@ async def test_metrics_count_what_happened(
     assert value(found, "mirrorrouter_bytes_total", upstream="docker.io", source="upstream") == size
     assert value(found, "mirrorrouter_bytes_total", upstream="docker.io", source="cache") == size
     assert fake.count("GET", f"/blobs/{layer}") == 1  # one upstream fetch, as counted
+    assert value(found, "mirrorrouter_cache_bytes", upstream="docker.io") >= size
+    assert value(found, "mirrorrouter_cache_entries", upstream="docker.io") >= 2
     assert (
         value(
             found,
