@@ -102,7 +102,7 @@ class Endpoints:
         # The evictor keeps the injected clocks but waits on the real sleep: its interval is
         # a background cadence, and tests inject a sleep that returns at once (for retries).
         self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
-        self.pull.on_commit = self.evictor.committed
+        self.pull.filler.on_commit = self.evictor.committed
         self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
 
     @asynccontextmanager

@@ -5,8 +5,9 @@
 - **Tags move**: within the upstream's ``tag_ttl`` the cached answer is served with no
   upstream request; after it, a HEAD revalidates (Docker Hub does not count HEADs against
   its pull quota) and a GET follows only when the digest changed.
-- **One upstream fetch per digest** however many clients ask at once (``singleflight``);
-  concurrent fetches of one tag are coalesced the same way.
+- **One upstream fetch per digest** however many clients ask at once (``singleflight``;
+  the download itself is in ``fill.py``); concurrent fetches of one tag are coalesced the
+  same way.
 - **Repository links**: a cached blob or manifest is served for a repository only if that
   repository's manifest referenced it or the upstream confirmed it there, so a private
   blob never leaks through another repository's name.
@@ -21,36 +22,24 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
-from cachetools import LRUCache, TTLCache
 
 from mirrorrouter.breaker import CircuitBreaker
 from mirrorrouter.cache import (
-    BlobWriter,
-    CacheBackend,
-    Claim,
-    DigestMismatch,
     StoredManifest,
     TagRecord,
     open_backend,
 )
-from mirrorrouter.config import Capability, Settings, UpstreamSettings
-from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.fill import Filler
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import INDEX_MEDIA_TYPES
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
-from mirrorrouter.singleflight import BlobFill, Coalescer
+from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream import FetchedManifest, UpstreamClient
 
 log = logging.getLogger("mirrorrouter.pullthrough")
-
-MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
-TAG_MEMORY_ENTRIES = 100_000
-NOT_FOUND_ENTRIES = 10_000
-LINK_MEMORY_ENTRIES = 200_000
-SUSPECT_SECONDS = 3600.0
-MAX_RESUMES = 5  # per blob download
-CLAIM_POLL_SECONDS = 0.05  # how often a worker checks another worker's download
 
 
 class CacheStatus:
@@ -78,82 +67,6 @@ class BlobAnswer:
     mirror: str | None = None  # the mirror a miss comes from
 
 
-class UpstreamSite:
-    """One upstream at run time: its client, its cache, its fills and memory indexes."""
-
-    def __init__(
-        self,
-        settings: UpstreamSettings,
-        client: UpstreamClient,
-        cache: CacheBackend,
-        clock: Callable[[], float],
-    ) -> None:
-        self.settings = settings
-        self.client = client
-        self.cache = cache
-        self.fills: dict[Digest, BlobFill] = {}
-        self.coalescer = Coalescer()
-        self.manifests: LRUCache[Digest, StoredManifest] = LRUCache(
-            maxsize=MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 200
-        )
-        self.tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY_ENTRIES)
-        # (repository, digest) pairs known to be linked: the hot path does no stat.
-        self.links: LRUCache[tuple[str, Digest], bool] = LRUCache(maxsize=LINK_MEMORY_ENTRIES)
-        # Mirrors that served content failing verification, per digest: not asked again.
-        self.suspects: TTLCache[Digest, frozenset[str]] = TTLCache(
-            maxsize=NOT_FOUND_ENTRIES, ttl=SUSPECT_SECONDS, timer=clock
-        )
-        # Upstream "not found" answers by (repository, reference), for negative_ttl.
-        self.not_found: TTLCache[tuple[str, str], RegistryError] = TTLCache(
-            maxsize=NOT_FOUND_ENTRIES, ttl=max(settings.policy.negative_ttl, 1e-9), timer=clock
-        )
-
-    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
-        stored = self.manifests.get(digest)
-        if stored is None:
-            stored = await self.cache.get_manifest(digest)
-            if stored is not None:
-                self.manifests[digest] = stored
-        return stored
-
-    async def is_linked(self, repository: str, digest: Digest) -> bool:
-        if (repository, digest) in self.links:
-            return True
-        if await self.cache.is_linked(repository, digest):
-            self.links[(repository, digest)] = True
-            return True
-        return False
-
-    async def link(self, repository: str, digests: list[Digest]) -> None:
-        await self.cache.link(repository, digests)
-        for digest in digests:
-            self.links[(repository, digest)] = True
-
-    def cached_manifest(self, ref: ImageReference, now: float) -> StoredManifest | None:
-        """The manifest for ``ref`` when memory alone can answer for certain: a linked digest,
-        or a tag within its TTL. The hot path of every pull, with no I/O."""
-        if ref.digest is not None:
-            if (ref.repository, ref.digest) not in self.links:
-                return None
-            return self.manifests.get(ref.digest)
-        record = self.tags.get((ref.repository, ref.tag or ""))
-        if record is None or now - record.checked_at >= self.settings.policy.tag_ttl:
-            return None
-        return self.manifests.get(record.digest)
-
-    async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
-        record = self.tags.get((repository, tag))
-        if record is None:
-            record = await self.cache.get_tag(repository, tag)
-            if record is not None:
-                self.tags[(repository, tag)] = record
-        return record
-
-    async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
-        self.tags[(repository, tag)] = record
-        await self.cache.put_tag(repository, tag, record)
-
-
 class Pullthrough:
     """Serves pulls for every upstream through its cache."""
 
@@ -171,10 +84,8 @@ class Pullthrough:
         self.clock = timing.wall
         self._transport = transport
         self._sites: dict[str, UpstreamSite] = {}
-        # Told (upstream, bytes) after each blob commit: the evictor keeps caches in bounds.
-        self.on_commit: Callable[[str, int], None] | None = None
         self._site_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.filler = Filler(self.metrics, timing)  # the blob downloads (fill.py)
 
     async def start(self) -> None:
         """Open every configured upstream's cache (sweeping interrupted writes)."""
@@ -182,9 +93,7 @@ class Pullthrough:
             await self.site(upstream)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.filler.close()
         for site in self._sites.values():
             await site.client.aclose()
             await site.cache.close()
@@ -381,7 +290,7 @@ class Pullthrough:
             )
         fill = site.fills.get(digest)
         if fill is None:
-            fill = self._start_fill(site, repository, digest)
+            fill = self.filler.start(site, repository, digest)
         else:
             fill.followers += 1
             self.metrics.followers.labels(upstream.name).inc()
@@ -405,180 +314,6 @@ class Pullthrough:
             f"blob {digest} is not known in repository {repository}",
             detail={"upstream": site.settings.name},
         )
-
-    def _start_fill(self, site: UpstreamSite, repository: str, digest: Digest) -> BlobFill:
-        fill = BlobFill(digest, repository)
-        site.fills[digest] = fill
-        task = asyncio.get_running_loop().create_task(self._run_fill(site, fill))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return fill
-
-    async def _run_fill(self, site: UpstreamSite, fill: BlobFill) -> None:
-        """Download, verify and commit one blob; readers follow ``fill`` meanwhile."""
-        claim = None
-        try:
-            claim = await self._claim(site, fill)
-            if claim is None:
-                return  # another worker process committed it meanwhile
-            writer = await self._download(site, fill)
-            if writer is None:
-                return  # degraded: readers stream straight from upstream
-            committed = await writer.commit()
-            await site.link(fill.repository, [fill.digest])
-            fill.finish(committed)
-            if self.on_commit is not None:
-                self.on_commit(site.settings.name, writer.written)
-        except DigestMismatch as error:
-            self._on_corrupt(site, fill, error)
-        except BaseException as error:
-            if not isinstance(error, RegistryError | asyncio.CancelledError):
-                log.warning("blob %s from %s failed: %s", fill.digest, fill.mirror, error)
-            fill.fail(error)
-            if isinstance(error, asyncio.CancelledError):
-                raise
-        finally:
-            if claim is not None:
-                claim.release()
-            if site.fills.get(fill.digest) is fill:
-                del site.fills[fill.digest]
-
-    async def _claim(self, site: UpstreamSite, fill: BlobFill) -> Claim | None:
-        """Claim the download among worker processes sharing the cache. While another
-        process holds it, wait; when it is done, serve its committed blob (None), or take the
-        claim over if it died or failed. One upstream fetch however many workers ask."""
-        while True:
-            claim = site.cache.try_claim(fill.digest)
-            size = await site.cache.blob_size(fill.digest)
-            if size is not None:
-                if claim is not None:
-                    claim.release()
-                path = site.cache.blob_path(fill.digest)
-                assert path is not None
-                await site.link(fill.repository, [fill.digest])
-                fill.begin(path, size, "cache")
-                fill.progress(size)
-                fill.finish(path)
-                return None
-            if claim is not None:
-                return claim
-            await self.timing.sleep(CLAIM_POLL_SECONDS)
-
-    async def _download(self, site: UpstreamSite, fill: BlobFill) -> BlobWriter | None:
-        """Stream the blob into a writer, resuming mid-blob with Range on the same or the
-        next mirror; None when the cache could not take it (the fill is then degraded)."""
-        writer: BlobWriter | None = None
-        exclude = site.suspects.get(fill.digest, frozenset())
-        if all(m.name in exclude for m in site.client.mirrors(Capability.PULL)):
-            exclude = frozenset()  # every mirror failed once: ask them all again
-        resumes = 0
-        try:
-            while True:
-                offset = writer.written if writer is not None else 0
-                try:
-                    async with site.client.open_blob(
-                        fill.repository, fill.digest, offset, exclude=exclude
-                    ) as stream:
-                        fill.mirrors.add(stream.mirror)
-                        if writer is None:
-                            writer = self._writer(site, fill, stream.size)
-                            if writer is None:
-                                return None
-                            fill.begin(writer.spool_path, stream.size, stream.mirror)
-                        elif None not in (stream.size, fill.size) and stream.size != fill.size:
-                            raise UpstreamError(
-                                f"blob size changed from {fill.size} to {stream.size}",
-                                mirror=stream.mirror,
-                                is_temporary=False,
-                            )
-                        if not await self._spool(site, fill, writer, stream.chunks()):
-                            writer = None
-                            return None
-                    return writer
-                except UpstreamError as error:
-                    if writer is None or not error.is_temporary or resumes >= MAX_RESUMES:
-                        raise
-                    resumes += 1
-                    self.metrics.resumes.labels(site.settings.name).inc()
-                    log.warning(
-                        "blob %s: %s; resuming at byte %d (resume %d)",
-                        fill.digest,
-                        error,
-                        writer.written,
-                        resumes,
-                    )
-        except BaseException:
-            if writer is not None:
-                await writer.abort()
-            raise
-
-    async def _spool(
-        self, site: UpstreamSite, fill: BlobFill, writer: BlobWriter, chunks: AsyncIterator[bytes]
-    ) -> bool:
-        """Write the chunks, telling readers as bytes land; False when the cache could not
-        take them (the writer is aborted and the fill degraded)."""
-        try:
-            try:
-                async for chunk in chunks:
-                    await writer.write(chunk)  # readers hear of it through on_written
-                    self.metrics.fetched(site.settings.name, len(chunk))
-            finally:
-                await writer.flush()  # keep what arrived, also before a resume
-        except OSError as error:
-            await writer.abort()
-            self._degrade(site, fill, error)
-            return False
-        return True
-
-    def _writer(self, site: UpstreamSite, fill: BlobFill, size: int | None) -> BlobWriter | None:
-        try:
-            return site.cache.blob_writer(fill.digest, size, on_written=fill.progress)
-        except OSError as error:
-            fill.size = size
-            self._degrade(site, fill, error)
-            return None
-
-    def _degrade(self, site: UpstreamSite, fill: BlobFill, error: OSError) -> None:
-        """The cache cannot take the blob (disk full): serve it without caching."""
-        log.error(
-            "cache of %s cannot store blob %s (%s): streaming it from upstream uncached",
-            site.settings.name,
-            fill.digest,
-            error,
-        )
-        repository, digest = fill.repository, fill.digest
-
-        async def direct(start: int, end: int | None) -> AsyncIterator[bytes]:
-            async with site.client.open_blob(repository, digest, start) as stream:
-                remaining = None if end is None else end - start
-                async for chunk in stream.chunks():
-                    if remaining is not None:
-                        chunk = chunk[:remaining]
-                        remaining -= len(chunk)
-                    if chunk:
-                        yield chunk
-                    if remaining == 0:
-                        return
-
-        fill.degrade(direct, fill.size)
-
-    def _on_corrupt(self, site: UpstreamSite, fill: BlobFill, error: DigestMismatch) -> None:
-        """Never cache or serve the bad bytes; never ask those mirrors for this blob again
-        (for a while), and start over from the next mirror so a retry finds it."""
-        bad = site.suspects.get(fill.digest, frozenset()) | frozenset(fill.mirrors)
-        site.suspects[fill.digest] = bad
-        log.error(
-            "blob %s from mirror %s failed verification (%s): not cached",
-            fill.digest,
-            ", ".join(sorted(fill.mirrors)),
-            error,
-        )
-        for name in fill.mirrors:
-            site.client.report_failure(name)
-        fill.fail(error)
-        del site.fills[fill.digest]
-        if any(m.name not in bad for m in site.client.mirrors(Capability.PULL)):
-            self._start_fill(site, fill.repository, fill.digest)
 
     # ------------------------------------------------------------------ tags, referrers
 

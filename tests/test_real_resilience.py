@@ -173,7 +173,11 @@ def test_blob_cut_mid_stream_resumes_with_range(stocked: Stocked, tmp_path: Path
             assert fetch_digest(f"{gw.url}/v2/library/large/blobs/{layer.digest}") == layer.digest
             assert "resuming at byte" in gw.log()
         gets = [r for r in proxy.requests() if r.method == "GET" and layer.digest in r.path]
-    assert [r.range for r in gets] == [None, f"bytes={30 * 1024 * 1024}-"]
+    # Resumed from the last byte received: at the cut, or a little before it when the
+    # transport drops what it had buffered as the connection broke (aiohttp does).
+    assert len(gets) == 2 and gets[0].range is None
+    offset = int((gets[1].range or "").removeprefix("bytes=").rstrip("-"))
+    assert 26 * 1024 * 1024 <= offset <= 30 * 1024 * 1024
 
 
 def test_corrupting_mirror_is_never_cached(stocked: Stocked, tmp_path: Path) -> None:

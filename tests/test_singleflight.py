@@ -110,7 +110,7 @@ async def test_fill_goes_on_when_the_first_client_leaves(
         await anext(reader)
         await reader.aclose()  # type: ignore[attr-defined]
         upstream.gate.set()
-        await asyncio.gather(*pull._tasks)
+        await asyncio.gather(*pull.filler.tasks)
         assert committed(tmp_path).read_bytes() == PAYLOAD
         again = await pull.blob(hub, "library/a", DIGEST)
         assert again.cache == "HIT" and upstream.blob_gets == 1
