@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -303,10 +302,6 @@ def host_is_path_component(registry: str) -> bool:
 def _s(value: str) -> str:
     """A string as a TOML basic string, a JSON string and a YAML double-quoted scalar."""
     return json.dumps(value)
-
-
-def _list(values: Iterable[str]) -> str:
-    return "[" + ", ".join(_s(v) for v in values) + "]"
 
 
 def _comment(text: str, width: int = 92) -> str:

@@ -86,11 +86,6 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
-def is_digest(text: str) -> bool:
-    """Whether ``text`` looks like a digest reference (has an algorithm prefix)."""
-    return ":" in text
-
-
 def looks_like_registry(component: str) -> bool:
     """Whether the first path component of a name is a registry host (the docker rule)."""
     return (
