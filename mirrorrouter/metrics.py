@@ -71,6 +71,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.tallies = Tallies()
+        # Labelled children of the per-request counters, looked up once: labels() takes a lock
+        # and builds its key on every call, which the manifest hot path felt.
+        self._request_children: dict[tuple[str, str, str, int], Counter] = {}
+        self._cache_children: dict[tuple[str, str, str], Counter] = {}
         self.started_at = time.time()
         r = self.registry
         self.requests = Counter(
@@ -154,10 +158,20 @@ class Metrics:
     # ------------------------------------------------------------------ recording
 
     def request(self, route: str, upstream: str, method: str, status: int) -> None:
-        self.requests.labels(route, upstream, method, str(status)).inc()
+        key = (route, upstream, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(
+                route, upstream, method, str(status)
+            )
+        child.inc()
 
     def cache_result(self, upstream: str, kind: str, result: str) -> None:
-        self.cache_results.labels(upstream, kind, result).inc()
+        key = (upstream, kind, result)
+        child = self._cache_children.get(key)
+        if child is None:
+            child = self._cache_children[key] = self.cache_results.labels(upstream, kind, result)
+        child.inc()
         tally = self.tallies.of(upstream)
         if result == "HIT":
             tally.hits += 1
