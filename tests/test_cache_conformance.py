@@ -354,6 +354,23 @@ async def test_tags_are_per_repository(backend: Harness) -> None:
     assert await cache.get_tag("library/alpine", "other") is None
 
 
+async def test_tags_are_listed_and_deleted(backend: Harness) -> None:
+    """list_tags names one repository's tags, sorted; delete_tag forgets one whatever it names."""
+    cache = backend.cache
+    assert await cache.list_tags("team/app") == []
+    for tag in ("v2", "latest", "v1"):
+        await cache.put_tag("team/app", tag, record(tag.encode()))
+    await cache.put_tag("team/app/sub", "other", record(b"sub"))
+    await cache.put_tag("team/other", "v9", record(b"other"))
+    assert await cache.list_tags("team/app") == ["latest", "v1", "v2"]
+    assert await cache.delete_tag("team/app", "v1")
+    assert not await cache.delete_tag("team/app", "v1")
+    assert await cache.get_tag("team/app", "v1") is None
+    assert await cache.list_tags("team/app") == ["latest", "v2"]
+    assert await cache.list_tags("team/other") == ["v9"]
+    assert backend.leftovers() == []
+
+
 VALID_TAG_FIELDS = {
     "digest": str(Digest.of(b"x")),
     "media_type": OCI_MANIFEST,
@@ -420,6 +437,9 @@ async def test_links_are_per_repository(backend: Harness) -> None:
     await cache.link("team/a", [blob])  # idempotent
     await cache.link("team/a", [])
     assert await cache.is_linked("team/a", blob)
+    assert await cache.linked("team/a") == {blob, manifest}
+    assert await cache.linked("team/a/sub") == frozenset()
+    assert await cache.linked("team/b") == frozenset()
 
 
 # ---------------------------------------------------------------------- restarts

@@ -185,10 +185,22 @@ class CacheBackend(Protocol):
 
     async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None: ...
 
+    async def list_tags(self, repository: str) -> list[str]:
+        """The tags recorded for a repository, sorted; empty for an unknown repository."""
+        ...
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        """Forget a tag record whatever it names; whether there was one."""
+        ...
+
     # -- links
     async def is_linked(self, repository: str, digest: Digest) -> bool: ...
 
     async def link(self, repository: str, digests: list[Digest]) -> None: ...
+
+    async def linked(self, repository: str) -> frozenset[Digest]:
+        """Every digest linked to one repository (hosted referrers, deletes)."""
+        ...
 
     # -- bounds: access times, in-use, inventory, removal (see the module docstring)
     def touch(self, digest: Digest) -> None:

@@ -241,6 +241,18 @@ class FilesystemCache:
         path = self._repository_dir(repository) / "_tags" / tag
         await asyncio.to_thread(self._write_atomic, path, data)
 
+    async def list_tags(self, repository: str) -> list[str]:
+        entries = await asyncio.to_thread(_entries, self._repository_dir(repository) / "_tags")
+        return sorted(e.name for e in entries if e.is_file())
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        path = self._repository_dir(repository) / "_tags" / tag
+        try:
+            await asyncio.to_thread(path.unlink)
+        except FileNotFoundError:
+            return False
+        return True
+
     def _link_file(self, repository: str, digest: Digest) -> Path:
         return self._repository_dir(repository) / "_links" / digest.algorithm / digest.hex
 
@@ -249,6 +261,10 @@ class FilesystemCache:
 
     async def link(self, repository: str, digests: list[Digest]) -> None:
         await asyncio.to_thread(self._link_sync, repository, digests)
+
+    async def linked(self, repository: str) -> frozenset[Digest]:
+        links = self._repository_dir(repository) / "_links"
+        return await asyncio.to_thread(lambda: frozenset(d for d, _ in _digest_files(links, 1)))
 
     def _link_sync(self, repository: str, digests: list[Digest]) -> None:
         for digest in digests:

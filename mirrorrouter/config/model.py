@@ -62,14 +62,42 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True)
+class ObjectStoreSettings:
+    """An S3-compatible bucket holding cached content (``[cache] backend = "s3"``)."""
+
+    bucket: str
+    endpoint: str | None = None  # http(s)://host:port of an S3-compatible server; None: AWS
+    region: str = "us-east-1"
+    prefix: str = ""  # key prefix inside the bucket; each upstream adds its own directory name
+    access_key_id: Secret | None = None  # from the environment; None: the store's defaults
+    secret_access_key: Secret | None = None
+    # Answer blob GETs with a redirect to a presigned URL (clients must reach the store).
+    redirect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class CacheSettings:
     backend: str
-    directory: Path
+    directory: Path  # filesystem: the cache itself; s3: local spool files of downloads
     # Bytes this cache may hold (``[cache]``: all caches together); None: no bound.
     max_size: int | None = None
     # Glob patterns over canonical ``name:tag`` whose images are never evicted (``[cache]``;
     # an upstream's settings carry the same list).
     pins: tuple[str, ...] = ()
+    object_store: ObjectStoreSettings | None = None  # set when backend == "s3"
+    key: str = ""  # this cache's own directory in the object store (the upstream's name)
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinationSettings:
+    """How replicas share single-flight locks, tag and negative caches, circuit state."""
+
+    backend: str = "local"  # "local": in this process (and flocks on a shared directory)
+    redis_url: Secret | None = None  # redis://[:password@]host:port/db, for backend "redis"
+    key_prefix: str = "mirrorrouter"
+    lock_ttl: float = 30.0  # a fill lock expires this long after its holder stops renewing it
+    # How the other replicas reach this one (followers stream a fill in progress from it).
+    advertise_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
