@@ -1,11 +1,15 @@
-"""Access decisions: may this client pull this repository? One place, asked by every path.
+"""Access decisions: may this client pull (or push) this repository? One place, asked by
+every path.
 
 In order:
 
 1. the gateway-wide ``[access] deny`` list (canonical names, globs): a match is refused;
 2. the ``[access] allow`` list, when it is not empty: a name matching none is refused;
-3. the upstream's ``[[upstreams."x".access]]`` rules: the first whose ``repositories`` match
-   the repository decides who may pull; with no matching rule, anyone may.
+3. the target's rules (``[[upstreams."x".access]]``, ``[[hosted."x".access]]``): the first
+   whose ``repositories`` match the repository decides who may pull, and for a hosted set
+   who may push (and delete). With no matching rule anyone may pull; pushing to a hosted set
+   is then open to everyone while ``[auth]`` is off, and to logged-in users once it is on.
+   Nothing may be pushed to an upstream (a cache); a group is checked member by member.
 
 A client that is anonymous where a rule wants a user gets 401 with a challenge (so
 ``docker login`` / ``podman login`` kicks in); a logged-in client that is not allowed gets
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 from mirrorrouter.clientauth import ANONYMOUS, Identity
 from mirrorrouter.config import Settings
+from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.config.security import repository_matches
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.mapping import Resolution
@@ -28,8 +33,14 @@ class AccessPolicy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def check(self, identity: Identity | None, resolution: Resolution) -> None:
-        """Return when ``identity`` may pull the resolved repository; raise otherwise."""
+    def check(
+        self, identity: Identity | None, resolution: Resolution, *, push: bool = False
+    ) -> None:
+        """Return when ``identity`` may pull (``push``: push) the resolved repository; raise
+        otherwise."""
+        target = resolution.target
+        if isinstance(target, GroupSettings):
+            return  # each member is checked when the group asks it
         name = resolution.reference.name
         access = self.settings.access
         for pattern in access.deny:
@@ -41,20 +52,31 @@ class AccessPolicy:
             raise RegistryError(
                 ErrorCode.DENIED, f"{name} is not in this mirror's access.allow list"
             )
+        action = "push" if push else "pull"
+        if push and not isinstance(target, HostedSettings):
+            raise RegistryError(
+                ErrorCode.UNSUPPORTED,
+                f"{name} is a pull-through cache of {target.name}: push to a hosted repository",
+            )
         repository = resolution.reference.repository
-        for rule in resolution.upstream.access:
-            if repository_matches(rule.repositories, repository):
-                if permits(rule.pull, identity or ANONYMOUS):
-                    return
-                if identity is None or identity.user is None:
-                    raise RegistryError(
-                        ErrorCode.UNAUTHORIZED, f"log in to pull {name} through this mirror"
-                    )
-                raise RegistryError(
-                    ErrorCode.DENIED,
-                    f"user {identity.user} may not pull {name} "
-                    f"(allowed: {', '.join(sorted(rule.pull))})",
-                )
+        rule = next(
+            (r for r in target.access if repository_matches(r.repositories, repository)), None
+        )
+        if rule is not None:
+            allowed = rule.push if push else rule.pull
+        elif push:
+            allowed = frozenset({"authenticated" if self.settings.auth else "anonymous"})
+        else:
+            return
+        if permits(allowed, identity or ANONYMOUS):
+            return
+        if identity is None or identity.user is None:
+            raise RegistryError(ErrorCode.UNAUTHORIZED, f"log in to {action} {name} on this mirror")
+        raise RegistryError(
+            ErrorCode.DENIED,
+            f"user {identity.user} may not {action} {name} "
+            f"(allowed: {', '.join(sorted(allowed)) or 'nobody'})",
+        )
 
 
 def permits(principals: frozenset[str], identity: Identity) -> bool:

@@ -9,16 +9,17 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mirrorrouter import cachecli, warmcli
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
-from mirrorrouter.config import ConfigError, Settings, load_settings
+from mirrorrouter.config import ConfigError, Settings, UpstreamSettings, load_settings
+from mirrorrouter.config.model import GroupSettings, Target
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.logs import log_config
-from mirrorrouter.mapping import Mapper
+from mirrorrouter.mapping import Mapper, kind_of
 from mirrorrouter.reference import ImageReference, ReferenceError
 
 DEFAULT_CONFIG_PATHS = (Path("mirrors.toml"), Path("/etc/mirrorrouter/mirrors.toml"))
@@ -146,10 +147,12 @@ class _Verdict:
     image: str
     canonical: str | None
     address: str | None
-    upstream: str | None
+    upstream: str | None  # the target's name (an upstream, hosted set or group)
     mirrors: list[dict[str, Any]]
     routes: list[str]
     error: str | None
+    kind: str = "upstream"
+    members: list[dict[str, Any]] = field(default_factory=list)  # a group's, in order
 
     @property
     def route_text(self) -> str:
@@ -157,8 +160,16 @@ class _Verdict:
             return f"invalid name: {self.error}"
         if self.error:
             return f"not routed: {self.error}"
-        mirrors = " > ".join(m["url"] for m in self.mirrors)
-        text = f"upstream {self.upstream}: {mirrors}"
+        if self.kind == "group":
+            text = f"group {self.upstream}: " + " > ".join(
+                f"{m['kind']} {m['name']} ({m['canonical_name']})"
+                + (" [push]" if m["writable"] else "")
+                for m in self.members
+            )
+        elif self.kind == "hosted":
+            text = f"hosted {self.upstream}"
+        else:
+            text = f"upstream {self.upstream}: " + " > ".join(m["url"] for m in self.mirrors)
         if self.routes:
             text += f" (also via {', '.join(self.routes)})"
         return text
@@ -181,16 +192,44 @@ def resolve_images(settings: Settings, images: Sequence[str]) -> list[_Verdict]:
                 _Verdict(image, ref.name, ref.manifest_url(), None, [], [], exc.message)
             )
             continue
-        upstream = resolution.upstream
-        mirrors = [
-            {"url": m.url, "capabilities": sorted(c.value for c in m.capabilities)}
-            for m in upstream.mirrors
-        ]
-        routes = [r.label for r in mapper.routes_to(upstream)]
+        target = resolution.target
+        members = []
+        if isinstance(target, GroupSettings):
+            for name in target.members:
+                member = mapper.member(resolution, name)
+                members.append(
+                    {
+                        "name": name,
+                        "kind": kind_of(member.target),
+                        "canonical_name": member.reference.name,
+                        "writable": name == target.writable,
+                        "mirrors": _mirrors(member.target),
+                    }
+                )
+        routes = [r.label for r in mapper.routes_to(target)]
         verdicts.append(
-            _Verdict(image, ref.name, ref.manifest_url(), upstream.name, mirrors, routes, None)
+            _Verdict(
+                image,
+                resolution.reference.name,
+                ref.manifest_url(),
+                target.name,
+                _mirrors(target),
+                routes,
+                None,
+                kind_of(target),
+                members,
+            )
         )
     return verdicts
+
+
+def _mirrors(target: Target) -> list[dict[str, Any]]:
+    if not isinstance(target, UpstreamSettings):
+        return []
+    return [
+        {"url": m.url, "capabilities": sorted(c.value for c in m.capabilities)}
+        for m in target.mirrors
+    ]
 
 
 def _resolve(args: argparse.Namespace) -> int:
@@ -216,6 +255,8 @@ def _verdict_json(verdict: _Verdict) -> dict[str, Any]:
         "registry_address": verdict.address,
         "routed": verdict.error is None,
         "upstream": verdict.upstream,
+        "kind": verdict.kind,
+        "members": verdict.members,
         "mirrors": verdict.mirrors,
         "routes": verdict.routes,
         "error": verdict.error,
@@ -232,8 +273,12 @@ def _check_config(args: argparse.Namespace) -> int:
             for m in upstream.mirrors
         )
         print(f"  upstream {upstream.name}: {mirrors}")
+    for hosted in settings.hosted.values():
+        print(f"  hosted {hosted.name}: {hosted.storage.directory}")
+    for group in settings.groups.values():
+        print(f"  group {group.name}: {' > '.join(group.members)}")
     for route in settings.routes:
-        print(f"  route {route.label} -> {route.upstream}")
+        print(f"  route {route.label} -> {route.target}")
     print(f"  default registry: {settings.default_registry}")
     return 0
 

@@ -259,15 +259,13 @@ class RoutingTable:
         return [
             r.prefix
             for r in self.settings.routes
-            if r.upstream == upstream.name and r.prefix is not None
+            if r.target == upstream.name and r.prefix is not None
         ]
 
     def hosts(self, upstream: UpstreamSettings) -> list[str]:
         """The Host-name routes of ``upstream``, in config order."""
         return [
-            r.host
-            for r in self.settings.routes
-            if r.upstream == upstream.name and r.host is not None
+            r.host for r in self.settings.routes if r.target == upstream.name and r.host is not None
         ]
 
     def path_prefix(self, upstream: UpstreamSettings) -> str | None:

@@ -9,7 +9,10 @@ Precedence (first match wins; docs/routing.md says the same for users):
    registry host (``/v2/gcr.io/...``: the first component has a "." or ":" or is localhost);
 5. the default registry (Docker daemon ``registry-mirrors`` send bare ``library/alpine``).
 
-Closed world: every step only selects configured upstreams, or hosts matched by
+A route leads to a *target*: an upstream (pull-through), a hosted repository set (push and
+pull), or a group of those (``member`` resolves a group request for one member).
+
+Closed world: every step only selects configured targets, or hosts matched by
 ``routing.allow_unconfigured``. Anything else is refused here, before any DNS lookup or
 connection. When ``ns`` is sent along with a prefix or Host route, it must name the same
 registry.
@@ -21,6 +24,7 @@ import enum
 from dataclasses import dataclass
 
 from mirrorrouter.config import Route, Settings, UpstreamSettings
+from mirrorrouter.config.model import GroupSettings, HostedSettings, Target
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import OciRequest
 from mirrorrouter.reference import (
@@ -42,21 +46,45 @@ class RouteKind(enum.Enum):
     DEFAULT = "default"  # no prefix, no ns: the default registry
 
 
+def kind_of(target: Target) -> str:
+    """``upstream``, ``hosted`` or ``group``: what a target is, in messages and output."""
+    if isinstance(target, HostedSettings):
+        return "hosted"
+    if isinstance(target, GroupSettings):
+        return "group"
+    return "upstream"
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """Where a request goes: the canonical reference, how it matched, the upstream's mirrors."""
+    """Where a request goes: the canonical reference, how it matched, and its target.
+
+    For an upstream or a hosted set the reference is canonical (``docker.io/library/x``,
+    ``team/x``); for a group it is the name as the client wrote it under the group's name,
+    and ``Mapper.member`` makes each member's canonical resolution.
+    """
 
     reference: ImageReference
-    upstream: UpstreamSettings
+    target: Target
     via: RouteKind
     route: Route | None = None
+    group: GroupSettings | None = None  # the group this member resolution was made for
+
+    @property
+    def upstream(self) -> UpstreamSettings:
+        """The upstream of a pull-through resolution (the caller checked ``target``)."""
+        assert isinstance(self.target, UpstreamSettings), self.target
+        return self.target
 
     @property
     def describe(self) -> str:
         """How the request was routed, for error details and logs."""
+        target = f"{kind_of(self.target)} {self.target.name}"
+        if self.group is not None:
+            target = f"group {self.group.name} -> {target}"
         if self.route is not None:
-            return f"{self.route.label} -> upstream {self.upstream.name}"
-        return f"{self.via.value} -> upstream {self.upstream.name}"
+            return f"{self.route.label} -> {target}"
+        return f"{self.via.value} -> {target}"
 
 
 class Mapper:
@@ -77,35 +105,47 @@ class Mapper:
             route = self._route_for_prefix(request.prefix)
             if route is not None:
                 return self._routed(request, route, request.name)
-            registry = self._registry_upstream(request.prefix, request)
+            registry = self._registry_target(request.prefix, request)
             return self._build(request, registry, request.name, RouteKind.REGISTRY)
         host_route = self._hosts.get(request.host)
         if host_route is not None:
             return self._routed(request, host_route, request.name)
         if request.ns:
-            upstream = self._registry_upstream(request.ns, request)
-            return self._build(request, upstream, request.name, RouteKind.NAMESPACE)
+            target = self._registry_target(request.ns, request)
+            return self._build(request, target, request.name, RouteKind.NAMESPACE)
         for route in self._prefixes:
             assert route.prefix is not None
             if request.name.startswith(route.prefix + "/"):
                 return self._routed(request, route, request.name[len(route.prefix) + 1 :])
         first, slash, rest = request.name.partition("/")
         if slash and looks_like_registry(first):
-            upstream = self._registry_upstream(first, request)
-            return self._build(request, upstream, rest, RouteKind.REGISTRY)
-        upstream = self._upstream(self.settings.default_registry)
-        return self._build(request, upstream, request.name, RouteKind.DEFAULT)
+            target = self._registry_target(first, request)
+            return self._build(request, target, rest, RouteKind.REGISTRY)
+        target = self._target(self.settings.default_registry)
+        return self._build(request, target, request.name, RouteKind.DEFAULT)
 
     def resolve_image(self, image: ImageReference) -> Resolution:
         """Route an image name the way a client naming that registry (``ns``) is routed."""
-        upstream = self.settings.upstream_for(image.registry)
-        if upstream is None:
+        target = self.settings.target_for(image.registry)
+        if target is None:
             raise RegistryError(ErrorCode.NAME_UNKNOWN, self._not_routed_message(image.registry))
-        return Resolution(image, upstream, RouteKind.REGISTRY)
+        if not isinstance(target, UpstreamSettings):  # the canonical name is under its own name
+            image = ImageReference(target.name, image.repository, image.tag, image.digest)
+        return Resolution(image, target, RouteKind.REGISTRY)
 
-    def routes_to(self, upstream: UpstreamSettings) -> list[Route]:
-        """The named routes (prefixes and hosts) that lead to ``upstream``."""
-        return [r for r in self.settings.routes if r.upstream == upstream.name]
+    def member(self, resolution: Resolution, name: str) -> Resolution:
+        """A group request resolved for one of the group's members."""
+        group = resolution.target
+        assert isinstance(group, GroupSettings)
+        target = self._target(name)
+        ref = resolution.reference
+        repository = _repository(target, ref.repository)
+        reference = ImageReference(target.name, repository, ref.tag, ref.digest)
+        return Resolution(reference, target, resolution.via, resolution.route, group)
+
+    def routes_to(self, target: Target) -> list[Route]:
+        """The named routes (prefixes and hosts) that lead to ``target``."""
+        return [r for r in self.settings.routes if r.target == target.name]
 
     # ------------------------------------------------------------------ internals
 
@@ -113,55 +153,66 @@ class Mapper:
         return next((r for r in self._prefixes if r.prefix == prefix), None)
 
     def _routed(self, request: OciRequest, route: Route, repository: str) -> Resolution:
-        upstream = self._upstream(route.upstream)
-        self._check_ns(request, upstream, f"the {route.label}, which leads to {upstream.name}")
-        return self._build(request, upstream, repository, RouteKind.PREFIX, route)
+        target = self._target(route.target)
+        self._check_ns(request, target, f"the {route.label}, which leads to {target.name}")
+        return self._build(request, target, repository, RouteKind.PREFIX, route)
 
     def _build(
         self,
         request: OciRequest,
-        upstream: UpstreamSettings,
+        target: Target,
         repository: str,
         via: RouteKind,
         route: Route | None = None,
     ) -> Resolution:
-        try:
-            repository = normalize_repository(upstream.name, repository)
-        except ReferenceError as exc:
-            raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+        repository = _repository(target, repository)
         if route is not None and route.host is not None:
             via = RouteKind.HOST
-        reference = ImageReference(upstream.name, repository, request.tag, request.digest)
-        return Resolution(reference, upstream, via, route)
+        reference = ImageReference(target.name, repository, request.tag, request.digest)
+        return Resolution(reference, target, via, route)
 
-    def _registry_upstream(self, host: str, request: OciRequest) -> UpstreamSettings:
+    def _registry_target(self, host: str, request: OciRequest) -> Target:
         registry = _canonical(host)
-        upstream = self.settings.upstream_for(registry)
-        if upstream is None:
+        target = self.settings.target_for(registry)
+        if target is None:
             raise RegistryError(ErrorCode.NAME_UNKNOWN, self._not_routed_message(registry))
-        self._check_ns(request, upstream, f"registry {registry}")
-        return upstream
+        self._check_ns(request, target, f"registry {registry}")
+        return target
 
-    def _check_ns(self, request: OciRequest, upstream: UpstreamSettings, what: str) -> None:
+    def _check_ns(self, request: OciRequest, target: Target, what: str) -> None:
         """An ``ns`` sent along with a prefix or Host route must name the same registry."""
         if not request.ns:
             return
-        named = self.settings.upstream_for(_canonical(request.ns))
-        if named is None or named.name != upstream.name:
+        named = self.settings.target_for(_canonical(request.ns))
+        if named is None or named.name != target.name:
             raise RegistryError(ErrorCode.NAME_UNKNOWN, f"ns={request.ns} does not match {what}")
 
-    def _upstream(self, name: str) -> UpstreamSettings:
-        upstream = self.settings.upstream_for(name)
-        if upstream is None:  # config validation makes this unreachable
+    def _target(self, name: str) -> Target:
+        target = self.settings.target_for(name)
+        if target is None:  # config validation makes this unreachable
             raise RegistryError(ErrorCode.NAME_UNKNOWN, self._not_routed_message(name))
-        return upstream
+        return target
 
     def _not_routed_message(self, registry: str) -> str:
-        configured = ", ".join(sorted(self.settings.upstreams)) or "none"
+        configured = (
+            ", ".join(
+                [*sorted(self.settings.upstreams), *self.settings.hosted, *self.settings.groups]
+            )
+            or "none"
+        )
         return (
             f"registry {registry} is not configured on this mirror (configured upstreams: "
             f"{configured}); add it under [upstreams] or to routing.allow_unconfigured"
         )
+
+
+def _repository(target: Target, repository: str) -> str:
+    """The repository path within a target: validated; docker.io one-component names get
+    ``library/`` (a group keeps the name as written: each member normalizes it)."""
+    try:
+        return normalize_repository(target.name, repository)
+    except ReferenceError as exc:
+        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
 
 
 def _canonical(host: str) -> str:

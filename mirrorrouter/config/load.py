@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +23,8 @@ from mirrorrouter.config.model import (
     Capability,
     ConfigError,
     Credentials,
+    GroupSettings,
+    HostedSettings,
     Mirror,
     Route,
     Secret,
@@ -98,6 +101,8 @@ _TOP_KEYS = (
     "auth",
     "access",
     "audit",
+    "hosted",
+    "groups",
 )
 
 
@@ -133,29 +138,45 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
         upstream = _upstream(reader, upstreams_t.table(name), name, defaults, cache, base_dir)
         if upstream is not None:
             upstreams[upstream.name] = upstream
-    _check_aliases(reader, upstreams)
+    hosted: dict[str, HostedSettings] = {}
+    hosted_t = root.table("hosted")
+    for name in hosted_t.names():
+        found = _hosted(reader, hosted_t.table(name), name, cache, base_dir, upstreams)
+        if found is not None:
+            hosted[name] = found
+    groups: dict[str, GroupSettings] = {}
+    groups_t = root.table("groups")
+    for name in groups_t.names():
+        group = _group(reader, groups_t.table(name), name, upstreams, hosted)
+        if group is not None:
+            groups[name] = group
+    targets = _Targets(upstreams, hosted, groups)
+    _check_aliases(reader, targets)
 
     routing_t = root.table("routing")
     default_registry = routing_t.get("default_registry", str, DOCKER_HUB)
     allow = tuple(routing_t.get("allow_unconfigured", list, [], check=strings))
     routing_t.finish()
-    if canonical_registry(default_registry) not in upstreams and not reader.problems:
+    default_target = targets.name_of(default_registry)
+    if default_target is None and not reader.problems:
         reader.problem(
             ("routing", "default_registry"),
-            f"{default_registry!r} is not a configured upstream; "
-            f"configured: {', '.join(sorted(upstreams)) or 'none'}",
+            f"{default_registry!r} is not a configured upstream, hosted set or group; "
+            f"configured: {targets.listing()}",
         )
 
     routes = tuple(
-        r
+        route
         for route_t in root.tables("routes")
-        if (r := _route(reader, route_t, upstreams)) is not None
+        if (route := _route(reader, route_t, targets)) is not None
     )
     _check_routes(reader, routes)
     auth = load_auth(reader, root.table("auth"), base_dir, cache.directory)
     access = load_access(root.table("access"))
     audit = load_audit(root.table("audit"), base_dir)
-    check_principals(reader, upstreams, auth)
+    rules = {("upstreams", u.name): u.access for u in upstreams.values()}
+    rules.update({("hosted", h.name): h.access for h in hosted.values()})
+    check_principals(reader, rules, auth)
     root.finish(_TOP_KEYS)
     return Settings(
         server=server,
@@ -163,13 +184,43 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
         defaults=defaults,
         upstreams=upstreams,
         routes=routes,
-        default_registry=canonical_registry(default_registry),
+        default_registry=default_target or default_registry,
         allow_unconfigured=allow,
         auth=auth,
         access=access,
         audit=audit,
         source=source,
+        hosted=hosted,
+        groups=groups,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Targets:
+    """Every name a route, an ``ns`` or the default registry may lead to."""
+
+    upstreams: Mapping[str, UpstreamSettings]
+    hosted: Mapping[str, HostedSettings]
+    groups: Mapping[str, GroupSettings]
+
+    def name_of(self, name: str) -> str | None:
+        """The configured target a name denotes (an upstream by its canonical name)."""
+        if name in self.hosted or name in self.groups:
+            return name
+        canonical = canonical_registry(name) if REGISTRY_RE.fullmatch(name) else name
+        return canonical if canonical in self.upstreams else None
+
+    def listing(self) -> str:
+        names = [*sorted(self.upstreams), *sorted(self.hosted), *sorted(self.groups)]
+        return ", ".join(names) or "none"
+
+    def everything(self) -> list[tuple[str, str, frozenset[str]]]:
+        """(table, name, aliases) of every target."""
+        return [
+            *(("upstreams", n, u.aliases) for n, u in self.upstreams.items()),
+            *(("hosted", n, h.aliases) for n, h in self.hosted.items()),
+            *(("groups", n, g.aliases) for n, g in self.groups.items()),
+        ]
 
 
 def _upstream(
@@ -223,6 +274,97 @@ def _upstream(
     )
     table.finish()
     return upstream
+
+
+def _target_name(
+    reader: Reader, table: Table, name: str, upstreams: Mapping[str, UpstreamSettings]
+) -> bool:
+    """A hosted set or group name: one path component without dots, not an upstream's."""
+    if not PATH_COMPONENT_RE.fullmatch(name) or "." in name:
+        reader.problem(
+            table.path,
+            "the table name must be a short name like 'team' (lower-case letters, digits, "
+            "'-' and '_'; no dots: names with dots are registry hosts)",
+        )
+        return False
+    if name in upstreams:
+        reader.problem(table.path, f"{name!r} is already an upstream")
+        return False
+    return True
+
+
+def _hosted(
+    reader: Reader,
+    table: Table,
+    name: str,
+    cache: CacheSettings,
+    base_dir: Path,
+    upstreams: Mapping[str, UpstreamSettings],
+) -> HostedSettings | None:
+    aliases = frozenset(
+        canonical_registry(a) for a in table.get("aliases", list, [], check=_registries)
+    )
+    directory = table.get("directory", str, None)
+    hosted = HostedSettings(
+        name=name,
+        aliases=aliases,
+        storage=CacheSettings(
+            backend=cache.backend,
+            directory=base_dir / directory if directory else cache.directory / "_hosted" / name,
+            object_store=cache.object_store,
+            key=f"_hosted/{name}",
+        ),
+        access=load_access_rules(table.tables("access"), push=True),
+        delete=table.get("delete", bool, False),
+        gc_grace=table.duration("gc_grace", 3600.0),
+    )
+    table.finish()
+    return hosted if _target_name(reader, table, name, upstreams) else None
+
+
+def _group(
+    reader: Reader,
+    table: Table,
+    name: str,
+    upstreams: Mapping[str, UpstreamSettings],
+    hosted: Mapping[str, HostedSettings],
+) -> GroupSettings | None:
+    aliases = frozenset(
+        canonical_registry(a) for a in table.get("aliases", list, [], check=_registries)
+    )
+    members = table.get("members", list, None, check=_member_names, required=True)
+    writable = table.get("writable", str, None)
+    table.finish()
+    if not _target_name(reader, table, name, upstreams) or members is None:
+        return None
+    resolved = []
+    for index, member in enumerate(members):
+        target = member if member in hosted else canonical_registry(member)
+        if target not in hosted and target not in upstreams:
+            reader.problem(
+                (*table.path, "members", index),
+                f"{member!r} is neither an upstream nor a hosted set; configured: "
+                f"{', '.join([*sorted(upstreams), *sorted(hosted)]) or 'none'}",
+            )
+        elif target in resolved:
+            reader.problem((*table.path, "members", index), f"{member!r} is listed twice")
+        else:
+            resolved.append(target)
+    writable_members = [m for m in resolved if m in hosted]
+    if writable is not None and writable not in writable_members:
+        reader.problem(
+            (*table.path, "writable"),
+            f"{writable!r} is not a hosted member of this group; hosted members: "
+            f"{', '.join(writable_members) or 'none'}",
+        )
+    if writable is None and len(writable_members) > 1:
+        reader.problem(
+            (*table.path, "writable"),
+            f"several hosted members ({', '.join(writable_members)}): say which one takes pushes",
+        )
+    if writable is None and len(writable_members) == 1:
+        writable = writable_members[0]
+    return GroupSettings(name, aliases, tuple(resolved), writable)
 
 
 def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
@@ -287,39 +429,48 @@ def _credentials(reader: Reader, table: Table) -> Credentials | None:
     return Credentials(username, Secret(password))
 
 
-def _route(reader: Reader, table: Table, upstreams: Mapping[str, UpstreamSettings]) -> Route | None:
+_ROUTE_TARGETS = ("upstream", "hosted", "group")
+
+
+def _route(reader: Reader, table: Table, targets: _Targets) -> Route | None:
     prefix = table.get("prefix", str, None, check=_route_prefix)
     host = table.get("host", str, None, check=_host_name)
-    upstream = table.get("upstream", str, None, required=True)
+    named = {key: table.get(key, str, None) for key in _ROUTE_TARGETS}
     table.finish()
     if (prefix is None) == (host is None):
         reader.problem(table.path, "set exactly one of prefix or host")
         return None
-    if upstream is None:
-        return None
-    if canonical_registry(upstream) not in upstreams:
+    given = [(key, value) for key, value in named.items() if value is not None]
+    if len(given) != 1:
         reader.problem(
             (*table.path, "upstream"),
-            f"no upstream named {upstream!r}; configured: {', '.join(sorted(upstreams)) or 'none'}",
+            "is required: set exactly one of upstream, hosted or group"
+            if not given
+            else "set exactly one of upstream, hosted or group",
         )
         return None
-    return Route(upstream=canonical_registry(upstream), prefix=prefix, host=host and host.lower())
+    key, value = given[0]
+    table_of = {"upstream": targets.upstreams, "hosted": targets.hosted, "group": targets.groups}
+    target = canonical_registry(value) if key == "upstream" else value
+    if target not in table_of[key]:
+        configured = ", ".join(sorted(table_of[key])) or "none"
+        reader.problem((*table.path, key), f"no {key} named {value!r}; configured: {configured}")
+        return None
+    return Route(target=target, prefix=prefix, host=host and host.lower())
 
 
-def _check_aliases(reader: Reader, upstreams: Mapping[str, UpstreamSettings]) -> None:
+def _check_aliases(reader: Reader, targets: _Targets) -> None:
     owner: dict[str, str] = {}
-    for upstream in upstreams.values():
-        for alias in upstream.aliases:
-            if alias in upstreams and alias != upstream.name:
-                reader.problem(
-                    ("upstreams", upstream.name, "aliases"), f"{alias!r} is an upstream of its own"
-                )
+    names = {name for _, name, _ in targets.everything()}
+    for kind, name, aliases in targets.everything():
+        for alias in sorted(aliases):
+            if alias in names and alias != name:
+                reader.problem((kind, name, "aliases"), f"{alias!r} is an upstream of its own")
             elif alias in owner:
                 reader.problem(
-                    ("upstreams", upstream.name, "aliases"),
-                    f"{alias!r} is already an alias of {owner[alias]!r}",
+                    (kind, name, "aliases"), f"{alias!r} is already an alias of {owner[alias]!r}"
                 )
-            owner[alias] = upstream.name
+            owner[alias] = name
 
 
 def _check_routes(reader: Reader, routes: tuple[Route, ...]) -> None:
@@ -347,6 +498,12 @@ def _pin_patterns(value: list[Any]) -> str | None:
         if problem is not None:
             return f"a list of {problem} ({item!r} is not one)"
     return None
+
+
+def _member_names(value: list[Any]) -> str | None:
+    if value and all(isinstance(v, str) and v for v in value):
+        return None
+    return "a non-empty list of upstream and hosted names, in the order they are asked"
 
 
 def _capabilities(value: list[Any]) -> str | None:

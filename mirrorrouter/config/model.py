@@ -110,6 +110,7 @@ class AccessRule:
 
     repositories: tuple[str, ...]  # glob patterns on the repository path within the upstream
     pull: frozenset[str]
+    push: frozenset[str] = frozenset()  # hosted repositories only: who may push and delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +139,43 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    """A client-facing name for an upstream: a path prefix or a Host name."""
+class HostedSettings:
+    """A hosted (local, writable) repository set: images pushed here, served from here.
 
-    upstream: str
+    Stored by the same storage layer as the caches, but never evicted: it is the only copy.
+    Its canonical names are ``<name>/<repository>``.
+    """
+
+    name: str
+    aliases: frozenset[str]  # registry names routed here (``localhost:5000`` for ?ns=...)
+    storage: CacheSettings
+    access: tuple[AccessRule, ...] = ()  # no matching rule: see access.py for the default
+    delete: bool = False  # may clients DELETE manifests and tags
+    gc_grace: float = 3600.0  # garbage collection spares blobs and uploads younger than this
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSettings:
+    """An ordered group of upstreams and hosted sets behind one name (a Nexus group).
+
+    A pull takes the first member that has the reference; a push goes to ``writable``.
+    """
+
+    name: str
+    aliases: frozenset[str]
+    members: tuple[str, ...]  # upstream and hosted names, in order
+    writable: str | None  # the hosted member pushes go to; None: the group is read-only
+
+
+# What a route, an ``ns`` or the default registry leads to.
+Target = UpstreamSettings | HostedSettings | GroupSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A client-facing name for a target (upstream, hosted set, group): a prefix or a Host."""
+
+    target: str
     prefix: str | None = None
     host: str | None = None
 
@@ -218,6 +252,20 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     source: Path | None = None
+    hosted: Mapping[str, HostedSettings] = field(default_factory=dict)
+    groups: Mapping[str, GroupSettings] = field(default_factory=dict)
+    coordination: CoordinationSettings = field(default_factory=CoordinationSettings)
+
+    def target_for(self, name: str) -> Target | None:
+        """The upstream, hosted set or group a name leads to (its own name or an alias)."""
+        for table in (self.hosted, self.groups):
+            found = table.get(name)
+            if found is not None:
+                return found
+            for target in table.values():
+                if name in target.aliases:
+                    return target
+        return self.upstream_for(name)
 
     def upstream_for(self, registry: str) -> UpstreamSettings | None:
         """The upstream serving a canonical registry name, or None when it is not routed."""

@@ -14,7 +14,6 @@ from mirrorrouter.config.model import (
     AuditSettings,
     AuthSettings,
     TlsSettings,
-    UpstreamSettings,
 )
 from mirrorrouter.config.reader import Reader, Table, strings
 
@@ -69,15 +68,17 @@ def load_audit(table: Table, base_dir: Path) -> AuditSettings:
     return AuditSettings(file=base_dir / file if file else None)
 
 
-def load_access_rules(tables: list[Table]) -> tuple[AccessRule, ...]:
-    """``[[upstreams."x".access]]``: ordered rules; the first whose repositories match decides."""
+def load_access_rules(tables: list[Table], *, push: bool = False) -> tuple[AccessRule, ...]:
+    """``[[upstreams."x".access]]`` (pull) and ``[[hosted."x".access]]`` (pull and push):
+    ordered rules; the first whose repositories match decides."""
     rules = []
     for table in tables:
         repositories = table.get("repositories", list, ["*"], check=_patterns)
-        pull = table.get("pull", list, None, check=_principals, required=True)
+        pull = table.get("pull", list, None, check=_principals, required=not push)
+        pushers = table.get("push", list, [], check=_principals_or_none) if push else []
         table.finish()
-        if pull is not None:
-            rules.append(AccessRule(tuple(repositories), frozenset(pull)))
+        if pull is not None or push:
+            rules.append(AccessRule(tuple(repositories), frozenset(pull or ()), frozenset(pushers)))
     return tuple(rules)
 
 
@@ -99,19 +100,26 @@ def load_tls(table: Table, base_dir: Path) -> TlsSettings:
 
 
 def check_principals(
-    reader: Reader, upstreams: Mapping[str, UpstreamSettings], auth: AuthSettings | None
+    reader: Reader,
+    owners: Mapping[tuple[str, str], tuple[AccessRule, ...]],
+    auth: AuthSettings | None,
 ) -> None:
-    """Rules naming users or groups need [auth]; named groups must be defined."""
-    for upstream in upstreams.values():
-        for index, rule in enumerate(upstream.access):
-            path = ("upstreams", upstream.name, "access", index, "pull")
-            named = rule.pull - BUILTIN_PRINCIPALS
-            if "anonymous" not in rule.pull and auth is None:
-                reader.problem(path, "rules other than 'anonymous' need an [auth] table")
-            for principal in named:
-                group = principal.removeprefix("group:")
-                if principal.startswith("group:") and (auth is None or group not in auth.groups):
-                    reader.problem(path, f"group {group!r} is not defined in [auth.groups]")
+    """Rules naming users or groups need [auth]; named groups must be defined.
+
+    ``owners`` maps a table (``("upstreams", "ghcr.io")``, ``("hosted", "team")``) to its rules.
+    """
+    for (kind, name), rules in owners.items():
+        for index, rule in enumerate(rules):
+            for action, principals in (("pull", rule.pull), ("push", rule.push)):
+                path = (kind, name, "access", index, action)
+                if principals and "anonymous" not in principals and auth is None:
+                    reader.problem(path, "rules other than 'anonymous' need an [auth] table")
+                for principal in principals - BUILTIN_PRINCIPALS:
+                    group = principal.removeprefix("group:")
+                    if principal.startswith("group:") and (
+                        auth is None or group not in auth.groups
+                    ):
+                        reader.problem(path, f"group {group!r} is not defined in [auth.groups]")
 
 
 def repository_matches(patterns: tuple[str, ...], name: str) -> bool:
@@ -129,6 +137,10 @@ def _principals(value: list[Any]) -> str | None:
     if value and all(isinstance(v, str) and v and v == v.strip() for v in value):
         return None
     return "a non-empty list of 'anonymous', 'authenticated', user names or 'group:<name>'"
+
+
+def _principals_or_none(value: list[Any]) -> str | None:
+    return None if not value else _principals(value)
 
 
 def _url(value: str) -> str | None:
