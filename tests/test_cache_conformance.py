@@ -20,9 +20,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import obstore
 import pytest
 
-from mirrorrouter.cache import CacheBackend, DigestMismatch, FilesystemCache
+from mirrorrouter.cache import CacheBackend, DigestMismatch, FilesystemCache, ObjectStoreCache
 from mirrorrouter.cache.base import (
     ACCESS_RESOLUTION,
     Inventory,
@@ -33,6 +34,7 @@ from mirrorrouter.cache.base import (
     TagRecord,
 )
 from mirrorrouter.reference import Digest
+from tests.support.seaweed import cache_settings, session_seaweed
 
 pytestmark = pytest.mark.anyio
 
@@ -67,18 +69,22 @@ class ManualClock:
         return self.now
 
 
+def spool_leftovers(tmp: Path) -> list[str]:
+    """Files in the local spool area ``tmp/`` of a backend (both keep one)."""
+    if not tmp.exists():
+        return []
+    # Each open instance owns tmp/<owner>/ with a .lock; only files beside it are leftovers.
+    files = (p for p in tmp.rglob("*") if p.is_file() and p.name != ".lock")
+    return sorted(str(p.relative_to(tmp)) for p in files)
+
+
 @asynccontextmanager
 async def filesystem_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     root = tmp_path / "cache"
     clock = ManualClock()
 
     def leftovers() -> list[str]:
-        tmp = root / "tmp"
-        if not tmp.exists():
-            return []
-        # Each open instance owns tmp/<owner>/ with a .lock; only files beside it are leftovers.
-        files = (p for p in tmp.rglob("*") if p.is_file() and p.name != ".lock")
-        return sorted(str(p.relative_to(tmp)) for p in files)
+        return spool_leftovers(root / "tmp")
 
     def plant_tag(repository: str, tag: str, raw: bytes) -> None:
         path = root / "repositories" / repository / "_tags" / tag
@@ -94,8 +100,33 @@ async def filesystem_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     )
 
 
+@asynccontextmanager
+async def s3_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """An s3 cache in the session's SeaweedFS (tests/support/seaweed.py), under a prefix of
+    its own."""
+    server = session_seaweed()
+    settings = cache_settings(server, tmp_path / "spool")
+    assert settings.object_store is not None
+    root = f"{settings.object_store.prefix}/{settings.key}"
+    store = server.store()
+    clock = ManualClock()
+
+    def leftovers() -> list[str]:
+        return spool_leftovers(settings.directory / "tmp")
+
+    def plant_tag(repository: str, tag: str, raw: bytes) -> None:
+        obstore.put(store, f"{root}/repositories/{repository}/_tags/{tag}", raw)
+
+    cache = ObjectStoreCache(settings, clock=clock)
+    yield Harness(
+        cache, lambda: ObjectStoreCache(settings, clock=clock), leftovers, plant_tag, clock
+    )
+    await cache.close()
+
+
 HARNESSES: dict[str, Callable[[Path], AbstractAsyncContextManager[Harness]]] = {
     "filesystem": filesystem_harness,
+    "s3": s3_harness,
 }
 
 

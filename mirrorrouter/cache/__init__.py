@@ -11,6 +11,7 @@ from mirrorrouter.cache.base import (
     TagRecord,
 )
 from mirrorrouter.cache.filesystem import FilesystemCache
+from mirrorrouter.cache.s3 import ObjectStoreCache
 from mirrorrouter.config import CacheSettings
 
 
@@ -18,6 +19,8 @@ def open_backend(settings: CacheSettings) -> CacheBackend:
     """The backend named by an upstream's cache settings (``open()`` it before use)."""
     if settings.backend == "filesystem":
         return FilesystemCache(settings.directory)
+    if settings.backend == "s3":
+        return ObjectStoreCache(settings)
     raise ValueError(f"unknown cache backend {settings.backend!r}")  # config validation stops this
 
 
@@ -27,6 +30,7 @@ __all__ = [
     "Claim",
     "DigestMismatch",
     "FilesystemCache",
+    "ObjectStoreCache",
     "StoredManifest",
     "TagRecord",
     "open_backend",

@@ -11,7 +11,9 @@ Layout (``<root>`` is the upstream's cache directory)::
     locks/<alg>-<hex>                     flock: the claim on one digest's download
 
 Every write goes to the instance's own ``tmp/<owner>/`` first and is moved into place with
-``os.replace`` after it was verified, so a reader sees the whole object or nothing.
+``os.replace`` after it was verified, so a reader sees the whole object or nothing. The temp
+area, the blob writer and the in-process shared state are spool.py's, which the object-store
+backend (s3.py) uses too; so is the tag record format below.
 ``open()`` sweeps the temp directories whose owner is gone (a crash, a kill -9, a clean
 ``close()``): their lock can be taken, and what they hold was interrupted and is never
 served. Directories of live owners (other worker processes sharing the cache) are left
@@ -36,20 +38,12 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import time
-import uuid
-from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from cachetools import LRUCache
-
 from mirrorrouter.cache.base import (
-    ACCESS_RESOLUTION,
     DigestMismatch,
     Inventory,
     Removal,
@@ -58,28 +52,12 @@ from mirrorrouter.cache.base import (
     StoredObject,
     TagRecord,
 )
+from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter, entries
 from mirrorrouter.reference import Digest, ReferenceError
 
 READ_CHUNK = 4 * 1024 * 1024  # measured: 4 MiB reads serve ~1.3x faster than 1 MiB
-IN_FLIGHT = 4  # chunks a blob writer may hash and write behind the network reads
-ACCESS_MEMORY = 100_000  # objects whose last persisted access is remembered
-PENDING_ACCESSES = 100_000  # accesses recorded in memory at most, until flushed
 
-
-@dataclass(slots=True)
-class _Shared:
-    """What every instance over one directory in this process shares: readers and writers
-    in progress, and accesses recorded in memory."""
-
-    in_use: Counter[Digest] = field(default_factory=Counter)
-    writers: dict[str, int] = field(default_factory=dict)  # spool file name -> announced size
-    pending: dict[Digest, float] = field(default_factory=dict)  # accesses not yet on disk
-    persisted: LRUCache[Digest, float] = field(
-        default_factory=lambda: LRUCache(maxsize=ACCESS_MEMORY)
-    )
-
-
-_SHARED: dict[str, _Shared] = {}
+_SHARED: dict[str, SharedState] = {}
 
 
 class FilesystemCache:
@@ -87,47 +65,22 @@ class FilesystemCache:
 
     def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.root = root
-        self.tmp = root / "tmp" / uuid.uuid4().hex
-        self._lock_fd: int | None = None
+        self._spool = SpoolArea(root)
+        self.tmp = self._spool.tmp
         self._clock = clock
-        self._shared = _SHARED.setdefault(os.path.abspath(root), _Shared())
+        self._shared = _SHARED.setdefault(os.path.abspath(root), SharedState())
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
 
     async def close(self) -> None:
         """Release this instance's temp directory; the next ``open()`` anywhere sweeps it."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
+        self._spool.close()
 
     def _open_sync(self) -> None:
-        for sub in ("blobs", "manifests", "repositories", "tmp"):
+        for sub in ("blobs", "manifests", "repositories"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._sweep()
-        self.tmp.mkdir(exist_ok=True)
-        self._lock_fd = os.open(self.tmp / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-
-    def _sweep(self) -> None:
-        """Remove temp directories whose owner is gone (their lock is free)."""
-        for entry in (self.root / "tmp").iterdir():
-            if not entry.is_dir():
-                entry.unlink(missing_ok=True)
-                continue
-            try:
-                fd = os.open(entry / ".lock", os.O_RDWR)
-            except FileNotFoundError:
-                shutil.rmtree(entry, ignore_errors=True)
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live owner
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-            finally:
-                os.close(fd)
+        self._spool.open()  # sweeps temp directories whose owner is gone
 
     # ------------------------------------------------------------------ blobs
 
@@ -146,7 +99,7 @@ class FilesystemCache:
 
     async def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
         fd = os.open(self._blob_file(digest), os.O_RDONLY)
-        self._shared.in_use[digest] += 1
+        self._shared.acquire(digest)
         try:
             # Other processes' evictors see the shared lock; when one holds its exclusive
             # lock (it is deleting the file), this read goes on from the open inode.
@@ -163,7 +116,7 @@ class FilesystemCache:
                 yield chunk
         finally:
             os.close(fd)
-            self._release(digest)
+            self._shared.release(digest)
 
     def blob_writer(
         self,
@@ -225,25 +178,17 @@ class FilesystemCache:
     async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
         path = self._repository_dir(repository) / "_tags" / tag
         try:
-            return _parse_tag(await asyncio.to_thread(path.read_bytes))
+            return parse_tag_record(await asyncio.to_thread(path.read_bytes))
         except FileNotFoundError:
             return None
 
     async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
-        data = json.dumps(
-            {
-                "digest": str(record.digest),
-                "media_type": record.media_type,
-                "size": record.size,
-                "checked_at": record.checked_at,
-            }
-        ).encode()
         path = self._repository_dir(repository) / "_tags" / tag
-        await asyncio.to_thread(self._write_atomic, path, data)
+        await asyncio.to_thread(self._write_atomic, path, encode_tag_record(record))
 
     async def list_tags(self, repository: str) -> list[str]:
-        entries = await asyncio.to_thread(_entries, self._repository_dir(repository) / "_tags")
-        return sorted(e.name for e in entries if e.is_file())
+        found = await asyncio.to_thread(entries, self._repository_dir(repository) / "_tags")
+        return sorted(e.name for e in found if e.is_file())
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
         path = self._repository_dir(repository) / "_tags" / tag
@@ -276,7 +221,7 @@ class FilesystemCache:
     # ------------------------------------------------------------------ helpers
 
     def temp_path(self) -> Path:
-        return self.tmp / uuid.uuid4().hex
+        return self._spool.temp_path()
 
     def _write_atomic(self, target: Path, data: bytes, accessed: float | None = None) -> None:
         temp = self.temp_path()
@@ -299,20 +244,12 @@ class FilesystemCache:
 
     def touch(self, digest: Digest) -> None:
         """Record an access in memory; ``flush_access`` (or a later read) persists it."""
-        shared, now = self._shared, self._clock()
-        last = shared.pending.get(digest)
-        if last is None:
-            last = shared.persisted.get(digest)
-        if last is not None and now - last < ACCESS_RESOLUTION:
-            return
-        if digest in shared.pending or len(shared.pending) < PENDING_ACCESSES:
-            shared.pending[digest] = now
+        self._shared.touch(digest, self._clock())
 
     def _accessed(self, digest: Digest, file: Path | int) -> None:
         """A read from disk: persist its access now, unless done within the resolution."""
         now = self._clock()
-        last = self._shared.persisted.get(digest)
-        if last is not None and now - last < ACCESS_RESOLUTION:
+        if self._shared.persisted_recently(digest, now):
             return
         try:
             os.utime(file, (now, now))
@@ -321,17 +258,12 @@ class FilesystemCache:
         self._persisted(digest, now)
 
     def _persisted(self, digest: Digest, when: float) -> None:
-        self._shared.persisted[digest] = when
-        pending = self._shared.pending.get(digest)
-        if pending is not None and pending <= when:
-            del self._shared.pending[digest]
+        self._shared.mark_persisted(digest, when)
 
     async def flush_access(self) -> None:
-        pending = self._shared.pending
-        if not pending:
+        batch = self._shared.take_pending()
+        if not batch:
             return
-        batch = list(pending.items())
-        pending.clear()
         done = await asyncio.to_thread(self._flush_sync, batch)
         for digest, when in done:
             self._shared.persisted[digest] = when
@@ -348,19 +280,8 @@ class FilesystemCache:
                 done.append((digest, when))
         return done
 
-    @contextmanager
-    def hold(self, digest: Digest) -> Iterator[None]:
-        self._shared.in_use[digest] += 1
-        try:
-            yield
-        finally:
-            self._release(digest)
-
-    def _release(self, digest: Digest) -> None:
-        in_use = self._shared.in_use
-        in_use[digest] -= 1
-        if in_use[digest] <= 0:
-            del in_use[digest]
+    def hold(self, digest: Digest) -> AbstractContextManager[None]:
+        return self._shared.hold(digest)
 
     def in_use(self, digest: Digest) -> bool:
         """Read, written or held here; read (shared flock) or claimed by another process."""
@@ -391,9 +312,9 @@ class FilesystemCache:
         for directory, subdirs, _ in os.walk(repositories):
             repository = os.path.relpath(directory, repositories)
             if "_tags" in subdirs:
-                for entry in _entries(Path(directory) / "_tags"):
+                for entry in entries(Path(directory) / "_tags"):
                     with contextlib.suppress(OSError):
-                        record = _parse_tag(Path(entry.path).read_bytes())
+                        record = parse_tag_record(Path(entry.path).read_bytes())
                         if record is not None:
                             tags[(repository, entry.name)] = record
             if "_links" in subdirs:
@@ -401,14 +322,7 @@ class FilesystemCache:
                 if linked:
                     links[repository] = linked
             subdirs[:] = [d for d in subdirs if not d.startswith("_")]
-        in_flight = 0
-        for owner in _entries(self.root / "tmp"):
-            for entry in _entries(Path(owner.path)):
-                if entry.name == ".lock":
-                    continue
-                with contextlib.suppress(OSError):
-                    announced = self._shared.writers.get(entry.name, 0)
-                    in_flight += max(entry.stat().st_size, announced)
+        in_flight = self._spool.in_flight(self._shared.writers)
         return Inventory(
             blobs=self._objects(self.root / "blobs", 2),
             manifests=self._objects(self.root / "manifests", 1),
@@ -470,7 +384,7 @@ class FilesystemCache:
         for repository, tag in removal.tags:
             path = self._repository_dir(repository) / "_tags" / tag
             with contextlib.suppress(OSError):
-                record = _parse_tag(path.read_bytes())
+                record = parse_tag_record(path.read_bytes())
                 # Only while it still names what went: it may have moved on meanwhile.
                 if record is None or record.digest in removal.digests:
                     path.unlink()
@@ -480,7 +394,19 @@ class FilesystemCache:
         return Removed(frozenset(removed), freed)
 
 
-def _parse_tag(raw: bytes) -> TagRecord | None:
+def encode_tag_record(record: TagRecord) -> bytes:
+    """A tag record as stored (JSON; the object-store backend stores the same)."""
+    return json.dumps(
+        {
+            "digest": str(record.digest),
+            "media_type": record.media_type,
+            "size": record.size,
+            "checked_at": record.checked_at,
+        }
+    ).encode()
+
+
+def parse_tag_record(raw: bytes) -> TagRecord | None:
     """A stored tag record; None when unreadable (a miss, never an error)."""
     try:
         data = json.loads(raw)
@@ -491,23 +417,15 @@ def _parse_tag(raw: bytes) -> TagRecord | None:
         return None
 
 
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as entries:
-            return list(entries)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
 def _digest_files(top: Path, depth: int) -> Iterator[tuple[Digest, os.DirEntry[str]]]:
     """The files ``<top>/<alg>/<hex>`` (depth 1) or ``<top>/<alg>/<hex[:2]>/<hex>`` (depth 2)
     named by a valid digest; anything else (temp names, strays) is skipped."""
-    for algorithm in _entries(top):
+    for algorithm in entries(top):
         directories = [algorithm]
         if depth == 2:
-            directories = [d for d in _entries(Path(algorithm.path)) if d.is_dir()]
+            directories = [d for d in entries(Path(algorithm.path)) if d.is_dir()]
         for directory in directories:
-            for entry in _entries(Path(directory.path)):
+            for entry in entries(Path(directory.path)):
                 try:
                     digest = Digest.parse(f"{algorithm.name}:{entry.name}")
                 except ReferenceError:
@@ -528,24 +446,9 @@ class _FileClaim:
             self._fd = None
 
 
-@dataclass(slots=True)
-class _Queued:
-    """A chunk handed to the writer thread."""
-
-    future: asyncio.Future[None]
-    size: int
-    counted: bool = False
-
-
-class _FileBlobWriter:
-    """Streams a blob into the owner's temp directory, hashing as it goes; commit verifies
-    and renames it into place.
-
-    Hashing and writing run on one ordered worker thread per blob, up to ``IN_FLIGHT``
-    chunks behind the caller, so they overlap the next network read (hashlib releases the
-    GIL on large buffers). ``written`` counts only bytes already in the spool file, which is
-    what followers may read.
-    """
+class _FileBlobWriter(SpoolWriter):
+    """Streams a blob into the owner's temp directory (see ``SpoolWriter``); commit verifies
+    it and renames it into place."""
 
     def __init__(
         self,
@@ -554,102 +457,10 @@ class _FileBlobWriter:
         expected_size: int | None,
         on_written: Callable[[int], None] | None,
     ) -> None:
+        super().__init__(cache._shared, cache.temp_path(), digest, expected_size, on_written)
         self._cache = cache
-        self._on_written = on_written
-        self._digest = digest
-        self._expected_size = expected_size
-        self._hasher = digest.hasher()
-        self._path = cache.temp_path()
-        # Unbuffered: every write reaches the file at once, so followers see it.
-        self._file = open(self._path, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-writer")
-        self._pending: deque[_Queued] = deque()
-        self._written = 0
-        self._registered = True  # in use, and announced for the in-flight bytes
-        cache._shared.in_use[digest] += 1
-        cache._shared.writers[self._path.name] = expected_size or 0
 
-    @property
-    def spool_path(self) -> Path:
-        return self._path
-
-    @property
-    def written(self) -> int:
-        return self._written
-
-    async def write(self, chunk: bytes) -> None:
-        """Queue a chunk; returns once at most IN_FLIGHT chunks are still being written.
-        A failed write (a full disk) raises here or from a later call."""
-        future = asyncio.get_running_loop().run_in_executor(self._worker, self._write_sync, chunk)
-        queued = _Queued(future, len(chunk))
-        # Counted as soon as the chunk is on disk (in order: one worker), so followers see
-        # it even while the caller waits for the network.
-        future.add_done_callback(lambda _: self._count(queued))
-        self._pending.append(queued)
-        while self._pending and (len(self._pending) > IN_FLIGHT or self._pending[0].future.done()):
-            await self._settle_oldest()
-
-    async def flush(self) -> None:
-        """Wait until every queued chunk is in the spool file."""
-        while self._pending:
-            await self._settle_oldest()
-
-    async def _settle_oldest(self) -> None:
-        queued = self._pending.popleft()
-        await queued.future  # raises what the write raised
-        self._count(queued)  # its done-callback may not have run yet
-
-    def _count(self, queued: _Queued) -> None:
-        future = queued.future
-        if queued.counted or future.cancelled() or future.exception() is not None:
-            return  # a failure is raised to the caller by write() or flush()
-        queued.counted = True
-        self._written += queued.size
-        if self._on_written is not None:
-            self._on_written(self._written)
-
-    def _write_sync(self, chunk: bytes) -> None:
-        self._hasher.update(chunk)
-        self._file.write(chunk)
-
-    async def commit(self) -> Path:
-        try:
-            await self.flush()
-        except BaseException:
-            await self.abort()
-            raise
-        self._close()
-        actual = self._hasher.hexdigest()
-        if actual != self._digest.hex:
-            await self.abort()
-            raise DigestMismatch(
-                f"content hashed to {self._digest.algorithm}:{actual}, not {self._digest}"
-            )
-        if self._expected_size is not None and self._written != self._expected_size:
-            await self.abort()
-            raise DigestMismatch(f"got {self._written} bytes, expected {self._expected_size}")
-        # The rename happens on the event loop thread, so that readers which look up the
-        # spool path and the committed path never see neither.
-        try:
-            return self._cache.commit_file(self._path, self._digest)
-        finally:
-            self._unregister()
-
-    async def abort(self) -> None:
-        self._on_written = None  # readers must not be told of bytes that are going away
-        while self._pending:  # let the worker finish before the file goes
-            with contextlib.suppress(Exception):
-                await self._pending.popleft().future
-        self._close()
-        self._path.unlink(missing_ok=True)
-        self._unregister()
-
-    def _unregister(self) -> None:
-        if self._registered:
-            self._registered = False
-            self._cache._shared.writers.pop(self._path.name, None)
-            self._cache._release(self._digest)
-
-    def _close(self) -> None:
-        self._file.close()
-        self._worker.shutdown(wait=False)
+    async def _publish(self) -> Path:
+        # The rename happens on the event loop thread (no await before it), so that readers
+        # which look up the spool path and the committed path never see neither.
+        return self._cache.commit_file(self._path, self._digest)

@@ -1,0 +1,653 @@
+"""The object-storage cache: content, tags and links in an S3-compatible bucket.
+
+Layout (``<root>`` is ``<prefix>/<key>``: the configured prefix and this cache's own
+directory, the upstream's name; no leading slash when the prefix is empty)::
+
+    <root>/blobs/<alg>/<hex>                          committed blob bytes
+    <root>/manifests/<alg>/<hex>                      "<media type>\\n" + the manifest bytes
+    <root>/repositories/<repo>/_tags/<tag>            JSON tag record (as filesystem.py)
+    <root>/repositories/<repo>/_links/<alg>/<hex>     empty: the repository may see it
+    <root>/access/<alg>/<hex>/<seconds>               empty: the last access of a digest
+
+and on the local disk (``settings.directory``)::
+
+    tmp/<owner>/        spool files of writes in progress, held by tmp/<owner>/.lock
+    copies/<owner>/     recently committed blobs of the same owner (bounded, see below)
+
+**Atomicity.** A blob is streamed into a local spool file first (followers read it while it
+grows, exactly as with the filesystem backend, see spool.py), verified, and then uploaded:
+one PUT, or a multipart upload for a large file, and S3 makes an object visible only when
+its PUT or CompleteMultipartUpload succeeded, so a reader sees the whole blob or nothing.
+A failed multipart upload is aborted by obstore; one interrupted by a killed process stays
+invisible and is best removed by the bucket's AbortIncompleteMultipartUpload lifecycle rule.
+Manifests, tag records and links are single PUTs, atomic the same way.
+
+**Local copies.** ``commit`` returns a local file with the blob (what the followers of a fill
+switch to): the spool file, moved to ``copies/<owner>/``. The copies are an LRU bounded by
+total bytes (the newest always stays); an evicted copy is unlinked, which readers that have
+it open do not notice (Linux keeps the inode). ``blob_path`` returns a copy while there is
+one and ``read_blob`` reads it instead of the bucket; everything else is read from the
+bucket, in ranged GETs of ``READ_PART`` bytes, the next one fetched while the current one is
+served, so no single request lives as long as a slow client.
+
+**Access times** are stored as empty marker objects whose name is the time (a LIST gives
+every access without a GET per object, and the inventory is one LIST of the whole cache).
+Object metadata could not carry them (S3 cannot change an object's metadata in place) and a
+single access object would be rewritten whole on every flush. A digest has one marker for
+its blob and manifest together; persisting a newer access writes the new marker and deletes
+the older ones (never moving an access back), at most once per ``ACCESS_RESOLUTION`` per
+digest and process; ``touch`` records in memory only, and ``flush_access`` persists what
+was recorded by any instance over the same storage in this process. Content without a
+marker (an interrupted commit) counts as accessed when it was last modified.
+
+**Per process**, in memory: claims (``try_claim``; the claim across replicas is the
+coordinator's business, not this backend's), what is in use (readers, writers, holds), and
+accesses not yet persisted, shared by every instance over the same endpoint, bucket and root
+in this process. ``remove`` refuses digests in use here; it cannot see readers of another
+process, which at worst fail mid-read like readers of a removed object anywhere.
+
+**Why obstore**: an async API over a Rust core (``object_store``: the HTTP client, retries,
+request signing run outside the GIL), uploads from a file or async iterator that become
+multipart uploads on their own (and are aborted on failure), ranged reads, presigned URLs
+for redirects, and typed stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+)
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import obstore
+from obstore.store import S3Store
+
+from mirrorrouter.cache.base import (
+    DigestMismatch,
+    Inventory,
+    Removal,
+    Removed,
+    StoredManifest,
+    StoredObject,
+    TagRecord,
+)
+from mirrorrouter.cache.filesystem import encode_tag_record, parse_tag_record
+from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter
+from mirrorrouter.config import CacheSettings
+from mirrorrouter.config.model import ObjectStoreSettings
+from mirrorrouter.reference import Digest, ReferenceError
+
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
+    from obstore.store import ClientConfig, S3Config
+
+log = logging.getLogger("mirrorrouter.cache.s3")
+
+READ_PART = 4 * 1024 * 1024  # bytes per ranged GET of a blob
+UPLOAD_PART = 8 * 1024 * 1024  # multipart part size; a smaller blob is one PUT
+UPLOAD_CONCURRENCY = 4  # parts of one upload in flight at once
+LOCAL_COPY_BYTES = 1024 * 1024 * 1024  # local copies of committed blobs kept, in total
+CONCURRENT_REQUESTS = 16  # small requests in flight at once (inventory, flush, remove)
+LIST_CHUNK = 1000  # objects per page of a listing
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Shared(SharedState):
+    """``SharedState`` plus the claims of downloads made in this process."""
+
+    claims: set[Digest] = field(default_factory=set)
+
+
+_SHARED: dict[tuple[str, str, str], _Shared] = {}
+
+
+class ObjectStoreCache:
+    """``CacheBackend`` over an S3-compatible bucket (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        local_copy_bytes: int = LOCAL_COPY_BYTES,
+    ) -> None:
+        store_settings = settings.object_store
+        if store_settings is None:
+            raise ValueError("the s3 cache backend needs object_store settings")
+        self._settings = store_settings
+        self._clock = clock
+        parts = (store_settings.prefix.strip("/"), settings.key.strip("/"))
+        self.root = "/".join(p for p in parts if p)
+        self._store = _make_store(store_settings)
+        identity = (store_settings.endpoint or "aws", store_settings.bucket, self.root)
+        self._shared = _SHARED.setdefault(identity, _Shared())
+        self._spool = SpoolArea(settings.directory, companions=("copies",))
+        self._copies = _LocalCopies(self._spool.companion("copies"), local_copy_bytes, self)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        """Prepare the local spool area, sweeping the spool files of owners that are gone."""
+        await asyncio.to_thread(self._spool.open)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self._spool.close()
+
+    # ------------------------------------------------------------------ keys
+
+    def _key(self, *parts: str) -> str:
+        return "/".join((self.root, *parts)) if self.root else "/".join(parts)
+
+    def _blob_key(self, digest: Digest) -> str:
+        return self._key("blobs", digest.algorithm, digest.hex)
+
+    def _manifest_key(self, digest: Digest) -> str:
+        return self._key("manifests", digest.algorithm, digest.hex)
+
+    def _access_prefix(self, digest: Digest) -> str:
+        return self._key("access", digest.algorithm, digest.hex)
+
+    def _tag_key(self, repository: str, tag: str) -> str:
+        return self._key("repositories", repository, "_tags", tag)
+
+    def _link_key(self, repository: str, digest: Digest) -> str:
+        return self._key("repositories", repository, "_links", digest.algorithm, digest.hex)
+
+    # ------------------------------------------------------------------ small requests
+
+    async def _get(self, key: str) -> bytes | None:
+        try:
+            result = await obstore.get_async(self._store, key)
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:
+            return None
+
+    async def _size(self, key: str) -> int | None:
+        try:
+            return (await obstore.head_async(self._store, key))["size"]
+        except FileNotFoundError:
+            return None
+
+    async def _list(self, prefix: str) -> list[ObjectMeta]:
+        """Every object under ``prefix`` (whole path segments), recursively."""
+        stream = obstore.list(self._store, prefix or None, chunk_size=LIST_CHUNK)
+        return list(await stream.collect_async())
+
+    # ------------------------------------------------------------------ blobs
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        return await self._size(self._blob_key(digest))
+
+    def blob_path(self, digest: Digest) -> Path | None:
+        """The local copy of a blob committed here recently, if it is still kept."""
+        return self._copies.get(digest)
+
+    async def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
+        self._shared.acquire(digest)
+        access = self._access_started(digest)
+        completed = False
+        try:
+            local = self._copies.open(digest)
+            if local is not None:
+                try:
+                    async for chunk in _read_file(local, start, end):
+                        yield chunk
+                finally:
+                    os.close(local)
+            else:
+                parts = self._read_object(self._blob_key(digest), start, end)
+                async with contextlib.aclosing(parts):  # its read-ahead ends with this reader
+                    async for chunk in parts:
+                        yield chunk
+            completed = True
+        finally:
+            self._shared.release(digest)
+            if access is not None and completed:
+                with contextlib.suppress(Exception):
+                    await access  # persisted before the read is over (tests rely on it)
+
+    async def _read_object(self, key: str, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """Bytes ``[start, end)`` of an object in ranged GETs, one part fetched ahead."""
+
+        async def part(low: int) -> bytes:
+            high = min(low + READ_PART, end)
+            return bytes(await obstore.get_range_async(self._store, key, start=low, end=high))
+
+        position = start
+        ahead = asyncio.ensure_future(part(position)) if position < end else None
+        try:
+            while ahead is not None:
+                current, asked = ahead, min(READ_PART, end - position)
+                following = position + asked
+                ahead = asyncio.ensure_future(part(following)) if following < end else None
+                chunk = await current
+                if chunk:
+                    position += len(chunk)
+                    yield chunk
+                if len(chunk) < asked:
+                    return  # the object is shorter than the range asked for
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await ahead
+
+    def blob_writer(
+        self,
+        digest: Digest,
+        expected_size: int | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> _ObjectBlobWriter:
+        return _ObjectBlobWriter(self, digest, expected_size, on_written)
+
+    async def _upload(self, spool: Path, digest: Digest) -> None:
+        """Put a verified spool file as the blob: one PUT, or multipart when it is large.
+
+        The upload is shielded from the caller's cancellation: a multipart upload whose
+        future is dropped is never completed nor aborted (it would linger invisibly in the
+        bucket), so a cancelled commit lets it finish (the content is verified; obstore
+        holds the file open) and ``close()`` waits for it."""
+
+        async def put() -> None:
+            await obstore.put_async(
+                self._store,
+                self._blob_key(digest),
+                spool,
+                chunk_size=UPLOAD_PART,
+                max_concurrency=UPLOAD_CONCURRENCY,
+            )
+
+        await asyncio.shield(self._in_background(put()))
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        """A task that ``close()`` waits for."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Raised to whoever still awaits it; logged in case nobody does any more.
+            log.debug("background request failed: %s", task.exception())
+
+    def try_claim(self, digest: Digest) -> _MemoryClaim | None:
+        """Claim the download of ``digest`` within this process (see the module docstring)."""
+        claims = self._shared.claims
+        if digest in claims:
+            return None
+        claims.add(digest)
+        return _MemoryClaim(claims, digest)
+
+    async def presigned_url(self, digest: Digest, expires: float) -> str | None:
+        """A URL that serves the blob to whoever has it, for ``expires`` seconds; None unless
+        the settings ask for redirects."""
+        if not self._settings.redirect:
+            return None
+        return await obstore.sign_async(
+            self._store, "GET", self._blob_key(digest), timedelta(seconds=expires)
+        )
+
+    # ------------------------------------------------------------------ manifests
+
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        access = self._access_started(digest)
+        stored = await self.peek_manifest(digest)
+        if access is not None:
+            with contextlib.suppress(Exception):
+                await access
+        return stored
+
+    async def peek_manifest(self, digest: Digest) -> StoredManifest | None:
+        raw = await self._get(self._manifest_key(digest))
+        if raw is None:
+            return None
+        media_type, _, data = raw.partition(b"\n")
+        return StoredManifest(digest, media_type.decode(), data)
+
+    async def put_manifest(self, manifest: StoredManifest) -> None:
+        if Digest.of(manifest.data, manifest.digest.algorithm) != manifest.digest:
+            raise DigestMismatch(f"manifest bytes do not hash to {manifest.digest}")
+        raw = manifest.media_type.encode() + b"\n" + manifest.data
+        await obstore.put_async(self._store, self._manifest_key(manifest.digest), raw)
+        await self._record_access(manifest.digest, self._clock(), stored=True)
+
+    # ------------------------------------------------------------------ tags and links
+
+    async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
+        raw = await self._get(self._tag_key(repository, tag))
+        return None if raw is None else parse_tag_record(raw)
+
+    async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
+        await obstore.put_async(
+            self._store, self._tag_key(repository, tag), encode_tag_record(record)
+        )
+
+    async def list_tags(self, repository: str) -> list[str]:
+        prefix = self._key("repositories", repository, "_tags")
+        listed = await obstore.list_with_delimiter_async(self._store, prefix)
+        return sorted(meta["path"].rpartition("/")[2] for meta in listed["objects"])
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        key = self._tag_key(repository, tag)
+        if await self._size(key) is None:
+            return False
+        await obstore.delete_async(self._store, key)
+        return True
+
+    async def is_linked(self, repository: str, digest: Digest) -> bool:
+        return await self._size(self._link_key(repository, digest)) is not None
+
+    async def link(self, repository: str, digests: list[Digest]) -> None:
+        keys = {self._link_key(repository, digest) for digest in digests}
+        await _gather(obstore.put_async(self._store, key, b"") for key in keys)
+
+    async def linked(self, repository: str) -> frozenset[Digest]:
+        prefix = self._key("repositories", repository, "_links")
+        found = set()
+        for meta in await self._list(prefix):
+            digest = _digest(meta["path"][len(prefix) + 1 :].split("/"))
+            if digest is not None:
+                found.add(digest)
+        return frozenset(found)
+
+    # ------------------------------------------------------------------ access
+
+    def touch(self, digest: Digest) -> None:
+        """Record an access in memory; ``flush_access`` (or a later read) persists it."""
+        self._shared.touch(digest, self._clock())
+
+    async def flush_access(self) -> None:
+        batch = self._shared.take_pending()
+        await _gather(self._record_access(digest, when) for digest, when in batch)
+
+    def _access_started(self, digest: Digest) -> asyncio.Task[None] | None:
+        """A read from storage: persist its access (in the background of the read), unless
+        one was persisted within the resolution."""
+        now = self._clock()
+        if self._shared.persisted_recently(digest, now):
+            return None
+        return self._in_background(self._record_access(digest, now))
+
+    async def _record_access(self, digest: Digest, when: float, *, stored: bool = False) -> None:
+        """Make ``when`` the stored last access of ``digest``, unless a later one is stored or
+        the digest is not (``stored``: the caller just wrote it). Failures are logged: an
+        access is a hint for eviction, never a reason to fail a request."""
+        try:
+            prefix = self._access_prefix(digest)
+            markers: dict[str, float] = {}
+            for meta in await self._list(prefix):
+                with contextlib.suppress(ValueError):
+                    markers[meta["path"]] = float(meta["path"].rpartition("/")[2])
+            if not markers and not stored:
+                sizes = await _gather(
+                    [self._size(self._blob_key(digest)), self._size(self._manifest_key(digest))]
+                )
+                if sizes == [None, None]:
+                    return  # not stored: nothing to date
+            latest = max(markers.values(), default=None)
+            if latest is not None and latest >= when:
+                keep = max(markers, key=markers.__getitem__)
+                when = latest
+            else:
+                keep = f"{prefix}/{when!r}"
+                await obstore.put_async(self._store, keep, b"")
+            stale = [key for key in markers if key != keep]
+            if stale:
+                await obstore.delete_async(self._store, stale)
+            self._shared.mark_persisted(digest, when)
+        except Exception as error:
+            log.warning("could not record the access of %s: %s", digest, error)
+
+    # ------------------------------------------------------------------ in use
+
+    def hold(self, digest: Digest) -> AbstractContextManager[None]:
+        return self._shared.hold(digest)
+
+    def in_use(self, digest: Digest) -> bool:
+        """Read, written, held or claimed in this process."""
+        return bool(self._shared.in_use.get(digest)) or digest in self._shared.claims
+
+    # ------------------------------------------------------------------ inventory, removal
+
+    async def inventory(self) -> Inventory:
+        content: dict[str, dict[Digest, ObjectMeta]] = {"blobs": {}, "manifests": {}}
+        accessed: dict[Digest, float] = {}
+        tag_keys: dict[tuple[str, str], str] = {}
+        links: dict[str, set[Digest]] = {}
+        start = len(self.root) + 1 if self.root else 0
+        for meta in await self._list(self.root):
+            parts = meta["path"][start:].split("/")
+            if parts[0] in content and len(parts) == 3:
+                digest = _digest(parts[1:])
+                if digest is not None:
+                    content[parts[0]][digest] = meta
+            elif parts[0] == "access" and len(parts) == 4:
+                digest = _digest(parts[1:3])
+                with contextlib.suppress(ValueError):
+                    when = float(parts[3])
+                    if digest is not None and when > accessed.get(digest, when - 1):
+                        accessed[digest] = when
+            elif parts[0] == "repositories" and len(parts) > 3:
+                rest = "/".join(parts[1:])
+                repository, _, tag = rest.rpartition("/_tags/")
+                if repository and tag and "/" not in tag:
+                    tag_keys[(repository, tag)] = meta["path"]
+                    continue
+                repository, _, linked = rest.rpartition("/_links/")
+                digest = _digest(linked.split("/"))
+                if repository and digest is not None:
+                    links.setdefault(repository, set()).add(digest)
+        raws = await _gather(self._get(key) for key in tag_keys.values())
+        tags = {}
+        for name, raw in zip(tag_keys, raws, strict=True):
+            record = None if raw is None else parse_tag_record(raw)
+            if record is not None:
+                tags[name] = record
+
+        def objects(found: dict[Digest, ObjectMeta]) -> dict[Digest, StoredObject]:
+            return {
+                digest: StoredObject(
+                    digest,
+                    meta["size"],
+                    accessed.get(digest, meta["last_modified"].timestamp()),
+                )
+                for digest, meta in found.items()
+            }
+
+        return Inventory(
+            blobs=objects(content["blobs"]),
+            manifests=objects(content["manifests"]),
+            tags=tags,
+            links={repository: frozenset(digests) for repository, digests in links.items()},
+            in_flight=await asyncio.to_thread(self._spool.in_flight, self._shared.writers),
+        )
+
+    async def remove(self, removal: Removal) -> Removed:
+        busy = frozenset(d for d in removal.digests if self.in_use(d))
+        if busy:
+            return Removed(frozenset(), 0, busy)
+        digests = sorted(removal.digests, key=str)
+        keys = [key for d in digests for key in (self._blob_key(d), self._manifest_key(d))]
+        sizes = await _gather(self._size(key) for key in keys)
+        removed: set[Digest] = set()
+        freed = 0
+        for index, size in enumerate(sizes):
+            if size is not None:
+                removed.add(digests[index // 2])
+                freed += size
+        markers = await _gather(self._list(self._access_prefix(d)) for d in digests)
+        doomed = [key for key, size in zip(keys, sizes, strict=True) if size is not None]
+        doomed += [meta["path"] for listed in markers for meta in listed]
+        for digest in digests:
+            self._copies.drop(digest)
+            self._shared.persisted.pop(digest, None)
+        tag_keys = [self._tag_key(repository, tag) for repository, tag in removal.tags]
+        for key, raw in zip(tag_keys, await _gather(self._get(k) for k in tag_keys), strict=True):
+            if raw is None:
+                continue
+            record = parse_tag_record(raw)
+            # Only while it still names what went: it may have moved on meanwhile.
+            if record is None or record.digest in removal.digests:
+                doomed.append(key)
+        doomed += [self._link_key(repository, digest) for repository, digest in removal.links]
+        if doomed:
+            await obstore.delete_async(self._store, doomed)
+        return Removed(frozenset(removed), freed)
+
+
+class _ObjectBlobWriter(SpoolWriter):
+    """Spools a blob locally (see ``SpoolWriter``); commit verifies it, uploads it, and keeps
+    the spool file as a local copy."""
+
+    def __init__(
+        self,
+        cache: ObjectStoreCache,
+        digest: Digest,
+        expected_size: int | None,
+        on_written: Callable[[int], None] | None,
+    ) -> None:
+        super().__init__(cache._shared, cache._spool.temp_path(), digest, expected_size, on_written)
+        self._cache = cache
+
+    async def _publish(self) -> Path:
+        cache = self._cache
+        await cache._upload(self._path, self._digest)
+        await cache._record_access(self._digest, cache._clock(), stored=True)
+        # Moved on the event loop thread (no await from here on), so that readers which look
+        # up the spool path and the returned path never see neither.
+        return cache._copies.keep(self._path, self._digest, self._written)
+
+
+class _LocalCopies:
+    """Local files of blobs committed by one instance, least recently used evicted first
+    once they take more than ``limit`` bytes; the newest and blobs in use always stay."""
+
+    def __init__(self, directory: Path, limit: int, cache: ObjectStoreCache) -> None:
+        self._directory = directory
+        self._limit = limit
+        self._cache = cache
+        self._files: OrderedDict[Digest, tuple[Path, int]] = OrderedDict()
+        self._bytes = 0
+
+    def keep(self, spool: Path, digest: Digest, size: int) -> Path:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        target = self._directory / f"{digest.algorithm}-{digest.hex}"
+        self._forget(digest)
+        os.replace(spool, target)  # readers of an older copy keep its inode
+        self._files[digest] = (target, size)
+        self._bytes += size
+        for other in list(self._files):
+            if self._bytes <= self._limit:
+                break
+            if other != digest and not self._cache.in_use(other):
+                self.drop(other)
+        return target
+
+    def get(self, digest: Digest) -> Path | None:
+        entry = self._files.get(digest)
+        if entry is None:
+            return None
+        if not entry[0].exists():  # swept by another instance after this one closed
+            self._forget(digest)
+            return None
+        self._files.move_to_end(digest)
+        return entry[0]
+
+    def open(self, digest: Digest) -> int | None:
+        """A read-only descriptor of the local copy, if there is one."""
+        path = self.get(digest)
+        if path is None:
+            return None
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            self._forget(digest)
+            return None
+
+    def drop(self, digest: Digest) -> None:
+        entry = self._forget(digest)
+        if entry is not None:
+            entry[0].unlink(missing_ok=True)
+
+    def _forget(self, digest: Digest) -> tuple[Path, int] | None:
+        entry = self._files.pop(digest, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+        return entry
+
+
+class _MemoryClaim:
+    """A digest's download claimed within this process."""
+
+    def __init__(self, claims: set[Digest], digest: Digest) -> None:
+        self._claims: set[Digest] | None = claims
+        self._digest = digest
+
+    def release(self) -> None:
+        if self._claims is not None:
+            self._claims.discard(self._digest)
+            self._claims = None
+
+
+def _make_store(settings: ObjectStoreSettings) -> S3Store:
+    config: S3Config = {"region": settings.region}
+    client: ClientConfig = {}
+    if settings.endpoint:
+        config["endpoint"] = settings.endpoint.rstrip("/")
+        client["allow_http"] = settings.endpoint.startswith("http://")
+    if settings.access_key_id is not None:
+        config["access_key_id"] = settings.access_key_id.value
+    if settings.secret_access_key is not None:
+        config["secret_access_key"] = settings.secret_access_key.value
+    return S3Store(settings.bucket, config=config, client_options=client)
+
+
+async def _read_file(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+    position = start
+    while position < end:
+        chunk = await asyncio.to_thread(os.pread, fd, min(READ_PART, end - position), position)
+        if not chunk:
+            return
+        position += len(chunk)
+        yield chunk
+
+
+def _digest(parts: list[str]) -> Digest | None:
+    """The digest named by ``[<alg>, <hex>]``; None for anything else (strays)."""
+    if len(parts) != 2:
+        return None
+    try:
+        return Digest.parse(f"{parts[0]}:{parts[1]}")
+    except ReferenceError:
+        return None
+
+
+async def _gather(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await them all, at most ``CONCURRENT_REQUESTS`` at once, results in order."""
+    limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
+
+    async def one(awaitable: Awaitable[T]) -> T:
+        async with limit:
+            return await awaitable
+
+    return list(await asyncio.gather(*(one(a) for a in awaitables)))
