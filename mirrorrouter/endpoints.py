@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -22,10 +22,14 @@ from mirrorrouter import __version__, logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
 from mirrorrouter.breaker import CircuitState
-from mirrorrouter.clientauth import Authenticator, Identity
+from mirrorrouter.calls import Call
+from mirrorrouter.clientauth import Authenticator
 from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.eviction import Evictor
+from mirrorrouter.groups import Answer, GroupApi
+from mirrorrouter.hostedapi import HOSTED, HostedApi, index_response, tag_page
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
 from mirrorrouter.oci import (
@@ -39,7 +43,7 @@ from mirrorrouter.oci import (
     RequestKind,
     parse_request,
 )
-from mirrorrouter.pullthrough import ManifestAnswer, Pullthrough
+from mirrorrouter.pullthrough import BlobAnswer, CacheStatus, ManifestAnswer, Pullthrough
 from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
 from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -71,17 +75,6 @@ def parse_scope(scope: Scope) -> OciRequest:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One admitted request: what was asked, where it goes, who asks, from where."""
-
-    oci: OciRequest
-    resolution: Resolution
-    identity: Identity | None
-    client: str
-    scope: Scope | None = None
-
-
 class Endpoints:
     """The request handlers, bound to one configuration."""
 
@@ -103,23 +96,27 @@ class Endpoints:
         # a background cadence, and tests inject a sleep that returns at once (for retries).
         self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
         self.pull.filler.on_commit = self.evictor.committed
+        self.hosted = HostedApi(settings, clock=timing.wall)
+        self.groups = GroupApi(self.mapper, self.access, self._serve)
         self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         await self.pull.start()
+        await self.hosted.start()
         self.evictor.start()  # a round now, then one a minute, and when a commit crosses a limit
         try:
             yield
         finally:
             await self.evictor.stop()
             await self.pull.close()
+            await self.hosted.close()
             self.audit.close()
 
     def _admit(self, scope: Scope, oci: OciRequest, resolution: Resolution) -> Call:
         """Who is asking, and may they? The one check both the fast and the full path make."""
         identity = self.auth.identify(_header(scope, b"authorization")) if self.auth else None
-        self.access.check(identity, resolution)
+        self.access.check(identity, resolution, push=oci.is_write)
         client = scope.get("client") or ("", 0)
         return Call(oci, resolution, identity, f"{client[0]}:{client[1]}", scope)
 
@@ -131,7 +128,10 @@ class Endpoints:
             oci = parse_scope(scope)
             if oci.kind is not RequestKind.MANIFEST:
                 return None
-            call = self._admit(scope, oci, self.mapper.resolve(oci))
+            resolution = self.mapper.resolve(oci)
+            if not isinstance(resolution.target, UpstreamSettings):
+                return None  # hosted sets and groups take the full path
+            call = self._admit(scope, oci, resolution)
         except RegistryError:
             return None
         reference = call.resolution.reference
@@ -154,7 +154,7 @@ class Endpoints:
         started = time.perf_counter()
         status, size, logged_later = 500, 0, False
         try:
-            response = await self._handle(scope, oci, resolution)
+            response = await self._handle(request, oci, resolution)
             status = response.status_code
             if isinstance(response, BlobResponse):
                 logged_later = True  # when its body has been sent (BlobResponse.on_sent)
@@ -172,35 +172,73 @@ class Endpoints:
 
     def _count(self, oci: OciRequest, resolution: Resolution, status: int) -> None:
         route = resolution.route.label if resolution.route else resolution.via.value
-        self.metrics.request(route, resolution.upstream.name, oci.method, status)
+        self.metrics.request(route, resolution.target.name, oci.method, status)
 
-    async def _handle(
-        self, scope: Scope, oci: OciRequest, resolution: Resolution
-    ) -> Response | RawResponse | BlobResponse:
+    async def _handle(self, request: Request, oci: OciRequest, resolution: Resolution) -> Answer:
+        scope = request.scope
         try:
-            call = self._admit(scope, oci, resolution)
-            if oci.is_write:
-                raise RegistryError(
-                    ErrorCode.UNSUPPORTED,
-                    f"{oci.method} is not supported: this mirror is read-only",
-                )
-            if oci.method not in ("GET", "HEAD"):
-                raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} is not supported here")
-            if oci.kind is RequestKind.MANIFEST:
-                return await self.manifest(call)
-            if oci.kind is RequestKind.BLOB:
-                return await self.blob(call)
-            if oci.kind is RequestKind.TAGS:
-                return await self.tags(call)
-            if oci.kind is RequestKind.REFERRERS:
-                return await self.referrers(call)
-            raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.kind.value} is not supported")
+            return await self._serve(self._admit(scope, oci, resolution), request)
         except RegistryError as error:
             # Say which route was taken, so an operator can see why.
             headers = self._common_headers(oci, resolution)
             if error.code is ErrorCode.UNAUTHORIZED:
-                headers["WWW-Authenticate"] = self._challenge(scope, oci.name)
+                headers["WWW-Authenticate"] = self._challenge(scope, oci.name, push=oci.is_write)
             raise error.with_context(resolution.describe, headers) from error
+
+    async def _serve(self, call: Call, request: Request) -> Answer:
+        """Answer an admitted call from its target: an upstream, a hosted set or a group."""
+        oci, target = call.oci, call.resolution.target
+        if isinstance(target, GroupSettings):
+            return await self.groups.serve(call, request)
+        hosted = target if isinstance(target, HostedSettings) else None
+        ref = call.resolution.reference
+        if oci.is_write:
+            assert hosted is not None  # access.check refuses pushes to anything else
+            return await self.hosted.write(hosted, ref, oci, request, self._mount_from(call))
+        if oci.method not in ("GET", "HEAD"):
+            raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} is not supported here")
+        if oci.kind is RequestKind.MANIFEST:
+            if hosted is None:
+                return await self.manifest(call)
+            stored = await self.hosted.manifest(hosted, ref, oci.accept)
+            return self._manifest_response(call, ManifestAnswer(stored, HOSTED, hosted.name))
+        if oci.kind is RequestKind.BLOB:
+            if hosted is None:
+                return await self.blob(call)
+            blob = await self.hosted.blob(hosted, ref)
+            answer = BlobAnswer(blob.size, HOSTED, hosted.name, blob.stream)
+            return self._blob_response(call, answer)
+        if oci.kind is RequestKind.TAGS:
+            if hosted is None:
+                return await self.tags(call)
+            return tag_page(oci.name, await self.hosted.tags(hosted, ref), oci)
+        if oci.kind is RequestKind.REFERRERS:
+            if hosted is None:
+                return await self.referrers(call)
+            artifact_type = oci.query_value("artifactType")
+            body = await self.hosted.referrers(hosted, ref, artifact_type)
+            return index_response(body, oci, bool(artifact_type))
+        raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.kind.value} is not supported")
+
+    def _mount_from(self, call: Call) -> str | None:
+        """The repository of the same hosted set a ``?mount=&from=`` names, routed the way
+        the request itself was; None when it names none there that this client may pull."""
+        source = call.oci.query_value("from")
+        if not source or not call.oci.query_value("mount"):
+            return None
+        hosted = call.resolution.target
+        try:
+            resolution = self.mapper.resolve(replace(call.oci, name=source, upload_id=None))
+            if isinstance(resolution.target, GroupSettings):
+                if hosted.name not in resolution.target.members:
+                    return None
+                resolution = self.mapper.member(resolution, hosted.name)
+            if resolution.target != hosted:
+                return None
+            self.access.check(call.identity, resolution)
+        except RegistryError:
+            return None
+        return resolution.reference.repository
 
     def base(self, scope: Scope, oci: OciRequest) -> Response:
         if oci.method not in ("GET", "HEAD"):
@@ -234,13 +272,14 @@ class Endpoints:
             raise error.with_context("token realm", {"WWW-Authenticate": challenge}) from error
         return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
-    def _challenge(self, scope: Scope, name: str) -> str:
+    def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
         assert self.auth is not None
         realm = self.auth.settings.realm
         if realm is None:
             host = _header(scope, b"host") or "localhost"
             realm = f"{scope.get('scheme', 'http')}://{host}/auth/token"
-        return self.auth.challenge(realm, f"repository:{name}:pull" if name else None)
+        actions = "pull,push" if push else "pull"
+        return self.auth.challenge(realm, f"repository:{name}:{actions}" if name else None)
 
     async def manifest(self, call: Call) -> RawResponse:
         reference = call.resolution.reference
@@ -259,7 +298,8 @@ class Endpoints:
             CACHE_HEADER: answer.cache,
         }
         raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-        self.metrics.cache_result(call.resolution.upstream.name, "manifest", answer.cache)
+        if answer.cache != HOSTED:
+            self.metrics.cache_result(answer.upstream, "manifest", answer.cache)
         if call.oci.method == "HEAD":
             return RawResponse(200, raw, b"")
         self._record_pull(
@@ -271,7 +311,11 @@ class Endpoints:
         digest = call.resolution.reference.digest
         assert digest is not None
         upstream, repository = call.resolution.upstream, call.resolution.reference.repository
-        answer = await self.pull.blob(upstream, repository, digest)
+        return self._blob_response(call, await self.pull.blob(upstream, repository, digest))
+
+    def _blob_response(self, call: Call, answer: BlobAnswer) -> BlobResponse:
+        digest = call.resolution.reference.digest
+        upstream = answer.upstream
         headers = {
             **self._common_headers(call.oci, call.resolution),
             "Content-Type": "application/octet-stream",
@@ -279,15 +323,16 @@ class Endpoints:
             CACHE_HEADER: answer.cache,
         }
 
-        self.metrics.cache_result(upstream.name, "blob", answer.cache)
+        if answer.cache != HOSTED:
+            self.metrics.cache_result(upstream, "blob", answer.cache)
 
         started = time.perf_counter()
         byte_range = parse_range(call.oci.range, answer.size)
         status = 206 if byte_range else 200
 
         def sent(count: int) -> None:
-            if answer.cache == "HIT":
-                self.metrics.served_from_cache(upstream.name, count)
+            if answer.cache == CacheStatus.HIT:
+                self.metrics.served_from_cache(upstream, count)
             if call.oci.method == "GET":
                 self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
             self._log_access(call.scope, call, status, started, answer.cache, answer.mirror, count)
@@ -307,7 +352,7 @@ class Endpoints:
         """A manifest or blob GET answered: the audit log and the status page's recent pulls."""
         user = call.identity.name if call.identity else "anonymous"
         reference = str(call.resolution.reference)
-        upstream = call.resolution.upstream.name
+        upstream = call.resolution.target.name
         self.metrics.pulled(Pull(time.time(), user, reference, digest, upstream, cache, size))
         if not self.audit.enabled:
             return
@@ -346,7 +391,7 @@ class Endpoints:
         return Response(b"" if oci.method == "HEAD" else body, 200, headers)
 
     def _common_headers(self, oci: OciRequest, resolution: Resolution) -> dict[str, str]:
-        headers = {API_VERSION_HEADER: API_VERSION, UPSTREAM_HEADER: resolution.upstream.name}
+        headers = {API_VERSION_HEADER: API_VERSION, UPSTREAM_HEADER: resolution.target.name}
         if resolution.via is RouteKind.NAMESPACE and oci.ns:
             headers[NAMESPACE_HEADER] = oci.ns
         return headers
@@ -375,7 +420,7 @@ class Endpoints:
             client=call.client or None,
             user=call.identity.name if call.identity else None,
             route=resolution.route.label if resolution.route else resolution.via.value,
-            upstream=resolution.upstream.name,
+            upstream=resolution.target.name,
             mirror=mirror,
             cache=cache,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),

@@ -71,7 +71,8 @@ class OciRequest:
 
     @property
     def is_write(self) -> bool:
-        return self.method in _PUSH_METHODS
+        """A push: any upload request (its status GET too), a PUT, PATCH, POST or DELETE."""
+        return self.kind is RequestKind.UPLOAD or self.method in _PUSH_METHODS
 
     @property
     def reference(self) -> str:

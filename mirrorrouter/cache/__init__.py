@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from mirrorrouter.cache.base import (
     BlobWriter,
     CacheBackend,
@@ -15,12 +18,15 @@ from mirrorrouter.cache.s3 import ObjectStoreCache
 from mirrorrouter.config import CacheSettings
 
 
-def open_backend(settings: CacheSettings) -> CacheBackend:
-    """The backend named by an upstream's cache settings (``open()`` it before use)."""
+def open_backend(
+    settings: CacheSettings, *, clock: Callable[[], float] = time.time
+) -> CacheBackend:
+    """The backend named by cache settings (``open()`` it before use); ``clock`` dates
+    accesses and commits (tests inject one)."""
     if settings.backend == "filesystem":
-        return FilesystemCache(settings.directory)
+        return FilesystemCache(settings.directory, clock=clock)
     if settings.backend == "s3":
-        return ObjectStoreCache(settings)
+        return ObjectStoreCache(settings, clock=clock)
     raise ValueError(f"unknown cache backend {settings.backend!r}")  # config validation stops this
 
 

@@ -1,0 +1,163 @@
+"""Groups: several upstreams and hosted sets behind one name, asked in order (a Nexus group).
+
+- A pull (manifest, blob) is answered by the **first member that has it**: a member that
+  does not (not found, not allowed for this client, or unreachable) passes to the next.
+  Each member answers from its own state, so a tag just pushed to a hosted member is
+  served from there at once; nothing is cached under the group's name to go stale.
+- ``tags/list`` is the union of the members' tags; ``referrers`` the union of their
+  referrers.
+- A push goes to the group's one ``writable`` hosted member.
+- Access rules are the members': the group asks each member with the client's identity.
+
+When no member has the reference, the answer is the most useful failure: a member that was
+unreachable or throttling (503/429: the content may well be there, so clients retry), then
+a login prompt, then a refusal, then "not found".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeAlias
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mirrorrouter.access import AccessPolicy
+from mirrorrouter.calls import Call
+from mirrorrouter.config.model import GroupSettings
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.hostedapi import index_response, tag_page
+from mirrorrouter.mapping import Mapper
+from mirrorrouter.oci import RequestKind
+from mirrorrouter.responses import BlobResponse, RawResponse
+
+Answer: TypeAlias = Response | RawResponse | BlobResponse
+Serve: TypeAlias = Callable[[Call, Request], Awaitable[Answer]]
+
+# A member answering one of these does not have the reference (for this client): next.
+MEMBER_MISSES = frozenset(
+    {
+        ErrorCode.MANIFEST_UNKNOWN,
+        ErrorCode.BLOB_UNKNOWN,
+        ErrorCode.NAME_UNKNOWN,
+        ErrorCode.NAME_INVALID,
+        ErrorCode.DENIED,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.TOOMANYREQUESTS,
+    }
+)
+# Which failure to answer when every member missed: the first code in this order.
+_PREFERENCE = (
+    ErrorCode.UNAVAILABLE,
+    ErrorCode.TOOMANYREQUESTS,
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.DENIED,
+)
+
+
+class GroupApi:
+    """Answers requests whose route leads to a group, by asking its members."""
+
+    def __init__(self, mapper: Mapper, access: AccessPolicy, serve: Serve) -> None:
+        self.mapper = mapper
+        self.access = access
+        self._serve = serve  # answers a member's call (an upstream or a hosted set)
+
+    async def serve(self, call: Call, request: Request) -> Answer:
+        group = call.resolution.target
+        assert isinstance(group, GroupSettings)
+        if call.oci.is_write:
+            if group.writable is None:
+                raise RegistryError(
+                    ErrorCode.UNSUPPORTED,
+                    f"group {group.name} has no hosted member to push to",
+                )
+            return await self._serve(self._member(call, group.writable, push=True), request)
+        if call.oci.kind is RequestKind.TAGS:
+            return await self._tags(call, request, group)
+        if call.oci.kind is RequestKind.REFERRERS:
+            return await self._referrers(call, request, group)
+        misses: dict[str, RegistryError] = {}
+        for name in group.members:
+            try:
+                return await self._serve(self._member(call, name), request)
+            except RegistryError as error:
+                if error.code not in MEMBER_MISSES:
+                    raise
+                misses[name] = error
+        raise _no_member_has(group, call, misses)
+
+    def _member(self, call: Call, name: str, *, push: bool = False) -> Call:
+        """The call as one member sees it: its canonical name, its access rules."""
+        resolution = self.mapper.member(call.resolution, name)
+        self.access.check(call.identity, resolution, push=push)
+        return replace(call, resolution=resolution)
+
+    async def _bodies(self, call: Call, request: Request, group: GroupSettings) -> list[Any]:
+        """Every member's JSON answer to a GET of the same endpoint (for the unions)."""
+        # Pagination and HEAD are the group's: members are asked for everything.
+        oci = replace(
+            call.oci,
+            method="GET",
+            query=tuple((k, v) for k, v in call.oci.query if k not in ("n", "last")),
+        )
+        bodies, misses = [], {}
+        for name in group.members:
+            try:
+                member = self._member(replace(call, oci=oci), name)
+                response = await self._serve(member, request)
+            except RegistryError as error:
+                if error.code not in MEMBER_MISSES:
+                    raise
+                misses[name] = error
+                continue
+            assert isinstance(response, Response)
+            try:
+                bodies.append(json.loads(bytes(response.body)))
+            except ValueError:
+                continue
+        if not bodies:
+            raise _no_member_has(group, call, misses)
+        return bodies
+
+    async def _tags(self, call: Call, request: Request, group: GroupSettings) -> Answer:
+        tags: set[str] = set()
+        for body in await self._bodies(call, request, group):
+            if isinstance(body, dict) and isinstance(body.get("tags"), list):
+                tags.update(t for t in body["tags"] if isinstance(t, str))
+        return tag_page(call.oci.name, sorted(tags), call.oci)
+
+    async def _referrers(self, call: Call, request: Request, group: GroupSettings) -> Answer:
+        seen: dict[str, Any] = {}
+        for body in await self._bodies(call, request, group):
+            manifests = body.get("manifests") if isinstance(body, dict) else None
+            for descriptor in manifests if isinstance(manifests, list) else []:
+                if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+                    seen.setdefault(descriptor["digest"], descriptor)
+        index = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": list(seen.values()),
+        }
+        filtered = bool(call.oci.query_value("artifactType"))
+        return index_response(json.dumps(index).encode(), call.oci, filtered)
+
+
+def _no_member_has(
+    group: GroupSettings, call: Call, misses: dict[str, RegistryError]
+) -> RegistryError:
+    chosen = next(
+        (e for code in _PREFERENCE for e in misses.values() if e.code is code),
+        next(iter(misses.values()), None),
+    )
+    what = call.oci.reference or call.oci.name
+    message = f"no member of group {group.name} has {call.oci.name}"
+    if call.oci.kind in (RequestKind.MANIFEST, RequestKind.BLOB):
+        message = f"no member of group {group.name} has {call.oci.name}:{what}"
+    if chosen is None:
+        return RegistryError(ErrorCode.NAME_UNKNOWN, message)
+    detail = {name: error.message for name, error in misses.items()}
+    return RegistryError(chosen.code, message, detail={"members": detail}, headers=chosen.headers)

@@ -1,0 +1,318 @@
+"""The distribution API of hosted repositories: the push endpoints, and pulls answered from a
+``HostedStore`` (hosted.py).
+
+Push, as the OCI distribution spec has it:
+
+- ``POST /v2/<name>/blobs/uploads/``: ``?digest=`` uploads monolithically (201);
+  ``?mount=<digest>&from=<repo>`` links a blob of another repository of the same hosted
+  set (201), or opens a session when it cannot (202); otherwise opens a session (202).
+- ``PATCH <location>`` appends a chunk (``Content-Range: <start>-<end>`` must start where the
+  upload ends; 416 with the current ``Range`` otherwise), ``GET <location>`` says how much
+  arrived (204, ``Range``), ``PUT <location>?digest=`` finishes and verifies (201),
+  ``DELETE <location>`` cancels (204).
+- ``PUT /v2/<name>/manifests/<reference>``: 201 with ``Docker-Content-Digest`` and, for a
+  manifest with a ``subject``, ``OCI-Subject``; ``DELETE`` of a tag or manifest: 202 when
+  the hosted set allows deletes.
+
+Every ``Location`` is written as the client addressed us: same route prefix, same name,
+same ``ns``, so a client behind any routing dialect follows it back to the same place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mirrorrouter.cache import StoredManifest
+from mirrorrouter.config import Settings
+from mirrorrouter.config.model import HostedSettings
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.hosted import HostedStore, StoredBlob, Upload, upload_range
+from mirrorrouter.oci import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    CONTENT_DIGEST_HEADER,
+    FILTERS_APPLIED_HEADER,
+    INDEX_MEDIA_TYPES,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    OciRequest,
+    RequestKind,
+)
+from mirrorrouter.pullthrough import accepts, default_platform_child
+from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+
+HOSTED = "HOSTED"  # the X-Cache value of hosted content: not a cache, the only copy
+SUBJECT_HEADER = "OCI-Subject"
+UPLOAD_UUID_HEADER = "Docker-Upload-UUID"
+
+
+class HostedApi:
+    """Answers requests whose route leads to a hosted repository set."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.stores = {
+            name: HostedStore(hosted, clock=clock) for name, hosted in settings.hosted.items()
+        }
+
+    async def start(self) -> None:
+        await asyncio.gather(*(store.open() for store in self.stores.values()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(store.close() for store in self.stores.values()))
+
+    def store(self, hosted: HostedSettings) -> HostedStore:
+        return self.stores[hosted.name]
+
+    # ------------------------------------------------------------------ pull
+
+    async def manifest(
+        self, hosted: HostedSettings, ref: ImageReference, accept: tuple[str, ...]
+    ) -> StoredManifest:
+        """The manifest in a form the client accepts (an index's linux/amd64 child for a
+        client that takes no index types, as for pulled images)."""
+        store = self.store(hosted)
+        stored = await store.manifest(ref.repository, ref.tag, ref.digest)
+        if accepts(accept, stored.media_type):
+            return stored
+        if stored.media_type in INDEX_MEDIA_TYPES:
+            child = default_platform_child(stored.data, accept)
+            if child is not None:
+                return await store.manifest(ref.repository, None, child)
+        raise RegistryError(
+            ErrorCode.MANIFEST_UNKNOWN,
+            f"the manifest is {stored.media_type}, which this client does not accept",
+            detail={"accept": list(accept)},
+        )
+
+    async def blob(self, hosted: HostedSettings, ref: ImageReference) -> StoredBlob:
+        assert ref.digest is not None
+        return await self.store(hosted).blob(ref.repository, ref.digest)
+
+    async def tags(self, hosted: HostedSettings, ref: ImageReference) -> list[str]:
+        return await self.store(hosted).tags(ref.repository)
+
+    async def referrers(
+        self, hosted: HostedSettings, ref: ImageReference, artifact_type: str | None
+    ) -> bytes:
+        assert ref.digest is not None
+        return await self.store(hosted).referrers(ref.repository, ref.digest, artifact_type)
+
+    # ------------------------------------------------------------------ push
+
+    async def write(
+        self,
+        hosted: HostedSettings,
+        ref: ImageReference,
+        oci: OciRequest,
+        request: Request,
+        mount_from: str | None = None,
+    ) -> Response:
+        """A push request (uploads, manifest PUT, DELETE) to a hosted repository.
+
+        ``mount_from`` is the repository (of this hosted set) a ``?mount=&from=`` names, as
+        the caller routed it; None when it names none the client may read.
+        """
+        store = self.store(hosted)
+        if oci.kind is RequestKind.UPLOAD:
+            return await self._upload(store, ref.repository, oci, request, mount_from)
+        if oci.kind is RequestKind.MANIFEST and oci.method == "PUT":
+            return await self._put_manifest(store, ref, oci, request)
+        if oci.kind is RequestKind.MANIFEST and oci.method == "DELETE":
+            if not hosted.delete:
+                raise RegistryError(
+                    ErrorCode.UNSUPPORTED,
+                    f"deleting is off for hosted {hosted.name} (set delete = true to allow it)",
+                )
+            await store.delete(ref.repository, ref.tag, ref.digest)
+            return _empty(202)
+        raise RegistryError(
+            ErrorCode.UNSUPPORTED, f"{oci.method} of a {oci.kind.value} is not supported"
+        )
+
+    async def _upload(
+        self,
+        store: HostedStore,
+        repository: str,
+        oci: OciRequest,
+        request: Request,
+        mount_from: str | None,
+    ) -> Response:
+        if oci.upload_id is None:
+            if oci.method != "POST":
+                raise RegistryError(
+                    ErrorCode.UNSUPPORTED, f"{oci.method} needs an upload session URL"
+                )
+            return await self._post(store, repository, oci, request, mount_from)
+        upload = await store.upload(repository, oci.upload_id)
+        if oci.method == "GET":
+            return self._session(204, upload, oci)
+        if oci.method == "PATCH":
+            start = _content_range_start(request.headers.get("content-range"))
+            upload = await store.append(upload, _body(request), start)
+            return self._session(202, upload, oci)
+        if oci.method == "PUT":
+            digest = _digest_param(oci, required=True)
+            assert digest is not None
+            await store.finish(upload, digest, _body(request))
+            return self._blob_created(oci, digest)
+        if oci.method == "DELETE":
+            await store.cancel(upload)
+            return _empty(204)
+        raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} of an upload is not supported")
+
+    async def _post(
+        self,
+        store: HostedStore,
+        repository: str,
+        oci: OciRequest,
+        request: Request,
+        mount_from: str | None,
+    ) -> Response:
+        mount = oci.query_value("mount")
+        if mount and mount_from:
+            mounted = _parse_digest(mount)
+            if await store.mount(repository, mounted, mount_from):
+                return self._blob_created(oci, mounted)
+        digest = _digest_param(oci, required=False)
+        if digest is not None:
+            await store.put_blob(repository, digest, _body(request))
+            return self._blob_created(oci, digest)
+        return self._session(202, await store.start_upload(repository), oci)
+
+    async def _put_manifest(
+        self, store: HostedStore, ref: ImageReference, oci: OciRequest, request: Request
+    ) -> Response:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise RegistryError(
+                    ErrorCode.SIZE_INVALID,
+                    f"manifests are limited to {MAX_MANIFEST_BYTES} bytes",
+                    status=413,
+                )
+        pushed = await store.put_manifest(
+            ref.repository,
+            ref.tag,
+            ref.digest,
+            request.headers.get("content-type", ""),
+            bytes(data),
+        )
+        headers = {
+            "Location": _url(oci, f"manifests/{pushed.digest}"),
+            CONTENT_DIGEST_HEADER: str(pushed.digest),
+        }
+        if pushed.subject is not None:
+            headers[SUBJECT_HEADER] = str(pushed.subject)
+        return _empty(201, headers)
+
+    def _session(self, status: int, upload: Upload, oci: OciRequest) -> Response:
+        return _empty(
+            status,
+            {
+                "Location": _url(oci, f"blobs/uploads/{upload.id}"),
+                "Range": upload_range(upload.size),
+                UPLOAD_UUID_HEADER: upload.id,
+            },
+        )
+
+    def _blob_created(self, oci: OciRequest, digest: Digest) -> Response:
+        return _empty(
+            201, {"Location": _url(oci, f"blobs/{digest}"), CONTENT_DIGEST_HEADER: str(digest)}
+        )
+
+
+def tag_page(name: str, tags: list[str], oci: OciRequest) -> Response:
+    """A ``tags/list`` answer paginated here (``n``, ``last``), with the ``Link`` to the
+    next page written as the client addressed us."""
+    last = oci.query_value("last")
+    ordered = sorted(set(tags))
+    if last:
+        ordered = [t for t in ordered if t > last]
+    headers = {API_VERSION_HEADER: API_VERSION}
+    n_text = oci.query_value("n")
+    if n_text:
+        try:
+            n = int(n_text)
+        except ValueError:
+            raise RegistryError(ErrorCode.UNSUPPORTED, f"n={n_text!r} is not a number") from None
+        if n < 0:
+            raise RegistryError(ErrorCode.UNSUPPORTED, f"n={n} is negative")
+        if len(ordered) > n:
+            ordered = ordered[:n]
+            if ordered:
+                query = {"n": str(n), "last": ordered[-1]}
+                headers["Link"] = f'<{_url(oci, "tags/list", query)}>; rel="next"'
+    body = b"" if oci.method == "HEAD" else json.dumps({"name": name, "tags": ordered}).encode()
+    return Response(body, 200, headers, media_type="application/json")
+
+
+def index_response(body: bytes, oci: OciRequest, filtered: bool) -> Response:
+    headers = {API_VERSION_HEADER: API_VERSION, "Content-Type": OCI_INDEX}
+    if filtered:
+        headers[FILTERS_APPLIED_HEADER] = "artifactType"
+    return Response(b"" if oci.method == "HEAD" else body, 200, headers)
+
+
+def _url(oci: OciRequest, path: str, query: dict[str, str] | None = None) -> str:
+    """A URL on this mirror as the client addressed it: same prefix, name and ``ns``."""
+    query = dict(query or {})
+    if oci.ns:
+        query["ns"] = oci.ns
+    prefix = f"/{oci.prefix}" if oci.prefix else ""
+    url = f"{prefix}/v2/{oci.name}/{path}"
+    return f"{url}?{urlencode(query)}" if query else url
+
+
+def _empty(status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        b"", status, {API_VERSION_HEADER: API_VERSION, "Content-Length": "0", **(headers or {})}
+    )
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
+
+
+def _content_range_start(header: str | None) -> int | None:
+    """The first byte of ``Content-Range: <start>-<end>`` (``bytes`` unit and ``/total``
+    tolerated); None when absent (a streamed chunk appends where the upload ends)."""
+    if not header:
+        return None
+    text = header.strip().removeprefix("bytes").strip().split("/", 1)[0]
+    start, dash, end = text.partition("-")
+    if not dash or not start.isdigit() or not end.isdigit() or int(end) < int(start):
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_INVALID,
+            f"Content-Range {header!r} is not <start>-<end>",
+            status=416,
+        )
+    return int(start)
+
+
+def _digest_param(oci: OciRequest, *, required: bool) -> Digest | None:
+    value = oci.query_value("digest")
+    if not value:
+        if required:
+            raise RegistryError(
+                ErrorCode.DIGEST_INVALID, "finishing an upload needs ?digest=<algorithm>:<hex>"
+            )
+        return None
+    return _parse_digest(value)
+
+
+def _parse_digest(value: str) -> Digest:
+    try:
+        return Digest.parse(value)
+    except ReferenceError as exc:
+        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc

@@ -1,0 +1,464 @@
+"""Hosted repositories and groups, in-process: the push API, pulls, groups, deletes, GC.
+
+The upstream is the fake registry (tests/support/fakeregistry.py); the hosted set lives in
+the test's temporary directory. Real clients pushing to real storage are in
+test_real_hosted.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirrorrouter.config import ConfigError, parse_settings
+from mirrorrouter.hosted import HostedStore
+from mirrorrouter.reference import Digest
+from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
+from tests.support.inprocess import gateway
+
+pytestmark = pytest.mark.anyio
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def hosted_config(tmp_path: Path, extra: str = "", hosted: str = "") -> str:
+    return f"""
+[cache]
+directory = "{tmp_path / "cache"}"
+[routing]
+default_registry = "dev"
+[upstreams."docker.io"]
+tag_ttl = "60s"
+mirrors = [{{ url = "http://upstream.test" }}]
+[upstreams."quay.io"]
+mirrors = [{{ url = "http://quay.test" }}]
+[hosted."team"]
+aliases = ["localhost:5000"]
+delete = true
+{hosted}
+[groups."dev"]
+members = ["team", "docker.io", "quay.io"]
+aliases = ["mirror.localhost"]
+[[routes]]
+prefix = "team"
+hosted = "team"
+[[routes]]
+prefix = "hub"
+upstream = "docker.io"
+{extra}
+"""
+
+
+async def push_blob(client: httpx.AsyncClient, base: str, data: bytes) -> httpx.Response:
+    return await client.post(
+        f"{base}/blobs/uploads/", params={"digest": sha256(data)}, content=data
+    )
+
+
+async def push_image(
+    client: httpx.AsyncClient, base: str, image: Image, tag: str | None = "v1"
+) -> httpx.Response:
+    for data in image.blobs.values():
+        answer = await push_blob(client, base, data)
+        assert answer.status_code == 201, answer.text
+    reference = tag or image.digest
+    return await client.put(
+        f"{base}/manifests/{reference}",
+        content=image.manifest,
+        headers={"Content-Type": image.media_type},
+    )
+
+
+async def test_push_then_pull_by_tag_and_digest(tmp_path: Path, fake: FakeRegistry) -> None:
+    """A monolithic push, then pulls through the hosted route and through the group."""
+    image = make_image("app", [b"layer-one", b"layer-two"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        put = await push_image(gw.client, "/v2/team/app", image)
+        assert put.status_code == 201, put.text
+        assert put.headers["docker-content-digest"] == image.digest
+        assert put.headers["location"] == f"/v2/team/app/manifests/{image.digest}"
+        for base in ("/v2/team/app", "/v2/app", "/v2/localhost:5000/app"):
+            got = await gw.client.get(f"{base}/manifests/v1")
+            assert got.status_code == 200, (base, got.text)
+            assert got.content == image.manifest
+            assert got.headers["docker-content-digest"] == image.digest
+            by_digest = await gw.client.get(f"{base}/manifests/{image.digest}")
+            assert by_digest.content == image.manifest
+            for digest, data in image.blobs.items():
+                blob = await gw.client.get(f"{base}/blobs/{digest}")
+                assert blob.status_code == 200
+                assert blob.content == data
+        ranged = await gw.client.get(
+            f"/v2/app/blobs/{sha256(b'layer-one')}", headers={"Range": "bytes=2-4"}
+        )
+        assert ranged.status_code == 206 and ranged.content == b"yer"
+        # containerd's dialect: ?ns= names the hosted set's alias.
+        ns = await gw.client.head("/v2/app/manifests/v1", params={"ns": "localhost:5000"})
+        assert ns.status_code == 200
+    assert fake.requests == []  # the group found it in the hosted member first
+
+
+async def test_chunked_upload_resumes_after_interruption(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """PATCH chunks with Content-Range; a chunk at the wrong offset is refused with the
+    current Range, GET says where to resume, and PUT verifies the whole."""
+    data = bytes(range(256)) * 4000
+    digest = sha256(data)
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        started = await gw.client.post("/team/v2/app/blobs/uploads/")
+        assert started.status_code == 202
+        location = started.headers["location"]
+        assert location.startswith("/team/v2/app/blobs/uploads/")  # the client's own prefix
+        assert started.headers["range"] == "0-0"
+        first = await gw.client.patch(
+            location, content=data[:300_000], headers={"Content-Range": "0-299999"}
+        )
+        assert first.status_code == 202 and first.headers["range"] == "0-299999"
+        # The client lost track (a dropped connection): a chunk at the wrong offset.
+        wrong = await gw.client.patch(
+            location, content=data[100:200], headers={"Content-Range": "100-199"}
+        )
+        assert wrong.status_code == 416
+        assert wrong.headers["range"] == "0-299999"
+        assert wrong.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+        status = await gw.client.get(location)
+        assert status.status_code == 204 and status.headers["range"] == "0-299999"
+        offset = int(status.headers["range"].split("-")[1]) + 1
+        rest = await gw.client.patch(
+            location,
+            content=data[offset:-1000],
+            headers={"Content-Range": f"{offset}-{len(data) - 1001}"},
+        )
+        assert rest.status_code == 202
+        done = await gw.client.put(location, params={"digest": digest}, content=data[-1000:])
+        assert done.status_code == 201, done.text
+        assert done.headers["location"] == f"/team/v2/app/blobs/{digest}"
+        again = await gw.client.get(location)
+        assert again.status_code == 404  # the session is over
+        assert again.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        blob = await gw.client.get(f"/v2/team/app/blobs/{digest}")
+        assert blob.content == data
+
+
+async def test_wrong_digest_is_refused_and_nothing_stored(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        liar = sha256(b"something else")
+        answer = await gw.client.post(
+            "/v2/team/app/blobs/uploads/", params={"digest": liar}, content=b"content"
+        )
+        assert answer.status_code == 400
+        assert answer.json()["errors"][0]["code"] == "DIGEST_INVALID"
+        missing = await gw.client.head(f"/v2/team/app/blobs/{liar}")
+        assert missing.status_code == 404
+        started = await gw.client.post("/v2/team/app/blobs/uploads/")
+        location = started.headers["location"]
+        await gw.client.patch(location, content=b"abc")
+        bad = await gw.client.put(location, params={"digest": liar})
+        assert bad.status_code == 400
+        assert (await gw.client.head(f"/v2/team/app/blobs/{sha256(b'abc')}")).status_code == 404
+
+
+async def test_manifest_with_missing_blob_is_refused(tmp_path: Path, fake: FakeRegistry) -> None:
+    image = make_image("app", [b"present", b"absent"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        for data in image.blobs.values():
+            if data != b"absent":
+                assert (await push_blob(gw.client, "/v2/team/app", data)).status_code == 201
+        answer = await gw.client.put(
+            "/v2/team/app/manifests/v1",
+            content=image.manifest,
+            headers={"Content-Type": image.media_type},
+        )
+        assert answer.status_code == 400
+        error = answer.json()["errors"][0]
+        assert error["code"] == "MANIFEST_BLOB_UNKNOWN"
+        assert error["detail"]["digest"] == sha256(b"absent")
+        assert (await gw.client.get("/v2/team/app/manifests/v1")).status_code == 404
+
+
+async def test_blob_of_another_repository_needs_a_mount(tmp_path: Path, fake: FakeRegistry) -> None:
+    """A blob pushed to one repository is not visible in another until mounted there."""
+    data = b"shared layer"
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        assert (await push_blob(gw.client, "/v2/team/one", data)).status_code == 201
+        assert (await gw.client.head(f"/v2/team/two/blobs/{sha256(data)}")).status_code == 404
+        unknown = await gw.client.post(
+            "/v2/team/two/blobs/uploads/",
+            params={"mount": sha256(b"nothing"), "from": "team/one"},
+        )
+        assert unknown.status_code == 202  # cannot mount: an upload session instead
+        mounted = await gw.client.post(
+            "/v2/team/two/blobs/uploads/", params={"mount": sha256(data), "from": "team/one"}
+        )
+        assert mounted.status_code == 201
+        assert mounted.headers["location"] == f"/v2/team/two/blobs/{sha256(data)}"
+        blob = await gw.client.get(f"/v2/team/two/blobs/{sha256(data)}")
+        assert blob.content == data
+
+
+async def test_group_pull_of_upstream_only_image_is_cached(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """A pull through the group of an image only docker.io has: fetched once, then cached."""
+    image = fake.add(make_image("library/alpine", [b"alpine layer"]), "3.20")
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        for _ in range(2):
+            got = await gw.client.get("/v2/alpine/manifests/3.20")
+            assert got.status_code == 200, got.text
+            assert got.content == image.manifest
+            assert got.headers["x-upstream"] == "docker.io"
+            blob = await gw.client.get(f"/v2/alpine/blobs/{sha256(b'alpine layer')}")
+            assert blob.content == b"alpine layer"
+    assert fake.count("GET", "/manifests/3.20") == 1
+    assert fake.count("GET", "/blobs/") == 1
+
+
+async def test_pushed_tag_is_never_shadowed_by_a_cached_copy(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """docker.io has library/app:v1 (cached through the group); pushing app:v1 to the hosted
+    member makes the group serve the pushed one at once."""
+    upstream_image = fake.add(make_image("library/app", [b"upstream"]), "v1")
+    pushed = make_image("app", [b"pushed"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        first = await gw.client.get("/v2/app/manifests/v1")
+        assert first.content == upstream_image.manifest
+        put = await push_image(gw.client, "/v2/app", pushed)  # a push to the group
+        assert put.status_code == 201, put.text
+        second = await gw.client.get("/v2/app/manifests/v1")
+        assert second.content == pushed.manifest
+        assert second.headers["x-upstream"] == "team"
+
+
+async def test_group_tags_are_the_union_and_paginate(tmp_path: Path, fake: FakeRegistry) -> None:
+    fake.add(make_image("library/app", [b"up"]), "1.0", "latest")
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        for tag in ("dev", "latest"):
+            assert (
+                await push_image(gw.client, "/v2/app", make_image("app", [tag.encode()]), tag)
+            ).status_code == 201
+        listed = await gw.client.get("/v2/app/tags/list")
+        assert listed.json() == {"name": "app", "tags": ["1.0", "dev", "latest"]}
+        page = await gw.client.get("/v2/app/tags/list", params={"n": "2"})
+        assert page.json()["tags"] == ["1.0", "dev"]
+        assert page.headers["link"] == '</v2/app/tags/list?n=2&last=dev>; rel="next"'
+        hosted = await gw.client.get("/v2/team/app/tags/list")
+        assert hosted.json() == {"name": "team/app", "tags": ["dev", "latest"]}
+
+
+async def test_index_push_and_platform_fallback(tmp_path: Path, fake: FakeRegistry) -> None:
+    """An index is accepted only after its children; a client taking no index types gets
+    the linux/amd64 child."""
+    amd64, arm64 = make_image("app", [b"amd64"]), make_image("app", [b"arm64"])
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": image.media_type,
+                    "digest": image.digest,
+                    "size": len(image.manifest),
+                    "platform": {"os": "linux", "architecture": arch},
+                }
+                for image, arch in ((amd64, "amd64"), (arm64, "arm64"))
+            ],
+        }
+    ).encode()
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        early = await gw.client.put(
+            "/v2/team/app/manifests/multi", content=index, headers={"Content-Type": OCI_INDEX}
+        )
+        assert early.status_code == 400
+        assert early.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+        for image in (amd64, arm64):
+            assert (await push_image(gw.client, "/v2/team/app", image, None)).status_code == 201
+        put = await gw.client.put(
+            "/v2/team/app/manifests/multi", content=index, headers={"Content-Type": OCI_INDEX}
+        )
+        assert put.status_code == 201
+        got = await gw.client.get("/v2/app/manifests/multi", headers={"Accept": OCI_INDEX})
+        assert got.content == index
+        single = await gw.client.get(
+            "/v2/app/manifests/multi", headers={"Accept": amd64.media_type}
+        )
+        assert single.content == amd64.manifest
+
+
+async def test_subject_and_referrers(tmp_path: Path, fake: FakeRegistry) -> None:
+    image = make_image("app", [b"signed"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
+        empty = b"{}"
+        assert (await push_blob(gw.client, "/v2/team/app", empty)).status_code == 201
+        signature = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/vnd.example.signature",
+                "config": {
+                    "mediaType": "application/vnd.oci.empty.v1+json",
+                    "digest": sha256(empty),
+                    "size": 2,
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.empty.v1+json",
+                        "digest": sha256(empty),
+                        "size": 2,
+                    }
+                ],
+                "subject": {
+                    "mediaType": image.media_type,
+                    "digest": image.digest,
+                    "size": len(image.manifest),
+                },
+            }
+        ).encode()
+        put = await gw.client.put(
+            f"/v2/team/app/manifests/{sha256(signature)}",
+            content=signature,
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        assert put.status_code == 201, put.text
+        assert put.headers["oci-subject"] == image.digest
+        for base in ("/v2/team/app", "/v2/app"):
+            listed = await gw.client.get(f"{base}/referrers/{image.digest}")
+            manifests = listed.json()["manifests"]
+            assert [m["digest"] for m in manifests] == [sha256(signature)]
+            assert manifests[0]["artifactType"] == "application/vnd.example.signature"
+        filtered = await gw.client.get(
+            f"/v2/team/app/referrers/{image.digest}", params={"artifactType": "other/type"}
+        )
+        assert filtered.json()["manifests"] == []
+        assert filtered.headers["oci-filters-applied"] == "artifactType"
+
+
+async def test_delete_tag_and_manifest(tmp_path: Path, fake: FakeRegistry) -> None:
+    image = make_image("app", [b"to delete"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        await push_image(gw.client, "/v2/team/app", image, "v1")
+        await push_image(gw.client, "/v2/team/app", image, "v2")
+        assert (await gw.client.delete("/v2/team/app/manifests/v1")).status_code == 202
+        assert (await gw.client.get("/v2/team/app/manifests/v1")).status_code == 404
+        assert (await gw.client.get("/v2/team/app/manifests/v2")).status_code == 200
+        assert (await gw.client.delete(f"/v2/team/app/manifests/{image.digest}")).status_code == 202
+        assert (await gw.client.get("/v2/team/app/manifests/v2")).status_code == 404
+        gone = await gw.client.get(f"/v2/team/app/manifests/{image.digest}")
+        assert gone.status_code == 404
+        again = await gw.client.delete(f"/v2/team/app/manifests/{image.digest}")
+        assert again.status_code == 404
+
+
+async def test_delete_is_refused_unless_enabled(tmp_path: Path, fake: FakeRegistry) -> None:
+    text = hosted_config(tmp_path).replace("delete = true", "delete = false")
+    image = make_image("app", [b"kept"])
+    async with gateway(tmp_path, fake, text) as gw:
+        await push_image(gw.client, "/v2/team/app", image)
+        answer = await gw.client.delete("/v2/team/app/manifests/v1")
+        assert answer.status_code == 405
+        assert answer.json()["errors"][0]["code"] == "UNSUPPORTED"
+        assert (await gw.client.get("/v2/team/app/manifests/v1")).status_code == 200
+
+
+async def test_push_to_an_upstream_is_refused(tmp_path: Path, fake: FakeRegistry) -> None:
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        answer = await gw.client.post("/v2/hub/library/alpine/blobs/uploads/")
+        assert answer.status_code == 405
+        assert "pull-through cache" in answer.json()["errors"][0]["message"]
+    assert fake.requests == []
+
+
+async def test_bad_push_requests_get_json_errors(tmp_path: Path, fake: FakeRegistry) -> None:
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        cases = [
+            gw.client.put("/v2/team/app/manifests/v1", content=b"not json"),
+            gw.client.put(
+                "/v2/team/app/manifests/v1",
+                content=b'{"schemaVersion": 1}',
+                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+            ),
+            gw.client.patch("/v2/team/app/blobs/uploads/" + "0" * 32, content=b"x"),
+            gw.client.patch("/v2/team/app/blobs/uploads/../../etc", content=b"x"),
+            gw.client.post("/v2/team/app/blobs/uploads/", params={"digest": "sha256:nothex"}),
+            gw.client.put("/v2/team/app/manifests/v1", content=b"x" * (4 * 1024 * 1024 + 1)),
+        ]
+        for request in cases:
+            answer = await request
+            assert 400 <= answer.status_code < 500, answer.text
+            assert answer.headers["content-type"] == "application/json"
+            assert answer.json()["errors"][0]["code"]
+
+
+async def test_garbage_collection_keeps_what_manifests_reference(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    kept = make_image("app", [b"kept layer", b"shared layer"])
+    dropped = make_image("app", [b"dropped layer", b"shared layer"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        await push_image(gw.client, "/v2/team/app", kept, "keep")
+        await push_image(gw.client, "/v2/team/app", dropped, "drop")
+        assert (await push_blob(gw.client, "/v2/team/app", b"orphan")).status_code == 201
+        started = await gw.client.post("/v2/team/app/blobs/uploads/")  # abandoned
+        assert started.status_code == 202
+        await gw.client.delete(f"/v2/team/app/manifests/{dropped.digest}")
+        store = gw.app.endpoints.hosted.stores["team"]
+        young = await store.collect_garbage()
+        assert (young.blobs, young.manifests, young.uploads) == (0, 0, 0)  # within gc_grace
+        gw.clock.now += 2 * 3600
+        dry = await store.collect_garbage(dry_run=True)
+        assert (dry.blobs, dry.manifests) == (2, 1)
+        report = await store.collect_garbage()
+        assert (report.blobs, report.manifests, report.uploads) == (2, 1, 1)
+        for digest, data in kept.blobs.items():
+            blob = await gw.client.get(f"/v2/team/app/blobs/{digest}")
+            assert blob.status_code == 200 and blob.content == data
+        assert (await gw.client.get("/v2/team/app/manifests/keep")).content == kept.manifest
+        for data in (b"dropped layer", b"orphan"):
+            assert (await gw.client.head(f"/v2/team/app/blobs/{sha256(data)}")).status_code == 404
+        assert await store.storage.get_manifest(Digest.parse(dropped.digest)) is None
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    base = f'[cache]\ndirectory = "{tmp_path}"\n[upstreams."docker.io"]\n'
+    cases = {
+        '[hosted."team.x"]\n': 'hosted."team.x"',
+        '[hosted."docker.io"]\n': "no dots",
+        '[upstreams."localhost"]\n[hosted."localhost"]\n': "is already an upstream",
+        '[groups."g"]\nmembers = ["nope"]\n': "groups.g.members[0]",
+        '[groups."g"]\n': "groups.g.members: is required",
+        '[hosted."a"]\n[hosted."b"]\n[groups."g"]\nmembers = ["a", "b"]\n': "groups.g.writable",
+        '[groups."g"]\nmembers = ["docker.io"]\nwritable = "docker.io"\n': "groups.g.writable",
+        '[hosted."a"]\n[[routes]]\nprefix = "x"\nhosted = "b"\n': "routes[0].hosted",
+        '[hosted."a"]\n[[routes]]\nprefix = "x"\nhosted = "a"\nupstream = "docker.io"\n': (
+            "exactly one of upstream, hosted or group"
+        ),
+        '[hosted."a"]\n[[hosted."a".access]]\npush = ["alice"]\n': "need an [auth] table",
+        '[routing]\ndefault_registry = "nothing"\n': "routing.default_registry",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            parse_settings(base + text)
+        assert expected in str(caught.value), (text, str(caught.value))
+
+
+async def test_store_survives_a_restart(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Pushed content is on disk, not in memory: a new gateway over the directory has it."""
+    image = make_image("app", [b"durable"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        await push_image(gw.client, "/v2/team/app", image)
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        assert (await gw.client.get("/v2/app/manifests/v1")).content == image.manifest
+    settings = parse_settings(hosted_config(tmp_path))
+    store = HostedStore(settings.hosted["team"])
+    await store.open()
+    try:
+        assert await store.tags("app") == ["v1"]
+    finally:
+        await store.close()
