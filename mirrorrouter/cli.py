@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirrorrouter import cachecli, warmcli
+from mirrorrouter import cachecli, hostedcli, warmcli
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.config import ConfigError, Settings, UpstreamSettings, load_settings
 from mirrorrouter.config.model import GroupSettings, Target
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     client.set_defaults(func=_client_config)
 
     # Operator commands live in modules of their own.
-    for register in (cachecli.register, warmcli.register):
+    for register in (cachecli.register, hostedcli.register, warmcli.register):
         register(sub, _config_option)
     return parser
 

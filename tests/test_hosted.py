@@ -13,11 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirrorrouter.cli import main
 from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.hosted import HostedStore
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
+from tests.test_access import basic, secured
 
 pytestmark = pytest.mark.anyio
 
@@ -462,3 +464,52 @@ async def test_store_survives_a_restart(tmp_path: Path, fake: FakeRegistry) -> N
         assert await store.tags("app") == ["v1"]
     finally:
         await store.close()
+
+
+async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Access rules of a hosted set: pull for everyone, push for alice and the builders;
+    anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
+    Through the group the writable member's rules apply."""
+    text = secured(tmp_path).replace(
+        '[upstreams."quay.io"]',
+        """[hosted."team"]
+[[hosted."team".access]]
+repositories = ["app"]
+pull = ["anonymous"]
+push = ["alice"]
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+[upstreams."quay.io"]""",
+    )
+    image = make_image("app", [b"guarded"])
+    async with gateway(tmp_path, fake, text) as gw:
+        for base in ("/v2/dev/app", "/team/v2/app"):
+            anonymous = await gw.client.post(f"{base}/blobs/uploads/")
+            assert anonymous.status_code == 401
+            assert 'scope="repository:' in anonymous.headers["www-authenticate"]
+            assert ":pull,push" in anonymous.headers["www-authenticate"]
+            bob = await gw.client.post(f"{base}/blobs/uploads/", headers=basic("bob", "builder"))
+            assert bob.status_code == 403
+            assert bob.json()["errors"][0]["code"] == "DENIED"
+        gw.client.headers.update(basic("alice", "wonderland"))
+        put = await push_image(gw.client, "/v2/dev/app", image)
+        assert put.status_code == 201, put.text
+        del gw.client.headers["authorization"]
+        pulled = await gw.client.get("/v2/dev/app/manifests/v1")  # anyone may pull
+        assert pulled.content == image.manifest
+        other = await gw.client.post(
+            "/v2/dev/other/blobs/uploads/", headers=basic("bob", "builder")
+        )
+        assert other.status_code == 202  # no rule matches: logged-in users may push
+
+
+def test_gc_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "mirrors.toml"
+    config.write_text(hosted_config(tmp_path, hosted='gc_grace = "0s"'))
+    assert main(["gc", "--config", str(config), "--dry-run"]) == 0
+    assert "hosted team: would remove 0 blobs and 0 manifests" in capsys.readouterr().out
+    assert main(["gc", "--config", str(config), "--hosted", "nope"]) == 2
+    assert "no hosted set named 'nope'" in capsys.readouterr().err
