@@ -513,3 +513,27 @@ def test_gc_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "hosted team: would remove 0 blobs and 0 manifests" in capsys.readouterr().out
     assert main(["gc", "--config", str(config), "--hosted", "nope"]) == 2
     assert "no hosted set named 'nope'" in capsys.readouterr().err
+
+
+def test_documented_setups_load_and_route(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Nexus and Kind configurations of docs/hosted-and-groups.md are valid, and route
+    as the page says."""
+    page = (Path(__file__).parent.parent / "docs" / "hosted-and-groups.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```toml\n")[1:]]
+    setups = [b for b in blocks if "[routing]" in b]
+    assert len(setups) == 2
+    (tmp_path / "htpasswd").write_text("")
+    for index, text in enumerate(setups):
+        config = tmp_path / f"setup{index}.toml"
+        config.write_text(text)
+        settings = parse_settings(text, source=config)
+        assert settings.groups
+    kind = tmp_path / "setup1.toml"
+    assert main(["resolve", "--config", str(kind), "localhost:5000/my-image"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "group kind: hosted local (local/my-image) [push] > upstream docker.io "
+        "(docker.io/library/my-image)"
+    ) in out
