@@ -489,7 +489,7 @@ class Endpoints:
         return self.metrics.exposition()
 
     def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:
-        """Ready: the config is loaded and every cache is writable.
+        """Ready: the config is loaded and every cache and hosted set is writable.
 
         An upstream whose mirrors are all circuit-open is reported as degraded but does not
         make the gateway unready: that is when its cache and stale tags matter most, and an
@@ -506,6 +506,11 @@ class Endpoints:
             breakers = self.pull.breakers(upstream)
             if breakers and all(b.state is CircuitState.OPEN for b in breakers):
                 degraded[upstream.name] = "every mirror's circuit is open; serving from cache"
+        for hosted in self.settings.hosted.values():
+            if not os.access(hosted.storage.directory, os.W_OK):
+                problems[hosted.name] = (
+                    f"hosted directory {hosted.storage.directory} is not writable"
+                )
         ready = not problems and not (strict and degraded)
         return ready, {"ready": ready, "problems": problems, "degraded": degraded}
 

@@ -154,16 +154,22 @@ class CacheArea:
 
 
 def cache_areas(settings: Settings) -> list[CacheArea]:
-    """Every configured upstream's cache, and caches of unconfigured registries on disk."""
+    """Every configured upstream's cache, and caches of unconfigured registries on disk.
+
+    Hosted repository sets are never areas: they are the only copy of what was pushed,
+    wherever their directory is.
+    """
     areas = [
         CacheArea(u.name, u.cache.directory, u.cache.max_size, True)
         for u in settings.upstreams.values()
     ]
     known = {os.path.abspath(a.directory) for a in areas}
+    known |= {os.path.abspath(h.storage.directory) for h in settings.hosted.values()}
     with contextlib.suppress(OSError):
         for entry in sorted(settings.cache.directory.iterdir()):
             if (
                 entry.is_dir()
+                and not entry.name.startswith("_")  # _hosted/: hosted sets by default
                 and os.path.abspath(entry) not in known
                 and (entry / "blobs").is_dir()
             ):

@@ -15,6 +15,7 @@ import pytest
 
 from mirrorrouter.cli import main
 from mirrorrouter.config import ConfigError, parse_settings
+from mirrorrouter.eviction import cache_areas
 from mirrorrouter.hosted import HostedStore
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
@@ -537,3 +538,20 @@ def test_documented_setups_load_and_route(
         "group kind: hosted local (local/my-image) [push] > upstream docker.io "
         "(docker.io/library/my-image)"
     ) in out
+
+
+async def test_hosted_content_is_never_an_eviction_area(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Cache bounds never count or evict pushed content, wherever its directory is."""
+    text = hosted_config(tmp_path, hosted=f'directory = "{tmp_path / "cache" / "inside"}"')
+    text = text.replace(
+        f'directory = "{tmp_path / "cache"}"\n',
+        f'directory = "{tmp_path / "cache"}"\nmax_size = 1\n',
+        1,
+    )
+    image = make_image("app", [b"pushed, never evicted"])
+    async with gateway(tmp_path, fake, text) as gw:
+        assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
+        areas = cache_areas(gw.app.endpoints.settings)
+        assert {a.name for a in areas} == {"docker.io", "quay.io"}
+        await gw.app.endpoints.evictor.enforce()
+        assert (await gw.client.get("/v2/team/app/manifests/v1")).content == image.manifest
