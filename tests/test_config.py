@@ -268,3 +268,78 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """A config path that does not exist is a ConfigError naming the file."""
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_object_storage_and_coordination_settings(tmp_path: Path) -> None:
+    """[cache.s3] for every upstream (keys from the environment), an upstream overriding the
+    backend and part of the bucket settings, and [coordination] with Redis."""
+    text = f"""
+[cache]
+backend = "s3"
+directory = "{tmp_path}"
+[cache.s3]
+bucket = "mirror"
+endpoint = "http://127.0.0.1:8333"
+prefix = "/prod/"
+access_key_id_env = "KEY"
+secret_access_key_env = "SECRET"
+[upstreams."docker.io"]
+[upstreams."gcr.io"]
+[upstreams."gcr.io".cache]
+directory = "google"
+[upstreams."gcr.io".cache.s3]
+bucket = "other"
+[upstreams."quay.io".cache]
+backend = "filesystem"
+[hosted."team"]
+[coordination]
+backend = "redis"
+redis_url_env = "REDIS"
+lock_ttl = "10s"
+advertise_url_env = "ME"
+"""
+    env = {
+        "KEY": "AKIA",
+        "SECRET": "shh",
+        "REDIS": "redis://:pw@127.0.0.1:6379/0",
+        "ME": "http://10.0.0.5:5000/",
+    }
+    settings = parse_settings(text, env=env)
+    hub = settings.upstreams["docker.io"].cache
+    assert hub.backend == "s3" and hub.key == "docker.io"
+    assert hub.object_store is not None
+    assert (hub.object_store.bucket, hub.object_store.prefix) == ("mirror", "prod")
+    assert hub.object_store.secret_access_key is not None
+    assert hub.object_store.secret_access_key.value == "shh"
+    assert "shh" not in repr(settings)
+    gcr = settings.upstreams["gcr.io"].cache
+    assert gcr.key == "google" and gcr.object_store is not None
+    assert (gcr.object_store.bucket, gcr.object_store.endpoint) == (
+        "other",
+        "http://127.0.0.1:8333",
+    )
+    assert settings.upstreams["quay.io"].cache.backend == "filesystem"
+    assert settings.hosted["team"].storage.key == "_hosted/team"
+    coordination = settings.coordination
+    assert coordination.backend == "redis" and coordination.lock_ttl == 10.0
+    assert coordination.redis_url is not None and "pw" not in repr(coordination)
+    assert coordination.advertise_url == "http://10.0.0.5:5000"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[cache]\nbackend = "s3"\n', 'cache.backend: backend "s3" needs a [cache.s3] table'),
+        ('[cache]\nbackend = "nfs"\n', "cache.backend: expected one of 'filesystem', 's3'"),
+        ('[cache.s3]\nendpoint = "x"\n', "cache.s3.endpoint: expected an http://"),
+        ('[cache.s3]\nbucket = "b"\naccess_key_id_env = "NOPE"\n', "$NOPE is not set"),
+        ('[coordination]\nbackend = "redis"\n', "needs redis_url or redis_url_env"),
+        ('[coordination]\nbackend = "zookeeper"\n', "coordination.backend: expected one of"),
+        ('[coordination]\nredis_url = "http://x"\n', "coordination.redis_url: expected a URL"),
+        ("[coordination]\nbogus = 1\n", "coordination.bogus: unknown key"),
+    ],
+)
+def test_storage_config_errors_name_the_key(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text + '[upstreams."docker.io"]\n', env={})
+    assert expected in str(caught.value)

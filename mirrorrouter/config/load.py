@@ -52,6 +52,12 @@ from mirrorrouter.config.security import (
     load_auth,
     load_tls,
 )
+from mirrorrouter.config.storage import (
+    BACKENDS,
+    check_backend,
+    load_coordination,
+    load_object_store,
+)
 from mirrorrouter.reference import (
     DOCKER_HUB,
     DOCKER_HUB_ALIASES,
@@ -103,6 +109,7 @@ _TOP_KEYS = (
     "audit",
     "hosted",
     "groups",
+    "coordination",
 )
 
 
@@ -120,11 +127,15 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     server_t.finish()
 
     cache_t = root.table("cache")
+    backend = cache_t.get("backend", str, "filesystem", check=one_of(*BACKENDS))
+    store = load_object_store(reader, cache_t.table("s3"), None)
+    check_backend(reader, ("cache", "backend"), backend, store)
     cache = CacheSettings(
-        backend=cache_t.get("backend", str, "filesystem", check=one_of("filesystem")),
+        backend=backend,
         directory=base_dir / cache_t.get("directory", str, "cache"),
         max_size=cache_t.size("max_size"),
         pins=tuple(cache_t.get("pins", list, [], check=_pin_patterns)),
+        object_store=store,
     )
     cache_t.finish()
 
@@ -174,6 +185,7 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     auth = load_auth(reader, root.table("auth"), base_dir, cache.directory)
     access = load_access(root.table("access"))
     audit = load_audit(root.table("audit"), base_dir)
+    coordination = load_coordination(reader, root.table("coordination"))
     rules = {("upstreams", u.name): u.access for u in upstreams.values()}
     rules.update({("hosted", h.name): h.access for h in hosted.values()})
     check_principals(reader, rules, auth)
@@ -192,6 +204,7 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
         source=source,
         hosted=hosted,
         groups=groups,
+        coordination=coordination,
     )
 
 
@@ -255,11 +268,17 @@ def _upstream(
             "no mirror has the 'resolve' capability, so no tag could ever be resolved",
         )
     cache_t = table.table("cache")
+    directory = cache_t.get("directory", str, cache_dirname(name))
+    backend = cache_t.get("backend", str, cache.backend, check=one_of(*BACKENDS))
+    store = load_object_store(reader, cache_t.table("s3"), cache.object_store)
+    check_backend(reader, (*table.path, "cache", "backend"), backend, store)
     upstream_cache = CacheSettings(
-        backend=cache.backend,
-        directory=cache.directory / cache_t.get("directory", str, cache_dirname(name)),
+        backend=backend,
+        directory=cache.directory / directory,
         max_size=cache_t.size("max_size"),
         pins=cache.pins,
+        object_store=store,
+        key=directory,
     )
     cache_t.finish()
     upstream = UpstreamSettings(

@@ -289,6 +289,8 @@ class Settings:
                 self.cache.backend,
                 self.cache.directory / cache_dirname(registry),
                 pins=self.cache.pins,
+                object_store=self.cache.object_store,
+                key=cache_dirname(registry),
             ),
             policy=self.defaults,
             from_pattern=True,
