@@ -268,15 +268,17 @@ class HostedStore:
                     headers={"Range": upload_range(size)},
                 )
             batch = bytearray()
-            async for chunk in body:
-                batch += chunk
-                if len(batch) >= WRITE_BATCH:
+            try:
+                async for chunk in body:
+                    batch += chunk
+                    if len(batch) >= WRITE_BATCH:
+                        await asyncio.to_thread(os.write, fd, bytes(batch))
+                        size += len(batch)
+                        batch.clear()
+            finally:  # also when the client went away mid-chunk: keep what arrived
+                if batch:
                     await asyncio.to_thread(os.write, fd, bytes(batch))
                     size += len(batch)
-                    batch.clear()
-            if batch:
-                await asyncio.to_thread(os.write, fd, bytes(batch))
-                size += len(batch)
         finally:
             os.close(fd)
         upload = Upload(upload.id, upload.repository, size, upload.started)

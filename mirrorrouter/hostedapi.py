@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlencode
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from mirrorrouter.cache import StoredManifest
@@ -279,9 +279,19 @@ def _empty(status: int, headers: dict[str, str] | None = None) -> Response:
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
-    async for chunk in request.stream():
-        if chunk:
-            yield chunk
+    """The request body; a client that closes the connection mid-body is an answer of its
+    own (499, logged without a traceback), and an upload keeps the bytes that arrived."""
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+    except ClientDisconnect:
+        raise RegistryError(
+            ErrorCode.BLOB_UPLOAD_INVALID,
+            "the client closed the connection before the body ended; ask the upload URL "
+            "where to resume",
+            status=499,
+        ) from None
 
 
 def _content_range_start(header: str | None) -> int | None:

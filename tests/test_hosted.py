@@ -8,6 +8,7 @@ test_real_hosted.py.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 
 from mirrorrouter.cli import main
 from mirrorrouter.config import ConfigError, parse_settings
+from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.eviction import cache_areas
 from mirrorrouter.hosted import HostedStore
 from mirrorrouter.reference import Digest
@@ -555,3 +557,25 @@ async def test_hosted_content_is_never_an_eviction_area(tmp_path: Path, fake: Fa
         assert {a.name for a in areas} == {"docker.io", "quay.io"}
         await gw.app.endpoints.evictor.enforce()
         assert (await gw.client.get("/v2/team/app/manifests/v1")).content == image.manifest
+
+
+async def test_client_gone_mid_chunk_keeps_what_arrived(tmp_path: Path, fake: FakeRegistry) -> None:
+    """A PATCH whose client disconnects mid-body: the bytes that arrived stay in the upload
+    (the next GET says so), and the answer is a 499, not a 500."""
+    settings = parse_settings(hosted_config(tmp_path))
+    store = HostedStore(settings.hosted["team"])
+    await store.open()
+    try:
+        upload = await store.start_upload("app")
+
+        async def interrupted() -> AsyncIterator[bytes]:
+            yield b"a" * 1000
+            yield b"b" * 500
+            raise RegistryError(ErrorCode.BLOB_UPLOAD_INVALID, "client gone", status=499)
+
+        with pytest.raises(RegistryError) as caught:
+            await store.append(upload, interrupted())
+        assert caught.value.status == 499
+        assert (await store.upload("app", upload.id)).size == 1500
+    finally:
+        await store.close()

@@ -1008,3 +1008,9 @@ def remove_tree(path: StrPath) -> None:
         except OSError:
             if attempt:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def ctr_content_digests(containerd: Containerd) -> set[str]:
+    """Return the digest of every blob in ``containerd``'s content store (``ctr content ls``)."""
+    lines = containerd.ctr("content", "ls", "--quiet").text.split()
+    return {line for line in lines if line.startswith("sha256:")}

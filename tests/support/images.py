@@ -1006,3 +1006,21 @@ def session_factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFactory:
             return session_factory(tmp_path_factory)
     """
     return ImageFactory(tmp_path_factory.getbasetemp() / "mirrorrouter-images")
+
+
+def shared_base_image(
+    factory: ImageFactory, name: str, *, base: str = "base", seed: int = 31
+) -> BuiltImage:
+    """A single-platform OCI image: a base layer shared by every image built with the same
+    ``base`` and ``seed``, then a layer of its own (uncompressed, for byte-exact pushes)."""
+    recipe = f"sharedbase base={base} seed={seed}"
+
+    def build(layout: OciLayout) -> tuple[Descriptor, tuple[PlatformImage, ...]]:
+        shared = add_layer(layout, small_layer_entries(seed, base), "oci", "none")
+        own = add_layer(layout, small_layer_entries(seed, name), "oci", "none")
+        image = add_image(
+            layout, "linux/amd64", [shared, own], labels={"org.mirrorrouter.test": name}
+        )
+        return image.manifest, (image,)
+
+    return factory._cached(name, recipe, build)
