@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from mirrorrouter import cachecli, hostedcli, warmcli
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.config import ConfigError, Settings, UpstreamSettings, load_settings
 from mirrorrouter.config.model import GroupSettings, Target
+from mirrorrouter.connectivity import probe_all
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
@@ -65,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", type=Path, help="the file (default: as for serve)")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach the object stores and Redis it names (exit 1 when one fails)",
+    )
     check.set_defaults(func=_check_config)
 
     client = sub.add_parser(
@@ -280,7 +287,14 @@ def _check_config(args: argparse.Namespace) -> int:
     for route in settings.routes:
         print(f"  route {route.label} -> {route.target}")
     print(f"  default registry: {settings.default_registry}")
-    return 0
+    if not args.connect:
+        return 0
+    probes = asyncio.run(probe_all(settings))
+    for probe in probes:
+        print(f"  {probe.service}: {'OK' if probe.ok else 'FAILED'}: {probe.detail}")
+    if not probes:
+        print("  nothing to connect to: no s3 cache and no redis coordination")
+    return 0 if all(p.ok for p in probes) else 1
 
 
 def _client_config(args: argparse.Namespace) -> int:
