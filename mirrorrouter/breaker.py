@@ -4,6 +4,11 @@ Closed: requests flow. After ``threshold`` consecutive failures (temporary error
 corrupt content; a 404 is a healthy answer) the circuit opens and the mirror is skipped
 for ``cooldown`` seconds. Then it is half-open: exactly one request is let through as a
 probe; success closes the circuit, failure opens it again for another cooldown.
+
+With ``shared`` state (coordination.py, for replicas sharing Redis) the failures of every
+replica count, and a circuit one replica opens is open for all: ``refresh`` learns the
+shared view before ``allow`` consults it; what this process sees is published as it
+happens. The shared state never raises; without it the breaker is this process's alone.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 log = logging.getLogger("mirrorrouter.breaker")
 
@@ -22,8 +28,36 @@ class CircuitState(enum.Enum):
     HALF_OPEN = "half-open"
 
 
+class SharedCircuit(Protocol):
+    """A mirror's circuit as every replica sees it (coordination.py keeps it in Redis).
+
+    Reads answer from the view of the last ``refresh``; writes go out in the background;
+    nothing here raises (when the shared store is out, the local breaker decides alone).
+    """
+
+    def open_for(self) -> float:
+        """Seconds the shared open window still runs, as last seen (0: not open)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Fetch the shared view."""
+        ...
+
+    def failure(self) -> None:
+        """Count a failure; at the threshold the circuit opens for every replica."""
+        ...
+
+    def opened(self) -> None:
+        """This process opened the circuit (a failed probe, or its own count)."""
+        ...
+
+    def success(self) -> None:
+        """A healthy answer: reset the shared count and close the shared circuit."""
+        ...
+
+
 class CircuitBreaker:
-    """The health of one mirror, as seen by this process."""
+    """The health of one mirror, as seen by this process (and its peers, when shared)."""
 
     def __init__(
         self,
@@ -33,19 +67,31 @@ class CircuitBreaker:
         cooldown: float,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[CircuitState], None] | None = None,
+        shared: SharedCircuit | None = None,
     ) -> None:
         self.name = name
         self.on_change = on_change
         self.threshold = threshold
         self.cooldown = cooldown
         self.clock = clock
+        self.shared = shared
         self.state = CircuitState.CLOSED
         self.failures = 0
         self.opened_at = 0.0
         self._probing = False
 
+    async def refresh(self) -> None:
+        """Learn what the other replicas saw (no-op without shared state)."""
+        if self.shared is not None:
+            await self.shared.refresh()
+
     def allow(self) -> bool:
         """Whether a request may go to this mirror now (claims the probe when half-open)."""
+        if self.shared is not None and self.state is not CircuitState.OPEN and not self._probing:
+            remaining = self.shared.open_for()
+            if remaining > 0:  # another replica opened it: skip for what is left of it
+                self.opened_at = self.clock() - self.cooldown + remaining
+                self._change(CircuitState.OPEN)
         if self.state is CircuitState.OPEN:
             if self.clock() - self.opened_at < self.cooldown:
                 return False
@@ -59,6 +105,8 @@ class CircuitBreaker:
     def success(self) -> None:
         self.failures = 0
         self._probing = False
+        if self.shared is not None:
+            self.shared.success()
         if self.state is not CircuitState.CLOSED:
             self._change(CircuitState.CLOSED)
 
@@ -67,8 +115,12 @@ class CircuitBreaker:
         self.failures += 1
         if self.state is CircuitState.HALF_OPEN or self.failures >= self.threshold:
             self.opened_at = self.clock()
+            if self.shared is not None:
+                self.shared.opened()
             if self.state is not CircuitState.OPEN:
                 self._change(CircuitState.OPEN)
+        elif self.shared is not None:
+            self.shared.failure()
 
     def release(self) -> None:
         """Give back a probe that ended with neither success nor failure."""

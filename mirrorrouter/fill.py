@@ -1,48 +1,159 @@
 """The blob download behind a fill: claim, fetch (resuming mid-blob), verify, commit.
 
 One task per ``BlobFill`` (singleflight.py), owned here, never by a response. It claims the
-download among worker processes, streams the blob from the upstream's mirrors into the
-cache's writer (resuming with ``Range`` from the byte where a stream broke), verifies and
-commits it. Content that fails verification marks its mirrors suspect for that digest and a
-fresh fill starts from the next one; a cache that cannot take the bytes (a full disk) makes
-readers stream straight from upstream.
+download among worker processes (the cache's claim) and among replicas (the coordinator's
+lease), streams the blob from the upstream's mirrors into the cache's writer (resuming with
+``Range`` from the byte where a stream broke), verifies and commits it. Content that fails
+verification marks its mirrors suspect for that digest and a fresh fill starts from the
+next one; a cache that cannot take the bytes (a full disk) makes readers stream straight
+from upstream.
+
+Replicas (coordination.py): while another replica holds a blob's lease, this one follows
+it. It streams the blob from that replica's peer endpoint (``peer_blob``) into its own
+writer, so its own clients get bytes as they land, and verifies and commits them as usual.
+When that stream breaks and the lease has expired (the holder died), it takes the lease
+over and resumes from upstream at its own byte offset; when the blob was committed to the
+shared cache meanwhile, it reads the rest from there. A holder without an advertise_url
+is waited for instead: its committed blob, or the lease's expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 from mirrorrouter.cache import BlobWriter, Claim, DigestMismatch
 from mirrorrouter.config import Capability
+from mirrorrouter.coordination import Coordinator, Holder, Lease, LocalCoordinator
 from mirrorrouter.errors import RegistryError, UpstreamError
 from mirrorrouter.metrics import Metrics
-from mirrorrouter.reference import Digest
+from mirrorrouter.reference import Digest, ReferenceError
 from mirrorrouter.singleflight import BlobFill
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import Timing
+from mirrorrouter.upstream import blob_size_from_headers
+
+if TYPE_CHECKING:
+    from mirrorrouter.pullthrough import Pullthrough
 
 log = logging.getLogger("mirrorrouter.fill")
 
 MAX_RESUMES = 5  # per blob download
 CLAIM_POLL_SECONDS = 0.05  # how often a worker checks another worker's download
+PEER_CONNECT_TIMEOUT = 2.0  # seconds; a replica that does not answer is not followed
+
+# The internal endpoint replicas follow each other's downloads through (``peer_blob``).
+PEER_PATH = "/_mirrorrouter/peer/{upstream}/blobs/{digest}"
+LEASE_HEADER = "X-Mirrorrouter-Lease"
+_RANGE_FROM = re.compile(r"bytes=(\d+)-")
+
+
+def peer_url(base: str, upstream: str, digest: Digest) -> str:
+    """Where a replica advertised as ``base`` serves its download of ``digest``."""
+    path = PEER_PATH.format(upstream=quote(upstream, safe=":"), digest=digest)
+    return base.rstrip("/") + path
+
+
+async def peer_blob(pull: Pullthrough, request: Request) -> Response:
+    """The internal endpoint through which replicas follow each other's downloads.
+
+    Route ``GET PEER_PATH`` to it (path parameters ``upstream``, an upstream's name, and
+    ``digest``) on the address the other replicas reach as ``advertise_url``, before the
+    catch-all route and outside client authentication and access rules: the request must
+    carry ``LEASE_HEADER`` with the token of the blob's cluster-wide lock, which only a
+    replica that read the lock from Redis knows, and may carry ``Range: bytes=N-``.
+
+    The answer streams the download in progress as it lands: 200 (Content-Length when the
+    size is known), or 206 from byte N (with Content-Range when known); the last byte only
+    once the digest matched, and a download that fails cuts the stream short. 404 when this
+    replica is not downloading that blob under that token (done, failed, or never).
+    """
+    name = str(request.path_params.get("upstream", ""))
+    upstream = pull.settings.upstreams.get(name)
+    token = request.headers.get(LEASE_HEADER, "")
+    try:
+        digest = Digest.parse(str(request.path_params.get("digest", "")))
+    except ReferenceError:
+        return Response(b"", 404)
+    if upstream is None or not token:
+        return Response(b"", 404)
+    site = await pull.site(upstream)
+    fill = site.fills.get(digest)
+    if fill is None or fill.lease_token is None:
+        return Response(b"", 404)
+    if not hmac.compare_digest(fill.lease_token.encode(), token.encode()):
+        return Response(b"", 404)
+    start = 0
+    if "range" in request.headers:
+        match = _RANGE_FROM.fullmatch(request.headers["range"].strip())
+        if match is None:
+            return Response(b"", 416)
+        start = int(match[1])
+    await fill.started.wait()
+    if fill.error is not None or fill.path is None:
+        return Response(b"", 404)  # failed, or streaming uncached: nothing to follow
+    size = fill.size
+    if size is not None and start and start >= size:
+        return Response(b"", 416, {"Content-Range": f"bytes */{size}"})
+    headers = {}
+    if size is not None:
+        headers["Content-Length"] = str(size - start)
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+    return StreamingResponse(
+        fill.read(start, None),
+        status_code=206 if start else 200,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
+
+
+@dataclass(slots=True)
+class _Claimed:
+    """A download this worker may make: the cache's claim, the cluster-wide lease (None
+    when a peer or the committed copy sent the whole blob) and the bytes already spooled."""
+
+    claim: Claim
+    lease: Lease | None
+    writer: BlobWriter | None
 
 
 class Filler:
     """Starts and runs blob downloads; the tasks live until done or until ``close``."""
 
-    def __init__(self, metrics: Metrics, timing: Timing) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        timing: Timing,
+        *,
+        coordinator: Coordinator | None = None,
+        peer_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.metrics = metrics
         self.timing = timing
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.tasks: set[asyncio.Task[None]] = set()
         # Told (upstream, bytes) after each blob commit: the evictor keeps caches in bounds.
         self.on_commit: Callable[[str, int], None] | None = None
+        self._peer_transport = peer_transport
+        self._peer_client: httpx.AsyncClient | None = None
 
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._peer_client is not None:
+            await self._peer_client.aclose()
 
     def start(self, site: UpstreamSite, repository: str, digest: Digest) -> BlobFill:
         """Register a fill for the blob and start its download task."""
@@ -55,14 +166,18 @@ class Filler:
 
     async def _run_fill(self, site: UpstreamSite, fill: BlobFill) -> None:
         """Download, verify and commit one blob; readers follow ``fill`` meanwhile."""
-        claim = None
+        claimed = None
         try:
-            claim = await self._claim(site, fill)
-            if claim is None:
-                return  # another worker process committed it meanwhile
-            writer = await self._download(site, fill)
-            if writer is None:
-                return  # degraded: readers stream straight from upstream
+            claimed = await self._claim(site, fill)
+            if claimed is None:
+                return  # another worker or replica committed it meanwhile, or degraded
+            writer = claimed.writer
+            if claimed.lease is not None:  # ours to fetch, after what a peer already sent
+                fill.lease_token = claimed.lease.token
+                writer = await self._download(site, fill, writer)
+                if writer is None:
+                    return  # degraded: readers stream straight from upstream
+            assert writer is not None
             committed = await writer.commit()
             await site.link(fill.repository, [fill.digest])
             fill.finish(committed)
@@ -77,36 +192,150 @@ class Filler:
             if isinstance(error, asyncio.CancelledError):
                 raise
         finally:
-            if claim is not None:
-                claim.release()
+            if claimed is not None:
+                claimed.claim.release()
+                if claimed.lease is not None:
+                    await claimed.lease.release()
             if site.fills.get(fill.digest) is fill:
                 del site.fills[fill.digest]
 
-    async def _claim(self, site: UpstreamSite, fill: BlobFill) -> Claim | None:
-        """Claim the download among worker processes sharing the cache. While another
-        process holds it, wait; when it is done, serve its committed blob (None), or take the
-        claim over if it died or failed. One upstream fetch however many workers ask."""
-        while True:
-            claim = site.cache.try_claim(fill.digest)
-            size = await site.cache.blob_size(fill.digest)
-            if size is not None:
-                if claim is not None:
-                    claim.release()
-                path = site.cache.blob_path(fill.digest)
-                assert path is not None
-                await site.link(fill.repository, [fill.digest])
-                fill.begin(path, size, "cache")
-                fill.progress(size)
-                fill.finish(path)
-                return None
-            if claim is not None:
-                return claim
-            await self.timing.sleep(CLAIM_POLL_SECONDS)
+    async def _claim(self, site: UpstreamSite, fill: BlobFill) -> _Claimed | None:
+        """Claim the download among worker processes sharing the cache and among replicas.
 
-    async def _download(self, site: UpstreamSite, fill: BlobFill) -> BlobWriter | None:
-        """Stream the blob into a writer, resuming mid-blob with Range on the same or the
-        next mirror; None when the cache could not take it (the fill is then degraded)."""
+        While another process of this cache holds it, wait. While another replica holds
+        the lease, follow that replica's download (holding this cache's claim, so local
+        workers wait for this one). When the blob is committed meanwhile, serve it (None);
+        when the holder died or failed, take the lease over. One upstream fetch however
+        many workers and replicas ask."""
+        upstream = site.settings.name
+        claim: Claim | None = None
         writer: BlobWriter | None = None
+        followed = False  # a failing peer is logged once per fill
+        try:
+            while True:
+                if claim is None:
+                    claim = site.cache.try_claim(fill.digest)
+                size = await site.cache.blob_size(fill.digest)
+                if size is not None and writer is not None:
+                    # Readers follow our spool file already: the rest from the committed copy.
+                    assert claim is not None
+                    rest = site.cache.read_blob(fill.digest, writer.written, size)
+                    if not await self._spool(site, fill, writer, rest, fetched=False):
+                        claim.release()
+                        return None
+                    return _Claimed(claim, None, writer)
+                if size is not None:
+                    if claim is not None:
+                        claim.release()
+                    await self._committed(site, fill, size)
+                    return None
+                if claim is not None:
+                    lease = await self.coordinator.claim(upstream, fill.digest)
+                    if lease is not None:
+                        return _Claimed(claim, lease, writer)
+                    holder = await self.coordinator.holder(upstream, fill.digest)
+                    own = self.coordinator.advertise_url
+                    if holder is not None and holder.url is not None and holder.url != own:
+                        before = writer.written if writer is not None else -1
+                        writer, complete = await self._follow(
+                            site, fill, holder, writer, quiet=followed
+                        )
+                        followed = True
+                        if fill.direct is not None:  # the cache cannot take it: degraded
+                            claim.release()
+                            return None
+                        if complete and writer is not None:
+                            return _Claimed(claim, None, writer)
+                        if writer is not None and writer.written > before:
+                            continue  # it was moving: ask again at once
+                await self.timing.sleep(CLAIM_POLL_SECONDS)
+        except BaseException:
+            if writer is not None:
+                await writer.abort()
+            if claim is not None:
+                claim.release()
+            raise
+
+    async def _committed(self, site: UpstreamSite, fill: BlobFill, size: int) -> None:
+        """Serve the blob another worker or replica committed meanwhile."""
+        await site.link(fill.repository, [fill.digest])
+        path = site.cache.blob_path(fill.digest)
+        if path is None:  # a store without a local file (an object store): read from it
+            digest = fill.digest
+
+            def stored(start: int, end: int | None) -> AsyncIterator[bytes]:
+                return site.cache.read_blob(digest, start, size if end is None else end)
+
+            fill.degrade(stored, size)
+            return
+        fill.begin(path, size, "cache")
+        fill.progress(size)
+        fill.finish(path)
+
+    def _peers(self) -> httpx.AsyncClient:
+        if self._peer_client is None:
+            # A peer that stays silent for a lock TTL is followed again, or taken over.
+            wait = max(self.coordinator.lock_ttl, PEER_CONNECT_TIMEOUT)
+            self._peer_client = httpx.AsyncClient(
+                transport=self._peer_transport,
+                timeout=httpx.Timeout(wait, connect=PEER_CONNECT_TIMEOUT),
+                trust_env=False,  # replicas reach each other directly, never via a proxy
+                headers={"User-Agent": "mirrorrouter-peer"},
+            )
+        return self._peer_client
+
+    async def _follow(
+        self,
+        site: UpstreamSite,
+        fill: BlobFill,
+        holder: Holder,
+        writer: BlobWriter | None,
+        *,
+        quiet: bool = False,
+    ) -> tuple[BlobWriter | None, bool]:
+        """Stream the blob from the replica holding its lease into this replica's writer,
+        from the byte this one has, so its readers get bytes as they land.
+
+        Returns the writer (None if nothing arrived, or degraded) and whether it holds the
+        whole blob; a refused or broken stream returns what arrived: a failing peer never
+        fails the pull (``quiet``: it was logged already)."""
+        assert holder.url is not None
+        offset = writer.written if writer is not None else 0
+        headers = {LEASE_HEADER: holder.token}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        url = peer_url(holder.url, site.settings.name, fill.digest)
+        try:
+            async with self._peers().stream("GET", url, headers=headers) as response:
+                if response.status_code != (206 if offset else 200):
+                    return writer, False
+                size = blob_size_from_headers(response, offset)
+                if writer is None:
+                    writer = self._writer(site, fill, size)
+                    if writer is None:
+                        return None, False
+                    fill.begin(writer.spool_path, size, f"peer {holder.url}")
+                elif None not in (size, fill.size) and size != fill.size:
+                    return writer, False
+                if not await self._spool(site, fill, writer, response.aiter_bytes(), fetched=False):
+                    return None, False
+        except Exception as error:
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "following the download of %s on %s: %s",
+                fill.digest,
+                holder.url,
+                error or type(error).__name__,
+            )
+            return writer, False
+        return writer, fill.size is None or writer.written == fill.size
+
+    async def _download(
+        self, site: UpstreamSite, fill: BlobFill, writer: BlobWriter | None = None
+    ) -> BlobWriter | None:
+        """Stream the blob into a writer (``writer``: what a peer already sent), resuming
+        mid-blob with Range on the same or the next mirror; None when the cache could not
+        take it (the fill is then degraded)."""
         exclude = site.suspects.get(fill.digest, frozenset())
         if all(m.name in exclude for m in site.client.mirrors(Capability.PULL)):
             exclude = frozenset()  # every mirror failed once: ask them all again
@@ -152,15 +381,23 @@ class Filler:
             raise
 
     async def _spool(
-        self, site: UpstreamSite, fill: BlobFill, writer: BlobWriter, chunks: AsyncIterator[bytes]
+        self,
+        site: UpstreamSite,
+        fill: BlobFill,
+        writer: BlobWriter,
+        chunks: AsyncIterator[bytes],
+        *,
+        fetched: bool = True,
     ) -> bool:
         """Write the chunks, telling readers as bytes land; False when the cache could not
-        take them (the writer is aborted and the fill degraded)."""
+        take them (the writer is aborted and the fill degraded). ``fetched``: the chunks
+        come from upstream (counted), not from a peer or the cache."""
         try:
             try:
                 async for chunk in chunks:
                     await writer.write(chunk)  # readers hear of it through on_written
-                    self.metrics.fetched(site.settings.name, len(chunk))
+                    if fetched:
+                        self.metrics.fetched(site.settings.name, len(chunk))
             finally:
                 await writer.flush()  # keep what arrived, also before a resume
         except OSError as error:

@@ -11,6 +11,8 @@
 - **Repository links**: a cached blob or manifest is served for a repository only if that
   repository's manifest referenced it or the upstream confirmed it there, so a private
   blob never leaks through another repository's name.
+- **Replicas share** (``coordination.py``): one download per blob across replicas, tag
+  checks and "not found" answers, circuit state. Without Redis a replica is on its own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mirrorrouter.cache import (
     open_backend,
 )
 from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.coordination import Coordinator, open_coordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.fill import Filler
 from mirrorrouter.metrics import Metrics
@@ -77,7 +80,12 @@ class Pullthrough:
         timing: Timing = REAL_TIME,
         transport: httpx.AsyncBaseTransport | None = None,
         metrics: Metrics | None = None,
+        coordinator: Coordinator | None = None,
+        peer_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``coordinator`` is what replicas share; None: the one ``settings.coordination``
+        names (a ``LocalCoordinator`` unless it says redis), closed with this object.
+        ``peer_transport`` replaces the network to other replicas (tests)."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.timing = timing
@@ -85,7 +93,14 @@ class Pullthrough:
         self._transport = transport
         self._sites: dict[str, UpstreamSite] = {}
         self._site_lock = asyncio.Lock()
-        self.filler = Filler(self.metrics, timing)  # the blob downloads (fill.py)
+        self._owns_coordinator = coordinator is None
+        self.coordinator = coordinator or open_coordinator(
+            settings.coordination, clock=timing.monotonic
+        )
+        # The blob downloads (fill.py)
+        self.filler = Filler(
+            self.metrics, timing, coordinator=self.coordinator, peer_transport=peer_transport
+        )
 
     async def start(self) -> None:
         """Open every configured upstream's cache (sweeping interrupted writes)."""
@@ -97,6 +112,8 @@ class Pullthrough:
         for site in self._sites.values():
             await site.client.aclose()
             await site.cache.close()
+        if self._owns_coordinator:
+            await self.coordinator.close()
 
     def breakers(self, upstream: UpstreamSettings) -> list[CircuitBreaker]:
         """The circuit breakers of an upstream's mirrors (none before its first use)."""
@@ -113,10 +130,14 @@ class Pullthrough:
                 cache = open_backend(upstream.cache)
                 await cache.open()
                 client = UpstreamClient(
-                    upstream, transport=self._transport, timing=self.timing, metrics=self.metrics
+                    upstream,
+                    transport=self._transport,
+                    timing=self.timing,
+                    metrics=self.metrics,
+                    coordinator=self.coordinator,
                 )
                 site = self._sites[upstream.name] = UpstreamSite(
-                    upstream, client, cache, self.clock
+                    upstream, client, cache, self.clock, self.coordinator
                 )
         return site
 
@@ -182,8 +203,12 @@ class Pullthrough:
         assert ref.tag is not None
         record = await site.get_tag(ref.repository, ref.tag)
         stored = await site.get_manifest(record.digest) if record is not None else None
+        if record is None or stored is None or not self._fresh(site, record):
+            shared = await self._shared_tag(site, ref, record)
+            if shared is not None:
+                record, stored = shared
         if record is not None and stored is not None:
-            if self.clock() - record.checked_at < site.settings.policy.tag_ttl:
+            if self._fresh(site, record):
                 return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
             try:
                 if await self._still_current(site, ref, record):
@@ -204,10 +229,32 @@ class Pullthrough:
         )
         return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name, fetched.mirror)
 
+    def _fresh(self, site: UpstreamSite, record: TagRecord) -> bool:
+        return self.clock() - record.checked_at < site.settings.policy.tag_ttl
+
+    async def _shared_tag(
+        self, site: UpstreamSite, ref: ImageReference, known: TagRecord | None
+    ) -> tuple[TagRecord, StoredManifest] | None:
+        """The tag as another replica confirmed it upstream within tag_ttl, when that is
+        newer than what this replica knows and the cache holds its manifest (a shared
+        object store does): then no upstream request is needed."""
+        assert ref.tag is not None
+        record = await site.shared_tag(ref.repository, ref.tag)
+        if record is None or not self._fresh(site, record):
+            return None
+        if known is not None and record.checked_at <= known.checked_at:
+            return None
+        stored = await site.get_manifest(record.digest)
+        if stored is None:
+            return None  # not in this replica's cache: revalidate upstream as usual
+        await site.put_tag(ref.repository, ref.tag, record, share=False)
+        return record, stored
+
     async def _fetch(self, site: UpstreamSite, ref: ImageReference) -> FetchedManifest:
-        """GET a manifest upstream, coalesced, remembering a "not found" for negative_ttl."""
+        """GET a manifest upstream, coalesced, remembering a "not found" for negative_ttl
+        (shared with the other replicas)."""
         key = (ref.repository, ref.reference)
-        remembered = site.not_found.get(key)
+        remembered = await site.known_not_found(*key)
         if remembered is not None:
             raise remembered
         try:
@@ -216,7 +263,7 @@ class Pullthrough:
             )
         except RegistryError as error:
             if error.code is ErrorCode.MANIFEST_UNKNOWN and site.settings.policy.negative_ttl > 0:
-                site.not_found[key] = error
+                await site.remember_not_found(*key, error)
             raise
 
     async def _still_current(

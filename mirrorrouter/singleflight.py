@@ -42,6 +42,9 @@ class BlobFill:
         self.error: BaseException | None = None
         self.followers = 0
         self.mirrors: set[str] = set()  # every mirror that sent bytes (resumes may switch)
+        # The token of this download's cluster-wide lock: replicas that follow the download
+        # present it to this one's peer endpoint (fill.py).
+        self.lease_token: str | None = None
         # Set when the cache cannot take the blob (disk full): readers then stream straight
         # from upstream, from where they are, without caching.
         self.direct: Callable[[int, int | None], AsyncIterator[bytes]] | None = None
@@ -57,7 +60,8 @@ class BlobFill:
     def degrade(
         self, direct: Callable[[int, int | None], AsyncIterator[bytes]], size: int | None
     ) -> None:
-        """Stop caching; readers continue straight from upstream."""
+        """Readers read through ``direct`` from where they are: straight from upstream when
+        the cache cannot take the blob, or from a store that keeps no local file."""
         self.direct = direct
         if self.size is None:
             self.size = size
@@ -98,9 +102,12 @@ class BlobFill:
             async for chunk in self.direct(start, end):
                 yield chunk
             return
-        if self.error is not None or self.path is None:
-            raise FillFailed(str(self.error))
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = await self._open()
+        if fd is None:  # the spool file is gone: degraded meanwhile
+            assert self.direct is not None
+            async for chunk in self.direct(start, end):
+                yield chunk
+            return
         try:
             position = start
             while True:
@@ -127,6 +134,25 @@ class BlobFill:
                     await self._changed.wait()
         finally:
             os.close(fd)
+
+    async def _open(self) -> int | None:
+        """Open the spool file, or the committed file once the fill is done; None when the
+        spool file was dropped for direct reads. The commit renames the spool file before
+        ``finish`` names the committed one: a reader that comes in between waits for that."""
+        while True:
+            path = self.path
+            if self.error is not None or path is None:
+                raise FillFailed(str(self.error))
+            changed = self._changed
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if self.direct is not None:
+                    return None
+                if self.done and self.path is path:
+                    raise
+                if self.path is path and self.error is None:
+                    await changed.wait()
 
 
 class Coalescer:

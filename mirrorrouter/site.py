@@ -1,4 +1,9 @@
-"""One upstream at run time: its client, its cache, its downloads, and memory indexes."""
+"""One upstream at run time: its client, its cache, its downloads, and memory indexes.
+
+Memory indexes are this replica's; what the replicas share (tag checks, "not found"
+answers) goes through the coordinator (coordination.py), which is asked only when memory
+cannot answer, right before an upstream request would be made.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from cachetools import LRUCache, TTLCache
 
 from mirrorrouter.cache import CacheBackend, StoredManifest, TagRecord
 from mirrorrouter.config import UpstreamSettings
+from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.singleflight import BlobFill, Coalescer
@@ -29,10 +35,13 @@ class UpstreamSite:
         client: UpstreamClient,
         cache: CacheBackend,
         clock: Callable[[], float],
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.cache = cache
+        self.clock = clock  # wall clock: tag records are dated with it
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.fills: dict[Digest, BlobFill] = {}
         self.coalescer = Coalescer()
         self.manifests: LRUCache[Digest, StoredManifest] = LRUCache(
@@ -91,6 +100,35 @@ class UpstreamSite:
                 self.tags[(repository, tag)] = record
         return record
 
-    async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
+    async def put_tag(
+        self, repository: str, tag: str, record: TagRecord, *, share: bool = True
+    ) -> None:
+        """Record a tag check; ``share`` publishes it to the other replicas for what is left
+        of its tag_ttl (False for a record learnt from them)."""
         self.tags[(repository, tag)] = record
         await self.cache.put_tag(repository, tag, record)
+        if share:
+            ttl = self.settings.policy.tag_ttl - (self.clock() - record.checked_at)
+            await self.coordinator.put_tag(self.settings.name, repository, tag, record, ttl)
+
+    async def shared_tag(self, repository: str, tag: str) -> TagRecord | None:
+        """The tag as another replica last confirmed it upstream, within tag_ttl."""
+        return await self.coordinator.get_tag(self.settings.name, repository, tag)
+
+    async def known_not_found(self, repository: str, reference: str) -> RegistryError | None:
+        """An upstream "not found" remembered here or by another replica (negative_ttl)."""
+        error = self.not_found.get((repository, reference))
+        if error is None and self.settings.policy.negative_ttl > 0:
+            error = await self.coordinator.get_not_found(self.settings.name, repository, reference)
+        return error
+
+    async def remember_not_found(
+        self, repository: str, reference: str, error: RegistryError
+    ) -> None:
+        """Remember an upstream "not found" for negative_ttl, here and for the others."""
+        if self.not_found.get((repository, reference)) is error:
+            return  # coalesced callers share one error: remembered once
+        self.not_found[(repository, reference)] = error
+        await self.coordinator.put_not_found(
+            self.settings.name, repository, reference, error, self.settings.policy.negative_ttl
+        )

@@ -5,7 +5,7 @@ One client per upstream, each with its own ``httpx.AsyncClient``: its own creden
 the one place that decides failover:
 
 - mirrors are tried in their configured order; a mirror whose circuit is open
-  (``breaker.py``) is skipped;
+  (``breaker.py``; shared by every replica with Redis coordination) is skipped;
 - each mirror is retried per the retry policy (``retry.py``) while its failures are
   temporary, then the next mirror is tried;
 - every answer is kept in ``Attempts``, which becomes the client's error when all failed.
@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -49,6 +49,9 @@ from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES, RetryPolicy
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.transport import upstream_network
+
+if TYPE_CHECKING:
+    from mirrorrouter.coordination import Coordinator
 
 log = logging.getLogger("mirrorrouter.upstream")
 
@@ -166,7 +169,9 @@ class UpstreamClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timing: Timing = REAL_TIME,
         metrics: Metrics | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
+        """``coordinator`` shares the mirrors' circuit state with other replicas."""
         policy = settings.policy
         self.settings = settings
         self.name = settings.name
@@ -185,6 +190,14 @@ class UpstreamClient:
                 cooldown=policy.breaker_cooldown,
                 clock=timing.monotonic,
                 on_change=self._circuit_reporter(m),
+                shared=coordinator.circuit(
+                    self.name,
+                    m.url,
+                    threshold=policy.breaker_failures,
+                    cooldown=policy.breaker_cooldown,
+                )
+                if coordinator is not None
+                else None,
             )
             for m in settings.mirrors
         }
@@ -248,6 +261,7 @@ class UpstreamClient:
                 attempts.add(mirror, "skipped: served content that failed verification")
                 continue
             breaker = self.breakers[mirror.url]
+            await breaker.refresh()  # what other replicas saw (shared circuits only)
             if not breaker.allow():
                 attempts.add(mirror, "skipped: circuit open")
                 continue
@@ -388,7 +402,7 @@ class UpstreamClient:
         try:
             # An upstream that ignores Range sends the whole blob: drop what we have.
             skip = offset if offset and response.status_code == 200 else 0
-            size = _blob_size(response, offset if response.status_code == 206 else 0)
+            size = blob_size_from_headers(response, offset if response.status_code == 206 else 0)
             yield BlobStream(response, size, offset, mirror.name, self.breakers[mirror.url], skip)
         finally:
             await response.aclose()
@@ -547,7 +561,8 @@ def manifest_media_type(content_type: str | None, body: bytes) -> str | None:
     return declared if declared and declared.startswith("application/vnd.") else None
 
 
-def _blob_size(response: httpx.Response, offset: int) -> int | None:
+def blob_size_from_headers(response: httpx.Response, offset: int) -> int | None:
+    """The whole blob's size: a 200's Content-Length, a 206's (from ``offset``) Content-Range."""
     if offset:
         total = response.headers.get("content-range", "").rpartition("/")[2]
         return int(total) if total.isdigit() else None

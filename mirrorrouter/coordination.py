@@ -1,0 +1,565 @@
+"""Coordination among replicas: fill locks, shared negative and tag caches, circuit state.
+
+mirrorrouter may run as N stateless replicas behind a load balancer, sharing one object
+store (the cache) and one Redis for coordination. ``Coordinator`` is what the rest sees:
+
+- **fill locks**: ``claim(upstream, digest)`` takes the cluster-wide lock on one blob's
+  download (a ``Lease``), or returns None while another replica holds it; ``holder`` names
+  that replica's ``advertise_url`` so followers stream the download from it (fill.py);
+- **shared negative cache**: an upstream "not found" per (upstream, repository, reference),
+  for the upstream's ``negative_ttl``;
+- **shared tag checks**: the last upstream confirmation of a tag, so a tag checked through
+  one replica is fresh on every replica within ``tag_ttl``, with no upstream request;
+- **shared circuits**: a mirror's consecutive failures and open window, so one replica's
+  failures open the circuit for all (``circuit``, consulted by breaker.py).
+
+``LocalCoordinator`` is one replica on its own (the default): fill locks in memory, nothing
+else shared (the site's memory caches and the local breakers are the whole truth).
+``RedisCoordinator`` keeps everything in Redis. Its keys (``P`` is ``key_prefix``, ``U`` the
+upstream's name, ``R`` a repository)::
+
+    P:fill:U@<digest>              "<token> <advertise_url>"  PX lock_ttl, renewed every
+                                                              lock_ttl/3 by the holder
+    P:tag:U/R:<tag>                JSON tag record            PX what is left of tag_ttl
+    P:notfound:U/R:<reference>     JSON error                 PX negative_ttl
+    P:circuit:U:<mirror>:failures  consecutive failures       PX FAILURE_WINDOW (INCR)
+    P:circuit:U:<mirror>:open      "1"                        PX the breaker's cooldown
+
+A lock is released by compare-and-delete (a Lua script), so a replica never deletes a lock
+it no longer holds; a holder that dies stops renewing and its lock expires after lock_ttl.
+
+**Redis never fails a pull.** Every Redis error (down, timeout, a bad answer) is logged as a
+warning once per outage and the operation falls back to local behaviour (fail open): a
+claim is granted by the local lock table, lookups miss, writes are dropped, and Redis is
+not asked again for ``OUTAGE_BACKOFF`` seconds. At worst two replicas fetch one blob or
+revalidate one tag each; nothing is served that was not verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from mirrorrouter.breaker import SharedCircuit
+from mirrorrouter.cache import TagRecord
+from mirrorrouter.config.model import CoordinationSettings
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.reference import Digest, ReferenceError
+
+log = logging.getLogger("mirrorrouter.coordination")
+
+T = TypeVar("T")
+
+REDIS_TIMEOUT = 1.0  # seconds for a connection or an answer: a pull never waits longer
+OUTAGE_BACKOFF = 5.0  # seconds Redis is not asked again after it failed
+FAILURE_WINDOW = 60.0  # a circuit's failure count is forgotten this long after the last
+
+# Delete (or extend) the lock only while it still holds our value.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+# Count a failure; at the threshold open the circuit for everyone (NX: a window that is
+# already running keeps its end). Answers the count and what is left of the open window.
+_FAILURE = """
+local n = redis.call('incr', KEYS[1])
+redis.call('pexpire', KEYS[1], ARGV[1])
+if n >= tonumber(ARGV[2]) then redis.call('set', KEYS[2], '1', 'PX', ARGV[3], 'NX') end
+return {n, redis.call('pttl', KEYS[2])}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a fill lock: its lease token and how other replicas reach it."""
+
+    token: str
+    url: str | None
+
+
+class Lease(Protocol):
+    """A held fill lock; kept alive until ``release``."""
+
+    @property
+    def token(self) -> str:
+        """Proves the holder to its peers (fill.py's peer endpoint checks it)."""
+        ...
+
+    @property
+    def lost(self) -> bool:
+        """The lock expired while held (another replica may have taken it)."""
+        ...
+
+    async def release(self) -> None: ...
+
+
+class Coordinator(Protocol):
+    """What replicas share; every method fails open (see the module docstring)."""
+
+    @property
+    def lock_ttl(self) -> float: ...
+
+    @property
+    def advertise_url(self) -> str | None:
+        """How the other replicas reach this one; None: they cannot follow its downloads."""
+        ...
+
+    async def claim(self, upstream: str, digest: Digest) -> Lease | None:
+        """The cluster-wide lock on one blob's download; None while another holds it."""
+        ...
+
+    async def holder(self, upstream: str, digest: Digest) -> Holder | None: ...
+
+    async def get_not_found(
+        self, upstream: str, repository: str, reference: str
+    ) -> RegistryError | None:
+        """An upstream "not found" another replica remembered, within negative_ttl."""
+        ...
+
+    async def put_not_found(
+        self, upstream: str, repository: str, reference: str, error: RegistryError, ttl: float
+    ) -> None: ...
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        """A tag as some replica last confirmed it upstream (within the TTL it was put with)."""
+        ...
+
+    async def put_tag(
+        self, upstream: str, repository: str, tag: str, record: TagRecord, ttl: float
+    ) -> None: ...
+
+    def circuit(
+        self, upstream: str, mirror: str, *, threshold: int, cooldown: float
+    ) -> SharedCircuit | None:
+        """The shared circuit state of one mirror (by URL); None: the breaker is local."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_coordinator(
+    settings: CoordinationSettings, *, clock: Callable[[], float] = time.monotonic
+) -> Coordinator:
+    """The coordinator the settings name (``backend`` "local" or "redis")."""
+    if settings.backend == "redis":
+        return RedisCoordinator(settings, clock=clock)
+    if settings.backend == "local":
+        return LocalCoordinator(settings)
+    raise ValueError(f"unknown coordination backend {settings.backend!r}")
+
+
+# ---------------------------------------------------------------------- one replica
+
+
+class LocalCoordinator:
+    """One replica alone: fill locks in this process's memory, nothing else shared."""
+
+    def __init__(self, settings: CoordinationSettings | None = None) -> None:
+        settings = settings or CoordinationSettings()
+        self.lock_ttl = settings.lock_ttl
+        self.advertise_url = settings.advertise_url
+        self._locks: dict[tuple[str, Digest], _LocalLease] = {}
+
+    async def claim(self, upstream: str, digest: Digest) -> Lease | None:
+        key = (upstream, digest)
+        if key in self._locks:
+            return None
+        lease = self._locks[key] = _LocalLease(self._locks, key)
+        return lease
+
+    async def holder(self, upstream: str, digest: Digest) -> Holder | None:
+        lease = self._locks.get((upstream, digest))
+        return None if lease is None else Holder(lease.token, self.advertise_url)
+
+    async def get_not_found(
+        self, upstream: str, repository: str, reference: str
+    ) -> RegistryError | None:
+        return None  # the site's own memory is the negative cache
+
+    async def put_not_found(
+        self, upstream: str, repository: str, reference: str, error: RegistryError, ttl: float
+    ) -> None:
+        return None
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        return None  # the site's own memory and cache hold the tag records
+
+    async def put_tag(
+        self, upstream: str, repository: str, tag: str, record: TagRecord, ttl: float
+    ) -> None:
+        return None
+
+    def circuit(
+        self, upstream: str, mirror: str, *, threshold: int, cooldown: float
+    ) -> SharedCircuit | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class _LocalLease:
+    def __init__(self, table: dict[tuple[str, Digest], _LocalLease], key: tuple[str, Digest]):
+        self.token = secrets.token_hex(16)
+        self.lost = False
+        self._table = table
+        self._key = key
+
+    async def release(self) -> None:
+        if self._table.get(self._key) is self:
+            del self._table[self._key]
+
+
+# ---------------------------------------------------------------------- Redis
+
+
+class _Unavailable(Exception):
+    """Redis could not answer (already logged): fall back to local behaviour."""
+
+
+class RedisCoordinator:
+    """Replicas sharing one Redis; fails open to ``LocalCoordinator`` behaviour.
+
+    ``clock`` (monotonic seconds) times the outage backoff and the circuit views; ``sleep``
+    paces lease renewal (it waits for real time: a lock's TTL runs in Redis).
+    """
+
+    def __init__(
+        self,
+        settings: CoordinationSettings,
+        *,
+        client: aioredis.Redis | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if client is None:
+            if settings.redis_url is None:
+                raise ValueError('coordination backend "redis" needs redis_url')
+            client = aioredis.from_url(
+                settings.redis_url.value,
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 1),  # once, for a pooled connection Redis closed
+                decode_responses=True,
+            )
+        self.redis = client
+        self.prefix = settings.key_prefix
+        self.lock_ttl = settings.lock_ttl
+        self.advertise_url = settings.advertise_url
+        self.clock = clock
+        self.sleep = sleep
+        self.local = LocalCoordinator(settings)  # while Redis is out
+        self._down_until: float | None = None
+        self._outage = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._renewals: set[asyncio.Task[None]] = set()  # of the leases held
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self._failure = client.register_script(_FAILURE)
+
+    async def close(self) -> None:
+        """Stop renewing leases still held (they expire), flush writes, disconnect."""
+        for renewal in list(self._renewals):
+            renewal.cancel()
+        await asyncio.gather(*self._renewals, return_exceptions=True)
+        await self.flush()
+        await self.redis.aclose()
+
+    async def flush(self) -> None:
+        """Wait for the writes sent in the background so far (circuit updates)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -- fill locks
+
+    def _fill_key(self, upstream: str, digest: Digest) -> str:
+        return f"{self.prefix}:fill:{upstream}@{digest}"
+
+    async def claim(self, upstream: str, digest: Digest) -> Lease | None:
+        """SET NX PX lock_ttl; renewed in the background while held. Redis out: the local
+        lock table decides (fail open)."""
+        key = self._fill_key(upstream, digest)
+        token = secrets.token_hex(16)
+        value = f"{token} {self.advertise_url or ''}"
+        try:
+            taken = await self._redis(
+                "claim", lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
+            )
+        except _Unavailable:
+            return await self.local.claim(upstream, digest)
+        return RedisLease(self, key, token, value) if taken else None
+
+    async def holder(self, upstream: str, digest: Digest) -> Holder | None:
+        key = self._fill_key(upstream, digest)
+        try:
+            value = await self._redis("holder", lambda: self.redis.get(key))
+        except _Unavailable:
+            return await self.local.holder(upstream, digest)
+        if not isinstance(value, str):
+            return None
+        token, _, url = value.partition(" ")
+        return Holder(token, url or None)
+
+    # -- negative cache
+
+    def _not_found_key(self, upstream: str, repository: str, reference: str) -> str:
+        return f"{self.prefix}:notfound:{upstream}/{repository}:{reference}"
+
+    async def get_not_found(
+        self, upstream: str, repository: str, reference: str
+    ) -> RegistryError | None:
+        """A miss when Redis is out (the local negative cache still answers)."""
+        key = self._not_found_key(upstream, repository, reference)
+        try:
+            raw = await self._redis("negative cache", lambda: self.redis.get(key))
+        except _Unavailable:
+            return None
+        if not isinstance(raw, str):
+            return None
+        try:
+            entry = json.loads(raw)
+            return RegistryError(
+                ErrorCode[entry["code"]], entry["message"], detail=entry.get("detail")
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def put_not_found(
+        self, upstream: str, repository: str, reference: str, error: RegistryError, ttl: float
+    ) -> None:
+        """Dropped when Redis is out."""
+        if ttl <= 0:
+            return
+        key = self._not_found_key(upstream, repository, reference)
+        entry = {"code": error.code.name, "message": error.message, "detail": error.detail}
+        raw = json.dumps(entry, default=str)
+        with contextlib.suppress(_Unavailable):
+            await self._redis("negative cache", lambda: self.redis.set(key, raw, px=_ms(ttl)))
+
+    # -- tag checks
+
+    def _tag_key(self, upstream: str, repository: str, tag: str) -> str:
+        return f"{self.prefix}:tag:{upstream}/{repository}:{tag}"
+
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        """A miss when Redis is out (the replica revalidates upstream as it would alone)."""
+        key = self._tag_key(upstream, repository, tag)
+        try:
+            raw = await self._redis("tag cache", lambda: self.redis.get(key))
+        except _Unavailable:
+            return None
+        if not isinstance(raw, str):
+            return None
+        try:
+            entry = json.loads(raw)
+            return TagRecord(
+                Digest.parse(entry["digest"]),
+                str(entry["media_type"]),
+                int(entry["size"]),
+                float(entry["checked_at"]),
+            )
+        except (ValueError, KeyError, TypeError, ReferenceError):
+            return None
+
+    async def put_tag(
+        self, upstream: str, repository: str, tag: str, record: TagRecord, ttl: float
+    ) -> None:
+        """Dropped when Redis is out."""
+        if ttl <= 0:
+            return
+        key = self._tag_key(upstream, repository, tag)
+        raw = json.dumps(
+            {
+                "digest": str(record.digest),
+                "media_type": record.media_type,
+                "size": record.size,
+                "checked_at": record.checked_at,
+            }
+        )
+        with contextlib.suppress(_Unavailable):
+            await self._redis("tag cache", lambda: self.redis.set(key, raw, px=_ms(ttl)))
+
+    # -- circuits
+
+    def circuit(
+        self, upstream: str, mirror: str, *, threshold: int, cooldown: float
+    ) -> SharedCircuit | None:
+        return RedisCircuit(self, f"{self.prefix}:circuit:{upstream}:{mirror}", threshold, cooldown)
+
+    # -- the one way to Redis
+
+    async def _redis(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation; raises ``_Unavailable`` (after logging the outage once)
+        when Redis fails, and for ``OUTAGE_BACKOFF`` seconds after without asking it."""
+        if self._down_until is not None and self.clock() < self._down_until:
+            raise _Unavailable(what)
+        try:
+            result = await operation()
+        except Exception as error:  # whatever it was, a pull must not fail for it
+            self._down_until = self.clock() + OUTAGE_BACKOFF
+            if not self._outage:
+                self._outage = True
+                log.warning(
+                    "redis unavailable (%s: %s): this replica coordinates alone until it is back",
+                    what,
+                    error or type(error).__name__,
+                )
+            raise _Unavailable(what) from error
+        if self._outage:
+            self._outage = False
+            log.warning("redis is back: coordination is shared again")
+        return result
+
+    def _send(self, what: str, operation: Callable[[], Awaitable[None]]) -> None:
+        """Run a write in the background (breakers call synchronously); never raises."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop: nothing to share with
+        task = loop.create_task(self._quietly(what, operation))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quietly(self, what: str, operation: Callable[[], Awaitable[None]]) -> None:
+        with contextlib.suppress(_Unavailable):
+            await self._redis(what, operation)
+
+
+class RedisLease:
+    """A fill lock held in Redis, renewed every lock_ttl/3 until released."""
+
+    def __init__(self, owner: RedisCoordinator, key: str, token: str, value: str) -> None:
+        self.token = token
+        self.lost = False
+        self._owner = owner
+        self._key = key
+        self._value = value
+        self._done = False
+        self._renewal = asyncio.get_running_loop().create_task(self._keep())
+        owner._renewals.add(self._renewal)
+        self._renewal.add_done_callback(owner._renewals.discard)
+
+    async def _keep(self) -> None:
+        owner = self._owner
+        while True:
+            await owner.sleep(owner.lock_ttl / 3)
+            try:
+                kept = await owner._redis(
+                    "lock renewal",
+                    lambda: owner._renew(keys=[self._key], args=[self._value, _ms(owner.lock_ttl)]),
+                )
+            except _Unavailable:
+                continue  # the lock may expire meanwhile: another replica may fetch it too
+            if not kept:
+                self.lost = True
+                log.warning("fill lock %s expired while held: another may take it", self._key)
+                return
+
+    async def _stop(self) -> None:
+        self._renewal.cancel()
+        await asyncio.wait([self._renewal])
+
+    def abandon(self) -> None:
+        """Stop renewing and never release: what a holder that died leaves behind."""
+        self._done = True
+        self._renewal.cancel()
+
+    async def release(self) -> None:
+        """Compare-and-delete: only our own lock is deleted. Redis out: it expires."""
+        if self._done:
+            return
+        self._done = True
+        await self._stop()
+        if self.lost:
+            return
+        owner = self._owner
+        with contextlib.suppress(_Unavailable):
+            await owner._redis(
+                "lock release", lambda: owner._release(keys=[self._key], args=[self._value])
+            )
+
+
+class RedisCircuit:
+    """A mirror's circuit in Redis: a failure count (INCR, expiring FAILURE_WINDOW after the
+    last failure) and an open window (a key with PX cooldown). Reads answer the view of the
+    last ``refresh``; writes go out in the background. Redis out: the local breaker decides."""
+
+    def __init__(self, owner: RedisCoordinator, key: str, threshold: int, cooldown: float) -> None:
+        self._owner = owner
+        self._failures_key = f"{key}:failures"
+        self._open_key = f"{key}:open"
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._failures = 0
+        self._open_until = 0.0
+
+    def open_for(self) -> float:
+        return max(0.0, self._open_until - self._owner.clock())
+
+    def _saw(self, failures: int, open_ms: int) -> None:
+        self._failures = failures
+        self._open_until = self._owner.clock() + open_ms / 1000 if open_ms > 0 else 0.0
+
+    async def refresh(self) -> None:
+        async def read() -> list[Any]:
+            async with self._owner.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self._failures_key)
+                pipe.pttl(self._open_key)
+                return list(await pipe.execute())
+
+        try:
+            failures, open_ms = await self._owner._redis("circuit", read)
+        except _Unavailable:
+            return
+        self._saw(int(failures or 0), int(open_ms))
+
+    def failure(self) -> None:
+        self._failures += 1
+        args = [_ms(FAILURE_WINDOW), self._threshold, _ms(self._cooldown)]
+
+        async def count() -> None:
+            failures, open_ms = await self._owner._failure(
+                keys=[self._failures_key, self._open_key], args=args
+            )
+            self._saw(int(failures), int(open_ms))
+
+        self._owner._send("circuit failure", count)
+
+    def opened(self) -> None:
+        self._open_until = self._owner.clock() + self._cooldown
+        key, cooldown = self._open_key, _ms(self._cooldown)
+
+        async def open_window() -> None:
+            await self._owner.redis.set(key, "1", px=cooldown)
+
+        self._owner._send("circuit open", open_window)
+
+    def success(self) -> None:
+        if self._failures == 0 and self.open_for() == 0:
+            return  # nothing to reset: no write on the healthy path
+        self._saw(0, 0)
+        keys = (self._failures_key, self._open_key)
+
+        async def reset() -> None:
+            await self._owner.redis.delete(*keys)
+
+        self._owner._send("circuit reset", reset)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
