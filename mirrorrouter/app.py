@@ -24,6 +24,7 @@ from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.endpoints import Endpoints
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+from mirrorrouter.peer import PEER_PATH, peer_blob
 from mirrorrouter.statuspage import render_status
 from mirrorrouter.timing import REAL_TIME, Timing
 
@@ -97,6 +98,7 @@ def create_app(
             Route("/readyz", _readyz(endpoints), methods=["GET", "HEAD"]),
             Route("/_/", _status(endpoints), methods=["GET", "HEAD"]),
             Route("/", _to_status, methods=["GET", "HEAD"]),
+            Route(PEER_PATH, _peer(endpoints), methods=["GET"]),
             Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS),
         ],
         exception_handlers={
@@ -141,6 +143,13 @@ def _metrics(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
         return Response(await endpoints.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
+
+
+def _peer(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
+    async def peer(request: Request) -> Response:
+        return await peer_blob(endpoints.pull, request)
+
+    return peer
 
 
 def app_from_environment() -> Gateway:

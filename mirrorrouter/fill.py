@@ -9,7 +9,7 @@ next one; a cache that cannot take the bytes (a full disk) makes readers stream 
 from upstream.
 
 Replicas (coordination.py): while another replica holds a blob's lease, this one follows
-it. It streams the blob from that replica's peer endpoint (``peer_blob``) into its own
+it. It streams the blob from that replica's peer endpoint (peer.py) into its own
 writer, so its own clients get bytes as they land, and verifies and commits them as usual.
 When that stream breaks and the lease has expired (the holder died), it takes the lease
 over and resumes from upstream at its own byte offset; when the blob was committed to the
@@ -20,102 +20,29 @@ is waited for instead: its committed blob, or the lease's expiry.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 import httpx
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 
 from mirrorrouter.cache import BlobWriter, Claim, DigestMismatch
 from mirrorrouter.config import Capability
 from mirrorrouter.coordination import Coordinator, Holder, Lease, LocalCoordinator
 from mirrorrouter.errors import RegistryError, UpstreamError
 from mirrorrouter.metrics import Metrics
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.peer import LEASE_HEADER, peer_url
+from mirrorrouter.reference import Digest
 from mirrorrouter.singleflight import BlobFill
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import Timing
 from mirrorrouter.upstream import blob_size_from_headers
-
-if TYPE_CHECKING:
-    from mirrorrouter.pullthrough import Pullthrough
 
 log = logging.getLogger("mirrorrouter.fill")
 
 MAX_RESUMES = 5  # per blob download
 CLAIM_POLL_SECONDS = 0.05  # how often a worker checks another worker's download
 PEER_CONNECT_TIMEOUT = 2.0  # seconds; a replica that does not answer is not followed
-
-# The internal endpoint replicas follow each other's downloads through (``peer_blob``).
-PEER_PATH = "/_mirrorrouter/peer/{upstream}/blobs/{digest}"
-LEASE_HEADER = "X-Mirrorrouter-Lease"
-_RANGE_FROM = re.compile(r"bytes=(\d+)-")
-
-
-def peer_url(base: str, upstream: str, digest: Digest) -> str:
-    """Where a replica advertised as ``base`` serves its download of ``digest``."""
-    path = PEER_PATH.format(upstream=quote(upstream, safe=":"), digest=digest)
-    return base.rstrip("/") + path
-
-
-async def peer_blob(pull: Pullthrough, request: Request) -> Response:
-    """The internal endpoint through which replicas follow each other's downloads.
-
-    Route ``GET PEER_PATH`` to it (path parameters ``upstream``, an upstream's name, and
-    ``digest``) on the address the other replicas reach as ``advertise_url``, before the
-    catch-all route and outside client authentication and access rules: the request must
-    carry ``LEASE_HEADER`` with the token of the blob's cluster-wide lock, which only a
-    replica that read the lock from Redis knows, and may carry ``Range: bytes=N-``.
-
-    The answer streams the download in progress as it lands: 200 (Content-Length when the
-    size is known), or 206 from byte N (with Content-Range when known); the last byte only
-    once the digest matched, and a download that fails cuts the stream short. 404 when this
-    replica is not downloading that blob under that token (done, failed, or never).
-    """
-    name = str(request.path_params.get("upstream", ""))
-    upstream = pull.settings.upstreams.get(name)
-    token = request.headers.get(LEASE_HEADER, "")
-    try:
-        digest = Digest.parse(str(request.path_params.get("digest", "")))
-    except ReferenceError:
-        return Response(b"", 404)
-    if upstream is None or not token:
-        return Response(b"", 404)
-    site = await pull.site(upstream)
-    fill = site.fills.get(digest)
-    if fill is None or fill.lease_token is None:
-        return Response(b"", 404)
-    if not hmac.compare_digest(fill.lease_token.encode(), token.encode()):
-        return Response(b"", 404)
-    start = 0
-    if "range" in request.headers:
-        match = _RANGE_FROM.fullmatch(request.headers["range"].strip())
-        if match is None:
-            return Response(b"", 416)
-        start = int(match[1])
-    await fill.started.wait()
-    if fill.error is not None or fill.path is None:
-        return Response(b"", 404)  # failed, or streaming uncached: nothing to follow
-    size = fill.size
-    if size is not None and start and start >= size:
-        return Response(b"", 416, {"Content-Range": f"bytes */{size}"})
-    headers = {}
-    if size is not None:
-        headers["Content-Length"] = str(size - start)
-        if start:
-            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-    return StreamingResponse(
-        fill.read(start, None),
-        status_code=206 if start else 200,
-        headers=headers,
-        media_type="application/octet-stream",
-    )
 
 
 @dataclass(slots=True)

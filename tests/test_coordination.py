@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mirrorrouter.app import error_response
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
@@ -29,7 +30,7 @@ from mirrorrouter.coordination import (
     RedisLease,
 )
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.fill import PEER_PATH, peer_blob
+from mirrorrouter.peer import PEER_PATH, peer_blob
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import Timing
@@ -371,7 +372,14 @@ async def peer_server(pull: Pullthrough, port: int) -> AsyncIterator[None]:
     async def endpoint(request: Request) -> Response:
         return await peer_blob(pull, request)
 
-    app = Starlette(routes=[Route(PEER_PATH, endpoint, methods=["GET"])])
+    async def error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RegistryError)
+        return error_response(exc)
+
+    app = Starlette(
+        routes=[Route(PEER_PATH, endpoint, methods=["GET"])],
+        exception_handlers={RegistryError: error},
+    )
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
