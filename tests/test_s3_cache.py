@@ -254,3 +254,35 @@ async def test_local_copies_are_bounded(seaweed: SeaweedS3, tmp_path: Path) -> N
     assert cache.blob_path(digests[2]) is None
     assert await cache.blob_size(digests[2]) is None
     await cache.close()
+
+
+async def test_a_blob_already_in_the_bucket_is_not_uploaded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas commit the same blob (a follower keeps its verified copy too): the
+    second commit finds the object and skips the upload; a third with other bytes under
+    the same size is impossible (the digest is the key), so size is the check."""
+    settings = s3_settings(tmp_path)
+    first = ObjectStoreCache(settings)
+    second = ObjectStoreCache(dataclasses.replace(settings, directory=tmp_path / "other"))
+    await first.open()
+    await second.open()
+    uploads: list[Digest] = []
+    upload = second._upload
+
+    async def counted(spool: Path, digest: Digest) -> None:
+        uploads.append(digest)
+        await upload(spool, digest)
+
+    monkeypatch.setattr(second, "_upload", counted)
+    try:
+        data = random.Random(5).randbytes(300_000)
+        digest = await store_blob(first, data)
+        assert await store_blob(second, data) == digest
+        assert uploads == []
+        assert b"".join(await read(second, digest, 0, len(data))) == data
+        other = await store_blob(second, data[:1000])  # not in the bucket yet: uploaded
+        assert uploads == [other]
+    finally:
+        await first.close()
+        await second.close()

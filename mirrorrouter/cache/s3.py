@@ -531,7 +531,11 @@ class _ObjectBlobWriter(SpoolWriter):
 
     async def _publish(self) -> Path:
         cache = self._cache
-        await cache._upload(self._path, self._digest)
+        # Content-addressed: an object already under this digest's key with this size was
+        # verified when it was committed (by another replica that fetched the same blob, or
+        # a follower of it): the same bytes, so the upload is skipped.
+        if await cache._size(cache._blob_key(self._digest)) != self._written:
+            await cache._upload(self._path, self._digest)
         await cache._record_access(self._digest, cache._clock(), stored=True)
         # Moved on the event loop thread (no await from here on), so that readers which look
         # up the spool path and the returned path never see neither.
