@@ -1,0 +1,220 @@
+"""Three gateway replicas sharing a real S3 store (SeaweedFS) and a real Redis, in front of
+a real distribution registry standing in for docker.io (behind a fault proxy, to slow a
+download down on purpose). Everything on loopback.
+
+- 30 concurrent pulls of one cold large image spread over the replicas: exactly one
+  upstream GET per blob, every client gets the right bytes;
+- the replica doing a download is killed mid-blob: another takes the download over and
+  every client of the surviving replicas gets the right digest;
+- a tag pulled through replica A is answered by replica B within the TTL with zero upstream
+  requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.faultproxy import FaultProxy
+from tests.support.gateway import GatewayProcess
+from tests.support.images import PushedImage, session_factory
+from tests.support.redisserver import RedisServer
+from tests.support.registry import DistributionRegistry
+from tests.support.seaweed import SeaweedS3, session_seaweed
+
+pytestmark = pytest.mark.real
+
+MIB = 1024 * 1024
+LARGE = 48 * MIB
+OCI_ACCEPT = (
+    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+@dataclass
+class Upstream:
+    hub: DistributionRegistry
+    proxy: FaultProxy
+    redis: RedisServer
+    seaweed: SeaweedS3
+    images: dict[str, PushedImage]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    root = tmp_path_factory.mktemp("scaling")
+    factory = session_factory(tmp_path_factory)
+    with (
+        DistributionRegistry(root / "hub") as hub,
+        FaultProxy(hub.url) as proxy,
+        RedisServer(root / "redis") as redis,
+    ):
+        images = {
+            "large": factory.push(
+                factory.large("scale", size=LARGE, seed=41), hub, "library/big", "1"
+            ),
+            "doomed": factory.push(
+                factory.large("doomed", size=LARGE, seed=42), hub, "library/doomed", "1"
+            ),
+            "small": factory.push(factory.small("tagged", seed=43), hub, "library/tagged", "1"),
+        }
+        yield Upstream(hub, proxy, redis, session_seaweed(), images)
+
+
+def replica_config(up: Upstream, spool: Path, port: int, prefix: str) -> str:
+    return f"""
+[server]
+access_log = true
+[cache]
+backend = "s3"
+directory = "{spool}"
+[cache.s3]
+bucket = "{up.seaweed.bucket}"
+endpoint = "{up.seaweed.endpoint}"
+prefix = "{prefix}"
+access_key_id_env = "S3_KEY"
+secret_access_key_env = "S3_SECRET"
+[upstreams."docker.io"]
+tag_ttl = "10m"
+mirrors = [{{ url = "{up.proxy.url}" }}]
+[coordination]
+backend = "redis"
+redis_url = "{up.redis.redis_url}"
+key_prefix = "{prefix}"
+lock_ttl = "2s"
+advertise_url = "http://127.0.0.1:{port}"
+"""
+
+
+@pytest.fixture
+def replicas(upstream: Upstream, tmp_path: Path) -> Iterator[list[GatewayProcess]]:
+    """Three replicas with a fresh key prefix in the bucket and in Redis: a cold cluster."""
+    prefix = f"scale-{uuid.uuid4().hex[:8]}"
+    env = {"S3_KEY": upstream.seaweed.access_key, "S3_SECRET": upstream.seaweed.secret_key}
+    started: list[GatewayProcess] = []
+    try:
+        for index in range(3):
+            gateway = GatewayProcess(tmp_path / f"replica{index}", "", env=env)
+            gateway.config_path.write_text(
+                replica_config(upstream, tmp_path / f"spool{index}", gateway.port, prefix)
+            )
+            started.append(gateway.start())
+        yield started
+    finally:
+        for gateway in started:
+            gateway.stop()
+        upstream.proxy.clear()
+
+
+async def pull(client: httpx.AsyncClient, base: str, image: PushedImage) -> dict[str, str]:
+    """Manifest by tag, then every blob; the sha256 of each as received."""
+    manifest = await client.get(
+        f"{base}/v2/{image.repository}/manifests/{image.tag}", headers={"Accept": OCI_ACCEPT}
+    )
+    manifest.raise_for_status()
+    digests = {"manifest": "sha256:" + hashlib.sha256(manifest.content).hexdigest()}
+    for blob in image.blobs:
+        hasher = hashlib.sha256()
+        async with client.stream("GET", f"{base}/v2/{image.repository}/blobs/{blob.digest}") as r:
+            r.raise_for_status()
+            async for chunk in r.aiter_bytes():
+                hasher.update(chunk)
+        digests[blob.digest] = "sha256:" + hasher.hexdigest()
+    return digests
+
+
+def expected(image: PushedImage) -> dict[str, str]:
+    return {"manifest": image.digest, **{b.digest: b.digest for b in image.blobs}}
+
+
+def blob_gets(up: Upstream, since: int, digest: str) -> int:
+    return sum(1 for r in up.hub.requests(since) if r.method == "GET" and digest in r.path)
+
+
+def test_thirty_concurrent_cold_pulls_fetch_each_blob_once(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    image = upstream.images["large"]
+    start = upstream.hub.mark()
+
+    async def everyone() -> list[dict[str, str]]:
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(timeout=120, trust_env=False, limits=limits) as client:
+            return await asyncio.gather(
+                *(pull(client, replicas[i % 3].url, image) for i in range(30))
+            )
+
+    results = asyncio.run(everyone())
+    assert all(result == expected(image) for result in results)
+    for blob in image.blobs:
+        assert blob_gets(upstream, start, blob.digest) == 1, blob.digest
+
+
+def test_replica_killed_mid_download_another_takes_over(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    """Replica A starts the download (the upstream stalls it 16 MiB in); B and C follow it;
+    A is killed; B or C takes the download over (resuming upstream with Range) once A's lock
+    expires, and their clients get the right bytes."""
+    image = upstream.images["doomed"]
+    layer = max(image.blobs, key=lambda b: b.size)
+    upstream.proxy.stall_after(16 * MIB, 30.0, path_contains=layer.digest, method="GET", times=1)
+    first, survivors = replicas[0], replicas[1:]
+    proxy_start = upstream.proxy.mark()
+
+    async def scenario() -> list[dict[str, str]]:
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+            doomed = asyncio.create_task(pull(client, first.url, image))
+            # A's download is under way (and stalled) before the others ask.
+            deadline = time.monotonic() + 20
+            while not any(layer.digest in r.path for r in upstream.proxy.requests(proxy_start)):
+                assert time.monotonic() < deadline, "A never asked upstream for the layer"
+                await asyncio.sleep(0.05)
+            followers = [
+                asyncio.create_task(pull(client, gateway.url, image))
+                for gateway in survivors
+                for _ in range(3)
+            ]
+            await asyncio.sleep(1.0)  # the followers are streaming A's download
+            first.kill()
+            with pytest.raises(httpx.HTTPError):
+                await doomed
+            return await asyncio.gather(*followers)
+
+    results = asyncio.run(scenario())
+    assert all(result == expected(image) for result in results)
+    gets = [
+        r
+        for r in upstream.proxy.requests(proxy_start)
+        if r.method == "GET" and layer.digest in r.path
+    ]
+    # A's, cut by its death, and the takeover's, resuming where its own copy ended.
+    assert len(gets) == 2, gets
+    assert gets[0].range is None
+    assert gets[1].range is not None and gets[1].range.startswith("bytes=")
+    assert int(gets[1].range.removeprefix("bytes=").split("-")[0]) > 0
+
+
+def test_tag_pulled_through_a_is_served_by_b_without_upstream_requests(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    image = upstream.images["small"]
+    a, b = replicas[0], replicas[1]
+
+    async def through(gateway: GatewayProcess) -> dict[str, str]:
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            return await pull(client, gateway.url, image)
+
+    assert asyncio.run(through(a)) == expected(image)
+    start = upstream.hub.mark()
+    assert asyncio.run(through(b)) == expected(image)
+    assert upstream.hub.requests(start) == []
