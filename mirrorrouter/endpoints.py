@@ -307,11 +307,24 @@ class Endpoints:
         )
         return RawResponse(200, raw, manifest.data)
 
-    async def blob(self, call: Call) -> BlobResponse:
+    async def blob(self, call: Call) -> BlobResponse | Response:
         digest = call.resolution.reference.digest
         assert digest is not None
         upstream, repository = call.resolution.upstream, call.resolution.reference.repository
-        return self._blob_response(call, await self.pull.blob(upstream, repository, digest))
+        answer = await self.pull.blob(upstream, repository, digest)
+        if answer.cache == CacheStatus.HIT and call.oci.method == "GET":
+            url = await self.pull.blob_redirect(upstream, digest)
+            if url is not None:
+                self.metrics.cache_result(upstream.name, "blob", answer.cache)
+                self._record_pull(call, str(digest), None, answer.cache, 0)
+                headers = {
+                    **self._common_headers(call.oci, call.resolution),
+                    CONTENT_DIGEST_HEADER: str(digest),
+                    CACHE_HEADER: answer.cache,
+                    "Location": url,
+                }
+                return Response(b"", 307, headers)
+        return self._blob_response(call, answer)
 
     def _blob_response(self, call: Call, answer: BlobAnswer) -> BlobResponse:
         digest = call.resolution.reference.digest

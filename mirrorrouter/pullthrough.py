@@ -44,6 +44,8 @@ from mirrorrouter.upstream import FetchedManifest, UpstreamClient
 
 log = logging.getLogger("mirrorrouter.pullthrough")
 
+REDIRECT_SECONDS = 600.0  # how long a presigned blob URL handed to a client stays valid
+
 
 class CacheStatus:
     HIT = "HIT"
@@ -321,6 +323,16 @@ class Pullthrough:
         return stored
 
     # ------------------------------------------------------------------ blobs
+
+    async def blob_redirect(self, upstream: UpstreamSettings, digest: Digest) -> str | None:
+        """Where a client may fetch a cached blob straight from object storage (``redirect``
+        in ``[cache.s3]``), or None to serve it here. Asked after ``blob`` found it cached
+        and visible to the client."""
+        site = await self.site(upstream)
+        url = await site.cache.presigned_url(digest, REDIRECT_SECONDS)
+        if url is not None:
+            site.cache.touch(digest)  # a redirected read is an access too (LRU)
+        return url
 
     async def blob(self, upstream: UpstreamSettings, repository: str, digest: Digest) -> BlobAnswer:
         site = await self.site(upstream)

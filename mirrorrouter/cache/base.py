@@ -170,6 +170,11 @@ class CacheBackend(Protocol):
         time more bytes are in the spool file."""
         ...
 
+    async def presigned_url(self, digest: Digest, expires: float) -> str | None:
+        """A URL at which clients may fetch a committed blob themselves for ``expires``
+        seconds (object storage configured for redirects); None: serve it through us."""
+        ...
+
     def try_claim(self, digest: Digest) -> Claim | None:
         """Claim the download of ``digest`` among every process sharing this cache; None
         while another holds it. A claim ends when released or when its holder dies."""

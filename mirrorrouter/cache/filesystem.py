@@ -126,6 +126,9 @@ class FilesystemCache:
     ) -> _FileBlobWriter:
         return _FileBlobWriter(self, digest, expected_size, on_written)
 
+    async def presigned_url(self, digest: Digest, expires: float) -> str | None:
+        return None  # a local directory: blobs are served through the gateway
+
     def _claim_file(self, digest: Digest) -> Path:
         return self.root / "locks" / f"{digest.algorithm}-{digest.hex}"
 

@@ -62,16 +62,20 @@ async def gateway(
     *,
     sleeps: list[float] | None = None,
     wrap: Callable[[httpx.ASGITransport], httpx.AsyncBaseTransport] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Gateway]:
     """The gateway app with its lifespan running; retries wait for nothing (and are
-    recorded in ``sleeps``); ``wrap`` may put a faulty transport around the fake."""
+    recorded in ``sleeps``); ``wrap`` may put a faulty transport around the fake; ``env``
+    is the environment the config reads (secrets)."""
     clock = Clock()
 
     async def sleep(seconds: float) -> None:
         if sleeps is not None:
             sleeps.append(seconds)
 
-    settings = parse_settings(text or config(tmp_path), env={"HUB_PASSWORD": "hunter2"})
+    settings = parse_settings(
+        text or config(tmp_path), env={"HUB_PASSWORD": "hunter2", **(env or {})}
+    )
     upstream: httpx.AsyncBaseTransport = httpx.ASGITransport(app=fake.app)
     if wrap is not None:
         upstream = wrap(httpx.ASGITransport(app=fake.app))
