@@ -20,6 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.endpoints import Endpoints
 from mirrorrouter.errors import ErrorCode, RegistryError
@@ -49,6 +50,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = ErrorCode.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorCode.NOT_FOUND
     return error_response(RegistryError(code, str(exc.detail), status=exc.status_code))
+
+
+async def _cache_unavailable(request: Request, exc: Exception) -> Response:
+    """The cache's storage is down: a 503 the client retries, not a 500."""
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(RegistryError(ErrorCode.UNAVAILABLE, f"the cache is unreachable: {exc}"))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
@@ -103,6 +110,7 @@ def create_app(
         ],
         exception_handlers={
             RegistryError: _registry_error,
+            CacheUnavailable: _cache_unavailable,
             HTTPException: _http_error,
             Exception: _unexpected_error,
         },

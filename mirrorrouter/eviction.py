@@ -151,6 +151,7 @@ class CacheArea:
     directory: Path
     max_size: int | None
     configured: bool  # False: found on disk (a registry admitted by allow_unconfigured)
+    cache: CacheSettings | None = None  # how to open it; None: a filesystem cache there
 
 
 def cache_areas(settings: Settings) -> list[CacheArea]:
@@ -160,7 +161,7 @@ def cache_areas(settings: Settings) -> list[CacheArea]:
     wherever their directory is.
     """
     areas = [
-        CacheArea(u.name, u.cache.directory, u.cache.max_size, True)
+        CacheArea(u.name, u.cache.directory, u.cache.max_size, True, u.cache)
         for u in settings.upstreams.values()
     ]
     known = {os.path.abspath(a.directory) for a in areas}
@@ -323,7 +324,7 @@ class Evictor:
         key = os.path.abspath(area.directory)
         backend = self._backends.get(key)
         if backend is None:
-            settings = CacheSettings(self.settings.cache.backend, area.directory)
+            settings = area.cache or CacheSettings("filesystem", area.directory)
             backend = self._backends[key] = open_backend(settings)
         return backend
 

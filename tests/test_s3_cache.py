@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import obstore
 import pytest
-from obstore.exceptions import PermissionDeniedError
 
 from mirrorrouter.cache import DigestMismatch, ObjectStoreCache, open_backend
-from mirrorrouter.cache.base import Removal, StoredManifest, TagRecord
+from mirrorrouter.cache.base import CacheUnavailable, Removal, StoredManifest, TagRecord
 from mirrorrouter.cache.s3 import READ_PART, UPLOAD_PART
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings, Secret
@@ -169,9 +168,9 @@ async def test_wrong_secret_is_refused(seaweed: SeaweedS3, tmp_path: Path) -> No
     await good.open()
     blob = await store_blob(good, b"secret layer")
     bad = ObjectStoreCache(with_secret(settings, "not-the-secret"))
-    with pytest.raises(PermissionDeniedError):
+    with pytest.raises(CacheUnavailable, match="s3://"):
         await bad.blob_size(blob)
-    with pytest.raises(PermissionDeniedError):
+    with pytest.raises(CacheUnavailable, match="s3://"):
         await bad.put_tag("app", "v1", TagRecord(blob, OCI_MANIFEST, 12, 1.0))
     assert await good.get_tag("app", "v1") is None
     await good.close()
@@ -201,7 +200,7 @@ async def test_aborted_and_failed_writes_leave_nothing_in_the_bucket(
     await refused.open()
     writer = refused.blob_writer(digest, len(payload))
     await writer.write(payload)  # several upload parts: the upload is refused
-    with pytest.raises(PermissionDeniedError):
+    with pytest.raises(CacheUnavailable, match="s3://"):
         await writer.commit()
     assert not writer.spool_path.exists()
     assert not refused.in_use(digest)

@@ -82,3 +82,37 @@ async def test_cached_blobs_redirect_to_a_presigned_url(tmp_path: Path, fake: Fa
         assert fetched.status_code == 200 and fetched.content == layer
         ranged = await direct.get(location, headers={"Range": "bytes=0-9"})
         assert ranged.content == layer[:10]
+
+
+async def test_a_store_refusing_us_is_a_503_never_a_500(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Wrong credentials (or a store that is down): clients get UNAVAILABLE, which they
+    retry, naming the bucket and never the secret; nothing is cached or corrupted."""
+    fake.add(make_image("library/alpine", [b"layer"]), "3")
+    env = {**credentials(), "S3_SECRET": "not-the-secret"}
+    async with gateway(tmp_path, fake, s3_config(tmp_path, redirect=False), env=env) as gw:
+        for path in (
+            "/v2/library/alpine/manifests/3",
+            f"/v2/library/alpine/blobs/{sha256(b'layer')}",
+        ):
+            answer = await gw.client.get(path)
+            assert answer.status_code == 503, answer.text
+            error = answer.json()["errors"][0]
+            assert error["code"] == "UNAVAILABLE"
+            assert f"s3://{session_seaweed().bucket}" in error["message"]
+            assert "not-the-secret" not in answer.text
+
+
+async def test_cache_bounds_evict_from_the_bucket(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Eviction opens the s3 caches with their bucket settings: past max_size the image
+    goes from the bucket, and the next pull fetches it again."""
+    image = fake.add(make_image("library/alpine", [b"evicted" * 10_000]), "3")
+    async with gateway(
+        tmp_path, fake, s3_config(tmp_path, redirect=False), env=credentials()
+    ) as gw:
+        for digest in image.blobs:
+            assert (await gw.client.get(f"/v2/library/alpine/blobs/{digest}")).status_code == 200
+        assert (await gw.client.get("/v2/library/alpine/manifests/3")).status_code == 200
+        report = await gw.app.endpoints.evictor.enforce(to=1)
+        assert report.freed > 0 and not report.shortfalls
+        again = await gw.client.get(f"/v2/library/alpine/blobs/{next(iter(image.blobs))}")
+        assert again.headers["x-cache"] == "MISS"

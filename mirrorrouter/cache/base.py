@@ -44,6 +44,11 @@ class DigestMismatch(MirrorRouterError):
     """Content did not hash to the digest it was fetched for (or had the wrong size)."""
 
 
+class CacheUnavailable(MirrorRouterError):
+    """The cache's storage could not be reached or refused us (an object store that is
+    down, wrong credentials). Clients get a 503 and retry; nothing is lost or corrupted."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredManifest:
     digest: Digest

@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import time
@@ -72,12 +74,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import obstore
+from obstore.exceptions import BaseError as StoreError
 from obstore.store import S3Store
 
 from mirrorrouter.cache.base import (
+    CacheUnavailable,
     DigestMismatch,
     Inventory,
     Removal,
@@ -106,6 +110,48 @@ CONCURRENT_REQUESTS = 16  # small requests in flight at once (inventory, flush, 
 LIST_CHUNK = 1000  # objects per page of a listing
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _store_errors(cls: type[T]) -> type[T]:
+    """Turn the object store's errors, raised by any public method, into
+    ``CacheUnavailable`` (a 503 for the client), naming the store and what failed."""
+
+    def describe(self: ObjectStoreCache, exc: StoreError) -> CacheUnavailable:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return CacheUnavailable(f"object store {self.where}: {first[:300]}")
+
+    def coroutine(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[object, object, T]]:
+        @functools.wraps(method)
+        async def wrapped(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return await method(*args, **kwargs)
+            except StoreError as exc:
+                raise describe(args[0], exc) from exc  # type: ignore[arg-type]
+
+        return wrapped
+
+    def generator(method: Callable[P, AsyncIterator[T]]) -> Callable[P, AsyncIterator[T]]:
+        @functools.wraps(method)
+        async def wrapped(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+            try:
+                # aclosing: a reader closed early closes the inner one at once (in-use counts)
+                async with contextlib.aclosing(method(*args, **kwargs)) as inner:  # type: ignore[type-var]
+                    async for item in inner:
+                        yield item
+            except StoreError as exc:
+                raise describe(args[0], exc) from exc  # type: ignore[arg-type]
+
+        return wrapped
+
+    for name, member in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if inspect.isasyncgenfunction(member):
+            setattr(cls, name, generator(member))
+        elif inspect.iscoroutinefunction(member):
+            setattr(cls, name, coroutine(member))
+    return cls
 
 
 @dataclass(slots=True)
@@ -118,6 +164,7 @@ class _Shared(SharedState):
 _SHARED: dict[tuple[str, str, str], _Shared] = {}
 
 
+@_store_errors
 class ObjectStoreCache:
     """``CacheBackend`` over an S3-compatible bucket (see the module docstring)."""
 
@@ -135,6 +182,8 @@ class ObjectStoreCache:
         self._clock = clock
         parts = (store_settings.prefix.strip("/"), settings.key.strip("/"))
         self.root = "/".join(p for p in parts if p)
+        # For messages: the bucket and where it is, never a credential.
+        self.where = f"s3://{store_settings.bucket} at {store_settings.endpoint or 'AWS'}"
         self._store = _make_store(store_settings)
         identity = (store_settings.endpoint or "aws", store_settings.bucket, self.root)
         self._shared = _SHARED.setdefault(identity, _Shared())
@@ -530,6 +579,12 @@ class _ObjectBlobWriter(SpoolWriter):
         self._cache = cache
 
     async def _publish(self) -> Path:
+        try:
+            return await self._upload_and_keep()
+        except StoreError as exc:
+            raise CacheUnavailable(f"object store {self._cache.where}: {exc}") from exc
+
+    async def _upload_and_keep(self) -> Path:
         cache = self._cache
         # Content-addressed: an object already under this digest's key with this size was
         # verified when it was committed (by another replica that fetched the same blob, or
