@@ -53,9 +53,10 @@ from redis.backoff import NoBackoff
 
 from mirrorrouter.breaker import SharedCircuit
 from mirrorrouter.cache import TagRecord
+from mirrorrouter.cache.base import encode_tag_record, parse_tag_record
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.reference import Digest
 
 log = logging.getLogger("mirrorrouter.coordination")
 
@@ -320,16 +321,28 @@ class RedisCoordinator:
     def _not_found_key(self, upstream: str, repository: str, reference: str) -> str:
         return f"{self.prefix}:notfound:{upstream}/{repository}:{reference}"
 
+    async def _get(self, what: str, key: str) -> str | None:
+        """A value, or None when there is none or Redis is out."""
+        try:
+            raw = await self._redis(what, lambda: self.redis.get(key))
+        except _Unavailable:
+            return None
+        return raw if isinstance(raw, str) else None
+
+    async def _put(self, what: str, key: str, raw: str, ttl: float) -> None:
+        """Set with an expiry; dropped when Redis is out (or there is no time to keep it)."""
+        if ttl <= 0:
+            return
+        with contextlib.suppress(_Unavailable):
+            await self._redis(what, lambda: self.redis.set(key, raw, px=_ms(ttl)))
+
     async def get_not_found(
         self, upstream: str, repository: str, reference: str
     ) -> RegistryError | None:
         """A miss when Redis is out (the local negative cache still answers)."""
         key = self._not_found_key(upstream, repository, reference)
-        try:
-            raw = await self._redis("negative cache", lambda: self.redis.get(key))
-        except _Unavailable:
-            return None
-        if not isinstance(raw, str):
+        raw = await self._get("negative cache", key)
+        if raw is None:
             return None
         try:
             entry = json.loads(raw)
@@ -343,13 +356,9 @@ class RedisCoordinator:
         self, upstream: str, repository: str, reference: str, error: RegistryError, ttl: float
     ) -> None:
         """Dropped when Redis is out."""
-        if ttl <= 0:
-            return
-        key = self._not_found_key(upstream, repository, reference)
         entry = {"code": error.code.name, "message": error.message, "detail": error.detail}
-        raw = json.dumps(entry, default=str)
-        with contextlib.suppress(_Unavailable):
-            await self._redis("negative cache", lambda: self.redis.set(key, raw, px=_ms(ttl)))
+        key = self._not_found_key(upstream, repository, reference)
+        await self._put("negative cache", key, json.dumps(entry, default=str), ttl)
 
     # -- tag checks
 
@@ -358,41 +367,15 @@ class RedisCoordinator:
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
         """A miss when Redis is out (the replica revalidates upstream as it would alone)."""
-        key = self._tag_key(upstream, repository, tag)
-        try:
-            raw = await self._redis("tag cache", lambda: self.redis.get(key))
-        except _Unavailable:
-            return None
-        if not isinstance(raw, str):
-            return None
-        try:
-            entry = json.loads(raw)
-            return TagRecord(
-                Digest.parse(entry["digest"]),
-                str(entry["media_type"]),
-                int(entry["size"]),
-                float(entry["checked_at"]),
-            )
-        except (ValueError, KeyError, TypeError, ReferenceError):
-            return None
+        raw = await self._get("tag cache", self._tag_key(upstream, repository, tag))
+        return None if raw is None else parse_tag_record(raw.encode())
 
     async def put_tag(
         self, upstream: str, repository: str, tag: str, record: TagRecord, ttl: float
     ) -> None:
         """Dropped when Redis is out."""
-        if ttl <= 0:
-            return
-        key = self._tag_key(upstream, repository, tag)
-        raw = json.dumps(
-            {
-                "digest": str(record.digest),
-                "media_type": record.media_type,
-                "size": record.size,
-                "checked_at": record.checked_at,
-            }
-        )
-        with contextlib.suppress(_Unavailable):
-            await self._redis("tag cache", lambda: self.redis.set(key, raw, px=_ms(ttl)))
+        raw = encode_tag_record(record).decode()
+        await self._put("tag cache", self._tag_key(upstream, repository, tag), raw, ttl)
 
     # -- circuits
 

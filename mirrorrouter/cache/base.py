@@ -30,6 +30,7 @@ exist is an empty cache.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -64,6 +65,42 @@ class TagRecord:
     media_type: str
     size: int
     checked_at: float  # wall-clock seconds of the last upstream confirmation
+
+
+def encode_manifest(manifest: StoredManifest) -> bytes:
+    """A manifest as every backend stores it: ``<media type>\n`` then the exact bytes;
+    refused when the bytes do not hash to its digest."""
+    if Digest.of(manifest.data, manifest.digest.algorithm) != manifest.digest:
+        raise DigestMismatch(f"manifest bytes do not hash to {manifest.digest}")
+    return manifest.media_type.encode() + b"\n" + manifest.data
+
+
+def decode_manifest(digest: Digest, raw: bytes) -> StoredManifest:
+    media_type, _, data = raw.partition(b"\n")
+    return StoredManifest(digest, media_type.decode(), data)
+
+
+def encode_tag_record(record: TagRecord) -> bytes:
+    """A tag record as stored (JSON; the object-store backend stores the same)."""
+    return json.dumps(
+        {
+            "digest": str(record.digest),
+            "media_type": record.media_type,
+            "size": record.size,
+            "checked_at": record.checked_at,
+        }
+    ).encode()
+
+
+def parse_tag_record(raw: bytes) -> TagRecord | None:
+    """A stored tag record; None when unreadable (a miss, never an error)."""
+    try:
+        data = json.loads(raw)
+        return TagRecord(
+            Digest.parse(data["digest"]), data["media_type"], data["size"], data["checked_at"]
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 ACCESS_RESOLUTION = 60.0  # seconds: an object's last access is persisted at most this often

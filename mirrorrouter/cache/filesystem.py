@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,13 +43,16 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from mirrorrouter.cache.base import (
-    DigestMismatch,
     Inventory,
     Removal,
     Removed,
     StoredManifest,
     StoredObject,
     TagRecord,
+    decode_manifest,
+    encode_manifest,
+    encode_tag_record,
+    parse_tag_record,
 )
 from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter, entries
 from mirrorrouter.reference import Digest, ReferenceError
@@ -161,13 +163,10 @@ class FilesystemCache:
             raw = await asyncio.to_thread(self._manifest_file(digest).read_bytes)
         except FileNotFoundError:
             return None
-        media_type, _, data = raw.partition(b"\n")
-        return StoredManifest(digest, media_type.decode(), data)
+        return decode_manifest(digest, raw)
 
     async def put_manifest(self, manifest: StoredManifest) -> None:
-        if Digest.of(manifest.data, manifest.digest.algorithm) != manifest.digest:
-            raise DigestMismatch(f"manifest bytes do not hash to {manifest.digest}")
-        raw = manifest.media_type.encode() + b"\n" + manifest.data
+        raw = encode_manifest(manifest)
         now = self._clock()
         target = self._manifest_file(manifest.digest)
         await asyncio.to_thread(self._write_atomic, target, raw, now)
@@ -395,29 +394,6 @@ class FilesystemCache:
             self._link_file(repository, digest).unlink(missing_ok=True)
         # Directories stay: another process may be about to write into one.
         return Removed(frozenset(removed), freed)
-
-
-def encode_tag_record(record: TagRecord) -> bytes:
-    """A tag record as stored (JSON; the object-store backend stores the same)."""
-    return json.dumps(
-        {
-            "digest": str(record.digest),
-            "media_type": record.media_type,
-            "size": record.size,
-            "checked_at": record.checked_at,
-        }
-    ).encode()
-
-
-def parse_tag_record(raw: bytes) -> TagRecord | None:
-    """A stored tag record; None when unreadable (a miss, never an error)."""
-    try:
-        data = json.loads(raw)
-        return TagRecord(
-            Digest.parse(data["digest"]), data["media_type"], data["size"], data["checked_at"]
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _digest_files(top: Path, depth: int) -> Iterator[tuple[Digest, os.DirEntry[str]]]:

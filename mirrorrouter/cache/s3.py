@@ -82,15 +82,17 @@ from obstore.store import S3Store
 
 from mirrorrouter.cache.base import (
     CacheUnavailable,
-    DigestMismatch,
     Inventory,
     Removal,
     Removed,
     StoredManifest,
     StoredObject,
     TagRecord,
+    decode_manifest,
+    encode_manifest,
+    encode_tag_record,
+    parse_tag_record,
 )
-from mirrorrouter.cache.filesystem import encode_tag_record, parse_tag_record
 from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings
@@ -368,15 +370,10 @@ class ObjectStoreCache:
 
     async def peek_manifest(self, digest: Digest) -> StoredManifest | None:
         raw = await self._get(self._manifest_key(digest))
-        if raw is None:
-            return None
-        media_type, _, data = raw.partition(b"\n")
-        return StoredManifest(digest, media_type.decode(), data)
+        return None if raw is None else decode_manifest(digest, raw)
 
     async def put_manifest(self, manifest: StoredManifest) -> None:
-        if Digest.of(manifest.data, manifest.digest.algorithm) != manifest.digest:
-            raise DigestMismatch(f"manifest bytes do not hash to {manifest.digest}")
-        raw = manifest.media_type.encode() + b"\n" + manifest.data
+        raw = encode_manifest(manifest)
         await obstore.put_async(self._store, self._manifest_key(manifest.digest), raw)
         await self._record_access(manifest.digest, self._clock(), stored=True)
 
