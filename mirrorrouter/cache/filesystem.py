@@ -54,7 +54,13 @@ from mirrorrouter.cache.base import (
     encode_tag_record,
     parse_tag_record,
 )
-from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter, entries
+from mirrorrouter.cache.spool import (
+    SharedState,
+    SpoolArea,
+    SpoolWriter,
+    entries,
+    locked_elsewhere,
+)
 from mirrorrouter.reference import Digest, ReferenceError
 
 READ_CHUNK = 4 * 1024 * 1024  # measured: 4 MiB reads serve ~1.3x faster than 1 MiB
@@ -289,18 +295,7 @@ class FilesystemCache:
         """Read, written or held here; read (shared flock) or claimed by another process."""
         if self._shared.in_use.get(digest):
             return True
-        for path in (self._blob_file(digest), self._claim_file(digest)):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            finally:
-                os.close(fd)  # also drops the lock when it was taken
-        return False
+        return any(map(locked_elsewhere, (self._blob_file(digest), self._claim_file(digest))))
 
     # ------------------------------------------------------------------ inventory, removal
 

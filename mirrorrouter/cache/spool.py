@@ -158,8 +158,14 @@ class SpoolArea:
 
 def _alive(area: Path) -> bool:
     """Whether the owner of a spool area holds its lock."""
+    return locked_elsewhere(area / LOCK_NAME)
+
+
+def locked_elsewhere(path: Path) -> bool:
+    """Whether some open file (another process, or another descriptor here) holds an
+    ``flock`` on ``path``; False when there is no such file."""
     try:
-        fd = os.open(area / LOCK_NAME, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:
