@@ -150,6 +150,14 @@ class Coordinator(Protocol):
         """The shared circuit state of one mirror (by URL); None: the breaker is local."""
         ...
 
+    async def put_upload(self, upload_id: str, ttl: float) -> None:
+        """Say that this replica holds a push's upload session (hosted repositories)."""
+        ...
+
+    async def upload_owner(self, upload_id: str) -> str | None:
+        """The ``advertise_url`` of the replica holding an upload session; None: unknown."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -208,6 +216,12 @@ class LocalCoordinator:
     def circuit(
         self, upstream: str, mirror: str, *, threshold: int, cooldown: float
     ) -> SharedCircuit | None:
+        return None
+
+    async def put_upload(self, upload_id: str, ttl: float) -> None:
+        return None  # one replica: every session is here
+
+    async def upload_owner(self, upload_id: str) -> str | None:
         return None
 
     async def close(self) -> None:
@@ -376,6 +390,19 @@ class RedisCoordinator:
         """Dropped when Redis is out."""
         raw = encode_tag_record(record).decode()
         await self._put("tag cache", self._tag_key(upstream, repository, tag), raw, ttl)
+
+    # -- upload sessions of hosted repositories
+
+    def _upload_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:upload:{upload_id}"
+
+    async def put_upload(self, upload_id: str, ttl: float) -> None:
+        """Dropped when Redis is out, or when this replica has no advertise_url."""
+        if self.advertise_url is not None:
+            await self._put("upload session", self._upload_key(upload_id), self.advertise_url, ttl)
+
+    async def upload_owner(self, upload_id: str) -> str | None:
+        return await self._get("upload session", self._upload_key(upload_id))
 
     # -- circuits
 

@@ -96,7 +96,7 @@ class Endpoints:
         # a background cadence, and tests inject a sleep that returns at once (for retries).
         self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
         self.pull.filler.on_commit = self.evictor.committed
-        self.hosted = HostedApi(settings, clock=timing.wall)
+        self.hosted = HostedApi(settings, clock=timing.wall, coordinator=self.pull.coordinator)
         self.groups = GroupApi(self.mapper, self.access, self._serve)
         self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
 

@@ -26,12 +26,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlencode
 
+import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from mirrorrouter.cache import StoredManifest
 from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
+from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted import HostedStore, StoredBlob, Upload, upload_range
 from mirrorrouter.oci import (
@@ -50,23 +52,53 @@ from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 
 HOSTED = "HOSTED"  # the X-Cache value of hosted content: not a cache, the only copy
 SUBJECT_HEADER = "OCI-Subject"
+FORWARDED_HEADER = "X-Mirrorrouter-Forwarded"  # a request another replica passed on
+FORWARD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)  # a chunk may be large
+# What a forwarded upload request carries along, and what of the answer comes back.
+_FORWARDED_REQUEST = frozenset(
+    {"host", "authorization", "content-type", "content-range", "content-length", "user-agent"}
+)
+_FORWARDED_ANSWER = frozenset(
+    {
+        "location",
+        "range",
+        "docker-upload-uuid",
+        "docker-content-digest",
+        "docker-distribution-api-version",
+        "content-type",
+        "www-authenticate",
+        "x-upstream",
+    }
+)
 UPLOAD_UUID_HEADER = "Docker-Upload-UUID"
 
 
 class HostedApi:
     """Answers requests whose route leads to a hosted repository set."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        coordinator: Coordinator | None = None,
+        peer_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.settings = settings
         self.stores = {
             name: HostedStore(hosted, clock=clock) for name, hosted in settings.hosted.items()
         }
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
+        self._peer_transport = peer_transport
+        self._peers: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         await asyncio.gather(*(store.open() for store in self.stores.values()))
 
     async def close(self) -> None:
         await asyncio.gather(*(store.close() for store in self.stores.values()))
+        if self._peers is not None:
+            await self._peers.aclose()
 
     def store(self, hosted: HostedSettings) -> HostedStore:
         return self.stores[hosted.name]
@@ -151,12 +183,21 @@ class HostedApi:
                     ErrorCode.UNSUPPORTED, f"{oci.method} needs an upload session URL"
                 )
             return await self._post(store, repository, oci, request, mount_from)
-        upload = await store.upload(repository, oci.upload_id)
+        try:
+            upload = await store.upload(repository, oci.upload_id)
+        except RegistryError as error:
+            if error.code is not ErrorCode.BLOB_UPLOAD_UNKNOWN:
+                raise
+            forwarded = await self._forward(oci.upload_id, request)
+            if forwarded is None:
+                raise
+            return forwarded
         if oci.method == "GET":
             return self._session(204, upload, oci)
         if oci.method == "PATCH":
             start = _content_range_start(request.headers.get("content-range"))
             upload = await store.append(upload, _body(request), start)
+            await self.coordinator.put_upload(upload.id, store.settings.gc_grace)
             return self._session(202, upload, oci)
         if oci.method == "PUT":
             digest = _digest_param(oci, required=True)
@@ -185,7 +226,36 @@ class HostedApi:
         if digest is not None:
             await store.put_blob(repository, digest, _body(request))
             return self._blob_created(oci, digest)
-        return self._session(202, await store.start_upload(repository), oci)
+        upload = await store.start_upload(repository)
+        await self.coordinator.put_upload(upload.id, store.settings.gc_grace)
+        return self._session(202, upload, oci)
+
+    async def _forward(self, upload_id: str, request: Request) -> Response | None:
+        """Send a request for an upload session another replica holds to that replica, and
+        its answer back; None when no other replica holds it (or this was forwarded)."""
+        if FORWARDED_HEADER.lower() in request.headers:
+            return None
+        owner = await self.coordinator.upload_owner(upload_id)
+        if owner is None or owner == self.coordinator.advertise_url:
+            return None
+        if self._peers is None:
+            self._peers = httpx.AsyncClient(
+                transport=self._peer_transport, timeout=FORWARD_TIMEOUT, trust_env=False
+            )
+        url = owner + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_REQUEST}
+        headers[FORWARDED_HEADER] = "1"
+        try:
+            answer = await self._peers.request(
+                request.method, url, headers=headers, content=_body(request)
+            )
+        except httpx.HTTPError as exc:
+            raise RegistryError(
+                ErrorCode.UNAVAILABLE,
+                f"upload {upload_id} is held by another replica, which did not answer: {exc}",
+            ) from exc
+        kept = {k: v for k, v in answer.headers.items() if k.lower() in _FORWARDED_ANSWER}
+        return Response(answer.content, answer.status_code, kept)
 
     async def _put_manifest(
         self, store: HostedStore, ref: ImageReference, oci: OciRequest, request: Request

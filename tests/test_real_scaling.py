@@ -7,7 +7,9 @@ download down on purpose). Everything on loopback.
 - the replica doing a download is killed mid-blob: another takes the download over and
   every client of the surviving replicas gets the right digest;
 - a tag pulled through replica A is answered by replica B within the TTL with zero upstream
-  requests.
+  requests;
+- a push whose requests land on different replicas (no session affinity) works: each
+  request for an upload session goes to the replica holding it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ secret_access_key_env = "S3_SECRET"
 [upstreams."docker.io"]
 tag_ttl = "10m"
 mirrors = [{{ url = "{up.proxy.url}" }}]
+[hosted."team"]
+[[routes]]
+prefix = "team"
+hosted = "team"
 [coordination]
 backend = "redis"
 redis_url = "{up.redis.redis_url}"
@@ -218,3 +224,58 @@ def test_tag_pulled_through_a_is_served_by_b_without_upstream_requests(
     start = upstream.hub.mark()
     assert asyncio.run(through(b)) == expected(image)
     assert upstream.hub.requests(start) == []
+
+
+def test_push_across_replicas_needs_no_session_affinity(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    """POST on one replica, PATCH, GET and PUT on the others, then the manifest on a third:
+    every replica serves the pushed image from the shared bucket."""
+    data = hashlib.sha256(b"pushed").digest() * (3 * MIB // 32)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = (
+        '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+        f'"config":{{"mediaType":"application/vnd.oci.image.config.v1+json",'
+        f'"digest":"{config_digest}","size":{len(config)}}},'
+        f'"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar",'
+        f'"digest":"{digest}","size":{len(data)}}}]}}'
+    ).encode()
+    r0, r1, r2 = (gateway.url for gateway in replicas)
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        started = client.post(f"{r0}/v2/team/app/blobs/uploads/")
+        assert started.status_code == 202
+        location = started.headers["location"]
+        first = client.patch(
+            r1 + location, content=data[:MIB], headers={"Content-Range": f"0-{MIB - 1}"}
+        )
+        assert first.status_code == 202, first.text
+        assert first.headers["range"] == f"0-{MIB - 1}"
+        assert first.headers["location"] == location
+        status = client.get(r2 + location)
+        assert status.status_code == 204 and status.headers["range"] == f"0-{MIB - 1}"
+        rest = client.patch(
+            r0 + location, content=data[MIB:], headers={"Content-Range": f"{MIB}-{len(data) - 1}"}
+        )
+        assert rest.status_code == 202, rest.text
+        done = client.put(r1 + location, params={"digest": digest})
+        assert done.status_code == 201, done.text
+        assert done.headers["docker-content-digest"] == digest
+        assert client.get(r2 + location).status_code == 404  # the session is over everywhere
+        pushed = client.post(
+            f"{r2}/v2/team/app/blobs/uploads/", params={"digest": config_digest}, content=config
+        )
+        assert pushed.status_code == 201
+        put = client.put(
+            f"{r0}/v2/team/app/manifests/v1",
+            content=manifest,
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        )
+        assert put.status_code == 201, put.text
+        for base in (r0, r1, r2):
+            got = client.get(f"{base}/v2/team/app/manifests/v1")
+            assert got.status_code == 200 and got.content == manifest
+            blob = client.get(f"{base}/v2/team/app/blobs/{digest}")
+            assert blob.status_code == 200
+            assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest
