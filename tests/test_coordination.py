@@ -22,13 +22,8 @@ from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
-from mirrorrouter.coordination import (
-    OUTAGE_BACKOFF,
-    Lease,
-    LocalCoordinator,
-    RedisCoordinator,
-    RedisLease,
-)
+from mirrorrouter.coordination import Lease, LocalCoordinator
+from mirrorrouter.coordination.redisbacked import OUTAGE_BACKOFF, RedisCoordinator, RedisLease
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.peer import PEER_PATH, peer_blob
 from mirrorrouter.pullthrough import Pullthrough

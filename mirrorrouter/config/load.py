@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +25,6 @@ from mirrorrouter.config.model import (
     GroupSettings,
     HostedSettings,
     Mirror,
-    Route,
     Secret,
     ServerSettings,
     Settings,
@@ -58,10 +56,18 @@ from mirrorrouter.config.storage import (
     load_coordination,
     load_object_store,
 )
+from mirrorrouter.config.targets import (
+    Targets,
+    check_aliases,
+    check_routes,
+    load_group,
+    load_hosted,
+    load_route,
+    registries,
+)
 from mirrorrouter.reference import (
     DOCKER_HUB,
     DOCKER_HUB_ALIASES,
-    PATH_COMPONENT_RE,
     REGISTRY_RE,
     canonical_registry,
 )
@@ -152,17 +158,17 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     hosted: dict[str, HostedSettings] = {}
     hosted_t = root.table("hosted")
     for name in hosted_t.names():
-        found = _hosted(reader, hosted_t.table(name), name, cache, base_dir, upstreams)
+        found = load_hosted(reader, hosted_t.table(name), name, cache, base_dir, upstreams)
         if found is not None:
             hosted[name] = found
     groups: dict[str, GroupSettings] = {}
     groups_t = root.table("groups")
     for name in groups_t.names():
-        group = _group(reader, groups_t.table(name), name, upstreams, hosted)
+        group = load_group(reader, groups_t.table(name), name, upstreams, hosted)
         if group is not None:
             groups[name] = group
-    targets = _Targets(upstreams, hosted, groups)
-    _check_aliases(reader, targets)
+    targets = Targets(upstreams, hosted, groups)
+    check_aliases(reader, targets)
 
     routing_t = root.table("routing")
     default_registry = routing_t.get("default_registry", str, DOCKER_HUB)
@@ -179,9 +185,9 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     routes = tuple(
         route
         for route_t in root.tables("routes")
-        if (route := _route(reader, route_t, targets)) is not None
+        if (route := load_route(reader, route_t, targets)) is not None
     )
-    _check_routes(reader, routes)
+    check_routes(reader, routes)
     auth = load_auth(reader, root.table("auth"), base_dir, cache.directory)
     access = load_access(root.table("access"))
     audit = load_audit(root.table("audit"), base_dir)
@@ -208,34 +214,6 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Targets:
-    """Every name a route, an ``ns`` or the default registry may lead to."""
-
-    upstreams: Mapping[str, UpstreamSettings]
-    hosted: Mapping[str, HostedSettings]
-    groups: Mapping[str, GroupSettings]
-
-    def name_of(self, name: str) -> str | None:
-        """The configured target a name denotes (an upstream by its canonical name)."""
-        if name in self.hosted or name in self.groups:
-            return name
-        canonical = canonical_registry(name) if REGISTRY_RE.fullmatch(name) else name
-        return canonical if canonical in self.upstreams else None
-
-    def listing(self) -> str:
-        names = [*sorted(self.upstreams), *sorted(self.hosted), *sorted(self.groups)]
-        return ", ".join(names) or "none"
-
-    def everything(self) -> list[tuple[str, str, frozenset[str]]]:
-        """(table, name, aliases) of every target."""
-        return [
-            *(("upstreams", n, u.aliases) for n, u in self.upstreams.items()),
-            *(("hosted", n, h.aliases) for n, h in self.hosted.items()),
-            *(("groups", n, g.aliases) for n, g in self.groups.items()),
-        ]
-
-
 def _upstream(
     reader: Reader,
     table: Table,
@@ -255,7 +233,7 @@ def _upstream(
         )
         return None
     aliases = frozenset(
-        canonical_registry(a) for a in table.get("aliases", list, [], check=_registries)
+        canonical_registry(a) for a in table.get("aliases", list, [], check=registries)
     )
     if name == DOCKER_HUB:
         aliases |= DOCKER_HUB_ALIASES
@@ -293,97 +271,6 @@ def _upstream(
     )
     table.finish()
     return upstream
-
-
-def _target_name(
-    reader: Reader, table: Table, name: str, upstreams: Mapping[str, UpstreamSettings]
-) -> bool:
-    """A hosted set or group name: one path component without dots, not an upstream's."""
-    if not PATH_COMPONENT_RE.fullmatch(name) or "." in name:
-        reader.problem(
-            table.path,
-            "the table name must be a short name like 'team' (lower-case letters, digits, "
-            "'-' and '_'; no dots: names with dots are registry hosts)",
-        )
-        return False
-    if name in upstreams:
-        reader.problem(table.path, f"{name!r} is already an upstream")
-        return False
-    return True
-
-
-def _hosted(
-    reader: Reader,
-    table: Table,
-    name: str,
-    cache: CacheSettings,
-    base_dir: Path,
-    upstreams: Mapping[str, UpstreamSettings],
-) -> HostedSettings | None:
-    aliases = frozenset(
-        canonical_registry(a) for a in table.get("aliases", list, [], check=_registries)
-    )
-    directory = table.get("directory", str, None)
-    hosted = HostedSettings(
-        name=name,
-        aliases=aliases,
-        storage=CacheSettings(
-            backend=cache.backend,
-            directory=base_dir / directory if directory else cache.directory / "_hosted" / name,
-            object_store=cache.object_store,
-            key=f"_hosted/{name}",
-        ),
-        access=load_access_rules(table.tables("access"), push=True),
-        delete=table.get("delete", bool, False),
-        gc_grace=table.duration("gc_grace", 3600.0),
-    )
-    table.finish()
-    return hosted if _target_name(reader, table, name, upstreams) else None
-
-
-def _group(
-    reader: Reader,
-    table: Table,
-    name: str,
-    upstreams: Mapping[str, UpstreamSettings],
-    hosted: Mapping[str, HostedSettings],
-) -> GroupSettings | None:
-    aliases = frozenset(
-        canonical_registry(a) for a in table.get("aliases", list, [], check=_registries)
-    )
-    members = table.get("members", list, None, check=_member_names, required=True)
-    writable = table.get("writable", str, None)
-    table.finish()
-    if not _target_name(reader, table, name, upstreams) or members is None:
-        return None
-    resolved = []
-    for index, member in enumerate(members):
-        target = member if member in hosted else canonical_registry(member)
-        if target not in hosted and target not in upstreams:
-            reader.problem(
-                (*table.path, "members", index),
-                f"{member!r} is neither an upstream nor a hosted set; configured: "
-                f"{', '.join([*sorted(upstreams), *sorted(hosted)]) or 'none'}",
-            )
-        elif target in resolved:
-            reader.problem((*table.path, "members", index), f"{member!r} is listed twice")
-        else:
-            resolved.append(target)
-    writable_members = [m for m in resolved if m in hosted]
-    if writable is not None and writable not in writable_members:
-        reader.problem(
-            (*table.path, "writable"),
-            f"{writable!r} is not a hosted member of this group; hosted members: "
-            f"{', '.join(writable_members) or 'none'}",
-        )
-    if writable is None and len(writable_members) > 1:
-        reader.problem(
-            (*table.path, "writable"),
-            f"several hosted members ({', '.join(writable_members)}): say which one takes pushes",
-        )
-    if writable is None and len(writable_members) == 1:
-        writable = writable_members[0]
-    return GroupSettings(name, aliases, tuple(resolved), writable)
 
 
 def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
@@ -448,65 +335,7 @@ def _credentials(reader: Reader, table: Table) -> Credentials | None:
     return Credentials(username, Secret(password))
 
 
-_ROUTE_TARGETS = ("upstream", "hosted", "group")
-
-
-def _route(reader: Reader, table: Table, targets: _Targets) -> Route | None:
-    prefix = table.get("prefix", str, None, check=_route_prefix)
-    host = table.get("host", str, None, check=_host_name)
-    named = {key: table.get(key, str, None) for key in _ROUTE_TARGETS}
-    table.finish()
-    if (prefix is None) == (host is None):
-        reader.problem(table.path, "set exactly one of prefix or host")
-        return None
-    given = [(key, value) for key, value in named.items() if value is not None]
-    if len(given) != 1:
-        reader.problem(
-            (*table.path, "upstream"),
-            "is required: set exactly one of upstream, hosted or group"
-            if not given
-            else "set exactly one of upstream, hosted or group",
-        )
-        return None
-    key, value = given[0]
-    table_of = {"upstream": targets.upstreams, "hosted": targets.hosted, "group": targets.groups}
-    target = canonical_registry(value) if key == "upstream" else value
-    if target not in table_of[key]:
-        configured = ", ".join(sorted(table_of[key])) or "none"
-        reader.problem((*table.path, key), f"no {key} named {value!r}; configured: {configured}")
-        return None
-    return Route(target=target, prefix=prefix, host=host and host.lower())
-
-
-def _check_aliases(reader: Reader, targets: _Targets) -> None:
-    owner: dict[str, str] = {}
-    names = {name for _, name, _ in targets.everything()}
-    for kind, name, aliases in targets.everything():
-        for alias in sorted(aliases):
-            if alias in names and alias != name:
-                reader.problem((kind, name, "aliases"), f"{alias!r} is an upstream of its own")
-            elif alias in owner:
-                reader.problem(
-                    (kind, name, "aliases"), f"{alias!r} is already an alias of {owner[alias]!r}"
-                )
-            owner[alias] = name
-
-
-def _check_routes(reader: Reader, routes: tuple[Route, ...]) -> None:
-    seen: set[tuple[str, str]] = set()
-    for index, route in enumerate(routes):
-        key = ("prefix", route.prefix) if route.prefix is not None else ("host", route.host or "")
-        if key in seen:
-            reader.problem(("routes", index, key[0]), f"{key[1]!r} is routed twice")
-        seen.add(key)
-
-
 # --------------------------------------------------------------------------- value checks
-
-
-def _registries(value: list[Any]) -> str | None:
-    ok = all(isinstance(v, str) and REGISTRY_RE.fullmatch(v) for v in value)
-    return None if ok else "a list of registry hosts like gcr.io or registry.corp:5000"
 
 
 def _pin_patterns(value: list[Any]) -> str | None:
@@ -517,12 +346,6 @@ def _pin_patterns(value: list[Any]) -> str | None:
         if problem is not None:
             return f"a list of {problem} ({item!r} is not one)"
     return None
-
-
-def _member_names(value: list[Any]) -> str | None:
-    if value and all(isinstance(v, str) and v for v in value):
-        return None
-    return "a non-empty list of upstream and hosted names, in the order they are asked"
 
 
 def _capabilities(value: list[Any]) -> str | None:
@@ -546,17 +369,3 @@ def _proxy_url(value: str) -> str | None:
     if parts.scheme in ("http", "https", "socks5") and parts.netloc:
         return None
     return "a proxy URL such as http://proxy.corp:3128"
-
-
-def _route_prefix(value: str) -> str | None:
-    parts = value.split("/")
-    if all(PATH_COMPONENT_RE.fullmatch(p) and "." not in p for p in parts):
-        return None
-    return "path components without dots such as 'gcr' or 'mirrors/quay'"
-    return None
-
-
-def _host_name(value: str) -> str | None:
-    if REGISTRY_RE.fullmatch(value) and ":" not in value:
-        return None
-    return "a host name without port such as gcr.mirror.corp"
