@@ -3,11 +3,10 @@
 A ``HostedStore`` is one hosted repository set (``[hosted."team"]``) on the same storage
 layer as the caches (a ``CacheBackend``), which it uses as the only copy:
 
-- **blobs** arrive monolithically (``POST ?digest=``) or in an upload session: a local file
-  ``uploads/<id>`` that chunks are appended to (at the offset the client says), so an
-  interrupted upload resumes where the file ends, from any worker process. Finishing it
-  streams the file through the backend's blob writer, which verifies the digest and commits
-  atomically; a blob is then linked into the repository it was pushed to;
+- **blobs** arrive monolithically (``POST ?digest=``) or in an upload session (uploads.py:
+  a local file chunks are appended to, resumable). Finishing one streams the file through
+  the backend's blob writer, which verifies the digest and commits atomically; a blob is
+  then linked into the repository it was pushed to;
 - **manifests** are stored byte-exact and accepted only when every blob or child manifest
   they reference is already in the repository (``MANIFEST_BLOB_UNKNOWN`` otherwise);
   a tag is an authoritative tag record (hosted tags never expire);
@@ -21,14 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
@@ -47,21 +42,9 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pullthrough import referenced_digests
 from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.uploads import Upload, UploadSessions
 
 PUSHABLE_MEDIA_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
-COPY_CHUNK = 4 * 1024 * 1024
-WRITE_BATCH = 1024 * 1024  # request chunks are gathered to this size per write to disk
-_UPLOAD_ID_CHARS = frozenset("0123456789abcdef")
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """An upload session: which repository it is for and how many bytes it holds."""
-
-    id: str
-    repository: str
-    size: int
-    started: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +91,13 @@ class HostedStore:
     ) -> None:
         self.settings = settings
         self.storage = storage or open_backend(settings.storage, clock=clock)
-        self.uploads = settings.storage.directory / "uploads"
+        self.sessions = UploadSessions(settings.storage.directory / "uploads", clock=clock)
         self.clock = clock
         self._summaries: LRUCache[Digest, _Summary | None] = LRUCache(maxsize=10_000)
 
     async def open(self) -> None:
         await self.storage.open()
-        await asyncio.to_thread(self.uploads.mkdir, parents=True, exist_ok=True)
+        await self.sessions.open()
 
     async def close(self) -> None:
         await self.storage.close()
@@ -219,88 +202,31 @@ class HostedStore:
         return True
 
     async def start_upload(self, repository: str) -> Upload:
-        upload = Upload(uuid.uuid4().hex, repository, 0, self.clock())
-        await asyncio.to_thread((self.uploads / upload.id).touch)
-        await self._write_meta(upload)
-        return upload
-
-    async def _write_meta(self, upload: Upload) -> None:
-        """The session's repository, and when it last received bytes (by the injected clock:
-        garbage collection ends sessions idle longer than ``gc_grace``)."""
-        meta = {"repository": upload.repository, "started": upload.started, "active": self.clock()}
-        temp = self.uploads / f".{upload.id}.json"
-        await asyncio.to_thread(temp.write_bytes, json.dumps(meta).encode())
-        await asyncio.to_thread(os.replace, temp, self.uploads / f"{upload.id}.json")
+        return await self.sessions.start(repository)
 
     async def upload(self, repository: str, upload_id: str) -> Upload:
         """The state of an upload session of ``repository``; BLOB_UPLOAD_UNKNOWN otherwise."""
-        unknown = RegistryError(
-            ErrorCode.BLOB_UPLOAD_UNKNOWN, f"no upload {upload_id} in repository {repository}"
-        )
-        if not upload_id or not _UPLOAD_ID_CHARS.issuperset(upload_id) or len(upload_id) != 32:
-            raise unknown
-        try:
-            meta = json.loads(
-                await asyncio.to_thread((self.uploads / f"{upload_id}.json").read_bytes)
-            )
-            size = (await asyncio.to_thread(os.stat, self.uploads / upload_id)).st_size
-        except (OSError, ValueError) as exc:
-            raise unknown from exc
-        if not isinstance(meta, dict) or meta.get("repository") != repository:
-            raise unknown
-        return Upload(upload_id, repository, size, float(meta.get("started", 0.0)))
+        return await self.sessions.get(repository, upload_id)
 
     async def append(
         self, upload: Upload, body: AsyncIterator[bytes], start: int | None = None
     ) -> Upload:
-        """Append a chunk. ``start`` (from ``Content-Range``) must be where the upload ends:
-        a chunk sent twice or out of order is refused, and the client asks where to resume."""
-        path = self.uploads / upload.id
-        fd = await asyncio.to_thread(os.open, path, os.O_WRONLY | os.O_APPEND)
-        try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)  # one chunk at a time
-            size = os.fstat(fd).st_size
-            if start is not None and start != size:
-                raise RegistryError(
-                    ErrorCode.BLOB_UPLOAD_INVALID,
-                    f"the chunk starts at byte {start}, but the upload holds {size} bytes",
-                    status=416,
-                    headers={"Range": upload_range(size)},
-                )
-            batch = bytearray()
-            try:
-                async for chunk in body:
-                    batch += chunk
-                    if len(batch) >= WRITE_BATCH:
-                        await asyncio.to_thread(os.write, fd, bytes(batch))
-                        size += len(batch)
-                        batch.clear()
-            finally:  # also when the client went away mid-chunk: keep what arrived
-                if batch:
-                    await asyncio.to_thread(os.write, fd, bytes(batch))
-                    size += len(batch)
-        finally:
-            os.close(fd)
-        upload = Upload(upload.id, upload.repository, size, upload.started)
-        await self._write_meta(upload)
-        return upload
+        """Append a chunk (at ``start`` when the client says where: see uploads.py)."""
+        return await self.sessions.append(upload, body, start)
 
     async def finish(self, upload: Upload, digest: Digest, body: AsyncIterator[bytes]) -> int:
         """Append the last chunk, then verify and commit the blob; the session ends either
         way (a digest mismatch leaves nothing behind)."""
-        upload = await self.append(upload, body)
-        path = self.uploads / upload.id
+        upload = await self.sessions.append(upload, body)
         try:
-            size = await self._store(digest, _read_file(path))
+            size = await self._store(digest, self.sessions.read(upload))
         finally:
-            await self.cancel(upload)
+            await self.sessions.cancel(upload)
         await self.storage.link(upload.repository, [digest])
         return size
 
     async def cancel(self, upload: Upload) -> None:
-        for name in (upload.id, f"{upload.id}.json"):
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, self.uploads / name)
+        await self.sessions.cancel(upload)
 
     async def _store(self, digest: Digest, body: AsyncIterator[bytes]) -> int:
         writer = self.storage.blob_writer(digest)
@@ -428,7 +354,7 @@ class HostedStore:
             if digest not in live and obj.accessed < horizon
         }
         kept = len(inventory.blobs) + len(manifests) - len(dead)
-        uploads = await asyncio.to_thread(self._stale_uploads, horizon)
+        uploads = await asyncio.to_thread(self.sessions.stale, horizon)
         sessions = len(uploads) // 2
         if dry_run:
             blobs = sum(1 for d in dead if d in inventory.blobs)
@@ -456,23 +382,6 @@ class HostedStore:
             sessions,
             kept + len(dead) - len(removed.removed),
         )
-
-    def _stale_uploads(self, horizon: float) -> list[Path]:
-        """Upload sessions idle since before ``horizon``: their data and state files."""
-        stale = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.uploads):
-                if not entry.name.endswith(".json") or entry.name.startswith("."):
-                    continue
-                try:
-                    active = json.loads(Path(entry.path).read_bytes()).get("active", 0.0)
-                except (OSError, ValueError, AttributeError):
-                    active = 0.0
-                if isinstance(active, int | float) and active < horizon:
-                    upload_id = entry.name.removesuffix(".json")
-                    stale.append(self.uploads / upload_id)
-                    stale.append(Path(entry.path))
-        return stale
 
 
 def _media_type(document: dict[str, Any], content_type: str) -> str:
@@ -518,14 +427,3 @@ def _manifest_unknown(repository: str, reference: str) -> RegistryError:
     return RegistryError(
         ErrorCode.MANIFEST_UNKNOWN, f"manifest {reference} is not in repository {repository}"
     )
-
-
-def upload_range(size: int) -> str:
-    """The ``Range`` header of an upload: the bytes it holds (``0-0`` when empty)."""
-    return f"0-{max(size - 1, 0)}"
-
-
-async def _read_file(path: Path) -> AsyncIterator[bytes]:
-    with open(path, "rb") as file:  # noqa: ASYNC230 - reads happen in a thread below
-        while chunk := await asyncio.to_thread(file.read, COPY_CHUNK):
-            yield chunk

@@ -35,7 +35,7 @@ from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted import HostedStore, StoredBlob, Upload, upload_range
+from mirrorrouter.hosted import HostedStore, StoredBlob
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -49,6 +49,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pullthrough import accepts, default_platform_child
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.uploads import Upload, upload_range
 
 HOSTED = "HOSTED"  # the X-Cache value of hosted content: not a cache, the only copy
 SUBJECT_HEADER = "OCI-Subject"
