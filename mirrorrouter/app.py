@@ -128,7 +128,7 @@ async def _healthz(request: Request) -> Response:
 def _readyz(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def readyz(request: Request) -> Response:
         strict = request.query_params.get("strict", "").lower() in ("1", "true", "yes")
-        ready, body = endpoints.readiness(strict=strict)
+        ready, body = endpoints.monitor.readiness(strict=strict)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return readyz
@@ -136,7 +136,7 @@ def _readyz(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
 
 def _status(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def status(request: Request) -> Response:
-        return HTMLResponse(render_status(await endpoints.status()))
+        return HTMLResponse(render_status(await endpoints.monitor.status()))
 
     return status
 
@@ -148,7 +148,7 @@ async def _to_status(request: Request) -> Response:
 
 def _metrics(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def metrics(request: Request) -> Response:
-        return Response(await endpoints.metrics_page(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await endpoints.monitor.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

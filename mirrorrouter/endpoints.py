@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -13,15 +12,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
-from cachetools import TTLCache
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
-from mirrorrouter import __version__, logs
+from mirrorrouter import logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
-from mirrorrouter.breaker import CircuitState
 from mirrorrouter.calls import Call
 from mirrorrouter.clientauth import Authenticator
 from mirrorrouter.config import Settings, UpstreamSettings
@@ -32,6 +29,7 @@ from mirrorrouter.groups import Answer, GroupApi
 from mirrorrouter.hostedapi import HOSTED, HostedApi, index_response, tag_page
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
+from mirrorrouter.monitor import Monitor
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -45,7 +43,6 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pullthrough import BlobAnswer, CacheStatus, ManifestAnswer, Pullthrough
 from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
-from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
 from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"
@@ -98,7 +95,7 @@ class Endpoints:
         self.pull.filler.on_commit = self.evictor.committed
         self.hosted = HostedApi(settings, clock=timing.wall, coordinator=self.pull.coordinator)
         self.groups = GroupApi(self.mapper, self.access, self._serve)
-        self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
+        self.monitor = Monitor(settings, self.pull, self.metrics)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -439,93 +436,6 @@ class Endpoints:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             bytes=size,
         )
-
-    async def status(self) -> StatusSnapshot:
-        """What the status page shows: every upstream's mirrors, cache and tallies; recent pulls."""
-        upstreams = []
-        for upstream in self.settings.upstreams.values():
-            breakers = {b.name: b for b in self.pull.breakers(upstream)}
-            mirrors = tuple(
-                MirrorStatus(
-                    mirror.url,
-                    tuple(sorted(c.value for c in mirror.capabilities)),
-                    breakers[mirror.name].state.value if mirror.name in breakers else "closed",
-                    breakers[mirror.name].failures if mirror.name in breakers else 0,
-                )
-                for mirror in upstream.mirrors
-            )
-            size, entries = await self._cache_usage(upstream)
-            tally = self.metrics.tallies.of(upstream.name)
-            upstreams.append(
-                UpstreamStatus(
-                    upstream.name,
-                    mirrors,
-                    size,
-                    entries,
-                    tally.hits,
-                    tally.misses,
-                    tally.stale,
-                    tally.bytes_from_cache,
-                    tally.bytes_from_upstream,
-                )
-            )
-        recent = tuple(
-            RecentPull(
-                p.time,
-                "" if p.user == "anonymous" else p.user,
-                p.reference,
-                p.digest,
-                p.upstream,
-                p.cache,
-                p.bytes,
-            )
-            for p in self.metrics.tallies.recent
-        )
-        return StatusSnapshot(__version__, self.metrics.started_at, tuple(upstreams), recent)
-
-    async def _cache_usage(self, upstream: UpstreamSettings) -> tuple[int, int]:
-        """Bytes and entries in an upstream's cache (also set as gauges); a scan at most
-        every 30 s."""
-        known = self._usage.get(upstream.name)
-        if known is None:
-            inventory = await (await self.pull.site(upstream)).cache.inventory()
-            known = (inventory.stored_bytes, len(inventory.blobs) + len(inventory.manifests))
-            self._usage[upstream.name] = known
-            self.metrics.cache_bytes.labels(upstream.name).set(known[0])
-            self.metrics.cache_entries.labels(upstream.name).set(known[1])
-        return known
-
-    async def metrics_page(self) -> bytes:
-        """The /metrics text, with the cache gauges fresh (to within 30 s)."""
-        for upstream in self.settings.upstreams.values():
-            await self._cache_usage(upstream)
-        return self.metrics.exposition()
-
-    def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:
-        """Ready: the config is loaded and every cache and hosted set is writable.
-
-        An upstream whose mirrors are all circuit-open is reported as degraded but does not
-        make the gateway unready: that is when its cache and stale tags matter most, and an
-        orchestrator would otherwise take every replica out of service at once. ``strict``
-        counts it as not ready too.
-        """
-        problems: dict[str, str] = {}
-        degraded: dict[str, str] = {}
-        for upstream in self.settings.upstreams.values():
-            directory = upstream.cache.directory
-            if not os.access(directory, os.W_OK):
-                problems[upstream.name] = f"cache directory {directory} is not writable"
-                continue
-            breakers = self.pull.breakers(upstream)
-            if breakers and all(b.state is CircuitState.OPEN for b in breakers):
-                degraded[upstream.name] = "every mirror's circuit is open; serving from cache"
-        for hosted in self.settings.hosted.values():
-            if not os.access(hosted.storage.directory, os.W_OK):
-                problems[hosted.name] = (
-                    f"hosted directory {hosted.storage.directory} is not writable"
-                )
-        ready = not problems and not (strict and degraded)
-        return ready, {"ready": ready, "problems": problems, "degraded": degraded}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

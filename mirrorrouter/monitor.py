@@ -1,0 +1,113 @@
+"""What the gateway says about itself: the status page's snapshot, the /metrics text with
+fresh cache gauges, and readiness."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cachetools import TTLCache
+
+from mirrorrouter import __version__
+from mirrorrouter.breaker import CircuitState
+from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.metrics import Metrics
+from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
+
+
+class Monitor:
+    """Status, metrics and readiness of one gateway process."""
+
+    def __init__(self, settings: Settings, pull: Pullthrough, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pull = pull
+        self.metrics = metrics
+        self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
+
+    async def status(self) -> StatusSnapshot:
+        """What the status page shows: every upstream's mirrors, cache and tallies; recent pulls."""
+        upstreams = []
+        for upstream in self.settings.upstreams.values():
+            breakers = {b.name: b for b in self.pull.breakers(upstream)}
+            mirrors = tuple(
+                MirrorStatus(
+                    mirror.url,
+                    tuple(sorted(c.value for c in mirror.capabilities)),
+                    breakers[mirror.name].state.value if mirror.name in breakers else "closed",
+                    breakers[mirror.name].failures if mirror.name in breakers else 0,
+                )
+                for mirror in upstream.mirrors
+            )
+            size, entries = await self._cache_usage(upstream)
+            tally = self.metrics.tallies.of(upstream.name)
+            upstreams.append(
+                UpstreamStatus(
+                    upstream.name,
+                    mirrors,
+                    size,
+                    entries,
+                    tally.hits,
+                    tally.misses,
+                    tally.stale,
+                    tally.bytes_from_cache,
+                    tally.bytes_from_upstream,
+                )
+            )
+        recent = tuple(
+            RecentPull(
+                p.time,
+                "" if p.user == "anonymous" else p.user,
+                p.reference,
+                p.digest,
+                p.upstream,
+                p.cache,
+                p.bytes,
+            )
+            for p in self.metrics.tallies.recent
+        )
+        return StatusSnapshot(__version__, self.metrics.started_at, tuple(upstreams), recent)
+
+    async def _cache_usage(self, upstream: UpstreamSettings) -> tuple[int, int]:
+        """Bytes and entries in an upstream's cache (also set as gauges); a scan at most
+        every 30 s."""
+        known = self._usage.get(upstream.name)
+        if known is None:
+            inventory = await (await self.pull.site(upstream)).cache.inventory()
+            known = (inventory.stored_bytes, len(inventory.blobs) + len(inventory.manifests))
+            self._usage[upstream.name] = known
+            self.metrics.cache_bytes.labels(upstream.name).set(known[0])
+            self.metrics.cache_entries.labels(upstream.name).set(known[1])
+        return known
+
+    async def metrics_page(self) -> bytes:
+        """The /metrics text, with the cache gauges fresh (to within 30 s)."""
+        for upstream in self.settings.upstreams.values():
+            await self._cache_usage(upstream)
+        return self.metrics.exposition()
+
+    def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:
+        """Ready: the config is loaded and every cache and hosted set is writable.
+
+        An upstream whose mirrors are all circuit-open is reported as degraded but does not
+        make the gateway unready: that is when its cache and stale tags matter most, and an
+        orchestrator would otherwise take every replica out of service at once. ``strict``
+        counts it as not ready too.
+        """
+        problems: dict[str, str] = {}
+        degraded: dict[str, str] = {}
+        for upstream in self.settings.upstreams.values():
+            directory = upstream.cache.directory
+            if not os.access(directory, os.W_OK):
+                problems[upstream.name] = f"cache directory {directory} is not writable"
+                continue
+            breakers = self.pull.breakers(upstream)
+            if breakers and all(b.state is CircuitState.OPEN for b in breakers):
+                degraded[upstream.name] = "every mirror's circuit is open; serving from cache"
+        for hosted in self.settings.hosted.values():
+            if not os.access(hosted.storage.directory, os.W_OK):
+                problems[hosted.name] = (
+                    f"hosted directory {hosted.storage.directory} is not writable"
+                )
+        ready = not problems and not (strict and degraded)
+        return ready, {"ready": ready, "problems": problems, "degraded": degraded}
