@@ -61,7 +61,6 @@ import inspect
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -93,6 +92,7 @@ from mirrorrouter.cache.base import (
     encode_tag_record,
     parse_tag_record,
 )
+from mirrorrouter.cache.copies import LocalCopies
 from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings
@@ -190,7 +190,7 @@ class ObjectStoreCache:
         identity = (store_settings.endpoint or "aws", store_settings.bucket, self.root)
         self._shared = _SHARED.setdefault(identity, _Shared())
         self._spool = SpoolArea(settings.directory, companions=("copies",))
-        self._copies = _LocalCopies(self._spool.companion("copies"), local_copy_bytes, self)
+        self._copies = LocalCopies(self._spool.companion("copies"), local_copy_bytes, self.in_use)
         self._background: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
@@ -592,64 +592,6 @@ class _ObjectBlobWriter(SpoolWriter):
         # Moved on the event loop thread (no await from here on), so that readers which look
         # up the spool path and the returned path never see neither.
         return cache._copies.keep(self._path, self._digest, self._written)
-
-
-class _LocalCopies:
-    """Local files of blobs committed by one instance, least recently used evicted first
-    once they take more than ``limit`` bytes; the newest and blobs in use always stay."""
-
-    def __init__(self, directory: Path, limit: int, cache: ObjectStoreCache) -> None:
-        self._directory = directory
-        self._limit = limit
-        self._cache = cache
-        self._files: OrderedDict[Digest, tuple[Path, int]] = OrderedDict()
-        self._bytes = 0
-
-    def keep(self, spool: Path, digest: Digest, size: int) -> Path:
-        self._directory.mkdir(parents=True, exist_ok=True)
-        target = self._directory / f"{digest.algorithm}-{digest.hex}"
-        self._forget(digest)
-        os.replace(spool, target)  # readers of an older copy keep its inode
-        self._files[digest] = (target, size)
-        self._bytes += size
-        for other in list(self._files):
-            if self._bytes <= self._limit:
-                break
-            if other != digest and not self._cache.in_use(other):
-                self.drop(other)
-        return target
-
-    def get(self, digest: Digest) -> Path | None:
-        entry = self._files.get(digest)
-        if entry is None:
-            return None
-        if not entry[0].exists():  # swept by another instance after this one closed
-            self._forget(digest)
-            return None
-        self._files.move_to_end(digest)
-        return entry[0]
-
-    def open(self, digest: Digest) -> int | None:
-        """A read-only descriptor of the local copy, if there is one."""
-        path = self.get(digest)
-        if path is None:
-            return None
-        try:
-            return os.open(path, os.O_RDONLY)
-        except OSError:
-            self._forget(digest)
-            return None
-
-    def drop(self, digest: Digest) -> None:
-        entry = self._forget(digest)
-        if entry is not None:
-            entry[0].unlink(missing_ok=True)
-
-    def _forget(self, digest: Digest) -> tuple[Path, int] | None:
-        entry = self._files.pop(digest, None)
-        if entry is not None:
-            self._bytes -= entry[1]
-        return entry
 
 
 class _MemoryClaim:
