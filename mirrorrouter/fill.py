@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from mirrorrouter.answers import blob_size_from_headers
 from mirrorrouter.cache import BlobWriter, Claim, DigestMismatch
 from mirrorrouter.config import Capability
 from mirrorrouter.coordination import Coordinator, Holder, Lease, LocalCoordinator
@@ -36,7 +37,6 @@ from mirrorrouter.reference import Digest
 from mirrorrouter.singleflight import BlobFill
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import Timing
-from mirrorrouter.upstream import blob_size_from_headers
 
 log = logging.getLogger("mirrorrouter.fill")
 

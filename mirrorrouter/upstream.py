@@ -20,33 +20,35 @@ anonymous token, so both count as "not found at this mirror", and the detail say
 
 from __future__ import annotations
 
-import email.utils
-import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 
+from mirrorrouter.answers import (
+    Attempts,
+    blob_size_from_headers,
+    content_type_of,
+    describe,
+    failure,
+    final,
+    header_digest,
+    manifest_media_type,
+)
 from mirrorrouter.auth import RegistryAuth
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.config import Capability, Mirror, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import (
-    CONTENT_DIGEST_HEADER,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
     MANIFEST_ACCEPT,
     MAX_MANIFEST_BYTES,
-    OCI_INDEX,
-    OCI_MANIFEST,
 )
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError
-from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES, RetryPolicy
+from mirrorrouter.reference import Digest, ImageReference
+from mirrorrouter.retry import RetryPolicy
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.transport import upstream_network
 
@@ -58,7 +60,6 @@ log = logging.getLogger("mirrorrouter.upstream")
 T = TypeVar("T")
 BLOB_CHUNK = 1024 * 1024
 _ACCEPT = ", ".join(MANIFEST_ACCEPT)
-_REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,52 +112,12 @@ class BlobStream:
                     parts, pending = [], 0
         except httpx.HTTPError as exc:
             self.breaker.failure()
-            failure = UpstreamError(_describe(exc), mirror=self.mirror, is_temporary=True)
+            failure = UpstreamError(describe(exc), mirror=self.mirror, is_temporary=True)
             failure.__cause__ = exc
         if parts:  # also what arrived before a failure: a resume continues after it
             yield b"".join(parts)
         if failure is not None:
             raise failure
-
-
-@dataclass(slots=True)
-class Attempts:
-    """What each mirror answered; turns into the client's error when all failed."""
-
-    upstream: str
-    tried: list[dict[str, str]] = field(default_factory=list)
-    retry_after: float | None = None
-    only_not_found: bool = True
-    throttled: bool = False
-
-    def add(self, mirror: Mirror, outcome: str, status: int | None = None) -> None:
-        self.tried.append({"mirror": mirror.name, "result": outcome})
-        if status not in (401, 403, 404):
-            self.only_not_found = False
-        if status == 429:
-            self.throttled = True
-
-    def error(self, not_found: ErrorCode, what: str) -> RegistryError:
-        detail: dict[str, Any] = {"upstream": self.upstream, "tried": self.tried}
-        if not self.tried:
-            return RegistryError(
-                ErrorCode.UNAVAILABLE,
-                f"no mirror of {self.upstream} may serve {what}",
-                detail=detail,
-            )
-        if self.only_not_found:
-            return RegistryError(not_found, f"{what} not found upstream", detail=detail)
-        if self.throttled:
-            headers = {"Retry-After": str(int(self.retry_after or 60))}
-            return RegistryError(
-                ErrorCode.TOOMANYREQUESTS,
-                f"{self.upstream} is rate-limiting this mirror",
-                detail=detail,
-                headers=headers,
-            )
-        return RegistryError(
-            ErrorCode.UNAVAILABLE, f"no mirror of {self.upstream} could serve {what}", detail=detail
-        )
 
 
 class UpstreamClient:
@@ -304,7 +265,7 @@ class UpstreamClient:
         try:
             response = await self.http.send(request, stream=stream)
         except httpx.HTTPError as exc:
-            raise UpstreamError(_describe(exc), mirror=mirror.name, is_temporary=True) from exc
+            raise UpstreamError(describe(exc), mirror=mirror.name, is_temporary=True) from exc
         remaining = response.headers.get("ratelimit-remaining")  # Docker Hub's pull quota
         if remaining is not None:
             self.metrics.ratelimit_remaining(self.name, remaining)
@@ -331,29 +292,29 @@ class UpstreamClient:
                 raise await failure(mirror, response)
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
-                raise _final(mirror, f"manifest of {declared} bytes is over the 4 MiB limit")
+                raise final(mirror, f"manifest of {declared} bytes is over the 4 MiB limit")
             data = bytearray()
             try:
                 async for chunk in response.aiter_bytes():
                     data += chunk
                     if len(data) > MAX_MANIFEST_BYTES:
-                        raise _final(mirror, "manifest is over the 4 MiB limit")
+                        raise final(mirror, "manifest is over the 4 MiB limit")
             except httpx.HTTPError as exc:
-                raise UpstreamError(_describe(exc), mirror=mirror.name, is_temporary=True) from exc
+                raise UpstreamError(describe(exc), mirror=mirror.name, is_temporary=True) from exc
         finally:
             await response.aclose()
         body = bytes(data)
         algorithm = ref.digest.algorithm if ref.digest else "sha256"
         digest = Digest.of(body, algorithm)
-        expected = ref.digest or _header_digest(response.headers)
+        expected = ref.digest or header_digest(response.headers)
         if expected is not None and expected.algorithm == algorithm and expected != digest:
             log.warning(
                 "mirror %s served a manifest for %s that hashes to %s", mirror.name, ref, digest
             )
-            raise _final(mirror, f"content hashed to {digest}, not {expected}: corrupt")
+            raise final(mirror, f"content hashed to {digest}, not {expected}: corrupt")
         media_type = manifest_media_type(response.headers.get("content-type"), body)
         if media_type is None:
-            raise _final(mirror, "answer is not a manifest")
+            raise final(mirror, "answer is not a manifest")
         return FetchedManifest(digest, media_type, body, mirror.name)
 
     async def head_manifest(self, ref: ImageReference) -> ManifestHead:
@@ -364,8 +325,8 @@ class UpstreamClient:
             response = await self._send(mirror, "HEAD", url, headers={"Accept": _ACCEPT})
             if response.status_code != 200:
                 raise await failure(mirror, response)
-            media_type = _content_type(response.headers.get("content-type")) or ""
-            return ManifestHead(_header_digest(response.headers), media_type, mirror.name)
+            media_type = content_type_of(response.headers.get("content-type")) or ""
+            return ManifestHead(header_digest(response.headers), media_type, mirror.name)
 
         head, _ = await self._over_mirrors(
             Capability.RESOLVE, f"manifest {ref}", ErrorCode.MANIFEST_UNKNOWN, attempt
@@ -476,109 +437,3 @@ def _bind(attempt: Callable[[Mirror], Awaitable[T]], mirror: Mirror) -> Callable
         return await attempt(mirror)
 
     return bound
-
-
-async def failure(mirror: Mirror, response: httpx.Response) -> UpstreamError:
-    """Classify a non-success answer: temporary (retry, fail over), not found, or final."""
-    status = response.status_code
-    temporary = status in TEMPORARY_STATUSES
-    if not temporary and status >= 400 and status not in (401, 403, 404):
-        temporary = await _error_code(response) in TEMPORARY_CODES
-    await response.aclose()
-    retry_after = retry_after_seconds(response.headers.get("retry-after"))
-    return UpstreamError(
-        f"HTTP {status} {_REASONS.get(status, '')}".rstrip(),
-        mirror=mirror.name,
-        status=status,
-        is_temporary=temporary,
-        retry_after=retry_after if status in (429, 503) else None,
-    )
-
-
-def _final(mirror: Mirror, message: str) -> UpstreamError:
-    return UpstreamError(message, mirror=mirror.name, is_temporary=False)
-
-
-async def _error_code(response: httpx.Response) -> str | None:
-    try:
-        body = await response.aread()
-        errors = json.loads(body[:65536]).get("errors") or []
-        return str(errors[0].get("code")) if errors else None
-    except (ValueError, AttributeError, IndexError, httpx.HTTPError):
-        return None
-
-
-def _describe(exc: httpx.HTTPError) -> str:
-    kind = type(exc).__name__
-    return f"{kind}: {exc}" if str(exc) else kind
-
-
-def _content_type(value: str | None) -> str | None:
-    return value.split(";", 1)[0].strip().lower() if value else None
-
-
-def _header_digest(headers: httpx.Headers) -> Digest | None:
-    value = headers.get(CONTENT_DIGEST_HEADER)
-    if not value:
-        return None
-    try:
-        return Digest.parse(value.strip())
-    except ReferenceError:
-        return None
-
-
-_MANIFEST_TYPES = frozenset(
-    {
-        OCI_INDEX,
-        OCI_MANIFEST,
-        DOCKER_MANIFEST_LIST,
-        DOCKER_MANIFEST,
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
-
-
-def manifest_media_type(content_type: str | None, body: bytes) -> str | None:
-    """The media type of a manifest: its Content-Type, else its ``mediaType`` field, else
-    its shape (umoci writes OCI manifests without the optional ``mediaType``)."""
-    declared = _content_type(content_type)
-    if declared in _MANIFEST_TYPES:
-        return declared
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(document, dict):
-        return None
-    field_type = document.get("mediaType")
-    if isinstance(field_type, str) and field_type:
-        return field_type
-    if "manifests" in document:
-        return OCI_INDEX
-    if "config" in document and "layers" in document:
-        return OCI_MANIFEST
-    return declared if declared and declared.startswith("application/vnd.") else None
-
-
-def blob_size_from_headers(response: httpx.Response, offset: int) -> int | None:
-    """The whole blob's size: a 200's Content-Length, a 206's (from ``offset``) Content-Range."""
-    if offset:
-        total = response.headers.get("content-range", "").rpartition("/")[2]
-        return int(total) if total.isdigit() else None
-    length = response.headers.get("content-length")
-    return int(length) if length and length.isdigit() else None
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment - (time.time() if now is None else now))

@@ -1,0 +1,173 @@
+"""Reading an upstream's answers: what a failure means (temporary, not found, final), what
+each mirror answered (``Attempts``, the client's error when all failed), and the facts in
+headers and bodies (media type, digest, size, ``Retry-After``). upstream.py asks."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from mirrorrouter.config import Mirror
+from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.oci import (
+    CONTENT_DIGEST_HEADER,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
+
+_REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
+
+
+@dataclass(slots=True)
+class Attempts:
+    """What each mirror answered; turns into the client's error when all failed."""
+
+    upstream: str
+    tried: list[dict[str, str]] = field(default_factory=list)
+    retry_after: float | None = None
+    only_not_found: bool = True
+    throttled: bool = False
+
+    def add(self, mirror: Mirror, outcome: str, status: int | None = None) -> None:
+        self.tried.append({"mirror": mirror.name, "result": outcome})
+        if status not in (401, 403, 404):
+            self.only_not_found = False
+        if status == 429:
+            self.throttled = True
+
+    def error(self, not_found: ErrorCode, what: str) -> RegistryError:
+        detail: dict[str, Any] = {"upstream": self.upstream, "tried": self.tried}
+        if not self.tried:
+            return RegistryError(
+                ErrorCode.UNAVAILABLE,
+                f"no mirror of {self.upstream} may serve {what}",
+                detail=detail,
+            )
+        if self.only_not_found:
+            return RegistryError(not_found, f"{what} not found upstream", detail=detail)
+        if self.throttled:
+            headers = {"Retry-After": str(int(self.retry_after or 60))}
+            return RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                f"{self.upstream} is rate-limiting this mirror",
+                detail=detail,
+                headers=headers,
+            )
+        return RegistryError(
+            ErrorCode.UNAVAILABLE, f"no mirror of {self.upstream} could serve {what}", detail=detail
+        )
+
+
+async def failure(mirror: Mirror, response: httpx.Response) -> UpstreamError:
+    """Classify a non-success answer: temporary (retry, fail over), not found, or final."""
+    status = response.status_code
+    temporary = status in TEMPORARY_STATUSES
+    if not temporary and status >= 400 and status not in (401, 403, 404):
+        temporary = await _error_code(response) in TEMPORARY_CODES
+    await response.aclose()
+    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    return UpstreamError(
+        f"HTTP {status} {_REASONS.get(status, '')}".rstrip(),
+        mirror=mirror.name,
+        status=status,
+        is_temporary=temporary,
+        retry_after=retry_after if status in (429, 503) else None,
+    )
+
+
+def final(mirror: Mirror, message: str) -> UpstreamError:
+    return UpstreamError(message, mirror=mirror.name, is_temporary=False)
+
+
+async def _error_code(response: httpx.Response) -> str | None:
+    try:
+        body = await response.aread()
+        errors = json.loads(body[:65536]).get("errors") or []
+        return str(errors[0].get("code")) if errors else None
+    except (ValueError, AttributeError, IndexError, httpx.HTTPError):
+        return None
+
+
+def describe(exc: httpx.HTTPError) -> str:
+    kind = type(exc).__name__
+    return f"{kind}: {exc}" if str(exc) else kind
+
+
+def content_type_of(value: str | None) -> str | None:
+    return value.split(";", 1)[0].strip().lower() if value else None
+
+
+def header_digest(headers: httpx.Headers) -> Digest | None:
+    value = headers.get(CONTENT_DIGEST_HEADER)
+    if not value:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except ReferenceError:
+        return None
+
+
+_MANIFEST_TYPES = frozenset(
+    {
+        OCI_INDEX,
+        OCI_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        DOCKER_MANIFEST,
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+
+
+def manifest_media_type(content_type: str | None, body: bytes) -> str | None:
+    """The media type of a manifest: its Content-Type, else its ``mediaType`` field, else
+    its shape (umoci writes OCI manifests without the optional ``mediaType``)."""
+    declared = content_type_of(content_type)
+    if declared in _MANIFEST_TYPES:
+        return declared
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    field_type = document.get("mediaType")
+    if isinstance(field_type, str) and field_type:
+        return field_type
+    if "manifests" in document:
+        return OCI_INDEX
+    if "config" in document and "layers" in document:
+        return OCI_MANIFEST
+    return declared if declared and declared.startswith("application/vnd.") else None
+
+
+def blob_size_from_headers(response: httpx.Response, offset: int) -> int | None:
+    """The whole blob's size: a 200's Content-Length, a 206's (from ``offset``) Content-Range."""
+    if offset:
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("content-length")
+    return int(length) if length and length.isdigit() else None
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment - (time.time() if now is None else now))
