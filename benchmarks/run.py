@@ -22,18 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import os
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import httpx
@@ -46,7 +41,7 @@ from benchmarks.clients import (
     run_wrk,
     skopeo_pull,
 )
-from benchmarks.machine import CpuSnapshot, foreign_share, machine_facts
+from benchmarks.machine import CpuSnapshot, foreign_share
 from benchmarks.peers import (
     BLOB_PATH,
     Gateway,
@@ -57,8 +52,9 @@ from benchmarks.peers import (
     status_kib,
 )
 from benchmarks.results import Results, Row
+from benchmarks.runner import kinds, run_bench, settle
 from tests.support.images import Descriptor, ImageFactory, PushedImage
-from tests.support.registry import DistributionRegistry, LoggedRequest, wait_until
+from tests.support.registry import DistributionRegistry, wait_until
 from tests.support.service import Service
 
 MIB = 1024 * 1024
@@ -459,7 +455,7 @@ class Bench:
             "socket_errors": result.socket_errors,
             "latency_ms": result.latency_ms,
             "upstream_requests": len(upstream_requests),
-            "upstream_by_kind": _kinds(upstream_requests),
+            "upstream_by_kind": kinds(upstream_requests),
         }
         if result.requests:
             self.results.measures[f"manifest_{kind}_upstream"].record(
@@ -781,46 +777,6 @@ class Bench:
         }
 
 
-def settle(
-    registry: DistributionRegistry, since: int, *, quiet: float = 0.3, limit: float = 10.0
-) -> list[LoggedRequest]:
-    """The registry's requests since ``since`` once no new one came for ``quiet`` seconds."""
-    deadline = time.monotonic() + limit
-    seen = registry.requests(since)
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = registry.requests(since)
-        if len(now) == len(seen):
-            break
-        seen = now
-    return seen
-
-
-def _kinds(requests: Sequence[LoggedRequest]) -> dict[str, int]:
-    """Count upstream requests by method and kind of path ("GET /v2/", "HEAD manifests")."""
-    counts: dict[str, int] = {}
-    for request in requests:
-        path = request.path_only
-        kind = next((k for k in ("manifests", "blobs", "tags") if f"/{k}/" in path), path)
-        key = f"{request.method} {kind}"
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _reap_leftovers() -> list[str]:
-    """Stop any child process still running (a cleanup bug): by pid, our descendants only."""
-    found = []
-    for pid in reversed(process_tree(os.getpid())[1:]):
-        found.append(f"{pid} {process_name(pid)}")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return found
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
@@ -841,45 +797,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.from_args(parse_args(argv))
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_on_signal)
     bench = Bench(plan)
-    bench.meta.update(machine_facts(REPO_ROOT))
-    root = Path(tempfile.mkdtemp(prefix="mirrorrouter-bench-"))
-    bench.meta["workdir"] = str(root)
-    complete = False
-    try:
-        with bench.stack:
-            with bench.phase("setup"):
-                bench.setup(root)
-            with bench.phase("warm blobs and manifests"):
-                bench.warm_phases()
-            with bench.phase("cold pull"):
-                bench.cold_pull_phase()
-            with bench.phase("cold fan-out"):
-                bench.cold_fanout_phase()
-            with bench.phase("memory"):
-                bench.memory_phase()
-        complete = True
-    except Exception as exc:
-        # Not Ctrl-C (that ends the run after the cleanup below): report what was measured.
-        bench.results.warn(f"the run stopped early: {type(exc).__name__}: {exc}")
-        bench.log(f"run failed: {exc!r}")
-    finally:
-        bench.meta["duration_s"] = round(time.monotonic() - bench.started, 1)
-        bench.meta["loadavg_end"] = os.getloadavg()
-        leftovers = _reap_leftovers()
-        if leftovers:
-            bench.results.warn(f"processes left running after cleanup, killed: {leftovers}")
-        rows = bench.rows() if hasattr(bench, "world") else []
-        plan.out.parent.mkdir(parents=True, exist_ok=True)
-        plan.out.write_text(json.dumps(bench.document(rows, complete), indent=1) + "\n")
-        if plan.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-        print_report(bench, rows)
-    return 0 if complete else 1
+    phases = [
+        ("warm blobs and manifests", bench.warm_phases),
+        ("cold pull", bench.cold_pull_phase),
+        ("cold fan-out", bench.cold_fanout_phase),
+        ("memory", bench.memory_phase),
+    ]
+    return run_bench(
+        bench,
+        plan,
+        prefix="mirrorrouter-bench-",
+        repo_root=REPO_ROOT,
+        phases=phases,
+        report=lambda rows: print_report(bench, rows),
+    )
 
 
 def print_report(bench: Bench, rows: list[Row]) -> None:

@@ -30,12 +30,8 @@ import contextlib
 import datetime as dt
 import functools
 import http.client
-import json
-import os
 import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -57,10 +53,10 @@ from benchmarks.clients import (
     get_discard,
     run_wrk,
 )
-from benchmarks.machine import CpuSnapshot, foreign_share, machine_facts
+from benchmarks.machine import CpuSnapshot, foreign_share
 from benchmarks.peers import Gateway
 from benchmarks.results import Results, Row
-from benchmarks.run import _kinds, _raise_on_signal, _reap_leftovers, settle
+from benchmarks.runner import kinds, run_bench, settle
 from tests.support.gateway import GatewayProcess
 from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.redisserver import RedisServer
@@ -418,7 +414,7 @@ advertise_url = "http://127.0.0.1:{gateway.port}"
             self.warm(bucket.host, S3_BUCKET)
             self.warm(redirect.host, S3_REDIRECT, redirect=True)
             shared = settle(world.upstream, since)
-            self.meta["upstream_requests_warming_other_replicas"] = _kinds(shared)
+            self.meta["upstream_requests_warming_other_replicas"] = kinds(shared)
             if shared:
                 results.warn(
                     f"warming s3-bucket and s3-redirect asked the upstream {len(shared)} times"
@@ -519,7 +515,7 @@ advertise_url = "http://127.0.0.1:{gateway.port}"
             "socket_errors": result.socket_errors,
             "latency_ms": result.latency_ms,
             "upstream_requests": len(upstream_requests),
-            "upstream_by_kind": _kinds(upstream_requests),
+            "upstream_by_kind": kinds(upstream_requests),
         }
         if result.requests:
             self.results.measures[f"manifest_{kind}_upstream"].record(
@@ -715,40 +711,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.from_args(parse_args(argv))
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_on_signal)
     bench = Bench(plan)
-    bench.meta.update(machine_facts(REPO_ROOT))
-    root = Path(tempfile.mkdtemp(prefix="mirrorrouter-scaling-"))
-    bench.meta["workdir"] = str(root)
-    complete = False
-    try:
-        with bench.stack:
-            with bench.phase("setup"):
-                bench.setup(root)
-            with bench.phase("warm blobs and manifests"):
-                bench.warm_phases()
-            with bench.phase("cold"):
-                bench.cold_phase()
-        complete = True
-    except Exception as exc:
-        bench.results.warn(f"the run stopped early: {type(exc).__name__}: {exc}")
-        bench.log(f"run failed: {exc!r}")
-    finally:
-        bench.meta["duration_s"] = round(time.monotonic() - bench.started, 1)
-        bench.meta["loadavg_end"] = os.getloadavg()
-        leftovers = _reap_leftovers()
-        if leftovers:
-            bench.results.warn(f"processes left running after cleanup, killed: {leftovers}")
-        rows = bench.rows() if hasattr(bench, "world") else []
-        plan.out.parent.mkdir(parents=True, exist_ok=True)
-        plan.out.write_text(json.dumps(bench.document(rows, complete), indent=1) + "\n")
-        if plan.keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-        print_report(bench, rows)
-    return 0 if complete else 1
+    return run_bench(
+        bench,
+        plan,
+        prefix="mirrorrouter-scaling-",
+        repo_root=REPO_ROOT,
+        phases=[("warm blobs and manifests", bench.warm_phases), ("cold", bench.cold_phase)],
+        report=lambda rows: print_report(bench, rows),
+    )
 
 
 def print_report(bench: Bench, rows: list[Row]) -> None:

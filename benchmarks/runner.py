@@ -1,0 +1,135 @@
+"""What every benchmark run does around its phases (run.py, scaling.py): signals end the
+run cleanly, phases run in order inside the bench's service stack, a failure still reports
+what was measured, stray child processes are reaped, the JSON document and the table are
+written, and the temporary directory goes (unless kept). Also the upstream-request helpers
+both share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from benchmarks.machine import machine_facts
+from benchmarks.peers import process_name, process_tree
+from benchmarks.results import Results, Row
+from tests.support.registry import DistributionRegistry, LoggedRequest
+
+
+class RunPlan(Protocol):
+    out: Path
+    keep: bool
+
+
+class Bench(Protocol):
+    """What the runner needs of a benchmark (run.Bench, scaling.Bench)."""
+
+    meta: dict[str, Any]
+    results: Results
+    started: float
+    stack: contextlib.ExitStack
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def setup(self, root: Path) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+    def rows(self) -> list[Row]: ...
+
+    def document(self, rows: list[Row], complete: bool) -> dict[str, Any]: ...
+
+
+def run_bench(
+    bench: Bench,
+    plan: RunPlan,
+    *,
+    prefix: str,
+    repo_root: Path,
+    phases: Sequence[tuple[str, Callable[[], None]]],
+    report: Callable[[list[Row]], None],
+) -> int:
+    """Set up in a fresh temp directory, run ``phases`` in order, then always: reap, write
+    the JSON, clean up, print the report. 0 when every phase completed."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_on_signal)
+    bench.meta.update(machine_facts(repo_root))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    bench.meta["workdir"] = str(root)
+    complete = False
+    try:
+        with bench.stack:
+            with bench.phase("setup"):
+                bench.setup(root)
+            for name, run in phases:
+                with bench.phase(name):
+                    run()
+        complete = True
+    except Exception as exc:
+        # Not Ctrl-C (that ends the run after the cleanup below): report what was measured.
+        bench.results.warn(f"the run stopped early: {type(exc).__name__}: {exc}")
+        bench.log(f"run failed: {exc!r}")
+    finally:
+        bench.meta["duration_s"] = round(time.monotonic() - bench.started, 1)
+        bench.meta["loadavg_end"] = os.getloadavg()
+        leftovers = reap_leftovers()
+        if leftovers:
+            bench.results.warn(f"processes left running after cleanup, killed: {leftovers}")
+        rows = bench.rows() if hasattr(bench, "world") else []
+        plan.out.parent.mkdir(parents=True, exist_ok=True)
+        plan.out.write_text(json.dumps(bench.document(rows, complete), indent=1) + "\n")
+        if plan.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        report(rows)
+    return 0 if complete else 1
+
+
+def settle(
+    registry: DistributionRegistry, since: int, *, quiet: float = 0.3, limit: float = 10.0
+) -> list[LoggedRequest]:
+    """The registry's requests since ``since`` once no new one came for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    seen = registry.requests(since)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = registry.requests(since)
+        if len(now) == len(seen):
+            break
+        seen = now
+    return seen
+
+
+def kinds(requests: Sequence[LoggedRequest]) -> dict[str, int]:
+    """Count upstream requests by method and kind of path ("GET /v2/", "HEAD manifests")."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        path = request.path_only
+        kind = next((k for k in ("manifests", "blobs", "tags") if f"/{k}/" in path), path)
+        key = f"{request.method} {kind}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def reap_leftovers() -> list[str]:
+    """Stop any child process still running (a cleanup bug): by pid, our descendants only."""
+    found = []
+    for pid in reversed(process_tree(os.getpid())[1:]):
+        found.append(f"{pid} {process_name(pid)}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return found
