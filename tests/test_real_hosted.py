@@ -212,6 +212,40 @@ def test_podman_push_then_skopeo_pull_through_group(world: World, tmp_path: Path
     }
 
 
+def test_podman_pushes_a_multiarch_list_pulled_back_through_the_group(
+    world: World, tmp_path: Path
+) -> None:
+    """``podman manifest push --all`` of a two-platform image into dev/podmulti:v1: the list
+    and each platform's manifest come back byte-exact through the group (skopeo)."""
+    gw = world.gateway
+    image = world.factory.multiarch("podmulti", seed=61)
+    with Podman() as podman:
+        pushed = podman.push_manifest_list(
+            image.oci_reference, f"docker://{gw.host}/dev/podmulti:v1"
+        )
+    skopeo = Skopeo()
+    raw = skopeo.inspect_raw(f"{gw.host}/dev/podmulti:v1")
+    assert sha256(raw) == pushed
+    listed = json.loads(raw)
+    # podman writes its own manifests (its media types, its layer compression): the list
+    # holds one per platform of the source, and each comes back as podman pushed it.
+    platforms = {
+        f"{e['platform']['os']}/{e['platform']['architecture']}" for e in listed["manifests"]
+    }
+    assert platforms == set(image.platform_manifests)
+    blobs = set()
+    for entry in listed["manifests"]:
+        body = skopeo.inspect_raw(f"{gw.host}/podmulti@{entry['digest']}")  # via the group
+        assert sha256(body) == entry["digest"]
+        child = json.loads(body)
+        blobs |= {child["config"]["digest"], *(layer["digest"] for layer in child["layers"])}
+    local = skopeo.copy_to_local(
+        f"{gw.host}/dev/podmulti@{pushed}", tmp_path / "all", all_platforms=True
+    )
+    assert local.manifest_digest == pushed
+    assert blobs <= set(local.blob_digests)
+
+
 # -- 3. a chunked upload interrupted and resumed -------------------------------------------
 
 

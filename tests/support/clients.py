@@ -646,6 +646,28 @@ class Podman(Service):
         """``podman logout`` from the private auth file."""
         self.run("logout", "--authfile", str(self.authfile), registry)
 
+    def push_manifest_list(
+        self, layout_ref: str, dest: str, *, tls_verify: bool = False, creds: Creds | None = None
+    ) -> str:
+        """Every platform of a multi-arch image (``oci:DIR:REF``) as a manifest list, then
+        ``podman manifest push --all``; return the digest of the list pushed."""
+        name = f"list-{time.monotonic_ns()}"
+        self.run("manifest", "create", name)
+        self.run("manifest", "add", "--all", name, layout_ref)
+        digestfile = self.base / f"push-digest-{time.monotonic_ns()}"
+        self.run(
+            "manifest",
+            "push",
+            "--all",
+            "--quiet",
+            *self._auth_args(tls_verify, creds),
+            "--digestfile",
+            str(digestfile),
+            name,
+            dest,
+        )
+        return digestfile.read_text().strip()
+
     def push(
         self, src: str, dest: str, *, tls_verify: bool = False, creds: Creds | None = None
     ) -> str:
