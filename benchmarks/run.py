@@ -25,11 +25,10 @@ import functools
 import shutil
 import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -41,7 +40,6 @@ from benchmarks.clients import (
     run_wrk,
     skopeo_pull,
 )
-from benchmarks.machine import CpuSnapshot, foreign_share
 from benchmarks.peers import (
     BLOB_PATH,
     Gateway,
@@ -51,11 +49,10 @@ from benchmarks.peers import (
     process_tree,
     status_kib,
 )
-from benchmarks.results import Results, Row
-from benchmarks.runner import kinds, run_bench, settle
+from benchmarks.results import Row
+from benchmarks.runner import BenchBase, kinds, run_bench, settle
 from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.registry import DistributionRegistry, wait_until
-from tests.support.service import Service
 
 MIB = 1024 * 1024
 GB = 1e9
@@ -76,8 +73,6 @@ LABELS = {
     MR2: "mirrorrouter, 2 workers",
     DIRECT: "upstream directly",
 }
-
-S = TypeVar("S", bound=Service)
 
 
 @dataclass(frozen=True)
@@ -133,74 +128,16 @@ class World:
     warm_cache: Path
 
 
-class Bench:
+class Bench(BenchBase):
     """One run: owns the temp directory, every server and the results."""
 
     world: World
 
+    label_width = 6  # contender names in the log
+
     def __init__(self, plan: Plan) -> None:
+        super().__init__(plan.rounds, LABELS)
         self.plan = plan
-        self.results = Results(plan.rounds)
-        self.started = time.monotonic()
-        self.meta: dict[str, Any] = {}
-        self.stack = contextlib.ExitStack()
-
-    # -- plumbing ------------------------------------------------------------------------
-
-    def log(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    def order(self, contenders: Sequence[str], round_index: int) -> list[str]:
-        """The contenders, rotated by the round: each goes first in some round."""
-        shift = round_index % len(contenders)
-        return [*contenders[shift:], *contenders[:shift]]
-
-    def attempt(
-        self,
-        key: str,
-        contender: str,
-        round_index: int,
-        action: Callable[[], tuple[float, Any]],
-        show: Callable[[float], str],
-    ) -> None:
-        """Run one measurement; an ordinary failure is recorded and the run goes on."""
-        measure = self.results.measures[key]
-        try:
-            value, raw = action()
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"[:600]
-            measure.fail(contender, round_index, text, getattr(exc, "raw", None))
-            self.results.warn(f"{measure.title} / {LABELS[contender]}: {text}")
-            self.log(f"  {contender:<6} {key}: ERROR {text}")
-            return
-        measure.record(contender, round_index, value, raw)
-        self.log(f"  {contender:<6} {key}: {show(value)}")
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Note how much CPU other processes took during the phase (a disturbed machine)."""
-        before = CpuSnapshot.take()
-        try:
-            yield
-        finally:
-            share = foreign_share(before, CpuSnapshot.take())
-            self.meta.setdefault("foreign_cpu_share", {})[name] = round(share, 4)
-            if share > 0.05 and name != "setup":
-                self.results.warn(
-                    f"other processes used {share:.0%} of the machine's CPU during the "
-                    f"{name} phase: its figures are disturbed"
-                )
-
-    @staticmethod
-    def start(stack: contextlib.ExitStack, service: S) -> S:
-        """Start a service and register its stop; a half-started one is stopped too."""
-        try:
-            service.start()
-        except BaseException:
-            service.stop()
-            raise
-        stack.callback(service.stop)
-        return service
 
     @contextlib.contextmanager
     def gateway(self, name: str, cache: Path, workers: int) -> Iterator[Gateway]:

@@ -14,15 +14,90 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from benchmarks.machine import machine_facts
+from benchmarks.machine import CpuSnapshot, foreign_share, machine_facts
 from benchmarks.peers import process_name, process_tree
 from benchmarks.results import Results, Row
 from tests.support.registry import DistributionRegistry, LoggedRequest
+from tests.support.service import Service
+
+S = TypeVar("S", bound=Service)
+
+
+class BenchBase:
+    """What both benchmark suites' ``Bench`` do alike: log lines, rotate contenders,
+    record one measurement (a failure is recorded and the run goes on), watch phases for a
+    disturbed machine, start services onto the run's stack."""
+
+    label_width = 6
+
+    def __init__(self, rounds: int, labels: Mapping[str, str]) -> None:
+        self.results = Results(rounds)
+        self.labels = labels
+        self.started = time.monotonic()
+        self.meta: dict[str, Any] = {}
+        self.stack = contextlib.ExitStack()
+
+    def log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def order(contenders: Sequence[str], round_index: int) -> list[str]:
+        """The contenders, rotated by the round: each goes first in some round."""
+        shift = round_index % len(contenders)
+        return [*contenders[shift:], *contenders[:shift]]
+
+    def attempt(
+        self,
+        key: str,
+        contender: str,
+        round_index: int,
+        action: Callable[[], tuple[float, Any]],
+        show: Callable[[float], str],
+    ) -> None:
+        """Run one measurement; an ordinary failure is recorded and the run goes on."""
+        measure = self.results.measures[key]
+        name = f"{contender:<{self.label_width}}"
+        try:
+            value, raw = action()
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"[:600]
+            measure.fail(contender, round_index, text, getattr(exc, "raw", None))
+            self.results.warn(f"{measure.title} / {self.labels[contender]}: {text}")
+            self.log(f"  {name} {key}: ERROR {text}")
+            return
+        measure.record(contender, round_index, value, raw)
+        self.log(f"  {name} {key}: {show(value)}")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Note how much CPU other processes took during the phase (a disturbed machine)."""
+        before = CpuSnapshot.take()
+        try:
+            yield
+        finally:
+            share = foreign_share(before, CpuSnapshot.take())
+            self.meta.setdefault("foreign_cpu_share", {})[name] = round(share, 4)
+            if share > 0.05 and name != "setup":
+                self.results.warn(
+                    f"other processes used {share:.0%} of the machine's CPU during the "
+                    f"{name} phase: its figures are disturbed"
+                )
+
+    @staticmethod
+    def start(stack: contextlib.ExitStack, service: S) -> S:
+        """Start a service and register its stop; a half-started one is stopped too."""
+        try:
+            service.start()
+        except BaseException:
+            service.stop()
+            raise
+        stack.callback(service.stop)
+        return service
 
 
 class RunPlan(Protocol):

@@ -35,10 +35,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -53,16 +53,14 @@ from benchmarks.clients import (
     get_discard,
     run_wrk,
 )
-from benchmarks.machine import CpuSnapshot, foreign_share
 from benchmarks.peers import Gateway
-from benchmarks.results import Results, Row
-from benchmarks.runner import kinds, run_bench, settle
+from benchmarks.results import Row
+from benchmarks.runner import BenchBase, kinds, run_bench, settle
 from tests.support.gateway import GatewayProcess
 from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.redisserver import RedisServer
 from tests.support.registry import DistributionRegistry, wait_until
 from tests.support.seaweed import SeaweedS3
-from tests.support.service import Service
 
 MIB = 1024 * 1024
 MB = 1e6
@@ -87,8 +85,6 @@ LABELS = {
     S3_CLUSTER: f"s3x3: {REPLICAS} s3+redis replicas",
 }
 S3_ENV_KEY, S3_ENV_SECRET = "MR_BENCH_S3_KEY", "MR_BENCH_S3_SECRET"
-
-S = TypeVar("S", bound=Service)
 
 
 @dataclass(frozen=True)
@@ -222,68 +218,17 @@ def tree_bytes(path: Path, *, within: str = "") -> int:
 # -- the run -------------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(BenchBase):
+    """One run: owns the temp directory, every server and the results."""
+
     world: World
     redirect_port: int  # the s3-redirect replica, which hands out presigned URLs
 
+    label_width = 11  # contender names in the log
+
     def __init__(self, plan: Plan) -> None:
+        super().__init__(plan.rounds, LABELS)
         self.plan = plan
-        self.results = Results(plan.rounds)
-        self.started = time.monotonic()
-        self.meta: dict[str, Any] = {}
-        self.stack = contextlib.ExitStack()
-
-    def log(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    @staticmethod
-    def order(contenders: Sequence[str], round_index: int) -> list[str]:
-        shift = round_index % len(contenders)
-        return [*contenders[shift:], *contenders[:shift]]
-
-    def attempt(
-        self,
-        key: str,
-        contender: str,
-        round_index: int,
-        action: Callable[[], tuple[float, Any]],
-        show: Callable[[float], str],
-    ) -> None:
-        measure = self.results.measures[key]
-        try:
-            value, raw = action()
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"[:600]
-            measure.fail(contender, round_index, text, getattr(exc, "raw", None))
-            self.results.warn(f"{measure.title} / {LABELS[contender]}: {text}")
-            self.log(f"  {contender:<11} {key}: ERROR {text}")
-            return
-        measure.record(contender, round_index, value, raw)
-        self.log(f"  {contender:<11} {key}: {show(value)}")
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        before = CpuSnapshot.take()
-        try:
-            yield
-        finally:
-            share = foreign_share(before, CpuSnapshot.take())
-            self.meta.setdefault("foreign_cpu_share", {})[name] = round(share, 4)
-            if share > 0.05 and name != "setup":
-                self.results.warn(
-                    f"other processes used {share:.0%} of the machine's CPU during the "
-                    f"{name} phase: its figures are disturbed"
-                )
-
-    @staticmethod
-    def start(stack: contextlib.ExitStack, service: S) -> S:
-        try:
-            service.start()
-        except BaseException:
-            service.stop()
-            raise
-        stack.callback(service.stop)
-        return service
 
     def blob_path(self) -> str:
         return f"/v2/library/big/blobs/{self.world.layer.digest}"
