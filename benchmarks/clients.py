@@ -9,12 +9,14 @@ reads faster than ``curl -o /dev/null``; the run measures both against nginx eve
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,26 +140,46 @@ def parallel_reads(
     expected_size: int | None = None,
     timeout: float = 180.0,
 ) -> ParallelReads:
-    """Run the readers in threads released together; raise if any read went wrong.
+    """``clients`` readers of one URL (see ``run_parallel``)."""
+    job = functools.partial(get_discard, host, port, path, timeout=timeout)
+    return run_parallel(
+        [job] * clients,
+        repeat=repeat,
+        expected_size=expected_size,
+        timeout=timeout,
+        what=f"GET {host}{path}",
+    )
+
+
+def run_parallel(
+    jobs: Sequence[Callable[[], Read]],
+    *,
+    repeat: int = 1,
+    expected_size: int | None = None,
+    timeout: float = 180.0,
+    what: str = "GET",
+) -> ParallelReads:
+    """Run one reader thread per job (another gateway, a redirect to follow...), released
+    together; wall time to the last byte; raise if any read went wrong.
 
     ``recv_into`` releases the GIL, so the threads read in parallel; the main thread only
     waits (bounded by ``timeout``).
     """
-    results: list[list[Read]] = [[] for _ in range(clients)]
+    results: list[list[Read]] = [[] for _ in jobs]
     errors: list[BaseException] = []
-    barrier = threading.Barrier(clients + 1)
+    barrier = threading.Barrier(len(jobs) + 1)
 
     def reader(index: int) -> None:
         try:
             barrier.wait(timeout)
             for _ in range(repeat):
-                results[index].append(get_discard(host, port, path, timeout=timeout))
+                results[index].append(jobs[index]())
         except BaseException as exc:
             errors.append(exc)
 
     threads = [
         threading.Thread(target=reader, args=(i,), name=f"reader-{i}", daemon=True)
-        for i in range(clients)
+        for i in range(len(jobs))
     ]
     for thread in threads:
         thread.start()
@@ -167,17 +189,17 @@ def parallel_reads(
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     if any(thread.is_alive() for thread in threads):
-        raise ClientError(f"GET {path}: readers still running after {timeout * repeat:.0f}s")
+        raise ClientError(f"{what}: readers still running after {timeout * repeat:.0f}s")
     if errors:
-        raise ClientError(f"GET {path}: {errors[0]!r}") from errors[0]
+        raise ClientError(f"{what}: {errors[0]!r}") from errors[0]
     reads = [read for per_client in results for read in per_client]
     for read in reads:
         if read.status != 200:
-            raise ClientError(f"GET {host}{path}: HTTP {read.status}")
+            raise ClientError(f"{what}: HTTP {read.status}")
         if expected_size is not None and read.body_bytes != expected_size:
-            raise ClientError(f"GET {path}: {read.body_bytes} bytes, expected {expected_size}")
+            raise ClientError(f"{what}: {read.body_bytes} bytes, expected {expected_size}")
     wall = max(read.finished for read in reads) - start
-    return ParallelReads(clients, reads, wall)
+    return ParallelReads(len(jobs), reads, wall)
 
 
 def curl_read(url: str, *, timeout: float = 120.0) -> tuple[int, float]:

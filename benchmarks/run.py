@@ -37,7 +37,6 @@ from benchmarks.clients import (
     ClientError,
     curl_read,
     parallel_reads,
-    run_wrk,
     skopeo_pull,
 )
 from benchmarks.peers import (
@@ -50,7 +49,7 @@ from benchmarks.peers import (
     status_kib,
 )
 from benchmarks.results import Row
-from benchmarks.runner import BenchBase, kinds, run_bench, settle
+from benchmarks.runner import BenchBase, run_bench
 from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.registry import DistributionRegistry, wait_until
 
@@ -377,36 +376,6 @@ class Bench(BenchBase):
             if caches != {"HIT"}:
                 self.results.warn(f"{LABELS[target.name]}: warm blob GET answered X-Cache {caches}")
         return reads.bytes_per_second / GB, reads.raw()
-
-    def manifest_rate(self, name: str, kind: str, round_index: int, url: str) -> tuple[float, Any]:
-        upstream = self.world.upstream
-        since = upstream.mark()
-        result = run_wrk(url, duration=self.plan.wrk_duration)
-        # Requests still in flight when wrk stops finish afterwards (the peer's revalidations
-        # queue up): wait until the upstream is quiet, so that they neither count for nor
-        # overlap the next contender.
-        upstream_requests = settle(upstream, since)
-        raw = {
-            "requests": result.requests,
-            "non_2xx": result.non_2xx,
-            "socket_errors": result.socket_errors,
-            "latency_ms": result.latency_ms,
-            "upstream_requests": len(upstream_requests),
-            "upstream_by_kind": kinds(upstream_requests),
-        }
-        if result.requests:
-            self.results.measures[f"manifest_{kind}_upstream"].record(
-                name, round_index, len(upstream_requests) / result.requests, raw["upstream_by_kind"]
-            )
-        if result.non_2xx:
-            raise ClientError(
-                f"{result.non_2xx} of {result.requests} answers were not 2xx/3xx "
-                f"({result.requests_per_second:.0f} req/s)",
-                raw,
-            )
-        if result.socket_errors:
-            self.results.warn(f"wrk {url}: {result.socket_errors} socket errors")
-        return result.requests_per_second, raw
 
     # -- 4: cold pull of the big image -----------------------------------------------------
 

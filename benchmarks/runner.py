@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
+from benchmarks.clients import ClientError, run_wrk
 from benchmarks.machine import CpuSnapshot, foreign_share, machine_facts
 from benchmarks.peers import process_name, process_tree
 from benchmarks.results import Results, Row
@@ -34,6 +35,8 @@ class BenchBase:
     disturbed machine, start services onto the run's stack."""
 
     label_width = 6
+    world: Any  # the suite's servers; ``world.upstream`` is the upstream registry
+    plan: Any  # the suite's plan; ``plan.wrk_duration`` is how long wrk runs
 
     def __init__(self, rounds: int, labels: Mapping[str, str]) -> None:
         self.results = Results(rounds)
@@ -87,6 +90,37 @@ class BenchBase:
                     f"other processes used {share:.0%} of the machine's CPU during the "
                     f"{name} phase: its figures are disturbed"
                 )
+
+    def manifest_rate(self, name: str, kind: str, round_index: int, url: str) -> tuple[float, Any]:
+        """wrk's requests/s for one manifest URL, and the upstream requests it caused."""
+        upstream = self.world.upstream
+        since = upstream.mark()
+        result = run_wrk(url, duration=self.plan.wrk_duration)
+        # Requests still in flight when wrk stops finish afterwards (the peer's revalidations
+        # queue up): wait until the upstream is quiet, so that they neither count for nor
+        # overlap the next contender.
+        upstream_requests = settle(upstream, since)
+        raw = {
+            "requests": result.requests,
+            "non_2xx": result.non_2xx,
+            "socket_errors": result.socket_errors,
+            "latency_ms": result.latency_ms,
+            "upstream_requests": len(upstream_requests),
+            "upstream_by_kind": kinds(upstream_requests),
+        }
+        if result.requests:
+            self.results.measures[f"manifest_{kind}_upstream"].record(
+                name, round_index, len(upstream_requests) / result.requests, raw["upstream_by_kind"]
+            )
+        if result.non_2xx:
+            raise ClientError(
+                f"{result.non_2xx} of {result.requests} answers were not 2xx/3xx "
+                f"({result.requests_per_second:.0f} req/s)",
+                raw,
+            )
+        if result.socket_errors:
+            self.results.warn(f"wrk {url}: {result.socket_errors} socket errors")
+        return result.requests_per_second, raw
 
     @staticmethod
     def start(stack: contextlib.ExitStack, service: S) -> S:

@@ -32,7 +32,6 @@ import functools
 import http.client
 import shutil
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ from benchmarks.clients import (
     ParallelReads,
     Read,
     get_discard,
-    run_wrk,
+    run_parallel,
 )
 from benchmarks.peers import Gateway
 from benchmarks.results import Row
@@ -156,52 +155,6 @@ def follow_read(host: str, port: int, path: str) -> Read:
     return Read(
         read.status, read.body_bytes, read.finished - started, cache, started, read.finished
     )
-
-
-def run_parallel(
-    jobs: Sequence[Callable[[], Read]],
-    *,
-    repeat: int = 1,
-    expected_size: int | None = None,
-    timeout: float = 180.0,
-) -> ParallelReads:
-    """Like ``clients.parallel_reads``, but each reader runs a job of its own (another
-    gateway, a redirect to follow): threads released together, wall to the last byte."""
-    results: list[list[Read]] = [[] for _ in jobs]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs) + 1)
-
-    def reader(index: int) -> None:
-        try:
-            barrier.wait(timeout)
-            for _ in range(repeat):
-                results[index].append(jobs[index]())
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=reader, args=(i,), name=f"reader-{i}", daemon=True)
-        for i in range(len(jobs))
-    ]
-    for thread in threads:
-        thread.start()
-    barrier.wait(timeout)
-    start = time.perf_counter()
-    deadline = time.monotonic() + timeout * repeat
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if any(thread.is_alive() for thread in threads):
-        raise ClientError(f"readers still running after {timeout * repeat:.0f}s")
-    if errors:
-        raise ClientError(f"{errors[0]!r}") from errors[0]
-    reads = [read for per_client in results for read in per_client]
-    for read in reads:
-        if read.status != 200:
-            raise ClientError(f"HTTP {read.status}")
-        if expected_size is not None and read.body_bytes != expected_size:
-            raise ClientError(f"{read.body_bytes} bytes, expected {expected_size}")
-    wall = max(read.finished for read in reads) - start
-    return ParallelReads(len(jobs), reads, wall)
 
 
 def tree_bytes(path: Path, *, within: str = "") -> int:
@@ -448,33 +401,6 @@ advertise_url = "http://127.0.0.1:{gateway.port}"
             if caches != {"HIT"}:
                 self.results.warn(f"{LABELS[name]}: warm blob GET answered X-Cache {caches}")
         return reads.bytes_per_second / MB, reads.raw()
-
-    def manifest_rate(self, name: str, kind: str, round_index: int, url: str) -> tuple[float, Any]:
-        upstream = self.world.upstream
-        since = upstream.mark()
-        result = run_wrk(url, duration=self.plan.wrk_duration)
-        upstream_requests = settle(upstream, since)
-        raw = {
-            "requests": result.requests,
-            "non_2xx": result.non_2xx,
-            "socket_errors": result.socket_errors,
-            "latency_ms": result.latency_ms,
-            "upstream_requests": len(upstream_requests),
-            "upstream_by_kind": kinds(upstream_requests),
-        }
-        if result.requests:
-            self.results.measures[f"manifest_{kind}_upstream"].record(
-                name, round_index, len(upstream_requests) / result.requests, raw["upstream_by_kind"]
-            )
-        if result.non_2xx:
-            raise ClientError(
-                f"{result.non_2xx} of {result.requests} answers were not 2xx/3xx", raw
-            )
-        if result.socket_errors:
-            self.results.warn(f"wrk {url}: {result.socket_errors} socket errors")
-        return result.requests_per_second, raw
-
-    # -- cold: 10 clients, 1 fs gateway vs 3 replicas --------------------------------------
 
     def cold_phase(self) -> None:
         plan, results = self.plan, self.results
