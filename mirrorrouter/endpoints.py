@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 import httpx
 from starlette.requests import Request
@@ -453,7 +453,4 @@ def client_link(link: str, oci: OciRequest) -> str:
     """
     target, _, rest = link.partition(">")
     query = dict(parse_qsl(target.lstrip(" <").partition("?")[2]))
-    if oci.ns:
-        query["ns"] = oci.ns
-    prefix = f"/{oci.prefix}" if oci.prefix else ""
-    return f"<{prefix}/v2/{oci.name}/tags/list?{urlencode(query)}>{rest}"
+    return f"<{oci.client_url('tags/list', query)}>{rest}"

@@ -30,7 +30,7 @@ from mirrorrouter.config.model import GroupSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hostedapi import index_response, tag_page
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import RequestKind
+from mirrorrouter.oci import OCI_INDEX, RequestKind
 from mirrorrouter.responses import BlobResponse, RawResponse
 
 Answer: TypeAlias = Response | RawResponse | BlobResponse
@@ -139,7 +139,7 @@ class GroupApi:
                     seen.setdefault(descriptor["digest"], descriptor)
         index = {
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "mediaType": OCI_INDEX,
             "manifests": list(seen.values()),
         }
         filtered = bool(call.oci.query_value("artifactType"))
@@ -153,10 +153,10 @@ def _no_member_has(
         (e for code in _PREFERENCE for e in misses.values() if e.code is code),
         next(iter(misses.values()), None),
     )
-    what = call.oci.reference or call.oci.name
-    message = f"no member of group {group.name} has {call.oci.name}"
+    what = call.oci.name
     if call.oci.kind in (RequestKind.MANIFEST, RequestKind.BLOB):
-        message = f"no member of group {group.name} has {call.oci.name}:{what}"
+        what += f":{call.oci.reference}"
+    message = f"no member of group {group.name} has {what}"
     if chosen is None:
         return RegistryError(ErrorCode.NAME_UNKNOWN, message)
     detail = {name: error.message for name, error in misses.items()}

@@ -24,7 +24,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import urlencode
 
 import httpx
 from starlette.requests import ClientDisconnect, Request
@@ -41,13 +40,12 @@ from mirrorrouter.oci import (
     API_VERSION_HEADER,
     CONTENT_DIGEST_HEADER,
     FILTERS_APPLIED_HEADER,
-    INDEX_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
     OCI_INDEX,
     OciRequest,
     RequestKind,
 )
-from mirrorrouter.pullthrough import accepts, default_platform_child
+from mirrorrouter.pullthrough import child_for_client
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.uploads import Upload, upload_range
 
@@ -113,17 +111,10 @@ class HostedApi:
         client that takes no index types, as for pulled images)."""
         store = self.store(hosted)
         stored = await store.manifest(ref.repository, ref.tag, ref.digest)
-        if accepts(accept, stored.media_type):
+        child = child_for_client(stored, accept)
+        if child is None:
             return stored
-        if stored.media_type in INDEX_MEDIA_TYPES:
-            child = default_platform_child(stored.data, accept)
-            if child is not None:
-                return await store.manifest(ref.repository, None, child)
-        raise RegistryError(
-            ErrorCode.MANIFEST_UNKNOWN,
-            f"the manifest is {stored.media_type}, which this client does not accept",
-            detail={"accept": list(accept)},
-        )
+        return await store.manifest(ref.repository, None, child)
 
     async def blob(self, hosted: HostedSettings, ref: ImageReference) -> StoredBlob:
         assert ref.digest is not None
@@ -278,7 +269,7 @@ class HostedApi:
             bytes(data),
         )
         headers = {
-            "Location": _url(oci, f"manifests/{pushed.digest}"),
+            "Location": oci.client_url(f"manifests/{pushed.digest}"),
             CONTENT_DIGEST_HEADER: str(pushed.digest),
         }
         if pushed.subject is not None:
@@ -289,7 +280,7 @@ class HostedApi:
         return _empty(
             status,
             {
-                "Location": _url(oci, f"blobs/uploads/{upload.id}"),
+                "Location": oci.client_url(f"blobs/uploads/{upload.id}"),
                 "Range": upload_range(upload.size),
                 UPLOAD_UUID_HEADER: upload.id,
             },
@@ -297,7 +288,7 @@ class HostedApi:
 
     def _blob_created(self, oci: OciRequest, digest: Digest) -> Response:
         return _empty(
-            201, {"Location": _url(oci, f"blobs/{digest}"), CONTENT_DIGEST_HEADER: str(digest)}
+            201, {"Location": oci.client_url(f"blobs/{digest}"), CONTENT_DIGEST_HEADER: str(digest)}
         )
 
 
@@ -321,7 +312,7 @@ def tag_page(name: str, tags: list[str], oci: OciRequest) -> Response:
             ordered = ordered[:n]
             if ordered:
                 query = {"n": str(n), "last": ordered[-1]}
-                headers["Link"] = f'<{_url(oci, "tags/list", query)}>; rel="next"'
+                headers["Link"] = f'<{oci.client_url("tags/list", query)}>; rel="next"'
     body = b"" if oci.method == "HEAD" else json.dumps({"name": name, "tags": ordered}).encode()
     return Response(body, 200, headers, media_type="application/json")
 
@@ -331,16 +322,6 @@ def index_response(body: bytes, oci: OciRequest, filtered: bool) -> Response:
     if filtered:
         headers[FILTERS_APPLIED_HEADER] = "artifactType"
     return Response(b"" if oci.method == "HEAD" else body, 200, headers)
-
-
-def _url(oci: OciRequest, path: str, query: dict[str, str] | None = None) -> str:
-    """A URL on this mirror as the client addressed it: same prefix, name and ``ns``."""
-    query = dict(query or {})
-    if oci.ns:
-        query["ns"] = oci.ns
-    prefix = f"/{oci.prefix}" if oci.prefix else ""
-    url = f"{prefix}/v2/{oci.name}/{path}"
-    return f"{url}?{urlencode(query)}" if query else url
 
 
 def _empty(status: int, headers: dict[str, str] | None = None) -> Response:

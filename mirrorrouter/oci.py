@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, ReferenceError, validate_tag
@@ -78,6 +79,16 @@ class OciRequest:
     def reference(self) -> str:
         """The tag or digest after /manifests/ as written."""
         return str(self.digest) if self.digest is not None else (self.tag or "")
+
+    def client_url(self, path: str, query: dict[str, str] | None = None) -> str:
+        """A URL on this mirror as the client addressed it (same route prefix, same name,
+        same ``ns``), for ``Location`` and ``Link`` headers it must follow back."""
+        query = dict(query or {})
+        if self.ns:
+            query["ns"] = self.ns
+        prefix = f"/{self.prefix}" if self.prefix else ""
+        url = f"{prefix}/v2/{self.name}/{path}"
+        return f"{url}?{urlencode(query)}" if query else url
 
     def query_value(self, key: str) -> str | None:
         for k, v in self.query:

@@ -163,19 +163,11 @@ class Pullthrough:
         if answer is not None:
             return answer
         answer = await self.manifest(upstream, ref)
-        media_type = answer.manifest.media_type
-        if accepts(accept, media_type):
+        child = child_for_client(answer.manifest, accept)
+        if child is None:
             return answer
-        if media_type in INDEX_MEDIA_TYPES:
-            child = default_platform_child(answer.manifest.data, accept)
-            if child is not None:
-                return await self.manifest(
-                    upstream, ImageReference(ref.registry, ref.repository, None, child)
-                )
-        raise RegistryError(
-            ErrorCode.MANIFEST_UNKNOWN,
-            f"the manifest is {media_type}, which this client does not accept",
-            detail={"accept": list(accept)},
+        return await self.manifest(
+            upstream, ImageReference(ref.registry, ref.repository, None, child)
         )
 
     def memory_manifest(
@@ -442,6 +434,24 @@ def accepts(accept: tuple[str, ...], media_type: str) -> bool:
         return True
     family = media_type.split("/", 1)[0] + "/*"
     return any(a in ("*/*", family, media_type) for a in accept)
+
+
+def child_for_client(manifest: StoredManifest, accept: tuple[str, ...]) -> Digest | None:
+    """None when the client accepts the manifest as it is; else the index child to serve
+    instead (its linux/amd64 manifest, as the distribution registry does for old Docker
+    clients); MANIFEST_UNKNOWN when there is none. The one rule for upstreams and hosted
+    repositories alike."""
+    if accepts(accept, manifest.media_type):
+        return None
+    if manifest.media_type in INDEX_MEDIA_TYPES:
+        child = default_platform_child(manifest.data, accept)
+        if child is not None:
+            return child
+    raise RegistryError(
+        ErrorCode.MANIFEST_UNKNOWN,
+        f"the manifest is {manifest.media_type}, which this client does not accept",
+        detail={"accept": list(accept)},
+    )
 
 
 def default_platform_child(data: bytes, accept: tuple[str, ...]) -> Digest | None:
