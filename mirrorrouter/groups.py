@@ -29,8 +29,9 @@ from mirrorrouter.calls import Call
 from mirrorrouter.config.model import GroupSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hostedapi import index_response, tag_page
+from mirrorrouter.manifests import OCI_INDEX
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import OCI_INDEX, RequestKind
+from mirrorrouter.oci import RequestKind
 from mirrorrouter.responses import BlobResponse, RawResponse
 
 Answer: TypeAlias = Response | RawResponse | BlobResponse

@@ -32,15 +32,15 @@ from mirrorrouter.cache import CacheBackend, DigestMismatch, StoredManifest, Tag
 from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.oci import (
+from mirrorrouter.manifests import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     INDEX_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
     OCI_INDEX,
     OCI_MANIFEST,
+    referenced_digests,
 )
-from mirrorrouter.pullthrough import referenced_digests
 from mirrorrouter.reference import Digest, ReferenceError
 from mirrorrouter.uploads import Upload, UploadSessions
 

@@ -39,16 +39,20 @@ from rich.filesize import decimal as human_size
 from mirrorrouter.cache import DigestMismatch, StoredManifest, TagRecord
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import RegistryError
+from mirrorrouter.manifests import (
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    PlatformSelector,
+    referenced_digests,
+)
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import MAX_MANIFEST_BYTES, OCI_INDEX
-from mirrorrouter.pullthrough import Pullthrough, referenced_digests
+from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.warm import (
     DEFAULT_JOBS,
     DEFAULT_PLATFORMS,
     Descriptor,
     NoProgress,
-    PlatformSelector,
     Progress,
     Warmer,
     WarmError,

@@ -38,8 +38,8 @@ from rich.progress import Progress as RichBar
 from mirrorrouter.cache import DigestMismatch, StoredManifest
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import RegistryError, UpstreamError
+from mirrorrouter.manifests import INDEX_MEDIA_TYPES, Platform, PlatformSelector, platform_text
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import INDEX_MEDIA_TYPES
 from mirrorrouter.pullthrough import CacheStatus, Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.singleflight import FillFailed
@@ -58,65 +58,7 @@ class WarmError(Exception):
 # ---------------------------------------------------------------------- platforms
 
 
-@dataclass(frozen=True, slots=True)
-class Platform:
-    """``os/architecture[/variant]``; without a variant it matches every variant."""
-
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.strip().split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"platform {text!r} is not os/architecture[/variant]")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-    def matches(self, platform: Mapping[str, Any]) -> bool:
-        if (platform.get("os"), platform.get("architecture")) != (self.os, self.architecture):
-            return False
-        return self.variant is None or platform.get("variant") == self.variant
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-@dataclass(frozen=True, slots=True)
-class PlatformSelector:
-    """Which entries of an index to take: the listed platforms, or every entry (``all``)."""
-
-    platforms: tuple[Platform, ...] | None  # None: every entry
-
-    @classmethod
-    def parse(cls, text: str) -> PlatformSelector:
-        """``all``, or a comma-separated list such as ``linux/amd64,linux/arm64``."""
-        if text.strip() == "all":
-            return cls(None)
-        platforms = tuple(Platform.parse(p) for p in text.split(",") if p.strip())
-        if not platforms:
-            raise ValueError("name at least one platform, or all")
-        return cls(platforms)
-
-    def selects(self, platform: Mapping[str, Any] | None) -> bool:
-        if self.platforms is None:
-            return True
-        return any(p.matches(platform or {}) for p in self.platforms)
-
-    def __str__(self) -> str:
-        if self.platforms is None:
-            return "all"
-        return ",".join(str(p) for p in self.platforms)
-
-
 DEFAULT_PLATFORMS = PlatformSelector((Platform("linux", "amd64"),))
-
-
-def platform_text(platform: Mapping[str, Any] | None) -> str:
-    if not platform:
-        return "unknown"
-    parts = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
-    return "/".join(str(p) for p in parts if p)
 
 
 # ---------------------------------------------------------------------- manifests

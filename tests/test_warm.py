@@ -18,10 +18,10 @@ import pytest
 from mirrorrouter.cli import main
 from mirrorrouter.config import Settings, parse_settings
 from mirrorrouter.layout import REF_NAME, ExportReport, ImportReport, export_images, import_archive
+from mirrorrouter.manifests import PlatformSelector
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.timing import Timing
 from mirrorrouter.warm import (
-    PlatformSelector,
     Warmer,
     WarmReport,
     read_image_list,
