@@ -551,7 +551,7 @@ class Evictor:
             known = self._references.get(digest)
             if known is None:
                 stored = await backend.peek_manifest(digest)
-                known = tuple(referenced_digests(stored.data)) if stored is not None else ()
+                known = tuple(referenced_digests(stored)) if stored is not None else ()
                 self._references[digest] = known  # content by digest never changes
             references[digest] = known
         survey = Survey(area, inventory, references, [], {}, Counter(), 0)

@@ -38,9 +38,9 @@ from mirrorrouter.manifests import (
     INDEX_MEDIA_TYPES,
     accepts,
     child_for_client,
-    empty_index,
     filter_referrers,
     referenced_digests,
+    referrers_index,
 )
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest, ImageReference
@@ -317,7 +317,7 @@ class Pullthrough:
         stored = StoredManifest(fetched.digest, fetched.media_type, fetched.data)
         await site.cache.put_manifest(stored)
         site.manifests[stored.digest] = stored
-        await site.link(repository, [stored.digest, *referenced_digests(stored.data)])
+        await site.link(repository, [stored.digest, *referenced_digests(stored)])
         return stored
 
     # ------------------------------------------------------------------ blobs
@@ -403,9 +403,9 @@ class Pullthrough:
         except RegistryError as exc:
             if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
                 raise
-            return empty_index(), bool(artifact_type)
+            return referrers_index(()), bool(artifact_type)
         if answer.manifest.media_type not in INDEX_MEDIA_TYPES:
-            return empty_index(), bool(artifact_type)
+            return referrers_index(()), bool(artifact_type)
         if artifact_type:
             return filter_referrers(answer.manifest.data, artifact_type), True
         return answer.manifest.data, False
