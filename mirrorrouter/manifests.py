@@ -74,12 +74,10 @@ class Platform:
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     def matches(self, platform: Platform | None) -> bool:
-        if platform is None or (platform.os, platform.architecture) != (
-            self.os,
-            self.architecture,
-        ):
+        """Whether a descriptor's platform fits this pattern (no platform fits none)."""
+        if platform is None or platform.os != self.os or platform.architecture != self.architecture:
             return False
-        return self.variant is None or platform.variant == self.variant
+        return self.variant in (None, platform.variant)
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
@@ -144,8 +142,11 @@ class Descriptor:
         """The descriptor as written when it was read (unknown fields kept), else built."""
         if self.written is not None:
             return dict(self.written)
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": str(self.digest)}
-        out["size"] = self.size
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": str(self.digest),
+            "size": self.size,
+        }
         if self.artifact_type:
             out["artifactType"] = self.artifact_type
         if self.annotations:
