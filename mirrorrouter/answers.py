@@ -1,6 +1,6 @@
 """Reading an upstream's answers: what a failure means (temporary, not found, final), what
 each mirror answered (``Attempts``, the client's error when all failed), and the facts in
-headers and bodies (media type, digest, size, ``Retry-After``). upstream.py asks."""
+headers and bodies (digest, size, ``Retry-After``). upstream.py asks."""
 
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ import httpx
 
 from mirrorrouter.config import Mirror
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
-from mirrorrouter.oci import (
-    CONTENT_DIGEST_HEADER,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-)
+from mirrorrouter.oci import CONTENT_DIGEST_HEADER
 from mirrorrouter.reference import Digest, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
 
@@ -114,40 +108,6 @@ def header_digest(headers: httpx.Headers) -> Digest | None:
         return Digest.parse(value.strip())
     except ReferenceError:
         return None
-
-
-_MANIFEST_TYPES = frozenset(
-    {
-        OCI_INDEX,
-        OCI_MANIFEST,
-        DOCKER_MANIFEST_LIST,
-        DOCKER_MANIFEST,
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
-
-
-def manifest_media_type(content_type: str | None, body: bytes) -> str | None:
-    """The media type of a manifest: its Content-Type, else its ``mediaType`` field, else
-    its shape (umoci writes OCI manifests without the optional ``mediaType``)."""
-    declared = content_type_of(content_type)
-    if declared in _MANIFEST_TYPES:
-        return declared
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(document, dict):
-        return None
-    field_type = document.get("mediaType")
-    if isinstance(field_type, str) and field_type:
-        return field_type
-    if "manifests" in document:
-        return OCI_INDEX
-    if "config" in document and "layers" in document:
-        return OCI_MANIFEST
-    return declared if declared and declared.startswith("application/vnd.") else None
 
 
 def blob_size_from_headers(response: httpx.Response, offset: int) -> int | None:

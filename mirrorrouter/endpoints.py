@@ -27,6 +27,7 @@ from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.eviction import Evictor
 from mirrorrouter.groups import Answer, GroupApi
 from mirrorrouter.hostedapi import HOSTED, HostedApi, index_response, tag_page
+from mirrorrouter.manifests import OCI_INDEX
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
 from mirrorrouter.monitor import Monitor
@@ -36,7 +37,6 @@ from mirrorrouter.oci import (
     CONTENT_DIGEST_HEADER,
     FILTERS_APPLIED_HEADER,
     NAMESPACE_HEADER,
-    OCI_INDEX,
     OciRequest,
     RequestKind,
     parse_request,

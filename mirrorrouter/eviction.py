@@ -47,6 +47,7 @@ from mirrorrouter.cache.base import Inventory, Removal, Removed
 from mirrorrouter.config import CacheSettings, Settings
 from mirrorrouter.config.model import pin_pattern_problem
 from mirrorrouter.errors import MirrorRouterError
+from mirrorrouter.manifests import referenced_digests
 from mirrorrouter.reference import Digest
 from mirrorrouter.timing import REAL_TIME, Timing
 
@@ -550,7 +551,7 @@ class Evictor:
             known = self._references.get(digest)
             if known is None:
                 stored = await backend.peek_manifest(digest)
-                known = tuple(_referenced(stored.data)) if stored is not None else ()
+                known = tuple(referenced_digests(stored)) if stored is not None else ()
                 self._references[digest] = known  # content by digest never changes
             references[digest] = known
         survey = Survey(area, inventory, references, [], {}, Counter(), 0)
@@ -592,13 +593,6 @@ def _bytes(survey: Survey, digests: frozenset[Digest]) -> int:
         for o in (inventory.blobs.get(d), inventory.manifests.get(d))
         if o is not None
     )
-
-
-def _referenced(data: bytes) -> list[Digest]:
-    # Imported here: pullthrough may import this module (to report commits).
-    from mirrorrouter.pullthrough import referenced_digests
-
-    return referenced_digests(data)
 
 
 def _pin(survey: Survey, pins: Pins) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,8 +29,10 @@ from mirrorrouter.calls import Call
 from mirrorrouter.config.model import GroupSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hostedapi import index_response, tag_page
+from mirrorrouter.manifests import Descriptor, referrers_in, referrers_index
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import OCI_INDEX, RequestKind
+from mirrorrouter.oci import RequestKind
+from mirrorrouter.reference import Digest
 from mirrorrouter.responses import BlobResponse, RawResponse
 
 Answer: TypeAlias = Response | RawResponse | BlobResponse
@@ -96,8 +98,8 @@ class GroupApi:
         self.access.check(call.identity, resolution, push=push)
         return replace(call, resolution=resolution)
 
-    async def _bodies(self, call: Call, request: Request, group: GroupSettings) -> list[Any]:
-        """Every member's JSON answer to a GET of the same endpoint (for the unions)."""
+    async def _bodies(self, call: Call, request: Request, group: GroupSettings) -> list[bytes]:
+        """Every member's answer to a GET of the same endpoint (for the unions)."""
         # Pagination and HEAD are the group's: members are asked for everything.
         oci = replace(
             call.oci,
@@ -115,35 +117,29 @@ class GroupApi:
                 misses[name] = error
                 continue
             assert isinstance(response, Response)
-            try:
-                bodies.append(json.loads(bytes(response.body)))
-            except ValueError:
-                continue
+            bodies.append(bytes(response.body))
         if not bodies:
             raise _no_member_has(group, call, misses)
         return bodies
 
     async def _tags(self, call: Call, request: Request, group: GroupSettings) -> Answer:
         tags: set[str] = set()
-        for body in await self._bodies(call, request, group):
+        for data in await self._bodies(call, request, group):
+            try:
+                body = json.loads(data)
+            except ValueError:
+                continue
             if isinstance(body, dict) and isinstance(body.get("tags"), list):
                 tags.update(t for t in body["tags"] if isinstance(t, str))
         return tag_page(call.oci.name, sorted(tags), call.oci)
 
     async def _referrers(self, call: Call, request: Request, group: GroupSettings) -> Answer:
-        seen: dict[str, Any] = {}
-        for body in await self._bodies(call, request, group):
-            manifests = body.get("manifests") if isinstance(body, dict) else None
-            for descriptor in manifests if isinstance(manifests, list) else []:
-                if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
-                    seen.setdefault(descriptor["digest"], descriptor)
-        index = {
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": list(seen.values()),
-        }
+        seen: dict[Digest, Descriptor] = {}
+        for data in await self._bodies(call, request, group):
+            for descriptor in referrers_in(data):
+                seen.setdefault(descriptor.digest, descriptor)
         filtered = bool(call.oci.query_value("artifactType"))
-        return index_response(json.dumps(index).encode(), call.oci, filtered)
+        return index_response(referrers_index(seen.values()), call.oci, filtered)
 
 
 def _no_member_has(

@@ -35,17 +35,15 @@ from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted import HostedStore, StoredBlob
+from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, child_for_client
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
     CONTENT_DIGEST_HEADER,
     FILTERS_APPLIED_HEADER,
-    MAX_MANIFEST_BYTES,
-    OCI_INDEX,
     OciRequest,
     RequestKind,
 )
-from mirrorrouter.pullthrough import child_for_client
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.uploads import Upload, upload_range
 

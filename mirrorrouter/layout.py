@@ -39,21 +39,29 @@ from rich.filesize import decimal as human_size
 from mirrorrouter.cache import DigestMismatch, StoredManifest, TagRecord
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import RegistryError
+from mirrorrouter.manifests import (
+    MAX_INDEX_DEPTH,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    Descriptor,
+    Index,
+    PlatformSelector,
+    media_type_of,
+    parse_strict,
+    referenced_digests,
+)
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import MAX_MANIFEST_BYTES, OCI_INDEX
-from mirrorrouter.pullthrough import Pullthrough, referenced_digests
+from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.warm import (
     DEFAULT_JOBS,
     DEFAULT_PLATFORMS,
-    Descriptor,
     NoProgress,
-    PlatformSelector,
     Progress,
     Warmer,
     WarmError,
     WarmReport,
-    parse_manifest,
+    read_cached,
 )
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -61,7 +69,6 @@ LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
 LAYOUT_VERSION = "1.0.0"
 COPY_CHUNK = 1024 * 1024
-MAX_INDEX_DEPTH = 2
 
 
 def blob_name(digest: Digest) -> str:
@@ -336,35 +343,35 @@ class _Walk:
             return
         try:
             layout = json.loads(self.archive.read(LAYOUT_FILE, 64 * 1024))
-            index = json.loads(self.archive.read(INDEX_FILE, MAX_MANIFEST_BYTES))
+            index_data = self.archive.read(INDEX_FILE, MAX_MANIFEST_BYTES)
         except (KeyError, ValueError, WarmError) as exc:
             self.problem(f"unreadable oci-layout or index.json: {exc}")
             return
         if not isinstance(layout, dict) or layout.get("imageLayoutVersion") != LAYOUT_VERSION:
             self.problem(f"oci-layout is not imageLayoutVersion {LAYOUT_VERSION}: {layout!r}")
-        entries = index.get("manifests") if isinstance(index, dict) else None
-        if not isinstance(entries, list) or not entries:
+        try:  # an archive comes from outside, like a push: its index must follow the schema
+            index = parse_strict(index_data, OCI_INDEX)
+        except RegistryError as exc:
+            self.problem(f"index.json: {exc.message}")
+            return
+        if not isinstance(index, Index) or not index.children:
             self.problem("index.json names no manifests")
             return
-        for entry in entries:
+        for entry in index.children:
             self.entry(entry)
 
-    def entry(self, entry: Any) -> None:
-        if not isinstance(entry, dict):
-            self.problem(f"index.json has a malformed entry: {entry!r}")
-            return
-        name = (entry.get("annotations") or {}).get(REF_NAME)
-        if not isinstance(name, str):
+    def entry(self, top: Descriptor) -> None:
+        name = top.annotations.get(REF_NAME)
+        if name is None:
             self.problem(
-                f"index.json entry {entry.get('digest')} has no {REF_NAME} annotation with the"
+                f"index.json entry {top.digest} has no {REF_NAME} annotation with the"
                 " canonical reference (such as docker.io/library/alpine:3.19)"
             )
             return
         try:
             ref = ImageReference.parse(name)
             resolution = self.mapper.resolve_image(ref)
-            top = _descriptor(entry)
-        except (ReferenceError, WarmError) as exc:
+        except ReferenceError as exc:
             self.problem(f"{name}: {exc}")
             return
         except RegistryError as exc:
@@ -394,7 +401,7 @@ class _Walk:
             raise WarmError(f"manifest {descriptor.digest} in the archive is corrupt")
         if descriptor.size is not None and descriptor.size != len(data):
             raise WarmError(f"manifest {descriptor.digest} is not {descriptor.size} bytes")
-        media_type = descriptor.media_type or _document_media_type(data) or parent_type
+        media_type = descriptor.media_type or media_type_of(None, data) or parent_type
         if not media_type:
             raise WarmError(f"manifest {descriptor.digest} has no media type")
         return StoredManifest(descriptor.digest, media_type, data)
@@ -402,9 +409,9 @@ class _Walk:
     def tree(self, site: _Site, repository: str, manifest: StoredManifest, depth: int) -> None:
         site.manifests[manifest.digest] = manifest
         links = site.links.setdefault(repository, set())
-        links.update([manifest.digest, *referenced_digests(manifest.data)])
-        parsed = parse_manifest(manifest.data, manifest.media_type)
-        if parsed.is_index:
+        links.update([manifest.digest, *referenced_digests(manifest)])
+        parsed = read_cached(manifest)
+        if isinstance(parsed, Index):
             present = [c for c in parsed.children if blob_name(c.digest) in self.archive.members]
             if not present:
                 raise WarmError(f"none of the manifests of index {manifest.digest} is here")
@@ -413,7 +420,7 @@ class _Walk:
             for child in present:  # the platforms that were exported
                 self.tree(site, repository, self.manifest(child, None), depth + 1)
             return
-        for blob in parsed.blobs:
+        for blob in parsed.descriptors:
             name = blob_name(blob.digest)
             if name not in self.archive.members:
                 if blob.external:
@@ -422,24 +429,6 @@ class _Walk:
             if blob.size is not None and self.archive.size(name) != blob.size:
                 raise WarmError(f"blob {blob.digest} in the archive is not {blob.size} bytes")
             site.blobs[blob.digest] = self.archive.size(name)
-
-
-def _descriptor(entry: dict[str, Any]) -> Descriptor:
-    try:
-        digest = Digest.parse(str(entry.get("digest")))
-    except ReferenceError as exc:
-        raise WarmError(str(exc)) from exc
-    size = entry.get("size")
-    return Descriptor(digest, size if isinstance(size, int) else None, entry.get("mediaType", ""))
-
-
-def _document_media_type(data: bytes) -> str | None:
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return None
-    value = document.get("mediaType") if isinstance(document, dict) else None
-    return value if isinstance(value, str) else None
 
 
 async def import_archive(

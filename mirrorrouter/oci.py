@@ -1,4 +1,4 @@
-"""OCI distribution constants and ``OciRequest``, the one parse of an incoming request.
+"""OCI distribution HTTP constants and ``OciRequest``, the one parse of an incoming request.
 
 The path is parsed exactly once, here; everything past the endpoint speaks in typed values.
 ``<name>`` holds slashes, so it is split at the LAST ``/manifests/``, ``/blobs/``,
@@ -24,19 +24,6 @@ API_VERSION = "registry/2.0"
 CONTENT_DIGEST_HEADER = "Docker-Content-Digest"
 NAMESPACE_HEADER = "OCI-Namespace"
 FILTERS_APPLIED_HEADER = "OCI-Filters-Applied"
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-
-# Asked of every upstream: without the list types a registry silently answers with one
-# platform's manifest (another digest); without the OCI index it may answer 404.
-MANIFEST_ACCEPT = (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)
-INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
-
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
 class RequestKind(enum.Enum):

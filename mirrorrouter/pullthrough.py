@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -35,9 +34,16 @@ from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.coordination import Coordinator, open_coordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.fill import Filler
+from mirrorrouter.manifests import (
+    INDEX_MEDIA_TYPES,
+    accepts,
+    child_for_client,
+    filter_referrers,
+    referenced_digests,
+    referrers_index,
+)
 from mirrorrouter.metrics import Metrics
-from mirrorrouter.oci import INDEX_MEDIA_TYPES
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream import FetchedManifest, UpstreamClient
@@ -311,7 +317,7 @@ class Pullthrough:
         stored = StoredManifest(fetched.digest, fetched.media_type, fetched.data)
         await site.cache.put_manifest(stored)
         site.manifests[stored.digest] = stored
-        await site.link(repository, [stored.digest, *referenced_digests(stored.data)])
+        await site.link(repository, [stored.digest, *referenced_digests(stored)])
         return stored
 
     # ------------------------------------------------------------------ blobs
@@ -397,99 +403,9 @@ class Pullthrough:
         except RegistryError as exc:
             if exc.code is not ErrorCode.MANIFEST_UNKNOWN:
                 raise
-            return empty_index(), bool(artifact_type)
+            return referrers_index(()), bool(artifact_type)
         if answer.manifest.media_type not in INDEX_MEDIA_TYPES:
-            return empty_index(), bool(artifact_type)
+            return referrers_index(()), bool(artifact_type)
         if artifact_type:
             return filter_referrers(answer.manifest.data, artifact_type), True
         return answer.manifest.data, False
-
-
-def referenced_digests(data: bytes) -> list[Digest]:
-    """The digests a manifest names: config and layers, or an index's manifests."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return []
-    if not isinstance(document, dict):
-        return []
-    descriptors = [
-        document.get("config"),
-        *document.get("layers", []),
-        *document.get("manifests", []),
-    ]
-    digests = []
-    for descriptor in descriptors:
-        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
-            try:
-                digests.append(Digest.parse(descriptor["digest"]))
-            except ReferenceError:
-                continue
-    return digests
-
-
-def accepts(accept: tuple[str, ...], media_type: str) -> bool:
-    """Whether a client's Accept list admits a media type (no Accept admits anything)."""
-    if not accept:
-        return True
-    family = media_type.split("/", 1)[0] + "/*"
-    return any(a in ("*/*", family, media_type) for a in accept)
-
-
-def child_for_client(manifest: StoredManifest, accept: tuple[str, ...]) -> Digest | None:
-    """None when the client accepts the manifest as it is; else the index child to serve
-    instead (its linux/amd64 manifest, as the distribution registry does for old Docker
-    clients); MANIFEST_UNKNOWN when there is none. The one rule for upstreams and hosted
-    repositories alike."""
-    if accepts(accept, manifest.media_type):
-        return None
-    if manifest.media_type in INDEX_MEDIA_TYPES:
-        child = default_platform_child(manifest.data, accept)
-        if child is not None:
-            return child
-    raise RegistryError(
-        ErrorCode.MANIFEST_UNKNOWN,
-        f"the manifest is {manifest.media_type}, which this client does not accept",
-        detail={"accept": list(accept)},
-    )
-
-
-def default_platform_child(data: bytes, accept: tuple[str, ...]) -> Digest | None:
-    """The linux/amd64 entry of an index whose media type the client accepts."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return None
-    for entry in document.get("manifests", []):
-        platform = entry.get("platform") or {}
-        if (platform.get("os"), platform.get("architecture")) != ("linux", "amd64"):
-            continue
-        if accepts(accept, entry.get("mediaType", "")):
-            try:
-                return Digest.parse(entry["digest"])
-            except (KeyError, ReferenceError):
-                return None
-    return None
-
-
-def empty_index() -> bytes:
-    return json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [],
-        }
-    ).encode()
-
-
-def filter_referrers(data: bytes, artifact_type: str) -> bytes:
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return empty_index()
-    manifests = [
-        m
-        for m in document.get("manifests", [])
-        if isinstance(m, dict) and m.get("artifactType") == artifact_type
-    ]
-    return json.dumps({**document, "manifests": manifests}).encode()

@@ -36,17 +36,13 @@ from mirrorrouter.answers import (
     failure,
     final,
     header_digest,
-    manifest_media_type,
 )
 from mirrorrouter.auth import RegistryAuth
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.config import Capability, Mirror, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, media_type_of
 from mirrorrouter.metrics import Metrics
-from mirrorrouter.oci import (
-    MANIFEST_ACCEPT,
-    MAX_MANIFEST_BYTES,
-)
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.retry import RetryPolicy
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -312,7 +308,7 @@ class UpstreamClient:
                 "mirror %s served a manifest for %s that hashes to %s", mirror.name, ref, digest
             )
             raise final(mirror, f"content hashed to {digest}, not {expected}: corrupt")
-        media_type = manifest_media_type(response.headers.get("content-type"), body)
+        media_type = media_type_of(response.headers.get("content-type"), body)
         if media_type is None:
             raise final(mirror, "answer is not a manifest")
         return FetchedManifest(digest, media_type, body, mirror.name)

@@ -15,12 +15,11 @@ an upstream: ``layout.py`` uses it to export what is cached.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 import httpx
 from rich.console import Console
@@ -38,8 +37,16 @@ from rich.progress import Progress as RichBar
 from mirrorrouter.cache import DigestMismatch, StoredManifest
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import RegistryError, UpstreamError
+from mirrorrouter.manifests import (
+    DEFAULT_PLATFORM,
+    MAX_INDEX_DEPTH,
+    Index,
+    Parsed,
+    PlatformSelector,
+    platform_text,
+    read_tolerant,
+)
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.oci import INDEX_MEDIA_TYPES
 from mirrorrouter.pullthrough import CacheStatus, Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.singleflight import FillFailed
@@ -48,137 +55,22 @@ from mirrorrouter.timing import REAL_TIME, Timing
 DEFAULT_JOBS = 4  # images warmed at once
 BLOB_CONCURRENCY = 4  # blobs of one image fetched at once
 BLOB_ATTEMPTS = 2  # a fill cut short (a corrupt mirror) is joined once more: it restarts
-MAX_INDEX_DEPTH = 2  # an index of indexes is allowed; deeper is refused
 
 
 class WarmError(Exception):
     """Why one image could not be warmed (or exported): said in the summary."""
 
 
-# ---------------------------------------------------------------------- platforms
+DEFAULT_PLATFORMS = PlatformSelector((DEFAULT_PLATFORM,))
 
 
-@dataclass(frozen=True, slots=True)
-class Platform:
-    """``os/architecture[/variant]``; without a variant it matches every variant."""
-
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.strip().split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"platform {text!r} is not os/architecture[/variant]")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-    def matches(self, platform: Mapping[str, Any]) -> bool:
-        if (platform.get("os"), platform.get("architecture")) != (self.os, self.architecture):
-            return False
-        return self.variant is None or platform.get("variant") == self.variant
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-@dataclass(frozen=True, slots=True)
-class PlatformSelector:
-    """Which entries of an index to take: the listed platforms, or every entry (``all``)."""
-
-    platforms: tuple[Platform, ...] | None  # None: every entry
-
-    @classmethod
-    def parse(cls, text: str) -> PlatformSelector:
-        """``all``, or a comma-separated list such as ``linux/amd64,linux/arm64``."""
-        if text.strip() == "all":
-            return cls(None)
-        platforms = tuple(Platform.parse(p) for p in text.split(",") if p.strip())
-        if not platforms:
-            raise ValueError("name at least one platform, or all")
-        return cls(platforms)
-
-    def selects(self, platform: Mapping[str, Any] | None) -> bool:
-        if self.platforms is None:
-            return True
-        return any(p.matches(platform or {}) for p in self.platforms)
-
-    def __str__(self) -> str:
-        if self.platforms is None:
-            return "all"
-        return ",".join(str(p) for p in self.platforms)
-
-
-DEFAULT_PLATFORMS = PlatformSelector((Platform("linux", "amd64"),))
-
-
-def platform_text(platform: Mapping[str, Any] | None) -> str:
-    if not platform:
-        return "unknown"
-    parts = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
-    return "/".join(str(p) for p in parts if p)
-
-
-# ---------------------------------------------------------------------- manifests
-
-
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    digest: Digest
-    size: int | None
-    media_type: str
-    platform: Mapping[str, Any] | None = None
-    external: bool = False  # a foreign / non-distributable layer: never in a registry
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedManifest:
-    is_index: bool
-    children: tuple[Descriptor, ...]  # an index's manifests
-    blobs: tuple[Descriptor, ...]  # an image manifest's config and layers
-
-
-def parse_manifest(data: bytes, media_type: str) -> ParsedManifest:
-    """The descriptors a manifest names; raises ``WarmError`` for what is not a manifest."""
-    try:
-        document = json.loads(data)
-    except ValueError as exc:
-        raise WarmError(f"manifest is not JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise WarmError("manifest is not a JSON object")
-    is_index = media_type in INDEX_MEDIA_TYPES or (
-        "manifests" in document and "layers" not in document
-    )
-    if is_index:
-        return ParsedManifest(True, tuple(_descriptors(document.get("manifests"))), ())
-    blobs = _descriptors([document.get("config"), *(document.get("layers") or [])])
-    return ParsedManifest(False, (), tuple(blobs))
-
-
-def _descriptors(items: Any) -> list[Descriptor]:
-    descriptors = []
-    for item in items or []:
-        if item is None:
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("digest"), str):
-            raise WarmError(f"manifest has a malformed descriptor: {item!r}")
-        try:
-            digest = Digest.parse(item["digest"])
-        except ReferenceError as exc:
-            raise WarmError(str(exc)) from exc
-        size = item.get("size")
-        media_type = str(item.get("mediaType", ""))
-        platform = item.get("platform")
-        descriptors.append(
-            Descriptor(
-                digest,
-                size if isinstance(size, int) else None,
-                media_type,
-                platform if isinstance(platform, dict) else None,
-                "foreign" in media_type or "nondistributable" in media_type,
-            )
-        )
-    return descriptors
+def read_cached(manifest: StoredManifest) -> Parsed:
+    """What a cached manifest names (malformed entries skipped, as everywhere stored bytes
+    are read); ``WarmError`` for what is not a manifest at all."""
+    parsed = read_tolerant(manifest.data, manifest.media_type)
+    if parsed is None:
+        raise WarmError(f"manifest {manifest.digest} is not a JSON object")
+    return parsed
 
 
 # ---------------------------------------------------------------------- progress
@@ -465,9 +357,9 @@ class Warmer:
         while pending:
             manifest, depth = pending.pop(0)
             result.manifests.append(manifest)
-            parsed = parse_manifest(manifest.data, manifest.media_type)
-            if not parsed.is_index:
-                for blob in parsed.blobs:
+            parsed = read_cached(manifest)
+            if not isinstance(parsed, Index):
+                for blob in parsed.descriptors:
                     if not blob.external:
                         result.blobs.setdefault(blob.digest, blob.size)
                 continue

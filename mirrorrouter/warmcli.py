@@ -21,10 +21,10 @@ from rich.logging import RichHandler
 
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.layout import ExportReport, ImportReport, export_images, import_archive
+from mirrorrouter.manifests import PlatformSelector
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.warm import (
     DEFAULT_JOBS,
-    PlatformSelector,
     Progress,
     RichProgress,
     make_progress,

@@ -400,6 +400,40 @@ async def test_loose_blobs_are_evicted_by_their_own_access(tmp_path: Path) -> No
     assert await cache.blob_size(loose) is None
 
 
+async def test_malformed_manifests_in_the_cache_are_evicted_like_any(tmp_path: Path) -> None:
+    """Malformed manifests on disk (layers null, a string platform, not JSON, 100k deep):
+    the survey arranges them without an exception, each is an image of what its
+    well-formed parts reference, and they go oldest first like any other."""
+    caches = Caches(settings_for(tmp_path))
+    t = caches.clock.now
+    cache = await caches.backend("docker.io")
+    kept = image_of("kept", 4 * KIB)
+    document = json.loads(kept.manifest)
+    broken = [
+        json.dumps({**document, "layers": None}).encode(),
+        json.dumps(
+            {"schemaVersion": 2, "manifests": [{"digest": sha256(b"gone"), "platform": "linux"}, 7]}
+        ).encode(),
+        b"\x00 not json",
+        b"[" * 100_000,
+    ]
+    caches.clock.now = t
+    for data in broken:
+        await caches.put_manifest(cache, data, OCI_INDEX if b"manifests" in data else OCI_MANIFEST)
+    newest = await caches.add(kept, "1", t + 100)
+    [survey] = await Evictor(caches.settings).survey("docker.io")
+    roots = {image.root for image in survey.images}
+    assert {Digest.of(d) for d in broken[2:]} <= roots  # unreadable: images of their own
+    assert Digest.of(broken[0]) in roots  # layers null: it still reaches its config
+    assert Digest.parse(newest.digest) in roots
+    report = await bounded(
+        caches, tmp_path, max_size=str(await image_bytes(caches, kept))
+    ).enforce()
+    assert report.ok
+    assert {e.image.root for e in report.evicted} == {Digest.of(d) for d in broken}
+    assert await caches.stored(kept) == caches.whole(kept)
+
+
 async def test_global_limit_spans_upstreams(tmp_path: Path) -> None:
     """[cache] max_size counts every upstream's cache; the oldest image anywhere goes."""
     caches = Caches(settings_for(tmp_path))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from mirrorrouter.cache import StoredManifest, TagRecord
 from mirrorrouter.cli import main
 from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError
@@ -27,6 +29,7 @@ from tests.test_access import basic, secured
 pytestmark = pytest.mark.anyio
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def hosted_config(tmp_path: Path, extra: str = "", hosted: str = "") -> str:
@@ -579,3 +582,145 @@ async def test_client_gone_mid_chunk_keeps_what_arrived(tmp_path: Path, fake: Fa
         assert (await store.upload("app", upload.id)).size == 1500
     finally:
         await store.close()
+
+
+def _without(document: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k != key}
+
+
+async def test_hostile_manifests_are_refused_naming_the_field(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Pushed manifests off their media type's schema are 400 MANIFEST_INVALID naming the
+    field (never a 500), and nothing of them is stored or tagged."""
+    image = make_image("app", [b"base"])
+    good = json.loads(image.manifest)
+    layer = good["layers"][0]
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{**good["config"], "platform": "linux/amd64"}],
+    }
+    cases: list[tuple[bytes, str, str | None]] = [
+        (json.dumps({**good, "layers": None}).encode(), OCI_MANIFEST, "layers"),
+        (json.dumps(_without(good, "layers")).encode(), OCI_MANIFEST, "layers"),
+        (json.dumps(index).encode(), OCI_INDEX, "manifests[0].platform"),
+        (json.dumps({**good, "layers": [layer, 7]}).encode(), OCI_MANIFEST, "layers[1]"),
+        (
+            json.dumps({**good, "layers": [{**layer, "size": -1}]}).encode(),
+            OCI_MANIFEST,
+            "layers[0].size",
+        ),
+        (json.dumps({**good, "config": "sha256:x"}).encode(), OCI_MANIFEST, "config"),
+        (json.dumps({**good, "subject": {"digest": 5}}).encode(), OCI_MANIFEST, "subject.digest"),
+        (b"[" * 100_000 + b"]" * 100_000, OCI_MANIFEST, None),
+        (b"{not json", OCI_MANIFEST, None),
+        (b"[]", OCI_MANIFEST, None),
+    ]
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        for data in image.blobs.values():
+            assert (await push_blob(gw.client, "/v2/team/app", data)).status_code == 201
+        for data, content_type, field in cases:
+            answer = await gw.client.put(
+                "/v2/team/app/manifests/v1", content=data, headers={"Content-Type": content_type}
+            )
+            assert answer.status_code == 400, (field, answer.text)
+            assert answer.headers["content-type"] == "application/json"
+            [error] = answer.json()["errors"]
+            assert error["code"] == "MANIFEST_INVALID", error
+            if field is not None:
+                assert error["detail"]["field"] == field
+                assert error["message"].startswith(f"{field}: ")
+        assert (await gw.client.get("/v2/team/app/manifests/v1")).status_code == 404
+        store = gw.app.endpoints.hosted.stores["team"]
+        assert (await store.storage.inventory()).manifests == {}
+        put = await push_image(gw.client, "/v2/team/app", image)  # the good one still goes in
+        assert put.status_code == 201, put.text
+
+
+async def _store_raw(
+    store: HostedStore, repository: str, data: bytes, media_type: str, tag: str | None = None
+) -> Digest:
+    """Put manifest bytes straight into storage, linked (and tagged), bypassing the checks
+    of a push: what older versions accepted."""
+    digest = Digest.of(data)
+    await store.storage.put_manifest(StoredManifest(digest, media_type, data))
+    await store.storage.link(repository, [digest])
+    if tag is not None:
+        record = TagRecord(digest, media_type, len(data), store.clock())
+        await store.storage.put_tag(repository, tag, record)
+    return digest
+
+
+async def test_malformed_manifests_already_stored_are_tolerated(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Malformed manifests written by older versions: pulls answer (a 404 where no child
+    fits, never a 500), referrers list what has a subject, and gc runs and keeps what the
+    well-formed parts reference."""
+    image = make_image("app", [b"kept layer"])
+    dropped = make_image("app", [b"only in a dropped manifest"])
+    good = json.loads(image.manifest)
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
+        for data in dropped.blobs.values():
+            assert (await push_blob(gw.client, "/v2/team/app", data)).status_code == 201
+        store = gw.app.endpoints.hosted.stores["team"]
+        null_layers = json.dumps({**good, "layers": None}).encode()
+        await _store_raw(store, "app", null_layers, OCI_MANIFEST, "null-layers")
+        string_platform = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": image.digest,
+                        "size": len(image.manifest),
+                        "platform": "linux/amd64",
+                    },
+                    "junk",
+                ],
+            }
+        ).encode()
+        await _store_raw(store, "app", string_platform, OCI_INDEX, "string-platform")
+        referrer = json.dumps(
+            {
+                **good,
+                "layers": {"not": "a list"},
+                "artifactType": "application/vnd.example.sig",
+                "subject": {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": -1},
+            }
+        ).encode()
+        referrer_digest = await _store_raw(store, "app", referrer, OCI_MANIFEST)
+        await _store_raw(store, "app", b"\x00 not json", OCI_MANIFEST, "binary")
+        await _store_raw(store, "app", b"[" * 100_000, OCI_MANIFEST, "deep")
+
+        pulled = await gw.client.get("/v2/team/app/manifests/null-layers")
+        assert pulled.status_code == 200 and pulled.content == null_layers
+        as_index = await gw.client.get(
+            "/v2/app/manifests/string-platform", headers={"Accept": OCI_INDEX}
+        )
+        assert as_index.status_code == 200 and as_index.content == string_platform
+        no_child = await gw.client.get(
+            "/v2/app/manifests/string-platform", headers={"Accept": OCI_MANIFEST}
+        )
+        assert no_child.status_code == 404
+        assert no_child.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        for base in ("/v2/team/app", "/v2/app"):  # the hosted set, and the group's union
+            listed = await gw.client.get(f"{base}/referrers/{image.digest}")
+            assert listed.status_code == 200, listed.text
+            [entry] = listed.json()["manifests"]
+            assert entry["digest"] == str(referrer_digest)
+            assert entry["artifactType"] == "application/vnd.example.sig"
+        for tag in ("binary", "deep"):
+            raw = await gw.client.get(f"/v2/team/app/manifests/{tag}")
+            assert raw.status_code == 200
+
+        gw.clock.now += 2 * 3600
+        report = await store.collect_garbage()
+        assert (report.blobs, report.manifests) == (1, 0)  # the dropped image's one layer
+        for digest, data in image.blobs.items():
+            blob = await gw.client.get(f"/v2/team/app/blobs/{digest}")
+            assert blob.status_code == 200 and blob.content == data
+        assert (await gw.client.get("/v2/team/app/manifests/null-layers")).status_code == 200

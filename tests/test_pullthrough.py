@@ -445,3 +445,51 @@ async def test_tag_index_survives_a_restart(
 def spool_files(cache: Path) -> list[Path]:
     """Files under a cache's temp area other than the owner locks: interrupted writes."""
     return [p for p in (cache / "tmp").rglob("*") if p.is_file() and p.name != ".lock"]
+
+
+async def test_upstream_index_with_malformed_entries_answers_normally(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """An upstream index whose linux/amd64 entry has a string platform: a client without
+    index types gets 404 MANIFEST_UNKNOWN (never a 500) when no other entry fits, and the
+    well-formed linux/amd64 entry when one does."""
+    amd64 = fake.add(make_image("library/odd", [b"amd64"]))
+    entry = {"mediaType": amd64.media_type, "digest": amd64.digest, "size": len(amd64.manifest)}
+    index_type = "application/vnd.oci.image.index.v1+json"
+    only_bad = {"schemaVersion": 2, "manifests": [{**entry, "platform": "linux/amd64"}, "junk"]}
+    one_good = {
+        "schemaVersion": 2,
+        "manifests": [
+            {**entry, "platform": "linux/amd64", "digest": "sha256:short"},
+            {**entry, "platform": {"os": "linux", "architecture": "amd64"}},
+        ],
+    }
+    for tag, document in (("bad", only_bad), ("good", one_good)):
+        fake.manifests[("library/odd", tag)] = (json.dumps(document).encode(), index_type)
+    single = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    async with gateway(tmp_path, fake) as gw:
+        whole = await gw.client.get("/v2/library/odd/manifests/bad", headers={"Accept": ACCEPT_ALL})
+        assert whole.status_code == 200 and whole.content == json.dumps(only_bad).encode()
+        for _ in range(2):  # from upstream, then from the cache
+            refused = await gw.client.get("/v2/library/odd/manifests/bad", headers=single)
+            assert refused.status_code == 404
+            assert refused.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        served = await gw.client.get("/v2/library/odd/manifests/good", headers=single)
+        assert served.status_code == 200 and served.content == amd64.manifest
+
+
+async def test_malformed_upstream_referrers_are_filtered_without_error(
+    tmp_path: Path, fake: FakeRegistry, image: Image
+) -> None:
+    """An upstream that ignores artifactType and lists malformed entries: the filtered
+    answer keeps only well-formed entries of that type, as the upstream wrote them."""
+    sbom = {"mediaType": image.media_type, "digest": sha256(b"sbom"), "artifactType": "sbom"}
+    fake.supports_referrers = True
+    fake.referrers[image.digest] = ["junk", {"artifactType": "sbom"}, sbom, {**sbom, "digest": 1}]
+    async with gateway(tmp_path, fake) as gw:
+        found = await gw.client.get(
+            f"/v2/library/alpine/referrers/{image.digest}?artifactType=sbom"
+        )
+        assert found.status_code == 200, found.text
+        assert found.headers["oci-filters-applied"] == "artifactType"
+        assert found.json()["manifests"] == [sbom]

@@ -18,10 +18,11 @@ import pytest
 from mirrorrouter.cli import main
 from mirrorrouter.config import Settings, parse_settings
 from mirrorrouter.layout import REF_NAME, ExportReport, ImportReport, export_images, import_archive
+from mirrorrouter.manifests import PlatformSelector
 from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.reference import Digest
 from mirrorrouter.timing import Timing
 from mirrorrouter.warm import (
-    PlatformSelector,
     Warmer,
     WarmReport,
     read_image_list,
@@ -478,3 +479,53 @@ async def test_export_cached_only_never_asks_upstream(
     assert not refused.ok and not absent.exists()
     assert "not in the cache" in (refused.warm.results[1].error or "")
     assert refused.summary(True)[0].startswith(f"did not write {absent}")
+
+
+async def test_export_and_import_of_malformed_upstream_manifests(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Upstream manifests with malformed parts (layers null, an index entry whose platform
+    is a string) are warmed, exported and imported by their well-formed parts; a manifest
+    that is not JSON fails its image with a reason, never an exception."""
+    base = make_image("library/odd", [b"odd layer"])
+    fake.add(base)
+    document = json.loads(base.manifest)
+    nulls = json.dumps({**document, "layers": None}).encode()
+    entry = {"mediaType": base.media_type, "digest": base.digest, "size": len(base.manifest)}
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {**entry, "platform": "linux/amd64"},
+                "junk",
+                {**entry, "platform": {"os": "linux", "architecture": "amd64"}},
+            ],
+        }
+    ).encode()
+    for tag, data, media_type in [
+        ("nulls", nulls, base.media_type),
+        ("index", index, OCI_INDEX),
+        ("junk", b"{not json", base.media_type),
+    ]:
+        fake.manifests[("library/odd", tag)] = (data, media_type)
+    archive = tmp_path / "odd.tar"
+    exported = await export(tmp_path / "a", fake, ["odd:nulls", "odd:index"], archive)
+    assert exported.ok, exported.summary(False)
+    nulls_result, index_result = exported.warm.results
+    assert set(nulls_result.blobs) == {Digest.parse(document["config"]["digest"])}
+    assert index_result.platforms == ["linux/amd64"]
+    assert [str(m.digest) for m in index_result.manifests] == [sha256(index), base.digest]
+
+    imported = await import_into(tmp_path / "b", archive)
+    assert imported.ok, imported.summary()
+    async with gateway(tmp_path, fake, config(tmp_path / "b"), wrap=dead) as gw:
+        for tag, data in (("nulls", nulls), ("index", index)):
+            answer = await gw.client.get(
+                f"/v2/library/odd/manifests/{tag}",
+                headers={"Accept": f"{OCI_INDEX}, {base.media_type}"},
+            )
+            assert answer.status_code == 200 and answer.content == data
+
+    failed = await export(tmp_path / "c", fake, ["odd:junk"], tmp_path / "junk.tar")
+    assert not failed.ok and not (tmp_path / "junk.tar").exists()
+    assert "not a JSON object" in (failed.warm.results[0].error or "")
