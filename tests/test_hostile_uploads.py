@@ -136,6 +136,14 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def resident_bytes(pid: int) -> int:
+    """The process's resident memory (``VmRSS`` in ``/proc/<pid>/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * KIB
+    raise AssertionError("no VmRSS")
+
+
 def push_blob(client: httpx.Client, repository: str, data: bytes) -> httpx.Response:
     return client.post(
         f"/v2/{repository}/blobs/uploads/", params={"digest": sha256(data)}, content=data
@@ -258,7 +266,7 @@ def test_stalled_chunks_to_one_session_stall_nobody(world: World, tmp_path: Path
         upstream_blob = next(b for b in world.upstream.image.blobs if b.size > 1000)
         started = client.post("/v2/team/app/blobs/uploads/")
         location = started.headers["location"]
-        fds_before = open_fds(pid)
+        fds_before, memory_before = open_fds(pid), resident_bytes(pid)
 
         attackers = [
             raw_request(gateway.port, "PATCH", location, 100 * MIB, b"x" * 10) for _ in range(8)
@@ -316,6 +324,7 @@ def test_stalled_chunks_to_one_session_stall_nobody(world: World, tmp_path: Path
         assert client.put(location, params={"digest": sha256(whole)}).status_code == 201
         client.close()
         assert open_fds(pid) <= fds_before + 5  # the attackers' descriptors were released
+        assert resident_bytes(pid) < memory_before + 64 * MIB  # declared 800 MiB: not buffered
         assert 500 not in statuses(gateway)
 
         gateway.process.send_signal(signal.SIGTERM)
