@@ -10,7 +10,6 @@ with a deadline that only a stall misses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.fakeregistry import Image, make_image, sha256
 from tests.support.gateway import GatewayProcess
 from tests.support.images import ImageFactory, PushedImage, session_factory
 from tests.support.registry import DistributionRegistry
@@ -33,10 +33,6 @@ pytestmark = pytest.mark.real
 DEADLINE = 5.0  # seconds: generous for a normal request, missed only by a stall
 KIB = 1024
 MIB = 1024 * KIB
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -166,38 +162,25 @@ def push_chunked(client: httpx.Client, repository: str, data: bytes) -> httpx.Re
     return client.put(location, params={"digest": sha256(data)})
 
 
-def push_image(client: httpx.Client, repository: str, layers: list[bytes], tag: str) -> str:
-    """Push a small OCI image by the API; its manifest's digest."""
-    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
-    for data in (config, *layers):
+def push_image(client: httpx.Client, repository: str, image: Image, tag: str) -> None:
+    """Push an image by the API: its blobs, then its manifest."""
+    for data in image.blobs.values():
         answer = push_blob(client, repository, data)
         assert answer.status_code == 201, answer.text
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": sha256(layer),
-                    "size": len(layer),
-                }
-                for layer in layers
-            ],
-        }
-    ).encode()
     answer = client.put(
         f"/v2/{repository}/manifests/{tag}",
-        content=manifest,
-        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        content=image.manifest,
+        headers={"Content-Type": image.media_type},
     )
     assert answer.status_code == 201, answer.text
-    return sha256(manifest)
+
+
+def wait_for_status(client: httpx.Client, url: str, status: int, what: str) -> None:
+    """Poll ``url`` until it answers ``status`` (the background sweep is due)."""
+    deadline = time.monotonic() + 4 * DEADLINE
+    while client.get(url).status_code != status:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
 
 
 HOSTED_SETS = {
@@ -251,6 +234,13 @@ def gateway(world: World) -> Iterator[GatewayProcess]:
         yield process
 
 
+@pytest.fixture
+def client(gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    """A normal client of the module's gateway."""
+    with httpx.Client(base_url=gateway.url, timeout=DEADLINE) as normal:
+        yield normal
+
+
 def test_stalled_chunks_to_one_session_stall_nobody(world: World, tmp_path: Path) -> None:
     """Eight PATCHes with stalled bodies to one upload session: one holds the session, the
     others are refused at once with its Range, every other client keeps being served, the
@@ -262,7 +252,8 @@ def test_stalled_chunks_to_one_session_stall_nobody(world: World, tmp_path: Path
         pid = gateway.process.pid
         client = httpx.Client(base_url=gateway.url, timeout=DEADLINE)
         layer = os.urandom(300 * KIB)
-        hosted_manifest = push_image(client, "team/app", [layer], "v1")
+        image = make_image("team/app", [layer])
+        push_image(client, "team/app", image, "v1")
         upstream_blob = next(b for b in world.upstream.image.blobs if b.size > 1000)
         started = client.post("/v2/team/app/blobs/uploads/")
         location = started.headers["location"]
@@ -288,7 +279,7 @@ def test_stalled_chunks_to_one_session_stall_nobody(world: World, tmp_path: Path
             assert served(client.build_request("GET", "/v2/")).status_code == 200
             manifest = served(client.build_request("GET", "/v2/team/app/manifests/v1"))
             assert manifest.status_code == 200
-            assert manifest.headers["docker-content-digest"] == hosted_manifest
+            assert manifest.headers["docker-content-digest"] == image.digest
             blob = served(client.build_request("GET", f"/v2/team/app/blobs/{sha256(layer)}"))
             assert blob.status_code == 200 and blob.content == layer
             pulled = served(
@@ -340,7 +331,7 @@ def hosted_files(world: World, name: str, part: str) -> list[Path]:
 
 
 def test_oversized_blobs_are_refused_while_they_stream(
-    world: World, gateway: GatewayProcess
+    world: World, gateway: GatewayProcess, client: httpx.Client
 ) -> None:
     """Bodies over max_blob_size (256 KiB), monolithic and as a session's chunk, get 413
     SIZE_INVALID before the client has sent them all, and nothing of them stays on disk."""
@@ -350,7 +341,6 @@ def test_oversized_blobs_are_refused_while_they_stream(
     for declared in (False, True):
         answer = stream_until_answered(gateway.port, "POST", monolithic, total, declared=declared)
         assert answer is not None and answer.status == 413, answer
-    client = httpx.Client(base_url=gateway.url, timeout=DEADLINE)
     started = client.post("/v2/small/app/blobs/uploads/")
     location = started.headers["location"]
     assert client.patch(location, content=b"k" * 1000).status_code == 202
@@ -363,16 +353,14 @@ def test_oversized_blobs_are_refused_while_they_stream(
     sessions = hosted_files(world, "small", "uploads")
     assert [p.stat().st_size for p in sessions if not p.name.endswith(".json")] == [1000]
     assert client.get("/v2/").status_code == 200
-    client.close()
     assert 500 not in statuses(gateway)
 
 
 def test_pushes_over_the_quota_are_denied_naming_the_set(
-    world: World, gateway: GatewayProcess
+    world: World, gateway: GatewayProcess, client: httpx.Client
 ) -> None:
     """A set at its quota (1 MiB) refuses the next blob, monolithic or chunked, with 403
     DENIED naming the set, while what fits was stored."""
-    client = httpx.Client(base_url=gateway.url, timeout=DEADLINE)
     first = os.urandom(700 * KIB)
     assert push_blob(client, "tight/app", first).status_code == 201
     second = os.urandom(400 * KIB)
@@ -386,14 +374,14 @@ def test_pushes_over_the_quota_are_denied_naming_the_set(
     assert client.get(location).headers["range"] == "0-0"
     assert client.get(f"/v2/tight/app/blobs/{sha256(first)}").content == first
     assert client.head(f"/v2/tight/app/blobs/{sha256(second)}").status_code == 404
-    client.close()
     assert 500 not in statuses(gateway)
 
 
-def test_one_upload_session_too_many_is_refused(world: World, gateway: GatewayProcess) -> None:
+def test_one_upload_session_too_many_is_refused(
+    world: World, gateway: GatewayProcess, client: httpx.Client
+) -> None:
     """With max_uploads (3) sessions open, one more gets 429 TOOMANYREQUESTS with a
     Retry-After, while pulls go on."""
-    client = httpx.Client(base_url=gateway.url, timeout=DEADLINE)
     opened = [client.post("/v2/few/app/blobs/uploads/") for _ in range(3)]
     assert [answer.status_code for answer in opened] == [202, 202, 202]
     refused = client.post("/v2/few/app/blobs/uploads/")
@@ -403,33 +391,24 @@ def test_one_upload_session_too_many_is_refused(world: World, gateway: GatewayPr
     assert client.get(f"/v2/library/hostile/manifests/{world.upstream.digest}").status_code == 200
     assert client.delete(opened[0].headers["location"]).status_code == 204
     assert client.post("/v2/few/app/blobs/uploads/").status_code == 202
-    client.close()
     assert 500 not in statuses(gateway)
 
 
 def test_the_server_sweeps_abandoned_sessions_but_not_held_ones(
-    world: World, gateway: GatewayProcess
+    world: World, gateway: GatewayProcess, client: httpx.Client
 ) -> None:
     """The server itself removes a session idle longer than upload_ttl (2 s), while one that
     a request still holds stays, however old, until that request ends."""
-    client = httpx.Client(base_url=gateway.url, timeout=DEADLINE)
     abandoned = client.post("/v2/brief/app/blobs/uploads/").headers["location"]
     assert client.patch(abandoned, content=b"a" * 5000).status_code == 202
     held = client.post("/v2/brief/app/blobs/uploads/").headers["location"]
     stalled = raw_request(gateway.port, "PATCH", held, 10 * MIB, b"h" * 10)
     try:
-        deadline = time.monotonic() + 4 * DEADLINE
-        while client.get(abandoned).status_code != 404:
-            assert time.monotonic() < deadline, "the abandoned session was never swept"
-            time.sleep(0.2)
+        wait_for_status(client, abandoned, 404, "the abandoned session was never swept")
         time.sleep(3)  # several more sweeps, each past the held session's upload_ttl
         assert client.get(held).status_code == 204
     finally:
         stalled.close()
-    deadline = time.monotonic() + 4 * DEADLINE
-    while client.get(held).status_code != 404:
-        assert time.monotonic() < deadline, "the session was not swept once let go"
-        time.sleep(0.2)
+    wait_for_status(client, held, 404, "the session was not swept once let go")
     assert hosted_files(world, "brief", "uploads") == []
-    client.close()
     assert 500 not in statuses(gateway)
