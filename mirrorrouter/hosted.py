@@ -4,22 +4,26 @@ A ``HostedStore`` is one hosted repository set (``[hosted."team"]``) on the same
 layer as the caches (a ``CacheBackend``), which it uses as the only copy:
 
 - **blobs** arrive monolithically (``POST ?digest=``) or in an upload session (uploads.py:
-  a local file chunks are appended to, resumable). Finishing one streams the file through
-  the backend's blob writer, which verifies the digest and commits atomically; a blob is
-  then linked into the repository it was pushed to;
+  a local file chunks are appended to, resumable, one request at a time). Finishing one
+  streams the file through the backend's blob writer, which verifies the digest and commits
+  atomically; a blob is then linked into the repository it was pushed to. Every body is
+  metered as it streams against the set's limits (limits.py: ``max_blob_size``, ``quota``;
+  ``max_uploads`` for new sessions);
 - **manifests** are stored byte-exact and accepted only when every blob or child manifest
   they reference is already in the repository (``MANIFEST_BLOB_UNKNOWN`` otherwise);
   a tag is an authoritative tag record (hosted tags never expire);
 - **referrers** are the repository's manifests whose ``subject`` names a digest;
 - **garbage collection** keeps every manifest linked into a repository, and everything
   those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
-  blob pushed just before its manifest is never collected in between).
+  blob pushed just before its manifest is never collected in between);
+- **housekeeping** (``housekeep``, run by the server every ``sweep_interval``): upload
+  sessions idle longer than ``upload_ttl`` are swept, and the quota's running total is
+  counted afresh from the storage.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ from mirrorrouter.cache import CacheBackend, DigestMismatch, StoredManifest, Tag
 from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.housekeeping import sweep_interval
+from mirrorrouter.limits import LimitExceeded, Meter, Usage, too_many_uploads
 from mirrorrouter.manifests import (
     Descriptor,
     Index,
@@ -41,7 +47,7 @@ from mirrorrouter.manifests import (
     referrers_index,
 )
 from mirrorrouter.reference import Digest
-from mirrorrouter.uploads import Upload, UploadSessions
+from mirrorrouter.uploads import HeldSession, Swept, Upload, UploadSessions
 
 # A pushed manifest larger than this is parsed and checked off the event loop: a hostile
 # 4 MiB document of a million empty lists takes half a second of CPU.
@@ -91,11 +97,13 @@ class HostedStore:
         self.storage = storage or open_backend(settings.storage, clock=clock)
         self.sessions = UploadSessions(settings.storage.directory / "uploads", clock=clock)
         self.clock = clock
+        self.usage = Usage(settings.name, settings.quota)
         self._referrers: LRUCache[Digest, _Referrer | None] = LRUCache(maxsize=10_000)
 
     async def open(self) -> None:
         await self.storage.open()
         await self.sessions.open()
+        await self.count_usage()
 
     async def close(self) -> None:
         await self.storage.close()
@@ -163,9 +171,24 @@ class HostedStore:
 
     # ------------------------------------------------------------------ blob uploads
 
-    async def put_blob(self, repository: str, digest: Digest, body: AsyncIterator[bytes]) -> int:
-        """A monolithic upload: the whole blob in one request, verified as it is stored."""
-        size = await self._store(digest, body)
+    async def put_blob(
+        self,
+        repository: str,
+        digest: Digest,
+        body: AsyncIterator[bytes],
+        declared: int | None = None,
+    ) -> int:
+        """A monolithic upload: the whole blob in one request (``declared``: its
+        ``Content-Length``), metered and verified as it is stored."""
+        meter = Meter(self.settings, self.usage)
+        meter.declare(declared)
+        known = await self.storage.blob_size(digest) is not None
+        try:
+            size = await self._store(digest, meter.wrap(body))
+        finally:
+            meter.settle(kept=False)
+        if not known:
+            self.usage.add(size)
         await self.storage.link(repository, [digest])
         return size
 
@@ -180,6 +203,9 @@ class HostedStore:
         return True
 
     async def start_upload(self, repository: str) -> Upload:
+        """A new upload session, unless ``max_uploads`` are open (429)."""
+        open_sessions = await asyncio.to_thread(self.sessions.count)
+        too_many_uploads(self.settings, open_sessions, sweep_interval(self.settings.upload_ttl))
         return await self.sessions.start(repository)
 
     async def upload(self, repository: str, upload_id: str) -> Upload:
@@ -187,24 +213,83 @@ class HostedStore:
         return await self.sessions.get(repository, upload_id)
 
     async def append(
-        self, upload: Upload, body: AsyncIterator[bytes], start: int | None = None
+        self,
+        upload: Upload,
+        body: AsyncIterator[bytes],
+        start: int | None = None,
+        declared: int | None = None,
     ) -> Upload:
-        """Append a chunk (at ``start`` when the client says where: see uploads.py)."""
-        return await self.sessions.append(upload, body, start)
+        """Append a chunk (at ``start`` when the client says where; ``declared``: its
+        ``Content-Length``). Refused at once while another request holds the session."""
+        async with self.sessions.hold(upload) as session:
+            return await self._append(session, body, start, declared)
 
-    async def finish(self, upload: Upload, digest: Digest, body: AsyncIterator[bytes]) -> int:
+    async def _append(
+        self,
+        session: HeldSession,
+        body: AsyncIterator[bytes],
+        start: int | None = None,
+        declared: int | None = None,
+    ) -> Upload:
+        """Append under the set's limits: a chunk over one leaves nothing (uploads.py)."""
+        meter = Meter(self.settings, self.usage, session.size)
+        meter.declare(declared)
+        kept = True  # also what arrived before a disconnect stays in the session
+        try:
+            return await session.append(meter.wrap(body), start)
+        except LimitExceeded:
+            kept = False
+            raise
+        finally:
+            meter.settle(kept=kept)
+
+    async def finish(
+        self,
+        upload: Upload,
+        digest: Digest,
+        body: AsyncIterator[bytes],
+        declared: int | None = None,
+    ) -> int:
         """Append the last chunk, then verify and commit the blob; the session ends either
         way (a digest mismatch leaves nothing behind)."""
-        upload = await self.sessions.append(upload, body)
-        try:
-            size = await self._store(digest, self.sessions.read(upload))
-        finally:
-            await self.sessions.cancel(upload)
+        async with self.sessions.hold(upload) as session:
+            upload = await self._append(session, body, None, declared)
+            known = await self.storage.blob_size(digest) is not None
+            try:
+                size = await self._store(digest, session.read())
+            finally:
+                await session.remove()
+                self.usage.remove(upload.size)
+            if not known:
+                self.usage.add(size)
         await self.storage.link(upload.repository, [digest])
         return size
 
     async def cancel(self, upload: Upload) -> None:
-        await self.sessions.cancel(upload)
+        async with self.sessions.hold(upload) as session:
+            await session.remove()
+        self.usage.remove(session.upload.size)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def housekeep(self) -> Swept:
+        """Sweep upload sessions idle longer than ``upload_ttl``, and count the set's
+        bytes afresh for its quota (the server runs this every ``sweep_interval``)."""
+        horizon = self.clock() - self.settings.upload_ttl
+        swept = await asyncio.to_thread(self.sessions.sweep, horizon)
+        self.usage.remove(swept.bytes)
+        await self.count_usage()
+        return swept
+
+    async def count_usage(self) -> None:
+        """Count the bytes the set holds (stored blobs and manifests, open uploads) for its
+        quota; nothing to count without one."""
+        if self.settings.quota is None:
+            return
+        inventory = await self.storage.inventory()
+        stored = sum(o.size for o in inventory.blobs.values())
+        stored += sum(o.size for o in inventory.manifests.values())
+        self.usage.reset(stored + await asyncio.to_thread(self.sessions.held_bytes))
 
     async def _store(self, digest: Digest, body: AsyncIterator[bytes]) -> int:
         writer = self.storage.blob_writer(digest)
@@ -244,7 +329,12 @@ class HostedStore:
                 ErrorCode.DIGEST_INVALID, f"the manifest hashes to {actual}, not {digest}"
             )
         await self._check_references(repository, parsed)
+        new = await self.storage.peek_manifest(actual) is None
+        if new:
+            self.usage.check(len(data))  # the set's quota (limits.py)
         await self.storage.put_manifest(StoredManifest(actual, media_type, data))
+        if new:
+            self.usage.add(len(data))
         await self.storage.link(repository, [actual])
         if tag is not None:
             record = TagRecord(actual, media_type, len(data), self.clock())
@@ -291,8 +381,8 @@ class HostedStore:
     # ------------------------------------------------------------------ garbage collection
 
     async def collect_garbage(self, *, dry_run: bool = False) -> GcReport:
-        """Remove blobs and manifests no linked manifest reaches, and abandoned uploads,
-        all older than ``gc_grace``."""
+        """Remove blobs and manifests no linked manifest reaches, older than ``gc_grace``,
+        and upload sessions idle longer than ``upload_ttl`` that no request holds."""
         inventory = await self.storage.inventory()
         manifests = inventory.manifests
         live: set[Digest] = set()
@@ -318,8 +408,9 @@ class HostedStore:
             if digest not in live and obj.accessed < horizon
         }
         kept = len(inventory.blobs) + len(manifests) - len(dead)
-        uploads = await asyncio.to_thread(self.sessions.stale, horizon)
-        sessions = len(uploads) // 2
+        idle = self.clock() - self.settings.upload_ttl
+        swept = await asyncio.to_thread(self.sessions.sweep, idle, dry_run=dry_run)
+        sessions = swept.sessions
         if dry_run:
             blobs = sum(1 for d in dead if d in inventory.blobs)
             freed = sum(o.size for o in dead.values())
@@ -335,9 +426,7 @@ class HostedStore:
             rest = frozenset(dead) - removed.in_use
             links = tuple(link for link in links if link[1] in rest)
             removed = await self.storage.remove(Removal(rest, links=links))
-        for path in uploads:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        await self.count_usage()
         blobs = sum(1 for d in removed.removed if d in inventory.blobs)
         return GcReport(
             blobs,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from starlette.requests import ClientDisconnect, Request
@@ -35,6 +36,7 @@ from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted import HostedStore, StoredBlob
+from mirrorrouter.housekeeping import Chore, Housekeeper, sweep_interval
 from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, child_for_client
 from mirrorrouter.oci import (
     API_VERSION,
@@ -46,6 +48,8 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.uploads import Upload, upload_range
+
+log = logging.getLogger("mirrorrouter.hosted")
 
 HOSTED = "HOSTED"  # the X-Cache value of hosted content: not a cache, the only copy
 SUBJECT_HEADER = "OCI-Subject"
@@ -88,11 +92,19 @@ class HostedApi:
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self._peer_transport = peer_transport
         self._peers: httpx.AsyncClient | None = None
+        self.housekeeper = Housekeeper(
+            [
+                Chore(f"hosted {name}", sweep_interval(store.settings.upload_ttl), _sweep(store))
+                for name, store in self.stores.items()
+            ]
+        )
 
     async def start(self) -> None:
         await asyncio.gather(*(store.open() for store in self.stores.values()))
+        self.housekeeper.start()
 
     async def close(self) -> None:
+        await self.housekeeper.stop()
         await asyncio.gather(*(store.close() for store in self.stores.values()))
         if self._peers is not None:
             await self._peers.aclose()
@@ -186,13 +198,13 @@ class HostedApi:
             return self._session(204, upload, oci)
         if oci.method == "PATCH":
             start = _content_range_start(request.headers.get("content-range"))
-            upload = await store.append(upload, _body(request), start)
-            await self.coordinator.put_upload(upload.id, store.settings.gc_grace)
+            upload = await store.append(upload, _body(request), start, _declared(request))
+            await self.coordinator.put_upload(upload.id, store.settings.upload_ttl)
             return self._session(202, upload, oci)
         if oci.method == "PUT":
             digest = _digest_param(oci, required=True)
             assert digest is not None
-            await store.finish(upload, digest, _body(request))
+            await store.finish(upload, digest, _body(request), _declared(request))
             return self._blob_created(oci, digest)
         if oci.method == "DELETE":
             await store.cancel(upload)
@@ -214,10 +226,10 @@ class HostedApi:
                 return self._blob_created(oci, mounted)
         digest = _digest_param(oci, required=False)
         if digest is not None:
-            await store.put_blob(repository, digest, _body(request))
+            await store.put_blob(repository, digest, _body(request), _declared(request))
             return self._blob_created(oci, digest)
         upload = await store.start_upload(repository)
-        await self.coordinator.put_upload(upload.id, store.settings.gc_grace)
+        await self.coordinator.put_upload(upload.id, store.settings.upload_ttl)
         return self._session(202, upload, oci)
 
     async def _forward(self, upload_id: str, request: Request) -> Response | None:
@@ -342,6 +354,30 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
             "where to resume",
             status=499,
         ) from None
+
+
+def _declared(request: Request) -> int | None:
+    """The body's ``Content-Length``, when the client said it (a limit may refuse it at
+    once); None for a chunked body, which is measured as it streams."""
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _sweep(store: HostedStore) -> Callable[[], Awaitable[None]]:
+    """One housekeeping round of a hosted set, logged when it removed something."""
+
+    async def sweep() -> None:
+        swept = await store.housekeep()
+        if swept.sessions:
+            log.info(
+                "hosted %s: swept %d upload sessions idle longer than %.0fs (%d bytes)",
+                store.settings.name,
+                swept.sessions,
+                store.settings.upload_ttl,
+                swept.bytes,
+            )
+
+    return sweep
 
 
 def _content_range_start(header: str | None) -> int | None:

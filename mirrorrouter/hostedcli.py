@@ -1,8 +1,10 @@
 """``mirrorrouter gc``: garbage-collect hosted repository sets (the rules are in hosted.py).
 Registered by cli.py through ``register``.
 
-Run it from cron or a Kubernetes CronJob while the gateway serves: blobs and upload
-sessions younger than ``gc_grace`` are spared, so a push in progress is never cut short.
+Run it from cron or a Kubernetes CronJob while the gateway serves: blobs and manifests
+younger than ``gc_grace`` are spared, and upload sessions that received bytes within
+``upload_ttl`` or that a request holds, so a push in progress is never cut short. (The
+server sweeps abandoned upload sessions on its own too.)
 
 Exit codes: 0 done; 2 a usage error (no such hosted set, none configured).
 """
@@ -32,7 +34,7 @@ def register(
         help="garbage-collect hosted repositories: remove what no manifest references",
         description="Remove blobs and manifests of hosted repository sets that no manifest "
         "linked into a repository references any more (after DELETEs and re-pushed tags), "
-        "and abandoned upload sessions; all older than the set's gc_grace.",
+        "older than the set's gc_grace, and upload sessions idle longer than its upload_ttl.",
     )
     config_option(gc)
     gc.add_argument("--hosted", metavar="NAME", help="only this hosted set (default: all)")

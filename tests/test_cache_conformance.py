@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ from mirrorrouter.cache.base import (
     StoredManifest,
     StoredObject,
     TagRecord,
+)
+from mirrorrouter.cache.spool import (
+    LOCK_NAME,
+    STAGING_GRACE,
+    STAGING_PREFIX,
+    SpoolArea,
+    locked_elsewhere,
 )
 from mirrorrouter.reference import Digest
 from tests.support.seaweed import cache_settings, session_seaweed
@@ -848,3 +856,27 @@ async def test_filesystem_inventory_skips_strays(tmp_path: Path) -> None:
     (tmp_path / "manifests" / "md5" / ("0" * 32)).write_bytes(b"x")
     inventory = await cache.inventory()
     assert set(inventory.blobs) == {digest} and inventory.manifests == {}
+
+
+def test_spool_area_being_made_is_never_swept(tmp_path: Path) -> None:
+    """An instance's spool area appears already locked, so another process's sweep never
+    takes one being made for a dead owner's; a leftover of a crash while making one goes
+    once it is old."""
+    first = SpoolArea(tmp_path)
+    first.open()
+    making = tmp_path / "tmp" / f"{STAGING_PREFIX}{'a' * 32}"  # another process, mid-open
+    making.mkdir()
+    (making / LOCK_NAME).touch()
+    crashed = tmp_path / "tmp" / f"{STAGING_PREFIX}{'b' * 32}"
+    crashed.mkdir()
+    old = time.time() - 2 * STAGING_GRACE
+    os.utime(crashed, (old, old))
+    second = SpoolArea(tmp_path)
+    second.open()
+    try:
+        assert making.exists() and not crashed.exists()
+        assert first.tmp.is_dir() and second.tmp.is_dir()
+        assert locked_elsewhere(first.tmp / LOCK_NAME) and locked_elsewhere(second.tmp / LOCK_NAME)
+    finally:
+        first.close()
+        second.close()

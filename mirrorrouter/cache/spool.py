@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,8 @@ IN_FLIGHT = 4  # chunks a blob writer may hash and write behind the network read
 ACCESS_MEMORY = 100_000  # objects whose last persisted access is remembered
 PENDING_ACCESSES = 100_000  # accesses recorded in memory at most, until flushed
 LOCK_NAME = ".lock"
+STAGING_PREFIX = ".new-"  # an area being made: see SpoolArea.open
+STAGING_GRACE = 600.0  # seconds after which a leftover one is a crash's
 
 
 @dataclass(slots=True)
@@ -108,12 +111,25 @@ class SpoolArea:
 
     def open(self) -> None:
         """Sweep the areas of owners that are gone, then create and lock this one (blocking
-        I/O: call it from a thread)."""
+        I/O, but never a wait: call it from a thread).
+
+        The area is made and locked under a hidden name, then renamed into place: another
+        process's sweep never sees it unlocked (it would take it for the area of an owner
+        that is gone, and remove it), and no one else can hold its lock, so taking it
+        without waiting always succeeds."""
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         self._sweep()
-        self.tmp.mkdir(exist_ok=True)
-        self._lock_fd = os.open(self.tmp / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        staging = self.root / "tmp" / f"{STAGING_PREFIX}{self.owner}"
+        staging.mkdir()
+        fd = os.open(staging / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, self.tmp)
+        except BaseException:
+            os.close(fd)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._lock_fd = fd
 
     def close(self) -> None:
         """Drop the lock; the next ``open()`` anywhere sweeps this area."""
@@ -141,10 +157,15 @@ class SpoolArea:
         return total
 
     def _sweep(self) -> None:
-        """Remove the areas (and companions) whose owner is gone (their lock is free)."""
+        """Remove the areas (and companions) whose owner is gone (their lock is free); an
+        area still being made (``open``) only once it is old enough to be a crash's."""
         for entry in entries(self.root / "tmp"):
             if not entry.is_dir():
                 Path(entry.path).unlink(missing_ok=True)
+            elif entry.name.startswith(STAGING_PREFIX):
+                with contextlib.suppress(OSError):
+                    if time.time() - entry.stat().st_mtime > STAGING_GRACE:
+                        shutil.rmtree(entry.path, ignore_errors=True)
             elif not _alive(Path(entry.path)):
                 shutil.rmtree(entry.path, ignore_errors=True)
         for name in self._companions:

@@ -138,6 +138,11 @@ class UpstreamSettings:
     from_pattern: bool = False  # made on demand for a host matched by routing.allow_unconfigured
 
 
+# Above the largest layer the big cloud registries take (Amazon ECR: 52,000 MiB), so an
+# image that can be pushed anywhere can be pushed here; still a bound on one request.
+DEFAULT_MAX_BLOB_SIZE = 64 * 1024**3
+
+
 @dataclass(frozen=True, slots=True)
 class HostedSettings:
     """A hosted (local, writable) repository set: images pushed here, served from here.
@@ -151,7 +156,14 @@ class HostedSettings:
     storage: CacheSettings
     access: tuple[AccessRule, ...] = ()  # no matching rule: see access.py for the default
     delete: bool = False  # may clients DELETE manifests and tags
-    gc_grace: float = 3600.0  # garbage collection spares blobs and uploads younger than this
+    gc_grace: float = 3600.0  # garbage collection spares blobs and manifests younger than this
+    # What clients may store (docs/hosted-and-groups.md, "Limits"): one blob's bytes, the
+    # whole set's bytes (None: unbounded), open upload sessions, and how long a session may
+    # stay idle before the server sweeps it.
+    max_blob_size: int | None = DEFAULT_MAX_BLOB_SIZE
+    quota: int | None = None
+    max_uploads: int = 1000
+    upload_ttl: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)

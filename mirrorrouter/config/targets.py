@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from mirrorrouter.config.model import (
+    DEFAULT_MAX_BLOB_SIZE,
     CacheSettings,
     GroupSettings,
     HostedSettings,
     Route,
     UpstreamSettings,
 )
-from mirrorrouter.config.reader import Reader, Table
+from mirrorrouter.config.reader import Reader, Table, between
 from mirrorrouter.config.security import load_access_rules
 from mirrorrouter.reference import PATH_COMPONENT_RE, REGISTRY_RE, canonical_registry
 
@@ -90,9 +91,21 @@ def load_hosted(
         access=load_access_rules(table.tables("access"), push=True),
         delete=table.get("delete", bool, False),
         gc_grace=table.duration("gc_grace", 3600.0),
+        max_blob_size=_size_or_none(table, "max_blob_size", DEFAULT_MAX_BLOB_SIZE),
+        quota=_size_or_none(table, "quota", None),
+        max_uploads=table.get("max_uploads", int, 1000, check=between(1, 1_000_000)),
+        upload_ttl=table.duration("upload_ttl", 3600.0, positive=True),
     )
     table.finish()
     return hosted if _target_name(reader, table, name, upstreams) else None
+
+
+def _size_or_none(table: Table, key: str, default: int | None) -> int | None:
+    """A byte size, or ``"none"`` for no limit."""
+    if table.data.get(key) == "none":
+        table.used.add(key)
+        return None
+    return table.size(key, default)
 
 
 def load_group(
