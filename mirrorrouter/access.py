@@ -13,6 +13,9 @@ In order:
    docker.io in a group would otherwise let any user replace what everyone pulls).
    Nothing may be pushed to an upstream (a cache); a group is checked member by member.
 
+The monitoring surfaces (the status page, ``/metrics``) follow ``auth.monitoring``; they are
+public while ``[auth]`` is off.
+
 A client that is anonymous where a rule wants a user gets 401 with a challenge (so
 ``docker login`` / ``podman login`` kicks in); a logged-in client that is not allowed gets
 403 ``DENIED`` with a message an operator can act on. Rules belong to upstreams, not to
@@ -80,6 +83,24 @@ class AccessPolicy:
         else:
             because = f"allowed: {', '.join(sorted(allowed)) or 'nobody'}"
         _refuse(identity, f"{action} {name}", because)
+
+    def may_pull(self, identity: Identity | None, resolution: Resolution) -> bool:
+        """Whether ``identity`` may pull the resolved repository (the status page asks)."""
+        try:
+            self.check(identity, resolution)
+        except RegistryError:
+            return False
+        return True
+
+    def check_monitoring(self, identity: Identity | None, surface: str) -> None:
+        """Return when ``identity`` may see ``surface`` (the status page, /metrics); raise
+        otherwise. Public while ``[auth]`` is off."""
+        auth = self.settings.auth
+        if auth is None or permits(auth.monitoring, identity or ANONYMOUS):
+            return
+        _refuse(
+            identity, f"see {surface}", f"auth.monitoring: {', '.join(sorted(auth.monitoring))}"
+        )
 
 
 def _refuse(identity: Identity | None, what: str, because: str) -> NoReturn:

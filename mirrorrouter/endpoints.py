@@ -99,7 +99,7 @@ class Endpoints:
         self.pull.filler.on_commit = self.evictor.committed
         self.hosted = HostedApi(settings, clock=timing.wall, coordinator=self.pull.coordinator)
         self.groups = GroupApi(self.mapper, self.access, self._serve)
-        self.monitor = Monitor(settings, self.pull, self.metrics)
+        self.monitor = Monitor(settings, self.pull, self.metrics, self.access)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -288,8 +288,19 @@ class Endpoints:
             raise error.with_context("token realm", self._login_headers(error)) from error
         return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
+    async def monitoring_viewer(self, request: Request, surface: str) -> Identity | None:
+        """Who reads the status page or /metrics (``surface``), once ``auth.monitoring``
+        admits them; 401 with a Basic challenge (a browser's login box, Prometheus'
+        ``basic_auth``) for an anonymous client it does not admit, 403 for a user."""
+        try:
+            identity = await self.identify(request.scope)
+            self.access.check_monitoring(identity, surface)
+        except RegistryError as error:
+            raise error.with_context(surface, self._login_headers(error)) from error
+        return identity
+
     def _login_headers(self, error: RegistryError) -> dict[str, str]:
-        """A refused login at the token realm asks for Basic credentials."""
+        """A refused login outside the registry API asks for Basic credentials."""
         if error.code is not ErrorCode.UNAUTHORIZED or self.auth is None:
             return {}
         return {"WWW-Authenticate": f'Basic realm="{self.auth.settings.service}"'}
@@ -388,7 +399,9 @@ class Endpoints:
         user = call.identity.name if call.identity else "anonymous"
         reference = str(call.resolution.reference)
         upstream = call.resolution.target.name
-        self.metrics.pulled(Pull(time.time(), user, reference, digest, upstream, cache, size))
+        self.metrics.pulled(
+            Pull(time.time(), user, reference, digest, upstream, cache, size, call.resolution)
+        )
         if not self.audit.enabled:
             return
         self.audit.record(

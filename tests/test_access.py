@@ -389,3 +389,76 @@ async def test_fast_path_leaves_unproven_passwords_to_the_full_path(
         assert full.status_code == 200 and full.content == private.manifest
         fast = gw.app.endpoints.fast_manifest(scope)
         assert fast is not None and fast.body == private.manifest
+
+
+def watched(tmp_path: Path, monitoring: str | None = None) -> str:
+    text = secured(tmp_path)
+    if monitoring is not None:
+        text = text.replace("[auth.groups]", f"monitoring = {monitoring}\n[auth.groups]")
+    return text
+
+
+async def test_monitoring_needs_a_login_once_auth_is_on(tmp_path: Path, fake: FakeRegistry) -> None:
+    """With [auth] on, the status page and /metrics answer 401 with a Basic challenge to
+    anonymous clients and 200 to users; /healthz and /readyz stay open."""
+    async with gateway(tmp_path, fake, watched(tmp_path)) as gw:
+        for path in ("/_/", "/metrics"):
+            anonymous = await gw.client.get(path)
+            assert anonymous.status_code == 401, path
+            assert anonymous.json()["errors"][0]["code"] == "UNAUTHORIZED"
+            assert anonymous.headers["www-authenticate"] == 'Basic realm="mirrorrouter"'
+            assert (await gw.client.get(path, headers=basic("eve", "listening"))).status_code == 200
+            assert (await gw.client.get(path, headers=await token(gw.client, "eve"))).is_success
+        for path in ("/healthz", "/readyz"):
+            assert (await gw.client.get(path)).status_code == 200
+
+
+async def test_monitoring_rule_names_who_may_watch(tmp_path: Path, fake: FakeRegistry) -> None:
+    """``auth.monitoring = ["group:builders"]``: bob sees the page, alice gets 403 DENIED
+    naming the rule; ``["anonymous"]`` makes both surfaces public again."""
+    async with gateway(tmp_path, fake, watched(tmp_path, '["group:builders"]')) as gw:
+        for path in ("/_/", "/metrics"):
+            assert (await gw.client.get(path, headers=basic("bob", "builder"))).status_code == 200
+            alice = await gw.client.get(path, headers=basic("alice", "wonderland"))
+            assert alice.status_code == 403
+            error = alice.json()["errors"][0]
+            assert error["code"] == "DENIED" and "auth.monitoring" in error["message"]
+    async with gateway(tmp_path, fake, watched(tmp_path, '["anonymous"]')) as gw:
+        for path in ("/_/", "/metrics"):
+            assert (await gw.client.get(path)).status_code == 200
+
+
+async def test_status_page_shows_only_pulls_the_viewer_may_pull(
+    tmp_path: Path, fake: FakeRegistry, image: Image, private: Image
+) -> None:
+    """alice's pull of private/app shows on alice's page and bob's (a builder), not on
+    eve's; the public pull shows on every page."""
+    async with gateway(tmp_path, fake, watched(tmp_path)) as gw:
+        alice = basic("alice", "wonderland")
+        assert (await gw.client.get("/v2/private/app/manifests/1", headers=alice)).is_success
+        assert (await gw.client.get("/v2/library/alpine/manifests/3.19")).is_success
+        pages = {
+            user: (await gw.client.get("/_/", headers=basic(user, USERS[user]))).text
+            for user in USERS
+        }
+    for user, page in pages.items():
+        assert "library/alpine:3.19" in page.replace("<wbr>", ""), user
+        shown = "private/app" in page.replace("<wbr>", "")
+        assert shown == (user in ("alice", "bob")), user
+        assert (private.digest[7:19] in page) == shown, user
+
+
+def test_monitoring_rule_is_validated(tmp_path: Path) -> None:
+    """``auth.monitoring`` takes a non-empty list of principals whose groups exist; errors
+    name the key."""
+    env = {"HUB_PASSWORD": "x"}
+    auth = parse_settings(watched(tmp_path), env=env).auth
+    assert auth is not None and auth.monitoring == {"authenticated"}
+    for value, fragment in [
+        ('"authenticated"', "auth.monitoring: expected a list"),
+        ("[]", "auth.monitoring: expected a non-empty list"),
+        ('["group:ops"]', "auth.monitoring: group 'ops' is not defined"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_settings(watched(tmp_path, value), env=env)
+        assert fragment in str(caught.value), (value, str(caught.value))

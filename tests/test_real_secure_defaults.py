@@ -1,5 +1,6 @@
 """Secure defaults of the real gateway once ``[auth]`` is on: no push without a rule that
-grants it (pushes stay open without ``[auth]``)."""
+grants it (pushes stay open without ``[auth]``), and the status page and ``/metrics`` behind
+a login, showing each viewer only the pulls of references they may pull."""
 
 from __future__ import annotations
 
@@ -100,3 +101,34 @@ def test_pushes_stay_open_without_auth(
             pulled = client.get("/v2/local/app/manifests/1", headers=ACCEPT)
     assert pulled.status_code == 200
     assert pulled.headers["docker-content-digest"] == pushed.digest
+
+
+def test_monitoring_is_behind_a_login_and_filtered_per_viewer(
+    world: tuple[ImageFactory, DistributionRegistry, PushedImage, PushedImage],
+    secured: GatewayProcess,
+) -> None:
+    """Anonymous: 401 with a Basic challenge on /_/ and /metrics, while /healthz and /readyz
+    stay open. Logged in: 200; bob's page omits alice's pull of private team/app, which
+    alice's own page shows; the public pull shows on both."""
+    _, _, public, private = world
+    with httpx.Client(base_url=secured.url, timeout=30, trust_env=False) as client:
+        for path in ("/_/", "/metrics"):
+            anonymous = client.get(path)
+            assert anonymous.status_code == 401, path
+            assert anonymous.headers["www-authenticate"].startswith("Basic realm=")
+            assert anonymous.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        for path in ("/healthz", "/readyz"):
+            assert client.get(path).status_code == 200, path
+        alice = ("alice", PASSWORD)
+        assert client.get("/v2/team/app/manifests/1", auth=alice, headers=ACCEPT).is_success
+        assert client.get("/v2/library/pub/manifests/1", headers=ACCEPT).is_success
+        pages = {user: client.get("/_/", auth=(user, PASSWORD)) for user in ("alice", "bob")}
+        metrics = client.get("/metrics", auth=("bob", PASSWORD))
+    assert metrics.status_code == 200 and "mirrorrouter_requests" in metrics.text
+    for user, page in pages.items():
+        assert page.status_code == 200
+        text = page.text.replace("<wbr>", "")
+        assert "library/pub:1" in text and public.digest[7:19] in text
+        shown = user == "alice"
+        assert ("team/app:1" in text) == shown, user
+        assert (private.digest[7:19] in text) == shown, user
