@@ -8,8 +8,13 @@ In order:
 3. the target's rules (``[[upstreams."x".access]]``, ``[[hosted."x".access]]``): the first
    whose ``repositories`` match the repository decides who may pull, and for a hosted set
    who may push (and delete). With no matching rule anyone may pull; pushing to a hosted set
-   is then open to everyone while ``[auth]`` is off, and to logged-in users once it is on.
+   is then open to everyone while ``[auth]`` is off (a laptop, a Kind cluster), and to
+   nobody once it is on: with logins, only a rule grants a push (a hosted set placed before
+   docker.io in a group would otherwise let any user replace what everyone pulls).
    Nothing may be pushed to an upstream (a cache); a group is checked member by member.
+
+The monitoring surfaces (the status page, ``/metrics``) follow ``auth.monitoring``; they are
+public while ``[auth]`` is off.
 
 A client that is anonymous where a rule wants a user gets 401 with a challenge (so
 ``docker login`` / ``podman login`` kicks in); a logged-in client that is not allowed gets
@@ -18,6 +23,8 @@ route names, so no route, ``ns`` or Host name reaches an upstream's content arou
 """
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 from mirrorrouter.clientauth import ANONYMOUS, Identity
 from mirrorrouter.config import Settings
@@ -65,18 +72,55 @@ class AccessPolicy:
         if rule is not None:
             allowed = rule.push if push else rule.pull
         elif push:
-            allowed = frozenset({"authenticated" if self.settings.auth else "anonymous"})
+            # With logins, only a rule grants a push; without them (a laptop, Kind) anyone.
+            allowed = frozenset() if self.settings.auth else frozenset({"anonymous"})
         else:
             return
         if permits(allowed, identity or ANONYMOUS):
             return
-        if identity is None or identity.user is None:
-            raise RegistryError(ErrorCode.UNAUTHORIZED, f"log in to {action} {name} on this mirror")
-        raise RegistryError(
-            ErrorCode.DENIED,
-            f"user {identity.user} may not {action} {name} "
-            f"(allowed: {', '.join(sorted(allowed)) or 'nobody'})",
+        if rule is None:
+            because = f'no [[hosted."{target.name}".access]] rule grants push to {repository}'
+        else:
+            because = f"allowed: {', '.join(sorted(allowed)) or 'nobody'}"
+        _refuse(identity, f"{action} {name}", because)
+
+    def may_pull(self, identity: Identity | None, resolution: Resolution) -> bool:
+        """Whether ``identity`` may pull the resolved repository (the status page asks)."""
+        try:
+            self.check(identity, resolution)
+        except RegistryError:
+            return False
+        return True
+
+    def check_monitoring(self, identity: Identity | None, surface: str) -> None:
+        """Return when ``identity`` may see ``surface`` (the status page, /metrics); raise
+        otherwise. Public while ``[auth]`` is off."""
+        auth = self.settings.auth
+        if auth is None or permits(auth.monitoring, identity or ANONYMOUS):
+            return
+        _refuse(
+            identity, f"see {surface}", f"auth.monitoring: {', '.join(sorted(auth.monitoring))}"
         )
+
+
+def _refuse(identity: Identity | None, what: str, because: str) -> NoReturn:
+    """401 for an anonymous client (so it logs in), 403 ``DENIED`` for a user."""
+    if identity is None or identity.user is None:
+        raise RegistryError(ErrorCode.UNAUTHORIZED, f"log in to {what} on this mirror")
+    raise RegistryError(ErrorCode.DENIED, f"user {identity.user} may not {what} ({because})")
+
+
+def nobody_may_push(settings: Settings) -> list[HostedSettings]:
+    """Hosted sets no client may push to: no rule grants push, and pushes without a rule
+    are closed (``[auth]`` is on) or a catch-all rule grants none. ``check-config`` warns."""
+    closed = []
+    for hosted in settings.hosted.values():
+        if any(rule.push for rule in hosted.access):
+            continue
+        catch_all = any("*" in rule.repositories for rule in hosted.access)
+        if settings.auth is not None or catch_all:
+            closed.append(hosted)
+    return closed
 
 
 def permits(principals: frozenset[str], identity: Identity) -> bool:

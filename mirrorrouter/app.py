@@ -136,7 +136,8 @@ def _readyz(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
 
 def _status(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def status(request: Request) -> Response:
-        return HTMLResponse(render_status(await endpoints.monitor.status()))
+        viewer = await endpoints.monitoring_viewer(request, "the status page")
+        return HTMLResponse(render_status(await endpoints.monitor.status(viewer)))
 
     return status
 
@@ -148,6 +149,7 @@ async def _to_status(request: Request) -> Response:
 
 def _metrics(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
     async def metrics(request: Request) -> Response:
+        await endpoints.monitoring_viewer(request, "/metrics")
         return Response(await endpoints.monitor.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics

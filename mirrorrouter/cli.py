@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mirrorrouter import cachecli, hostedcli, warmcli
+from mirrorrouter.access import nobody_may_push
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.config import ConfigError, Settings, UpstreamSettings, load_settings
 from mirrorrouter.config.model import GroupSettings, Target
@@ -113,6 +114,7 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     path = (args.config or default_config_path()).resolve()
     settings = load_settings(path)  # fail here, with the clear message, not in a worker
+    _warn(settings)
     os.environ["MIRRORROUTER_CONFIG"] = str(path)
     workers = args.workers or settings.server.workers
     metrics_dir = None
@@ -287,6 +289,7 @@ def _check_config(args: argparse.Namespace) -> int:
     for route in settings.routes:
         print(f"  route {route.label} -> {route.target}")
     print(f"  default registry: {settings.default_registry}")
+    _warn(settings)
     if not args.connect:
         return 0
     probes = asyncio.run(probe_all(settings))
@@ -295,6 +298,17 @@ def _check_config(args: argparse.Namespace) -> int:
     if not probes:
         print("  nothing to connect to: no s3 cache and no redis coordination")
     return 0 if all(p.ok for p in probes) else 1
+
+
+def _warn(settings: Settings) -> None:
+    """What is valid but probably not meant (on stderr)."""
+    for hosted in nobody_may_push(settings):
+        print(
+            f"warning: nobody may push to hosted {hosted.name}: no "
+            f'[[hosted."{hosted.name}".access]] rule grants push (with [auth] on, a push '
+            f"needs one; see docs/security.md)",
+            file=sys.stderr,
+        )
 
 
 def _client_config(args: argparse.Namespace) -> int:

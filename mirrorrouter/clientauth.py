@@ -1,7 +1,9 @@
 """Client authentication: who is asking, the way ``docker login`` expects a registry to work.
 
 - Users and passwords come from an htpasswd file (bcrypt entries, as ``htpasswd -B`` writes
-  them), verified with the ``bcrypt`` library; the file is re-read when it changes.
+  them), verified with the ``bcrypt`` library off the event loop, with a back-off of failed
+  logins (passwords.py); the file is re-read when it changes. A pair proven good is
+  remembered for a minute, so Basic on every request costs a hash, never a bcrypt check.
 - The gateway is its own token realm: ``GET /auth/token`` (HTTP Basic, or none for an
   anonymous token) and the OAuth2 ``POST`` form (password and refresh-token grants) answer
   ``{"token", "access_token", "expires_in", "issued_at"}``. Tokens are JWTs (PyJWT, HS256)
@@ -24,12 +26,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import bcrypt
 import jwt
 from cachetools import TTLCache
 
 from mirrorrouter.config import AuthSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.passwords import LoginBackoff, PasswordChecker
 
 TOKEN_ALGORITHM = "HS256"
 REFRESH_TTL = 30 * 86400.0
@@ -54,45 +56,83 @@ ANONYMOUS = Identity(None)
 class Authenticator:
     """Verifies credentials and issues and checks tokens for one configuration."""
 
-    def __init__(self, settings: AuthSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self._secret = _load_or_create_secret(settings.secret_file)
         self._users: dict[str, bytes] = {}
         self._users_mtime: float | None = None
         # bcrypt is slow on purpose; remember good pairs briefly (keyed by a hash, never the
-        # password) so Basic on every API request stays cheap.
+        # password) so Basic on every API request stays cheap, and is never throttled.
         self._verified: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=60, timer=clock)
+        self._checker = PasswordChecker()
+        self._backoff = LoginBackoff(monotonic)
+
+    def close(self) -> None:
+        self._checker.close()
 
     # ------------------------------------------------------------------ credentials
 
-    def identify(self, authorization: str | None) -> Identity | None:
-        """The identity behind an Authorization header; None when the request has none.
+    def cached_identity(self, authorization: str | None) -> Identity | None:
+        """The identity behind an Authorization header without waiting for anything; None
+        when the request has none.
 
-        Raises ``UNAUTHORIZED`` for credentials that are wrong, expired or forged.
+        Raises ``NotCached`` for a Basic credential that only a bcrypt check can decide
+        (``identify`` decides it), and ``UNAUTHORIZED`` for credentials that are wrong,
+        expired or forged.
         """
         if not authorization:
             return None
+        scheme, value = self._scheme(authorization)
+        if scheme == "bearer":
+            return self._token_identity(value)
+        user, password = _basic(value)
+        if _pair_key(user, password) not in self._verified:
+            raise NotCached(user)
+        return self._identity(user)
+
+    async def identify(self, authorization: str | None, client: str = "") -> Identity | None:
+        """The identity behind an Authorization header, checking a password when it must;
+        ``client`` is the client's address, which failed logins back off by."""
+        try:
+            return self.cached_identity(authorization)
+        except NotCached:
+            pass
+        assert authorization is not None
+        user, password = _basic(self._scheme(authorization)[1])
+        if not await self.check_password(user, password, client):
+            raise self.unauthorized("wrong user name or password")
+        return self._identity(user)
+
+    async def check_password(self, user: str, password: str, client: str = "") -> bool:
+        """Whether the pair is good: a pair proven good recently is answered at once; any
+        other is checked off the event loop, within the back-off of (user, address), or of
+        the address alone for a user who does not exist (429 during it)."""
+        key = _pair_key(user, password)
+        if key in self._verified:
+            return True  # never delayed: failures of others cannot lock a real user out
+        stored = self._load_users().get(user)
+        if stored is None:
+            return await self._backoff.guard(("address", client), _wrong)
+        good = await self._backoff.guard(
+            ("user", user, client), lambda: self._checker.check(password, stored)
+        )
+        if good and self._users.get(user) == stored:  # the file may have changed meanwhile
+            self._verified[key] = True
+        return good
+
+    def _scheme(self, authorization: str) -> tuple[str, str]:
         scheme, _, value = authorization.partition(" ")
         scheme = scheme.lower()
-        if scheme == "bearer":
-            return self._token_identity(value.strip())
-        if scheme == "basic":
-            user, password = _basic(value)
-            if not self.check_password(user, password):
-                raise self.unauthorized("wrong user name or password")
-            return self._identity(user)
-        raise self.unauthorized(f"unsupported authorization scheme {scheme!r}")
-
-    def check_password(self, user: str, password: str) -> bool:
-        key = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
-        if key in self._verified:
-            return True
-        stored = self._load_users().get(user)
-        if stored is None or not bcrypt.checkpw(password.encode(), stored):
-            return False
-        self._verified[key] = True
-        return True
+        if scheme not in ("bearer", "basic"):
+            raise self.unauthorized(f"unsupported authorization scheme {scheme!r}")
+        return scheme, value.strip()
 
     def _identity(self, user: str | None) -> Identity:
         if user is None:
@@ -129,8 +169,8 @@ class Authenticator:
 
     # ------------------------------------------------------------------ the token realm
 
-    def issue(
-        self, *, authorization: str | None, form: Mapping[str, str] | None = None
+    async def issue(
+        self, *, authorization: str | None, form: Mapping[str, str] | None = None, client: str = ""
     ) -> dict[str, object]:
         """The token realm's answer: GET with optional Basic, or the OAuth2 POST form."""
         user: str | None = None
@@ -139,7 +179,7 @@ class Authenticator:
             grant = form.get("grant_type", "")
             if grant == "password":
                 user, refresh = form.get("username", ""), True
-                if not self.check_password(user, form.get("password", "")):
+                if not await self.check_password(user, form.get("password", ""), client):
                     raise self.unauthorized("wrong user name or password")
             elif grant == "refresh_token":
                 user, refresh = self._refresh_subject(form.get("refresh_token", "")), True
@@ -148,7 +188,7 @@ class Authenticator:
                     ErrorCode.UNSUPPORTED, f"grant_type {grant!r} is not supported", status=400
                 )
         else:
-            identity = self.identify(authorization)
+            identity = await self.identify(authorization, client)
             user = identity.user if identity is not None else None
         now = self.clock()
         answer: dict[str, object] = {
@@ -205,6 +245,18 @@ class Authenticator:
             self._users_mtime = mtime
             self._verified.clear()
         return self._users
+
+
+class NotCached(Exception):
+    """A Basic credential that is not among the pairs proven good recently."""
+
+
+async def _wrong() -> bool:
+    return False  # a user who does not exist: nothing to check
+
+
+def _pair_key(user: str, password: str) -> str:
+    return hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
 
 
 def parse_htpasswd(text: str) -> dict[str, bytes]:

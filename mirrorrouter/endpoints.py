@@ -20,7 +20,7 @@ from mirrorrouter import logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
 from mirrorrouter.calls import Call
-from mirrorrouter.clientauth import Authenticator
+from mirrorrouter.clientauth import Authenticator, Identity, NotCached
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
@@ -86,7 +86,11 @@ class Endpoints:
         self.mapper = Mapper(settings)
         self.metrics = Metrics()
         self.pull = Pullthrough(settings, transport=transport, timing=timing, metrics=self.metrics)
-        self.auth = Authenticator(settings.auth, clock=timing.wall) if settings.auth else None
+        self.auth = (
+            Authenticator(settings.auth, clock=timing.wall, monotonic=timing.monotonic)
+            if settings.auth
+            else None
+        )
         self.access = AccessPolicy(settings)
         self.audit = AuditLog(settings.audit.file)
         # The evictor keeps the injected clocks but waits on the real sleep: its interval is
@@ -95,7 +99,7 @@ class Endpoints:
         self.pull.filler.on_commit = self.evictor.committed
         self.hosted = HostedApi(settings, clock=timing.wall, coordinator=self.pull.coordinator)
         self.groups = GroupApi(self.mapper, self.access, self._serve)
-        self.monitor = Monitor(settings, self.pull, self.metrics)
+        self.monitor = Monitor(settings, self.pull, self.metrics, self.access)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -109,10 +113,13 @@ class Endpoints:
             await self.pull.close()
             await self.hosted.close()
             self.audit.close()
+            if self.auth is not None:
+                self.auth.close()
 
-    def _admit(self, scope: Scope, oci: OciRequest, resolution: Resolution) -> Call:
-        """Who is asking, and may they? The one check both the fast and the full path make."""
-        identity = self.auth.identify(_header(scope, b"authorization")) if self.auth else None
+    def _admit(
+        self, scope: Scope, oci: OciRequest, resolution: Resolution, identity: Identity | None
+    ) -> Call:
+        """May the client who is asking? The one check both the fast and the full path make."""
         self.access.check(identity, resolution, push=oci.is_write)
         client = scope.get("client") or ("", 0)
         return Call(oci, resolution, identity, f"{client[0]}:{client[1]}", scope)
@@ -128,8 +135,12 @@ class Endpoints:
             resolution = self.mapper.resolve(oci)
             if not isinstance(resolution.target, UpstreamSettings):
                 return None  # hosted sets and groups take the full path
-            call = self._admit(scope, oci, resolution)
-        except RegistryError:
+            # A password that is not among the pairs proven good needs a bcrypt check: that
+            # never runs here, on the event loop; the full path does it in its own threads.
+            authorization = _header(scope, b"authorization")
+            identity = self.auth.cached_identity(authorization) if self.auth else None
+            call = self._admit(scope, oci, resolution, identity)
+        except (RegistryError, NotCached):
             return None
         reference = call.resolution.reference
         answer = self.pull.memory_manifest(call.resolution.upstream, reference, oci.accept)
@@ -146,7 +157,7 @@ class Endpoints:
         scope = request.scope
         oci = parse_scope(scope)
         if oci.kind is RequestKind.BASE:
-            return self.base(scope, oci)
+            return await self.base(scope, oci)
         resolution = self.mapper.resolve(oci)
         started = time.perf_counter()
         status, size, logged_later = 500, 0, False
@@ -174,7 +185,8 @@ class Endpoints:
     async def _handle(self, request: Request, oci: OciRequest, resolution: Resolution) -> Answer:
         scope = request.scope
         try:
-            return await self._serve(self._admit(scope, oci, resolution), request)
+            identity = await self.identify(scope)
+            return await self._serve(self._admit(scope, oci, resolution, identity), request)
         except RegistryError as error:
             # Say which route was taken, so an operator can see why.
             headers = self._common_headers(oci, resolution)
@@ -237,19 +249,25 @@ class Endpoints:
             return None
         return resolution.reference.repository
 
-    def base(self, scope: Scope, oci: OciRequest) -> Response:
+    async def identify(self, scope: Scope) -> Identity | None:
+        """Who is asking (None: no credentials, or client authentication is off)."""
+        if self.auth is None:
+            return None
+        return await self.auth.identify(_header(scope, b"authorization"), client_address(scope))
+
+    async def base(self, scope: Scope, oci: OciRequest) -> Response:
         if oci.method not in ("GET", "HEAD"):
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} /v2/ is not supported")
         if self.auth is not None:
             # Clients log in (and get anonymous tokens) from the challenge on /v2/.
             try:
-                identity = self.auth.identify(_header(scope, b"authorization"))
-                if identity is None:
+                if await self.identify(scope) is None:
                     raise self.auth.unauthorized("authentication required")
             except RegistryError as error:
-                raise error.with_context(
-                    "base", {"WWW-Authenticate": self._challenge(scope, "")}
-                ) from error
+                headers = {}
+                if error.code is ErrorCode.UNAUTHORIZED:
+                    headers["WWW-Authenticate"] = self._challenge(scope, "")
+                raise error.with_context("base", headers) from error
         return Response(
             b"{}", 200, {API_VERSION_HEADER: API_VERSION}, media_type="application/json"
         )
@@ -258,16 +276,34 @@ class Endpoints:
         """The token realm (``docker login``, ``podman login``, containerd credentials)."""
         if self.auth is None:
             raise RegistryError(ErrorCode.NOT_FOUND, "client authentication is off here")
+        client = client_address(request.scope)
         try:
             if request.method == "POST":
                 form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
-                answer = self.auth.issue(authorization=None, form=form)
+                answer = await self.auth.issue(authorization=None, form=form, client=client)
             else:
-                answer = self.auth.issue(authorization=request.headers.get("authorization"))
+                authorization = request.headers.get("authorization")
+                answer = await self.auth.issue(authorization=authorization, client=client)
         except RegistryError as error:
-            challenge = f'Basic realm="{self.auth.settings.service}"'
-            raise error.with_context("token realm", {"WWW-Authenticate": challenge}) from error
+            raise error.with_context("token realm", self._login_headers(error)) from error
         return JSONResponse(answer, headers={"Cache-Control": "no-store"})
+
+    async def monitoring_viewer(self, request: Request, surface: str) -> Identity | None:
+        """Who reads the status page or /metrics (``surface``), once ``auth.monitoring``
+        admits them; 401 with a Basic challenge (a browser's login box, Prometheus'
+        ``basic_auth``) for an anonymous client it does not admit, 403 for a user."""
+        try:
+            identity = await self.identify(request.scope)
+            self.access.check_monitoring(identity, surface)
+        except RegistryError as error:
+            raise error.with_context(surface, self._login_headers(error)) from error
+        return identity
+
+    def _login_headers(self, error: RegistryError) -> dict[str, str]:
+        """A refused login outside the registry API asks for Basic credentials."""
+        if error.code is not ErrorCode.UNAUTHORIZED or self.auth is None:
+            return {}
+        return {"WWW-Authenticate": f'Basic realm="{self.auth.settings.service}"'}
 
     def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
         assert self.auth is not None
@@ -363,7 +399,9 @@ class Endpoints:
         user = call.identity.name if call.identity else "anonymous"
         reference = str(call.resolution.reference)
         upstream = call.resolution.target.name
-        self.metrics.pulled(Pull(time.time(), user, reference, digest, upstream, cache, size))
+        self.metrics.pulled(
+            Pull(time.time(), user, reference, digest, upstream, cache, size, call.resolution)
+        )
         if not self.audit.enabled:
             return
         self.audit.record(
@@ -436,6 +474,12 @@ class Endpoints:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             bytes=size,
         )
+
+
+def client_address(scope: Scope) -> str:
+    """The client's IP address (failed logins back off by it); "" when the server has none."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -17,6 +17,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +27,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+if TYPE_CHECKING:
+    from mirrorrouter.mapping import Resolution
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
@@ -52,6 +56,7 @@ class Pull:
     upstream: str
     cache: str
     bytes: int
+    resolution: Resolution  # what was pulled, for the access check of who may see it
 
 
 @dataclass

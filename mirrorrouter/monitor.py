@@ -9,7 +9,9 @@ from typing import Any
 from cachetools import TTLCache
 
 from mirrorrouter import __version__
+from mirrorrouter.access import AccessPolicy
 from mirrorrouter.breaker import CircuitState
+from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pullthrough import Pullthrough
@@ -19,14 +21,19 @@ from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, Up
 class Monitor:
     """Status, metrics and readiness of one gateway process."""
 
-    def __init__(self, settings: Settings, pull: Pullthrough, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, pull: Pullthrough, metrics: Metrics, access: AccessPolicy
+    ) -> None:
         self.settings = settings
         self.pull = pull
         self.metrics = metrics
+        self.access = access
         self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
 
-    async def status(self) -> StatusSnapshot:
-        """What the status page shows: every upstream's mirrors, cache and tallies; recent pulls."""
+    async def status(self, viewer: Identity | None = None) -> StatusSnapshot:
+        """What the status page shows ``viewer``: every upstream's mirrors, cache and tallies;
+        the recent pulls of references the viewer may pull (never a private reference, its
+        digest or its puller to someone who may not pull it)."""
         upstreams = []
         for upstream in self.settings.upstreams.values():
             breakers = {b.name: b for b in self.pull.breakers(upstream)}
@@ -65,6 +72,7 @@ class Monitor:
                 p.bytes,
             )
             for p in self.metrics.tallies.recent
+            if self.access.may_pull(viewer, p.resolution)
         )
         return StatusSnapshot(__version__, self.metrics.started_at, tuple(upstreams), recent)
 

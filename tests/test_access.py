@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import httpx
@@ -311,3 +312,153 @@ def test_rules_need_auth_and_defined_groups(tmp_path: Path) -> None:
         parse_settings(text, env={"HUB_PASSWORD": "x"})
     with pytest.raises(ConfigError, match=r"auth\.htpasswd: no readable file"):
         parse_settings('[auth]\nhtpasswd = "/nonexistent"\n[upstreams."docker.io"]', env={})
+
+
+def bad_logins(client: httpx.AsyncClient, password: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """The three ways to try a password: Basic on the API, the realm's GET and its POST."""
+    form = {"grant_type": "password", "username": "alice", "password": password}
+    return [
+        ("GET", "/v2/", {"headers": basic("alice", password)}),
+        ("GET", "/auth/token", {"headers": basic("alice", password)}),
+        ("POST", "/auth/token", {"data": form}),
+    ]
+
+
+async def test_failed_logins_back_off_with_429_and_retry_after(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Five wrong passwords for alice from one address are 401s; then every way of trying
+    one (Basic on /v2/, the realm's GET and POST) is refused at once with 429
+    TOOMANYREQUESTS and Retry-After, until the wait is over; alice's proven password is
+    never held back."""
+    async with secured_gateway(tmp_path, fake) as gw:
+        good = await gw.client.get("/v2/", headers=basic("alice", "wonderland"))
+        assert good.status_code == 200
+        for attempt in range(5):
+            method, path, kwargs = bad_logins(gw.client, "guess")[attempt % 3]
+            wrong = await gw.client.request(method, path, **kwargs)
+            assert wrong.status_code == 401, (method, path)
+        for method, path, kwargs in bad_logins(gw.client, "guess"):
+            held = await gw.client.request(method, path, **kwargs)
+            assert held.status_code == 429, (method, path, held.text)
+            assert held.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+            assert held.headers["retry-after"] == "1"
+            assert "www-authenticate" not in held.headers
+        for method, path, kwargs in bad_logins(gw.client, "wonderland"):
+            assert (await gw.client.request(method, path, **kwargs)).status_code == 200
+        gw.clock.now += 1
+        wrong = await gw.client.get("/v2/", headers=basic("alice", "guess"))
+        assert wrong.status_code == 401  # the wait is over: one more try, then 2 s
+        held = await gw.client.get("/v2/", headers=basic("alice", "guess"))
+        assert held.headers["retry-after"] == "2"
+
+
+async def test_over_long_password_is_a_plain_401(tmp_path: Path, fake: FakeRegistry) -> None:
+    """A password over bcrypt's 72 bytes is a wrong password everywhere, never a 500."""
+    async with secured_gateway(tmp_path, fake) as gw:
+        for method, path, kwargs in bad_logins(gw.client, "x" * 100):
+            answer = await gw.client.request(method, path, **kwargs)
+            assert answer.status_code == 401, (method, path, answer.text)
+            assert answer.json()["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+async def test_fast_path_leaves_unproven_passwords_to_the_full_path(
+    tmp_path: Path, fake: FakeRegistry, private: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached manifest asked with a Basic pair not proven yet is not answered by the
+    in-memory fast path (it never runs bcrypt); the full path checks it and serves it,
+    after which the fast path answers the same pair."""
+    async with secured_gateway(tmp_path, fake) as gw:
+        bearer = await token(gw.client, "alice")
+        assert (await gw.client.get("/v2/private/app/manifests/1", headers=bearer)).is_success
+        scope: dict[str, Any] = {
+            "type": "http",
+            "method": "GET",
+            "path": "/v2/private/app/manifests/1",
+            "query_string": b"",
+            "headers": [
+                (b"host", b"mirror"),
+                (b"authorization", basic("bob", "builder")["Authorization"].encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+        }
+        monkeypatch.setattr(bcrypt, "checkpw", lambda *a: pytest.fail("bcrypt on the loop"))
+        assert gw.app.endpoints.fast_manifest(scope) is None
+        monkeypatch.undo()
+        full = await gw.client.get("/v2/private/app/manifests/1", headers=basic("bob", "builder"))
+        assert full.status_code == 200 and full.content == private.manifest
+        fast = gw.app.endpoints.fast_manifest(scope)
+        assert fast is not None and fast.body == private.manifest
+
+
+def watched(tmp_path: Path, monitoring: str | None = None) -> str:
+    text = secured(tmp_path)
+    if monitoring is not None:
+        text = text.replace("[auth.groups]", f"monitoring = {monitoring}\n[auth.groups]")
+    return text
+
+
+async def test_monitoring_needs_a_login_once_auth_is_on(tmp_path: Path, fake: FakeRegistry) -> None:
+    """With [auth] on, the status page and /metrics answer 401 with a Basic challenge to
+    anonymous clients and 200 to users; /healthz and /readyz stay open."""
+    async with gateway(tmp_path, fake, watched(tmp_path)) as gw:
+        for path in ("/_/", "/metrics"):
+            anonymous = await gw.client.get(path)
+            assert anonymous.status_code == 401, path
+            assert anonymous.json()["errors"][0]["code"] == "UNAUTHORIZED"
+            assert anonymous.headers["www-authenticate"] == 'Basic realm="mirrorrouter"'
+            assert (await gw.client.get(path, headers=basic("eve", "listening"))).status_code == 200
+            assert (await gw.client.get(path, headers=await token(gw.client, "eve"))).is_success
+        for path in ("/healthz", "/readyz"):
+            assert (await gw.client.get(path)).status_code == 200
+
+
+async def test_monitoring_rule_names_who_may_watch(tmp_path: Path, fake: FakeRegistry) -> None:
+    """``auth.monitoring = ["group:builders"]``: bob sees the page, alice gets 403 DENIED
+    naming the rule; ``["anonymous"]`` makes both surfaces public again."""
+    async with gateway(tmp_path, fake, watched(tmp_path, '["group:builders"]')) as gw:
+        for path in ("/_/", "/metrics"):
+            assert (await gw.client.get(path, headers=basic("bob", "builder"))).status_code == 200
+            alice = await gw.client.get(path, headers=basic("alice", "wonderland"))
+            assert alice.status_code == 403
+            error = alice.json()["errors"][0]
+            assert error["code"] == "DENIED" and "auth.monitoring" in error["message"]
+    async with gateway(tmp_path, fake, watched(tmp_path, '["anonymous"]')) as gw:
+        for path in ("/_/", "/metrics"):
+            assert (await gw.client.get(path)).status_code == 200
+
+
+async def test_status_page_shows_only_pulls_the_viewer_may_pull(
+    tmp_path: Path, fake: FakeRegistry, image: Image, private: Image
+) -> None:
+    """alice's pull of private/app shows on alice's page and bob's (a builder), not on
+    eve's; the public pull shows on every page."""
+    async with gateway(tmp_path, fake, watched(tmp_path)) as gw:
+        alice = basic("alice", "wonderland")
+        assert (await gw.client.get("/v2/private/app/manifests/1", headers=alice)).is_success
+        assert (await gw.client.get("/v2/library/alpine/manifests/3.19")).is_success
+        pages = {
+            user: (await gw.client.get("/_/", headers=basic(user, USERS[user]))).text
+            for user in USERS
+        }
+    for user, page in pages.items():
+        assert "library/alpine:3.19" in page.replace("<wbr>", ""), user
+        shown = "private/app" in page.replace("<wbr>", "")
+        assert shown == (user in ("alice", "bob")), user
+        assert (private.digest[7:19] in page) == shown, user
+
+
+def test_monitoring_rule_is_validated(tmp_path: Path) -> None:
+    """``auth.monitoring`` takes a non-empty list of principals whose groups exist; errors
+    name the key."""
+    env = {"HUB_PASSWORD": "x"}
+    auth = parse_settings(watched(tmp_path), env=env).auth
+    assert auth is not None and auth.monitoring == {"authenticated"}
+    for value, fragment in [
+        ('"authenticated"', "auth.monitoring: expected a list"),
+        ("[]", "auth.monitoring: expected a non-empty list"),
+        ('["group:ops"]', "auth.monitoring: group 'ops' is not defined"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_settings(watched(tmp_path, value), env=env)
+        assert fragment in str(caught.value), (value, str(caught.value))

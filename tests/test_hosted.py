@@ -475,7 +475,8 @@ async def test_store_survives_a_restart(tmp_path: Path, fake: FakeRegistry) -> N
 async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
     """Access rules of a hosted set: pull for everyone, push for alice and the builders;
     anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
-    Through the group the writable member's rules apply."""
+    Through the group the writable member's rules apply; where no rule matches nobody may
+    push."""
     text = secured(tmp_path).replace(
         '[upstreams."quay.io"]',
         """[hosted."team"]
@@ -509,7 +510,9 @@ group = "dev"
         other = await gw.client.post(
             "/v2/dev/other/blobs/uploads/", headers=basic("bob", "builder")
         )
-        assert other.status_code == 202  # no rule matches: logged-in users may push
+        # No rule matches: with [auth] on, nobody may push (the default since issue 13).
+        assert other.status_code == 403
+        assert "no [[hosted" in other.json()["errors"][0]["message"]
 
 
 def test_gc_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -724,3 +727,23 @@ async def test_malformed_manifests_already_stored_are_tolerated(
             blob = await gw.client.get(f"/v2/team/app/blobs/{digest}")
             assert blob.status_code == 200 and blob.content == data
         assert (await gw.client.get("/v2/team/app/manifests/null-layers")).status_code == 200
+
+
+def test_check_config_warns_of_a_hosted_set_nobody_may_push_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With [auth] on and no rule granting push, check-config warns naming the set; a rule
+    with push, or [auth] off, leaves nothing to warn about."""
+    monkeypatch.setenv("HUB_PASSWORD", "x")
+    config = tmp_path / "mirrors.toml"
+    pull_only = '[hosted."team"]\n[[hosted."team".access]]\npull = ["authenticated"]\n'
+    for text, warned in [
+        (secured(tmp_path, '[hosted."team"]\n'), True),
+        (secured(tmp_path, pull_only), True),
+        (secured(tmp_path, pull_only + 'push = ["alice"]\n'), False),
+        (hosted_config(tmp_path), False),
+    ]:
+        config.write_text(text)
+        assert main(["check-config", str(config)]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: nobody may push to hosted team" in err) == warned, (text, err)

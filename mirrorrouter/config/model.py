@@ -234,6 +234,8 @@ class AuthSettings:
     groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
     realm: str | None = None  # the token endpoint's public URL; default: from the request
     service: str = "mirrorrouter"
+    # Who may see the status page and /metrics: principals as in access rules.
+    monitoring: frozenset[str] = frozenset({"authenticated"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,7 @@ from mirrorrouter.config.model import (
     AuthSettings,
     TlsSettings,
 )
-from mirrorrouter.config.reader import Reader, Table, strings
-
-BUILTIN_PRINCIPALS = frozenset({"anonymous", "authenticated"})
+from mirrorrouter.config.reader import KeyPath, Reader, Table, strings
 
 
 def load_auth(reader: Reader, table: Table, base_dir: Path, cache_dir: Path) -> AuthSettings | None:
@@ -35,6 +33,8 @@ def load_auth(reader: Reader, table: Table, base_dir: Path, cache_dir: Path) -> 
         name: frozenset(groups_t.get(name, list, [], check=strings)) for name in groups_t.names()
     }
     groups_t.finish()
+    monitoring = table.get("monitoring", list, ["authenticated"], check=_principals)
+    _check_groups(reader, (*table.path, "monitoring"), monitoring, groups)
     table.finish()
     if htpasswd is None:
         return None
@@ -48,6 +48,7 @@ def load_auth(reader: Reader, table: Table, base_dir: Path, cache_dir: Path) -> 
         groups=groups,
         realm=realm,
         service=service,
+        monitoring=frozenset(monitoring),
     )
 
 
@@ -114,12 +115,17 @@ def check_principals(
                 path = (kind, name, "access", index, action)
                 if principals and "anonymous" not in principals and auth is None:
                     reader.problem(path, "rules other than 'anonymous' need an [auth] table")
-                for principal in principals - BUILTIN_PRINCIPALS:
-                    group = principal.removeprefix("group:")
-                    if principal.startswith("group:") and (
-                        auth is None or group not in auth.groups
-                    ):
-                        reader.problem(path, f"group {group!r} is not defined in [auth.groups]")
+                _check_groups(reader, path, principals, auth.groups if auth else {})
+
+
+def _check_groups(
+    reader: Reader, path: KeyPath, principals: Iterable[str], groups: Mapping[str, object]
+) -> None:
+    """Every ``group:<name>`` among the principals names a group of ``[auth.groups]``."""
+    for principal in principals:
+        group = principal.removeprefix("group:")
+        if principal.startswith("group:") and group not in groups:
+            reader.problem(path, f"group {group!r} is not defined in [auth.groups]")
 
 
 def repository_matches(patterns: tuple[str, ...], name: str) -> bool:
