@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import httpx
@@ -55,7 +58,7 @@ class Attempts:
         if self.only_not_found:
             return RegistryError(not_found, f"{what} not found upstream", detail=detail)
         if self.throttled:
-            headers = {"Retry-After": str(int(self.retry_after or 60))}
+            headers = {"Retry-After": str(math.ceil(self.retry_after or 60))}
             return RegistryError(
                 ErrorCode.TOOMANYREQUESTS,
                 f"{self.upstream} is rate-limiting this mirror",
@@ -159,15 +162,27 @@ def blob_size_from_headers(response: httpx.Response, offset: int) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
+# Longer asks are taken as a day (and never waited for: retry.py fails over past its cap).
+RETRY_AFTER_CAP = 86400.0
+_DELTA_SECONDS_RE = re.compile(r"[0-9]+")
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date, at most a day.
+
+    An upstream may send anything here: a 400-digit number is a day (not an overflow), a
+    date in the past is 0, garbage is None (as if there were no header).
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELTA_SECONDS_RE.fullmatch(value):
+        return min(float(value) if len(value) <= 9 else RETRY_AFTER_CAP, RETRY_AFTER_CAP)
     try:
-        moment = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+        moment = email.utils.parsedate_to_datetime(value)
+        if moment.tzinfo is None:  # "-0000": UTC, says RFC 5322
+            moment = moment.replace(tzinfo=UTC)
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, moment - (time.time() if now is None else now))
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)
