@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from mirrorrouter.config import Mirror
+from mirrorrouter.config import Mirror, redact_url
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import (
     CONTENT_DIGEST_HEADER,
@@ -101,8 +101,9 @@ async def _error_code(response: httpx.Response) -> str | None:
 
 
 def describe(exc: httpx.HTTPError) -> str:
+    """What went wrong, for logs and error details: a proxy's credentials never show."""
     kind = type(exc).__name__
-    return f"{kind}: {exc}" if str(exc) else kind
+    return redact_url(f"{kind}: {exc}") if str(exc) else kind
 
 
 def content_type_of(value: str | None) -> str | None:

@@ -10,7 +10,7 @@ from cachetools import TTLCache
 
 from mirrorrouter import __version__
 from mirrorrouter.breaker import CircuitState
-from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.config import Settings, UpstreamSettings, redact_url
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
@@ -52,6 +52,7 @@ class Monitor:
                     tally.stale,
                     tally.bytes_from_cache,
                     tally.bytes_from_upstream,
+                    redact_url(upstream.policy.proxy) if upstream.policy.proxy else None,
                 )
             )
         recent = tuple(
