@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from mirrorrouter.bodies import drain
 from mirrorrouter.config import Mirror, redact_url
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import (
@@ -26,6 +27,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.reference import Digest, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
+from mirrorrouter.sending import origin, shown
 
 _REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
 
@@ -71,19 +73,33 @@ class Attempts:
 
 
 async def failure(mirror: Mirror, response: httpx.Response) -> UpstreamError:
-    """Classify a non-success answer: temporary (retry, fail over), not found, or final."""
+    """Classify a non-success answer: temporary (retry, fail over), not found, or final.
+
+    Only the mirror's own origin says "not found": an answer from where it redirected to
+    (a CDN or bucket: an expired signed URL's 403, its own 401 challenge, a 404, a 5xx) is
+    that target's failure, and temporary, since asking the registry again gets a fresh URL.
+    The body is read within ``ERROR_BODY_LIMIT`` (for its error code), then closed.
+    """
     status = response.status_code
+    body = await drain(response)
+    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    retry_after = retry_after if status in (429, 503) else None
+    if origin(response.url) != origin(httpx.URL(mirror.url)):
+        return UpstreamError(
+            f"redirect target {shown(response.url)} answered HTTP {status}",
+            mirror=mirror.name,
+            is_temporary=True,
+            retry_after=retry_after,
+        )
     temporary = status in TEMPORARY_STATUSES
     if not temporary and status >= 400 and status not in (401, 403, 404):
-        temporary = await _error_code(response) in TEMPORARY_CODES
-    await response.aclose()
-    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        temporary = _error_code(body) in TEMPORARY_CODES
     return UpstreamError(
         f"HTTP {status} {_REASONS.get(status, '')}".rstrip(),
         mirror=mirror.name,
         status=status,
         is_temporary=temporary,
-        retry_after=retry_after if status in (429, 503) else None,
+        retry_after=retry_after,
     )
 
 
@@ -91,12 +107,11 @@ def final(mirror: Mirror, message: str) -> UpstreamError:
     return UpstreamError(message, mirror=mirror.name, is_temporary=False)
 
 
-async def _error_code(response: httpx.Response) -> str | None:
+def _error_code(body: bytes) -> str | None:
     try:
-        body = await response.aread()
-        errors = json.loads(body[:65536]).get("errors") or []
+        errors = json.loads(body).get("errors") or []
         return str(errors[0].get("code")) if errors else None
-    except (ValueError, AttributeError, IndexError, httpx.HTTPError):
+    except (ValueError, AttributeError, LookupError, TypeError):
         return None
 
 

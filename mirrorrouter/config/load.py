@@ -289,6 +289,7 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
             "breaker_failures", int, base.breaker_failures, check=between(1, 1000)
         ),
         breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
+        max_list_bytes=table.size("max_list_bytes", base.max_list_bytes) or base.max_list_bytes,
         proxy=table.get("proxy", str, base.proxy, check=_proxy_url, shown=_redacted),
     )
 

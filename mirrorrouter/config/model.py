@@ -213,6 +213,8 @@ class UpstreamPolicy:
     retry_deadline: float = 120.0  # all tries of one request, across mirrors
     breaker_failures: int = 5  # consecutive failures that open a mirror's circuit
     breaker_cooldown: float = 30.0  # how long an open circuit skips its mirror
+    # A tag list page or referrers index larger than this is the mirror's failure.
+    max_list_bytes: int = 8 * 1024 * 1024
     # May carry user:password@, so never in a repr; shown only through redact_url.
     proxy: str | None = field(default=None, repr=False)
 
