@@ -27,7 +27,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.reference import Digest, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
-from mirrorrouter.sending import origin, shown
+from mirrorrouter.sending import from_elsewhere, shown
 
 _REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
 
@@ -84,7 +84,7 @@ async def failure(mirror: Mirror, response: httpx.Response) -> UpstreamError:
     body = await drain(response)
     retry_after = retry_after_seconds(response.headers.get("retry-after"))
     retry_after = retry_after if status in (429, 503) else None
-    if origin(response.url) != origin(httpx.URL(mirror.url)):
+    if from_elsewhere(response, mirror.url):
         return UpstreamError(
             f"redirect target {shown(response.url)} answered HTTP {status}",
             mirror=mirror.name,

@@ -60,6 +60,11 @@ def origin(url: httpx.URL) -> Origin:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0)
 
 
+def from_elsewhere(response: httpx.Response, base: str) -> bool:
+    """Whether ``response`` came from another origin than ``base`` (a redirect target)."""
+    return origin(response.url) != origin(httpx.URL(base))
+
+
 def shown(url: httpx.URL) -> str:
     """An origin for messages (never the signed query of a CDN URL)."""
     return f"{url.scheme}://{url.netloc.decode()}"

@@ -48,7 +48,7 @@ from mirrorrouter.answers import (
     manifest_media_type,
 )
 from mirrorrouter.auth import RegistryAuth
-from mirrorrouter.bodies import BodyRefused, raw_chunks, read_capped
+from mirrorrouter.bodies import BodyRefused, drain, raw_chunks, read_capped
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.config import Capability, Mirror, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
@@ -59,7 +59,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.retry import RetryPolicy
-from mirrorrouter.sending import RedirectRefused, Redirects, Sender
+from mirrorrouter.sending import RedirectRefused, Redirects, Sender, from_elsewhere
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.transport import upstream_network
 
@@ -403,11 +403,11 @@ class UpstreamClient:
         async def attempt(mirror: Mirror) -> bool:
             url = self.url(mirror, repository, f"blobs/{digest}")
             response = await self._send(mirror, "HEAD", url, redirects=Redirects.ANYWHERE)
-            if response.status_code not in (200, 206):
+            if response.status_code == 404 or from_elsewhere(response, mirror.url):
                 # An upstream that is itself a proxy may 404 a HEAD until a GET fetched the
                 # blob, and a URL a registry signed for GET may refuse a HEAD: probe with a
                 # one-byte GET.
-                await failure(mirror, response)  # read and closed; the probe decides
+                await drain(response)
                 response = await self._send(
                     mirror, "GET", url, redirects=Redirects.ANYWHERE, headers={"Range": "bytes=0-0"}
                 )
