@@ -65,20 +65,27 @@ def upstream_cdn(tmp_path: Path, stocked: Stocked) -> Iterator[RedirectingUpstre
         yield upstream
 
 
-def gateway_for(tmp_path: Path, upstream: RedirectingUpstream, policy: str = "") -> GatewayProcess:
+def gateway(
+    tmp_path: Path, mirror: str, policy: str = "", ca: Path | None = None
+) -> GatewayProcess:
+    """The gateway with docker.io on ``mirror``, bob's credentials, and ``ca`` trusted."""
     config = f"""
 [cache]
 directory = "{tmp_path / "cache"}"
 [upstreams."docker.io"]
-mirrors = [{{ url = "{upstream.url}" }}]
+mirrors = [{{ url = "{mirror}" }}]
 {policy}
 [upstreams."docker.io".credentials]
 username = "bob"
 password_env = "HUB_PASSWORD"
-[upstreams."docker.io".tls]
-ca_bundle = "{upstream.ca.ca_path}"
 """
+    if ca is not None:
+        config += f'[upstreams."docker.io".tls]\nca_bundle = "{ca}"\n'
     return GatewayProcess(tmp_path / "gw", config, env={"HUB_PASSWORD": PASSWORD})
+
+
+def gateway_for(tmp_path: Path, upstream: RedirectingUpstream, policy: str = "") -> GatewayProcess:
+    return gateway(tmp_path, upstream.url, policy, upstream.ca.ca_path)
 
 
 def fetch_digest(url: str) -> str:
@@ -204,17 +211,7 @@ def hostile() -> Iterator[HostileUpstream]:
 
 
 def hostile_gateway(tmp_path: Path, upstream: HostileUpstream, policy: str = "") -> GatewayProcess:
-    config = f"""
-[cache]
-directory = "{tmp_path / "cache"}"
-[upstreams."docker.io"]
-mirrors = [{{ url = "{upstream.server.url}" }}]
-{policy}
-[upstreams."docker.io".credentials]
-username = "bob"
-password_env = "HUB_PASSWORD"
-"""
-    return GatewayProcess(tmp_path / "gw", config, env={"HUB_PASSWORD": PASSWORD})
+    return gateway(tmp_path, upstream.server.url, policy)
 
 
 def memory(gateway: GatewayProcess) -> dict[str, int]:

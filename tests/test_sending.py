@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -17,7 +17,7 @@ from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest
 from mirrorrouter.sending import MAX_HOPS
 from mirrorrouter.timing import Timing
-from mirrorrouter.upstream import UpstreamClient
+from mirrorrouter.upstream import ListAnswer, UpstreamClient
 
 pytestmark = pytest.mark.anyio
 
@@ -219,7 +219,7 @@ async def test_redirect_hops_are_bounded() -> None:
     ],
 )
 async def test_tag_lists_and_referrers_follow_redirects_only_on_the_mirrors_origin(
-    path: str, get: Callable[[UpstreamClient], object]
+    path: str, get: Callable[[UpstreamClient], Awaitable[ListAnswer | None]]
 ) -> None:
     """A tag list or referrers redirect to another origin is refused before it is asked;
     one on the mirror's own origin is followed."""
@@ -234,14 +234,14 @@ async def test_tag_lists_and_referrers_follow_redirects_only_on_the_mirrors_orig
     client = net.client(credentials=False)
     try:
         with pytest.raises(RegistryError) as raised:
-            await get(client)  # type: ignore[misc]
+            await get(client)
         moved["to"] = "/v2/library/a/here"
-        followed = await get(client)  # type: ignore[misc]
+        followed = await get(client)
     finally:
         await client.aclose()
     assert "redirect to http://elsewhere.test refused" in str(raised.value.detail)
     assert net.at("elsewhere.test") == []
-    assert followed is not None and b'"tags"' in followed.data  # type: ignore[attr-defined]
+    assert followed is not None and b'"tags"' in followed.data
 
 
 async def test_blob_probe_falls_back_to_a_one_byte_get_when_the_target_refuses_head() -> None:

@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 from urllib.parse import parse_qsl, urlencode
 
@@ -48,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.appserver import AppServer, Message, Receive, Scope, Send, respond
 from tests.support.faultproxy import _ABORTING, _install_log_filter
+from tests.support.service import Service
 
 PIECE = 1024 * 1024
 
@@ -425,7 +425,7 @@ class RegistryFront:
         await respond(send, answer.status_code, answer.content, headers)
 
 
-class RedirectingUpstream:
+class RedirectingUpstream(Service):
     """Realm, CDN and front together over a distribution registry's URL and storage."""
 
     def __init__(
@@ -450,19 +450,18 @@ class RedirectingUpstream:
         self.front = RegistryFront(backend, self.cdn, self.realm, self.ca)
 
     @property
+    def port(self) -> int:  # type: ignore[override]
+        return self.front.server.port
+
+    @property
     def url(self) -> str:
         return self.front.url
 
-    def __enter__(self) -> Self:
+    def start(self) -> Self:
         for server in (self.realm.server, self.cdn.server, self.front.server):
             server.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         for server in (self.front.server, self.cdn.server, self.realm.server):
             server.stop()
