@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import httpx
 
-from mirrorrouter.config import Mirror
+from mirrorrouter.bodies import drain
+from mirrorrouter.config import Mirror, redact_url
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import CONTENT_DIGEST_HEADER
 from mirrorrouter.reference import Digest, ReferenceError
 from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
+from mirrorrouter.sending import from_elsewhere, shown
 
 _REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
 
@@ -49,7 +54,7 @@ class Attempts:
         if self.only_not_found:
             return RegistryError(not_found, f"{what} not found upstream", detail=detail)
         if self.throttled:
-            headers = {"Retry-After": str(int(self.retry_after or 60))}
+            headers = {"Retry-After": str(math.ceil(self.retry_after or 60))}
             return RegistryError(
                 ErrorCode.TOOMANYREQUESTS,
                 f"{self.upstream} is rate-limiting this mirror",
@@ -62,19 +67,33 @@ class Attempts:
 
 
 async def failure(mirror: Mirror, response: httpx.Response) -> UpstreamError:
-    """Classify a non-success answer: temporary (retry, fail over), not found, or final."""
+    """Classify a non-success answer: temporary (retry, fail over), not found, or final.
+
+    Only the mirror's own origin says "not found": an answer from where it redirected to
+    (a CDN or bucket: an expired signed URL's 403, its own 401 challenge, a 404, a 5xx) is
+    that target's failure, and temporary, since asking the registry again gets a fresh URL.
+    The body is read within ``ERROR_BODY_LIMIT`` (for its error code), then closed.
+    """
     status = response.status_code
+    body = await drain(response)
+    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    retry_after = retry_after if status in (429, 503) else None
+    if from_elsewhere(response, mirror.url):
+        return UpstreamError(
+            f"redirect target {shown(response.url)} answered HTTP {status}",
+            mirror=mirror.name,
+            is_temporary=True,
+            retry_after=retry_after,
+        )
     temporary = status in TEMPORARY_STATUSES
     if not temporary and status >= 400 and status not in (401, 403, 404):
-        temporary = await _error_code(response) in TEMPORARY_CODES
-    await response.aclose()
-    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        temporary = _error_code(body) in TEMPORARY_CODES
     return UpstreamError(
         f"HTTP {status} {_REASONS.get(status, '')}".rstrip(),
         mirror=mirror.name,
         status=status,
         is_temporary=temporary,
-        retry_after=retry_after if status in (429, 503) else None,
+        retry_after=retry_after,
     )
 
 
@@ -82,18 +101,18 @@ def final(mirror: Mirror, message: str) -> UpstreamError:
     return UpstreamError(message, mirror=mirror.name, is_temporary=False)
 
 
-async def _error_code(response: httpx.Response) -> str | None:
+def _error_code(body: bytes) -> str | None:
     try:
-        body = await response.aread()
-        errors = json.loads(body[:65536]).get("errors") or []
+        errors = json.loads(body).get("errors") or []
         return str(errors[0].get("code")) if errors else None
-    except (ValueError, AttributeError, IndexError, httpx.HTTPError):
+    except (ValueError, AttributeError, LookupError, TypeError):
         return None
 
 
 def describe(exc: httpx.HTTPError) -> str:
+    """What went wrong, for logs and error details: a proxy's credentials never show."""
     kind = type(exc).__name__
-    return f"{kind}: {exc}" if str(exc) else kind
+    return redact_url(f"{kind}: {exc}") if str(exc) else kind
 
 
 def content_type_of(value: str | None) -> str | None:
@@ -119,15 +138,27 @@ def blob_size_from_headers(response: httpx.Response, offset: int) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
+# Longer asks are taken as a day (and never waited for: retry.py fails over past its cap).
+RETRY_AFTER_CAP = 86400.0
+_DELTA_SECONDS_RE = re.compile(r"[0-9]+")
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date, at most a day.
+
+    An upstream may send anything here: a 400-digit number is a day (not an overflow), a
+    date in the past is 0, garbage is None (as if there were no header).
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELTA_SECONDS_RE.fullmatch(value):
+        return min(float(value) if len(value) <= 9 else RETRY_AFTER_CAP, RETRY_AFTER_CAP)
     try:
-        moment = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+        moment = email.utils.parsedate_to_datetime(value)
+        if moment.tzinfo is None:  # "-0000": UTC, says RFC 5322
+            moment = moment.replace(tzinfo=UTC)
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, moment - (time.time() if now is None else now))
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)

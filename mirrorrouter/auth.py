@@ -11,8 +11,9 @@ The flow reads like the spec::
     401 + WWW-Authenticate: Basic -> send again with the credentials
 
 One ``RegistryAuth`` belongs to one upstream: its credentials go only to that upstream's
-mirrors and to the token realm they name. httpx drops ``Authorization`` itself when it
-follows a redirect to another host (a CDN), and redirects are followed outside this flow.
+mirrors and to the token realm they name. ``sending.Sender`` drives this flow only for
+requests to the mirror's own origin; redirects are followed outside it, so a CDN's 401
+never reaches it. Token answers are read within ``MAX_TOKEN_BYTES``.
 Tokens are cached per (realm, service, scope) until shortly before they expire.
 """
 
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 import httpx
 from cachetools import TLRUCache
 
+from mirrorrouter.bodies import BodyRefused, read_capped
 from mirrorrouter.config import Credentials
 
 DEFAULT_TOKEN_LIFETIME = 60.0
+MAX_TOKEN_BYTES = 1024 * 1024  # a JWT is a few KiB; a realm sending more is refused
 CLIENT_ID = "mirrorrouter"
 
 
@@ -141,13 +144,11 @@ class RegistryAuth(httpx.Auth):
             if token_request is not None:
                 self.token_requests += 1
                 token_response = yield token_request
-                await token_response.aread()
                 if token_response.status_code in (404, 405) and self._credentials is not None:
                     # Some realms only speak the OAuth2 form (RFC 6749 password grant).
                     self.token_requests += 1
                     token_response = yield self._oauth_request(bearer, scope)
-                    await token_response.aread()
-                token = _parse_token(token_response)
+                token = await _read_token(token_response)
             if token is not None:
                 self._tokens[key] = token
                 request.headers["Authorization"] = f"Bearer {token.value}"
@@ -205,14 +206,14 @@ def _token_params(challenge: Challenge, scope: str | None) -> dict[str, str]:
     return params
 
 
-def _parse_token(response: httpx.Response) -> _Token | None:
+async def _read_token(response: httpx.Response) -> _Token | None:
     if response.status_code != 200:
         return None
     try:
-        data = json.loads(response.content)
+        data = json.loads(await read_capped(response, MAX_TOKEN_BYTES))
         value = data.get("token") or data.get("access_token")
         lifetime = float(data.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, BodyRefused):
         return None
     if not isinstance(value, str) or not value:
         return None

@@ -17,7 +17,13 @@ from typing import Any
 from mirrorrouter import cachecli, hostedcli, warmcli
 from mirrorrouter.access import nobody_may_push
 from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
-from mirrorrouter.config import ConfigError, Settings, UpstreamSettings, load_settings
+from mirrorrouter.config import (
+    ConfigError,
+    Settings,
+    UpstreamSettings,
+    load_settings,
+    redact_url,
+)
 from mirrorrouter.config.model import GroupSettings, Target
 from mirrorrouter.connectivity import probe_all
 from mirrorrouter.errors import RegistryError
@@ -162,6 +168,7 @@ class _Verdict:
     error: str | None
     kind: str = "upstream"
     members: list[dict[str, Any]] = field(default_factory=list)  # a group's, in order
+    proxy: str | None = None  # the upstream's outbound proxy, redacted
 
     @property
     def route_text(self) -> str:
@@ -179,6 +186,8 @@ class _Verdict:
             text = f"hosted {self.upstream}"
         else:
             text = f"upstream {self.upstream}: " + " > ".join(m["url"] for m in self.mirrors)
+            if self.proxy:
+                text += f" via proxy {self.proxy}"
         if self.routes:
             text += f" (also via {', '.join(self.routes)})"
         return text
@@ -227,9 +236,17 @@ def resolve_images(settings: Settings, images: Sequence[str]) -> list[_Verdict]:
                 None,
                 kind_of(target),
                 members,
+                _proxy(target),
             )
         )
     return verdicts
+
+
+def _proxy(target: Target) -> str | None:
+    """The configured outbound proxy, fit to show: it may carry user:password@."""
+    if not isinstance(target, UpstreamSettings) or target.policy.proxy is None:
+        return None
+    return redact_url(target.policy.proxy)
 
 
 def _mirrors(target: Target) -> list[dict[str, Any]]:
@@ -268,6 +285,7 @@ def _verdict_json(verdict: _Verdict) -> dict[str, Any]:
         "members": verdict.members,
         "mirrors": verdict.mirrors,
         "routes": verdict.routes,
+        "proxy": verdict.proxy,
         "error": verdict.error,
     }
 
@@ -281,7 +299,8 @@ def _check_config(args: argparse.Namespace) -> int:
             f"{m.url} [{'+'.join(sorted(c.value for c in m.capabilities))}]"
             for m in upstream.mirrors
         )
-        print(f"  upstream {upstream.name}: {mirrors}")
+        proxy = _proxy(upstream)
+        print(f"  upstream {upstream.name}: {mirrors}" + (f" via proxy {proxy}" if proxy else ""))
     for hosted in settings.hosted.values():
         print(f"  hosted {hosted.name}: {hosted.storage.directory}")
     for group in settings.groups.values():

@@ -424,7 +424,7 @@ class Endpoints:
         link = upstream.headers.get("link")
         if link:
             headers["Link"] = client_link(link, oci)
-        body = b"" if oci.method == "HEAD" else upstream.content
+        body = b"" if oci.method == "HEAD" else upstream.data
         return Response(body, 200, headers, media_type="application/json")
 
     async def referrers(self, call: Call) -> Response:

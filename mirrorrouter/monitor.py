@@ -12,7 +12,7 @@ from mirrorrouter import __version__
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.breaker import CircuitState
 from mirrorrouter.clientauth import Identity
-from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.config import Settings, UpstreamSettings, redact_url
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
@@ -59,6 +59,7 @@ class Monitor:
                     tally.stale,
                     tally.bytes_from_cache,
                     tally.bytes_from_upstream,
+                    redact_url(upstream.policy.proxy) if upstream.policy.proxy else None,
                 )
             )
         recent = tuple(

@@ -46,7 +46,7 @@ from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import REAL_TIME, Timing
-from mirrorrouter.upstream import FetchedManifest, UpstreamClient
+from mirrorrouter.upstream import FetchedManifest, ListAnswer, UpstreamClient
 
 log = logging.getLogger("mirrorrouter.pullthrough")
 
@@ -376,7 +376,7 @@ class Pullthrough:
 
     async def tags(
         self, upstream: UpstreamSettings, repository: str, query: dict[str, str]
-    ) -> httpx.Response:
+    ) -> ListAnswer:
         site = await self.site(upstream)
         return await site.client.get_tags(repository, query)
 
@@ -394,8 +394,8 @@ class Pullthrough:
         if response is not None:
             filtered = "artifactType" in response.headers.get("oci-filters-applied", "")
             if artifact_type and not filtered:
-                return filter_referrers(response.content, artifact_type), True
-            return response.content, filtered
+                return filter_referrers(response.data, artifact_type), True
+            return response.data, filtered
         fallback_tag = f"{ref.digest.algorithm}-{ref.digest.hex}"
         tagged = ImageReference(ref.registry, ref.repository, fallback_tag)
         try:

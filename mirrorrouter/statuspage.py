@@ -49,6 +49,7 @@ class UpstreamStatus:
     stale: int
     bytes_from_cache: int
     bytes_from_upstream: int
+    proxy: str | None = None  # the outbound proxy, redacted (it may carry credentials)
 
     @property
     def requests(self) -> int:
@@ -204,7 +205,8 @@ def _mirror_table(upstreams: tuple[UpstreamStatus, ...]) -> str:
             )
         for i, m in enumerate(u.mirrors):
             first = i == 0
-            name = f'<th scope="row">{_e(u.name)}</th>' if first else '<td class="cont"></td>'
+            via = f'<br><span class="muted">via proxy {_e(u.proxy)}</span>' if u.proxy else ""
+            name = f'<th scope="row">{_e(u.name)}{via}</th>' if first else '<td class="cont"></td>'
             state = CIRCUIT_CLASSES.get(m.circuit, "info")
             caps = " ".join(f'<span class="tag">{_e(c)}</span>' for c in m.capabilities)
             rows.append(

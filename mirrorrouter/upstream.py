@@ -16,14 +16,23 @@ digest (manifests and blobs) comes from mirrors with ``pull`` and is always veri
 An upstream 401 or 403 never reaches the client as such (the client would then try to log
 in to the mirror): Docker Hub answers 401 for a repository that does not exist under an
 anonymous token, so both count as "not found at this mirror", and the detail says why.
+
+Requests go out through ``sending.Sender`` (credentials only for the mirror's origin,
+redirects followed outside the auth flow: blobs and manifests by digest anywhere, tag
+lists, referrers and manifests by tag only within the mirror's origin); every body read
+whole is read within a cap (``bodies.read_capped``). A blob whose redirect target fails
+is asked of the registry again (the retry policy, and fill.py's resumes, start at the
+mirror), so an expired signed URL costs one more request, not the pull.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx
@@ -38,6 +47,7 @@ from mirrorrouter.answers import (
     header_digest,
 )
 from mirrorrouter.auth import RegistryAuth
+from mirrorrouter.bodies import BodyRefused, drain, raw_chunks, read_capped
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.config import Capability, Mirror, UpstreamSettings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
@@ -45,6 +55,7 @@ from mirrorrouter.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, media_ty
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.retry import RetryPolicy
+from mirrorrouter.sending import RedirectRefused, Redirects, Sender, from_elsewhere
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.transport import upstream_network
 
@@ -73,11 +84,22 @@ class ManifestHead:
     mirror: str
 
 
+@dataclass(frozen=True, slots=True)
+class ListAnswer:
+    """A tag list page or a referrers index: JSON, read within ``max_list_bytes``, checked
+    to be the object it should be; the client gets these bytes."""
+
+    data: bytes
+    headers: httpx.Headers
+
+
 @dataclass(slots=True)
 class BlobStream:
     """An open upstream blob response; ``chunks()`` yields about 1 MiB at a time.
 
     A failure mid-body raises a temporary ``UpstreamError`` and counts against the mirror.
+    Bytes are taken as sent (``aiter_raw``): a digest is over the stored bytes, and a
+    Content-Encoding is never decoded (it could inflate without bound).
     """
 
     response: httpx.Response
@@ -95,7 +117,7 @@ class BlobStream:
         pending = 0
         failure: UpstreamError | None = None
         try:
-            async for chunk in self.response.aiter_bytes():
+            async for chunk in raw_chunks(self.response):
                 if skip:
                     dropped = min(skip, len(chunk))
                     chunk, skip = chunk[dropped:], skip - dropped
@@ -162,7 +184,12 @@ class UpstreamClient:
         # The aiohttp transport moves bytes twice as fast unless a proxy applies (transport.py).
         network, tls = upstream_network(settings)
         self.http = httpx.AsyncClient(
-            auth=self.auth,
+            # No auth and no redirects here: sending.Sender drives both, so that credentials
+            # go to the mirror's origin only and redirect targets' answers stay theirs.
+            auth=None,
+            follow_redirects=False,
+            # No cookies either, as containerd keeps none: nothing rides along to a CDN.
+            cookies=httpx.Cookies(CookieJar(DefaultCookiePolicy(allowed_domains=[]))),
             timeout=httpx.Timeout(
                 connect=policy.connect_timeout,
                 read=policy.read_timeout,
@@ -171,11 +198,12 @@ class UpstreamClient:
             ),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
             proxy=policy.proxy,
-            follow_redirects=True,  # CDN redirects; httpx drops Authorization across hosts
             verify=tls,
             transport=transport or network,
-            headers={"User-Agent": "mirrorrouter"},
+            # identity: a compressed body could inflate past any cap (bodies.py).
+            headers={"User-Agent": "mirrorrouter", "Accept-Encoding": "identity"},
         )
+        self.sender = Sender(self.http, self.auth)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -253,15 +281,19 @@ class UpstreamClient:
         method: str,
         url: str,
         *,
+        redirects: Redirects,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
-        stream: bool = False,
     ) -> httpx.Response:
-        request = self.http.build_request(method, url, headers=headers, params=params)
+        """The answer, streaming: the caller reads it (bounded) and closes it."""
         try:
-            response = await self.http.send(request, stream=stream)
+            response = await self.sender.send(
+                method, url, redirects=redirects, headers=headers, params=params
+            )
         except httpx.HTTPError as exc:
             raise UpstreamError(describe(exc), mirror=mirror.name, is_temporary=True) from exc
+        except RedirectRefused as exc:
+            raise final(mirror, str(exc)) from exc
         remaining = response.headers.get("ratelimit-remaining")  # Docker Hub's pull quota
         if remaining is not None:
             self.metrics.ratelimit_remaining(self.name, remaining)
@@ -282,24 +314,14 @@ class UpstreamClient:
 
     async def _get_manifest(self, mirror: Mirror, ref: ImageReference) -> FetchedManifest:
         url = self.url(mirror, ref.repository, f"manifests/{ref.reference}")
-        response = await self._send(mirror, "GET", url, headers={"Accept": _ACCEPT}, stream=True)
-        try:
-            if response.status_code != 200:
-                raise await failure(mirror, response)
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
-                raise final(mirror, f"manifest of {declared} bytes is over the 4 MiB limit")
-            data = bytearray()
-            try:
-                async for chunk in response.aiter_bytes():
-                    data += chunk
-                    if len(data) > MAX_MANIFEST_BYTES:
-                        raise final(mirror, "manifest is over the 4 MiB limit")
-            except httpx.HTTPError as exc:
-                raise UpstreamError(describe(exc), mirror=mirror.name, is_temporary=True) from exc
-        finally:
-            await response.aclose()
-        body = bytes(data)
+        # A manifest by digest is verified like a blob; by tag, nothing vouches for it.
+        redirects = Redirects.ANYWHERE if ref.digest else Redirects.ORIGIN
+        response = await self._send(
+            mirror, "GET", url, redirects=redirects, headers={"Accept": _ACCEPT}
+        )
+        if response.status_code != 200:
+            raise await failure(mirror, response)
+        body = await self._read(mirror, response, MAX_MANIFEST_BYTES, "manifest")
         algorithm = ref.digest.algorithm if ref.digest else "sha256"
         digest = Digest.of(body, algorithm)
         expected = ref.digest or header_digest(response.headers)
@@ -318,9 +340,12 @@ class UpstreamClient:
 
         async def attempt(mirror: Mirror) -> ManifestHead:
             url = self.url(mirror, ref.repository, f"manifests/{ref.reference}")
-            response = await self._send(mirror, "HEAD", url, headers={"Accept": _ACCEPT})
+            response = await self._send(
+                mirror, "HEAD", url, redirects=Redirects.ORIGIN, headers={"Accept": _ACCEPT}
+            )
             if response.status_code != 200:
                 raise await failure(mirror, response)
+            await response.aclose()
             media_type = content_type_of(response.headers.get("content-type")) or ""
             return ManifestHead(header_digest(response.headers), media_type, mirror.name)
 
@@ -347,8 +372,12 @@ class UpstreamClient:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
 
         async def attempt(mirror: Mirror) -> httpx.Response:
+            # Always from the registry, also to resume: a redirect target's URL may have
+            # expired meanwhile, and the registry hands out a fresh one.
             url = self.url(mirror, repository, f"blobs/{digest}")
-            response = await self._send(mirror, "GET", url, headers=headers, stream=True)
+            response = await self._send(
+                mirror, "GET", url, redirects=Redirects.ANYWHERE, headers=headers
+            )
             if response.status_code == 200 or (offset and response.status_code == 206):
                 return response
             raise await failure(mirror, response)
@@ -369,12 +398,17 @@ class UpstreamClient:
 
         async def attempt(mirror: Mirror) -> bool:
             url = self.url(mirror, repository, f"blobs/{digest}")
-            response = await self._send(mirror, "HEAD", url)
-            if response.status_code == 404:
+            response = await self._send(mirror, "HEAD", url, redirects=Redirects.ANYWHERE)
+            if response.status_code == 404 or from_elsewhere(response, mirror.url):
                 # An upstream that is itself a proxy may 404 a HEAD until a GET fetched the
-                # blob: probe with a one-byte GET.
-                response = await self._send(mirror, "GET", url, headers={"Range": "bytes=0-0"})
+                # blob, and a URL a registry signed for GET may refuse a HEAD: probe with a
+                # one-byte GET.
+                await drain(response)
+                response = await self._send(
+                    mirror, "GET", url, redirects=Redirects.ANYWHERE, headers={"Range": "bytes=0-0"}
+                )
             if response.status_code in (200, 206):
+                await response.aclose()  # never read: an upstream ignoring Range sends it all
                 return True
             raise await failure(mirror, response)
 
@@ -388,40 +422,83 @@ class UpstreamClient:
 
     # ------------------------------------------------------------------ tags, referrers
 
-    async def get_tags(self, repository: str, query: Mapping[str, str]) -> httpx.Response:
-        """The tag list page from the first resolve mirror that answers 200 (body read)."""
+    async def get_tags(self, repository: str, query: Mapping[str, str]) -> ListAnswer:
+        """The tag list page from the first resolve mirror that answers 200."""
 
-        async def attempt(mirror: Mirror) -> httpx.Response:
+        async def attempt(mirror: Mirror) -> ListAnswer:
             url = self.url(mirror, repository, "tags/list")
-            response = await self._send(mirror, "GET", url, params=query)
+            response = await self._send(
+                mirror, "GET", url, redirects=Redirects.ORIGIN, params=query
+            )
             if response.status_code != 200:
                 raise await failure(mirror, response)
-            return response
+            return await self._list(mirror, response, "tag list", "tags")
 
-        response, _ = await self._over_mirrors(
+        answer, _ = await self._over_mirrors(
             Capability.RESOLVE, f"repository {repository}", ErrorCode.NAME_UNKNOWN, attempt
         )
-        return response
+        return answer
 
     async def get_referrers(
         self, repository: str, digest: Digest, artifact_type: str | None
-    ) -> httpx.Response | None:
-        """The upstream's referrers answer; None when the mirror has no referrers API."""
+    ) -> ListAnswer | None:
+        """The upstream's referrers index; None when the mirror has no referrers API."""
         params = {"artifactType": artifact_type} if artifact_type else {}
 
-        async def attempt(mirror: Mirror) -> httpx.Response | None:
+        async def attempt(mirror: Mirror) -> ListAnswer | None:
             url = self.url(mirror, repository, f"referrers/{digest}")
-            response = await self._send(mirror, "GET", url, params=params)
+            response = await self._send(
+                mirror, "GET", url, redirects=Redirects.ORIGIN, params=params
+            )
             if response.status_code == 200:
-                return response
+                return await self._list(mirror, response, "referrers index", "manifests")
             if response.status_code in (404, 405, 501):
+                await response.aclose()
                 return None  # no referrers API here: the tag schema is the fallback
             raise await failure(mirror, response)
 
-        response, _ = await self._over_mirrors(
+        answer, _ = await self._over_mirrors(
             Capability.RESOLVE, f"referrers of {digest}", ErrorCode.NAME_UNKNOWN, attempt
         )
-        return response
+        return answer
+
+    # ------------------------------------------------------------------ bounded reads
+
+    async def _read(self, mirror: Mirror, response: httpx.Response, limit: int, what: str) -> bytes:
+        """A whole body within ``limit``; too large or compressed is this mirror's final
+        failure (not the client's 500), a broken connection a temporary one."""
+        try:
+            return await read_capped(response, limit)
+        except BodyRefused as exc:
+            raise final(mirror, f"{what} {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(describe(exc), mirror=mirror.name, is_temporary=True) from exc
+        finally:
+            await response.aclose()
+
+    async def _list(
+        self, mirror: Mirror, response: httpx.Response, what: str, key: str
+    ) -> ListAnswer:
+        """A tag list or referrers index: only JSON, only within ``max_list_bytes``, only
+        an object whose ``key`` is a list (tags may be null for an empty repository)."""
+        declared = content_type_of(response.headers.get("content-type"))
+        if declared is not None and not _is_json(declared):
+            await response.aclose()
+            raise final(mirror, f"{what} answered as {declared}, not JSON")
+        limit = self.settings.policy.max_list_bytes
+        data = await self._read(mirror, response, limit, f"{what} (max_list_bytes)")
+        try:
+            document = json.loads(data)
+        except ValueError:
+            document = None
+        entries = document.get(key) if isinstance(document, dict) else ()
+        if not isinstance(entries, list) and not (key == "tags" and entries is None):
+            raise final(mirror, f"{what} is not a JSON object with a {key!r} list")
+        return ListAnswer(data, response.headers)
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
 
 
 # ---------------------------------------------------------------------- classification

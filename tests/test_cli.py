@@ -93,3 +93,20 @@ def test_check_config_refuses_bad_files(
     )
     assert result.returncode == 2
     assert f"{path}:{line}: {fragment}" in result.stderr
+
+
+def test_proxy_credentials_are_redacted_in_check_config_and_resolve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config and resolve (text and JSON) show an upstream's proxy without its password."""
+    path = tmp_path / "mirrors.toml"
+    path.write_text('[upstreams."docker.io"]\nproxy = "http://ops:s3cret@proxy.corp:3128"\n')
+    assert main(["check-config", str(path)]) == 0
+    assert main(["resolve", "--config", str(path), "alpine"]) == 0
+    assert main(["resolve", "--json", "--config", str(path), "alpine"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "ops" not in out
+    check, resolve = out.splitlines()[1], out.splitlines()[4]
+    assert check.endswith("via proxy http://***@proxy.corp:3128")
+    assert resolve.endswith("via proxy http://***@proxy.corp:3128")
+    assert '"proxy": "http://***@proxy.corp:3128"' in out

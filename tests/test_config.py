@@ -12,6 +12,7 @@ from mirrorrouter.config import (
     load_settings,
     parse_duration,
     parse_settings,
+    redact_url,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,3 +344,47 @@ def test_storage_config_errors_name_the_key(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings(text + '[upstreams."docker.io"]\n', env={})
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://bob:hunter2@registry.corp", "https://hunter2@registry.corp/hub"]
+)
+def test_user_info_in_a_mirror_url_is_an_error(url: str) -> None:
+    """A mirror URL with user:password@ is refused, naming the key and the credentials table,
+    and the password is never repeated in the message."""
+    text = f'[upstreams."docker.io"]\nmirrors = [{{ url = "{url}" }}]\n'
+    found = problems(text)
+    assert len(found) == 1
+    assert found[0].startswith('/etc/m/mirrors.toml:2: upstreams."docker.io".mirrors[0].url: ')
+    assert '[upstreams."docker.io".credentials]' in found[0] and "password_env" in found[0]
+    assert "hunter2" not in found[0]
+
+
+def test_proxy_credentials_are_accepted_and_never_shown() -> None:
+    """A proxy URL may carry credentials; they stay out of reprs and out of problems."""
+    text = '[defaults]\nproxy = "http://ops:s3cret@proxy.corp:3128"\n' + MINIMAL
+    settings = parse_settings(text, env={})
+    policy = settings.upstreams["docker.io"].policy
+    assert policy.proxy == "http://ops:s3cret@proxy.corp:3128"
+    assert "s3cret" not in repr(settings)
+    found = problems('[defaults]\nproxy = "ops:s3cret@proxy.corp:3128"\n' + MINIMAL)
+    assert len(found) == 1 and "defaults.proxy: expected a proxy URL" in found[0]
+    assert "s3cret" not in found[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://ops:s3cret@proxy.corp:3128", "http://***@proxy.corp:3128"),
+        ("socks5://tok@proxy:1080/", "socks5://***@proxy:1080/"),
+        ("http://proxy.corp:3128", "http://proxy.corp:3128"),
+        (
+            "ProxyError: http://a:b@p:1 refused, https://c:d@q:2",
+            "ProxyError: http://***@p:1 refused, https://***@q:2",
+        ),
+        ("http://a:p@ss@p:1/x?y=z@w", "http://***@p:1/x?y=z@w"),
+    ],
+)
+def test_redact_url_hides_user_info(text: str, shown: str) -> None:
+    """redact_url hides every URL's user:password@ and leaves the rest as it was."""
+    assert redact_url(text) == shown

@@ -11,10 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirrorrouter.answers import RETRY_AFTER_CAP, retry_after_seconds
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache.filesystem import FilesystemCache
 from mirrorrouter.config import parse_settings
-from mirrorrouter.errors import UpstreamError
+from mirrorrouter.errors import RegistryError, UpstreamError
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest
 from mirrorrouter.retry import RetryPolicy
@@ -51,6 +52,54 @@ def test_retry_after_is_honoured_up_to_the_cap() -> None:
     policy = RetryPolicy(retry_after_cap=10.0)
     assert policy.wait_seconds(1, error(429, retry_after=7)) == 7
     assert policy.wait_seconds(1, error(429, retry_after=30)) == 10
+
+
+NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("7", 7.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("86401", RETRY_AFTER_CAP),
+        ("9" * 400, RETRY_AFTER_CAP),  # float() would be inf, int(inf) an OverflowError
+        ("Tue, 14 Nov 2023 22:14:20 GMT", 60.0),
+        ("Tue, 14 Nov 2023 22:14:20 -0000", 60.0),
+        ("Tue, 14 Nov 2023 22:12:20 GMT", 0.0),  # already past
+        ("Fri, 31 Dec 9999 23:59:59 GMT", RETRY_AFTER_CAP),
+        ("-5", None),
+        ("1.5", None),
+        ("soon", None),
+        ("\u00b2", None),  # a Unicode digit: str.isdigit() says yes, float() says no
+        ("Tue, 99 Nov 2023 22:14:20 GMT", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_parsed_in_both_forms_and_capped(
+    value: str | None, seconds: float | None
+) -> None:
+    """Retry-After is delta-seconds or an HTTP date, capped at a day; garbage is ignored."""
+    assert retry_after_seconds(value, now=NOW) == seconds
+
+
+async def test_absurd_retry_after_is_a_throttle_not_a_crash(tmp_path: Path) -> None:
+    """A 429 with a 400-digit Retry-After reaches the client as 429 with a day, not a 500."""
+
+    def throttled(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "9" * 400})
+
+    pull = pull_for(tmp_path, throttled)
+    await pull.start()
+    try:
+        with pytest.raises(RegistryError) as raised:
+            await pull.blob(pull.settings.upstreams["docker.io"], "library/a", DIGEST)
+    finally:
+        await pull.close()
+    assert raised.value.status == 429
+    assert raised.value.headers["Retry-After"] == str(int(RETRY_AFTER_CAP))
 
 
 async def test_temporary_failures_are_retried_until_attempts_run_out() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ from mirrorrouter.statuspage import (
     UpstreamStatus,
     render_status,
 )
+from tests.support.fakeregistry import FakeRegistry
+from tests.support.inprocess import config, gateway
 
 STARTED = 1_717_243_200.0  # 2024-06-01 12:00:00 UTC
 NOW = STARTED + 3 * 3600 + 25 * 60
@@ -225,3 +228,15 @@ def test_page_is_a_light_self_refreshing_document() -> None:
     # nothing else to fetch: no images, no style sheets, the icon is an empty data: URL
     urls = [a[k] or "" for _, a in page.elements for k in ("src", "href") if k in a]
     assert urls == ["data:,"]
+
+
+@pytest.mark.anyio
+async def test_status_page_shows_an_upstreams_proxy_without_its_credentials(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """The live status page names an upstream's proxy with its user:password@ hidden."""
+    text = config(tmp_path, 'proxy = "http://ops:s3cret@proxy.corp:3128"')
+    async with gateway(tmp_path, fake, text) as gw:
+        page = (await gw.client.get("/_/")).text
+    assert "via proxy http://***@proxy.corp:3128" in Page(page).visible
+    assert "s3cret" not in page and "ops:" not in page

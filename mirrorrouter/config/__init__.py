@@ -27,6 +27,7 @@ from mirrorrouter.config.model import (
     UpstreamSettings,
     cache_dirname,
     default_mirror,
+    redact_url,
 )
 from mirrorrouter.config.reader import format_path, parse_duration
 
@@ -53,4 +54,5 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_settings",
+    "redact_url",
 ]

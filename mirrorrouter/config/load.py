@@ -33,12 +33,14 @@ from mirrorrouter.config.model import (
     cache_dirname,
     default_mirror,
     pin_pattern_problem,
+    redact_url,
 )
 from mirrorrouter.config.reader import (
     KeyLines,
     Reader,
     Table,
     between,
+    format_path,
     one_of,
     strings,
 )
@@ -287,15 +289,27 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
             "breaker_failures", int, base.breaker_failures, check=between(1, 1000)
         ),
         breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
-        proxy=table.get("proxy", str, base.proxy, check=_proxy_url),
+        max_list_bytes=table.size("max_list_bytes", base.max_list_bytes) or base.max_list_bytes,
+        proxy=table.get("proxy", str, base.proxy, check=_proxy_url, shown=_redacted),
     )
 
 
 def _mirror(table: Table) -> Mirror | None:
-    url = table.get("url", str, None, check=_mirror_url, required=True)
+    url = table.get("url", str, None, check=_mirror_url, required=True, shown=_redacted)
     caps = table.get("capabilities", list, ["pull", "resolve"], check=_capabilities)
     table.finish()
     if url is None:
+        return None
+    if "@" in urlsplit(url).netloc:
+        # Mirror URLs are shown everywhere (check-config, resolve, the status page, logs,
+        # error details): credentials have a table of their own, read from the environment.
+        credentials = format_path((*table.path[:2], "credentials"))
+        table.reader.problem(
+            (*table.path, "url"),
+            f"a mirror URL must not carry user:password@ (got {_redacted(url)}); give the "
+            f"credentials in [{credentials}] as username (or username_env) and "
+            f"password_env (or password_file)",
+        )
         return None
     return Mirror(url.rstrip("/"), frozenset(Capability(c) for c in caps))
 
@@ -362,6 +376,16 @@ def _mirror_url(value: str) -> str | None:
     if parts.path.rstrip("/").endswith("/v2"):
         return "the base URL without /v2 (it is appended to every request)"
     return None
+
+
+def _redacted(value: Any) -> str:
+    """A refused URL value for a problem message, without what may be credentials."""
+    if not isinstance(value, str):
+        return repr(value)
+    shown = redact_url(value)
+    if "://" not in shown and "@" in shown:  # no scheme: user:password@host[:port]
+        shown = "***@" + shown.rpartition("@")[2]
+    return repr(shown)
 
 
 def _proxy_url(value: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,18 @@ class Secret:
         return "Secret('***')"
 
     __str__ = __repr__
+
+
+# The user info of any URL in a text: "http://user:pw@proxy:3128" -> "http://***@proxy:3128".
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a URL, or a message naming URLs) with every URL's ``user:password@`` hidden.
+
+    Proxy URLs may carry credentials; they are shown (check-config, resolve, the status
+    page, logs and error details) only through this."""
+    return _USERINFO_RE.sub(r"\1***@", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +225,10 @@ class UpstreamPolicy:
     retry_deadline: float = 120.0  # all tries of one request, across mirrors
     breaker_failures: int = 5  # consecutive failures that open a mirror's circuit
     breaker_cooldown: float = 30.0  # how long an open circuit skips its mirror
-    proxy: str | None = None
+    # A tag list page or referrers index larger than this is the mirror's failure.
+    max_list_bytes: int = 8 * 1024 * 1024
+    # May carry user:password@, so never in a repr; shown only through redact_url.
+    proxy: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,7 +121,10 @@ class Table:
         *,
         check: Check | None = None,
         required: bool = False,
+        shown: Callable[[Any], str] = repr,
     ) -> T | Any:
+        """The value of ``key`` checked by type and ``check``; ``shown`` renders a refused
+        value in the problem (a URL that may carry credentials is shown redacted)."""
         self.used.add(key)
         if key not in self.data:
             if required:
@@ -133,7 +136,7 @@ class Table:
             return default
         expected = check(value) if check else None
         if expected:
-            self.reader.problem((*self.path, key), f"expected {expected}, got {value!r}")
+            self.reader.problem((*self.path, key), f"expected {expected}, got {shown(value)}")
             return default
         return value
 
