@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
         help="write the files under this directory instead of printing them",
     )
     client.set_defaults(func=_client_config)
+
+    health = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the mirror configured in the config file answers /healthz",
+        description="The container image's HEALTHCHECK: GET /healthz on the port the config "
+        "names (server.port), on loopback; exit 0 when it answers 200, 1 otherwise.",
+    )
+    _config_option(health)
+    health.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
+    health.set_defaults(func=_healthcheck)
 
     # Operator commands live in modules of their own.
     for register in (cachecli.register, hostedcli.register, warmcli.register):
@@ -348,6 +359,31 @@ def _client_config(args: argparse.Namespace) -> int:
     for note in config.notes:
         print(f"# {note}", file=sys.stderr)
     return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config or default_config_path())
+    url = health_url(settings)
+    # Straight to loopback: a proxy from the environment (HTTP_PROXY) must not carry it.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=args.timeout) as response:
+            healthy = response.status == 200
+    except OSError as exc:  # URLError, refused, timed out
+        print(f"mirrorrouter: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if healthy else 1
+
+
+def health_url(settings: Settings) -> str:
+    """Where the health check finds this configuration's server: its own host, or loopback
+    when it listens on every address."""
+    host = settings.server.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.server.port}/healthz"
 
 
 def _indent(lines: list[str]) -> str:

@@ -22,3 +22,25 @@ make_venv() {
         .venv/bin/pip install --quiet --upgrade pip
     fi
 }
+
+# What tests/test_real_image.py builds the container image from, so that the build itself
+# needs no network: a base image's root file system made from Debian packages (the
+# machine's own apt sources) and wheels of the project and everything it installs. Into
+# build/image-test/; the root file system is made once and kept.
+prepare_image_inputs() {
+    local dir=build/image-test
+    mkdir -p "$dir"
+    if [ ! -s "$dir/rootfs.tar" ]; then
+        echo "making the test base image's root file system (mmdebstrap, ~30 s)" >&2
+        mmdebstrap --quiet --variant=minbase --mode=root \
+            --include=python3,python3-venv,ca-certificates \
+            bookworm "$dir/rootfs.tar.partial"
+        mv "$dir/rootfs.tar.partial" "$dir/rootfs.tar"
+    fi
+    rm -rf "$dir/wheels"
+    # setuptools builds the project inside the image (pip install .); async-timeout is what
+    # redis needs on bookworm's Python 3.11.2 (a marker this venv's Python does not meet).
+    .venv/bin/pip wheel --quiet --wheel-dir "$dir/wheels" . 'setuptools>=68' wheel \
+        'async-timeout>=4.0.3'
+    printf '[global]\nno-index = true\nfind-links = /wheels\n' > "$dir/pip.conf"
+}

@@ -141,11 +141,12 @@ def test_dockerfile_copies_only_what_exists() -> None:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
 
 
-def test_healthcheck_asks_healthz_within_its_timeout() -> None:
+def test_healthcheck_asks_the_configured_port_within_its_timeout() -> None:
+    """The HEALTHCHECK runs ``mirrorrouter healthcheck`` (which reads server.port from the
+    config) with a timeout shorter than the check's own."""
     command = healthcheck_command()
-    assert command[:2] == ["python", "-c"]
-    assert f"'http://127.0.0.1:{PORT}/healthz'" in command[2]
-    timeout = float(re.search(r"timeout=(\d+(?:\.\d+)?)", command[2]).group(1))  # type: ignore[union-attr]
+    assert command[:2] == ["mirrorrouter", "healthcheck"]
+    timeout = float(command[command.index("--timeout") + 1])
     options = healthcheck_options()
     assert timeout < seconds(options["timeout"])
     assert {"interval", "timeout", "start-period", "retries"} <= options.keys()
@@ -325,11 +326,15 @@ def free_port() -> int:
         return port
 
 
-def healthcheck(port: int) -> subprocess.CompletedProcess[str]:
-    """The image's HEALTHCHECK command, aimed at ``port`` instead of 5000."""
-    command = [c.replace(f":{PORT}/", f":{port}/") for c in healthcheck_command()]
+def healthcheck(port: int, directory: Path) -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK command, with the shipped config's server.port set to ``port``."""
+    config = directory / f"health-{port}.toml"
+    shipped = (ROOT / "mirrors.toml").read_text()
+    assert f"\nport = {PORT}" in shipped
+    config.write_text(shipped.replace(f"\nport = {PORT}", f"\nport = {port}", 1))
+    _program, *args = healthcheck_command()
     return subprocess.run(
-        [sys.executable if command[0] == "python" else command[0], *command[1:]],
+        [sys.executable, "-m", "mirrorrouter", *args, "--config", str(config)],
         capture_output=True, text=True, timeout=15, env={**os.environ, **LOOPBACK_ONLY_ENV},
     )  # fmt: skip
 
@@ -372,14 +377,14 @@ def served(image_venv: ImageVenv, tmp_path: Path) -> Iterator[int]:
         log.close()
 
 
-def test_entrypoint_serves_and_the_healthcheck_passes(served: int) -> None:
-    assert healthcheck(served).returncode == 0
+def test_entrypoint_serves_and_the_healthcheck_passes(served: int, tmp_path: Path) -> None:
+    assert healthcheck(served, tmp_path).returncode == 0
     with urllib.request.urlopen(f"http://127.0.0.1:{served}/readyz", timeout=5) as response:
         assert response.status == 200
 
 
-def test_healthcheck_fails_without_a_healthy_server() -> None:
-    assert healthcheck(free_port()).returncode != 0  # nothing listening
+def test_healthcheck_fails_without_a_healthy_server(tmp_path: Path) -> None:
+    assert healthcheck(free_port(), tmp_path).returncode != 0  # nothing listening
 
     class Unhealthy(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -392,7 +397,7 @@ def test_healthcheck_fails_without_a_healthy_server() -> None:
     thread = Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        assert healthcheck(server.server_address[1]).returncode != 0
+        assert healthcheck(server.server_address[1], tmp_path).returncode != 0
     finally:
         server.shutdown()
         server.server_close()
