@@ -163,7 +163,7 @@ class UpstreamClient:
             for m in settings.mirrors
         }
         self.auth = RegistryAuth(settings.credentials)
-        # The aiohttp transport moves bytes twice as fast unless a proxy applies (transport.py).
+        # The aiohttp transport moves bytes twice as fast and chooses proxies (transport.py).
         network, tls = upstream_network(settings)
         self.http = httpx.AsyncClient(
             auth=self.auth,
@@ -174,7 +174,6 @@ class UpstreamClient:
                 pool=policy.connect_timeout,
             ),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
-            proxy=policy.proxy,
             follow_redirects=True,  # CDN redirects; httpx drops Authorization across hosts
             verify=tls,
             transport=transport or network,

@@ -65,6 +65,7 @@ from mirrorrouter.config.targets import (
     load_route,
     registries,
 )
+from mirrorrouter.proxies import redact
 from mirrorrouter.reference import (
     DOCKER_HUB,
     DOCKER_HUB_ALIASES,
@@ -287,7 +288,7 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
             "breaker_failures", int, base.breaker_failures, check=between(1, 1000)
         ),
         breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
-        proxy=table.get("proxy", str, base.proxy, check=_proxy_url),
+        proxy=_proxy(table, base.proxy),
     )
 
 
@@ -364,8 +365,16 @@ def _mirror_url(value: str) -> str | None:
     return None
 
 
-def _proxy_url(value: str) -> str | None:
+def _proxy(table: Table, default: str | None) -> str | None:
+    """The ``proxy`` key; a proxy URL may carry credentials, so a bad one is shown redacted."""
+    value = table.get("proxy", str, None)
+    if value is None:
+        return default
     parts = urlsplit(value)
-    if parts.scheme in ("http", "https", "socks5") and parts.netloc:
-        return None
-    return "a proxy URL such as http://proxy.corp:3128"
+    if parts.scheme in ("http", "https", "socks5") and parts.hostname:
+        return str(value)
+    table.reader.problem(
+        (*table.path, "proxy"),
+        f"expected a proxy URL such as http://proxy.corp:3128, got {redact(value)!r}",
+    )
+    return default

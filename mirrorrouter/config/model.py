@@ -200,7 +200,7 @@ class UpstreamPolicy:
     retry_deadline: float = 120.0  # all tries of one request, across mirrors
     breaker_failures: int = 5  # consecutive failures that open a mirror's circuit
     breaker_cooldown: float = 30.0  # how long an open circuit skips its mirror
-    proxy: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # may carry credentials
 
 
 @dataclass(frozen=True, slots=True)
