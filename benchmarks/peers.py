@@ -144,8 +144,12 @@ http {{
             process.wait(5)
 
 
-def gateway_config(upstream_url: str, cache_dir: Path, *, workers: int = 1) -> str:
-    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream."""
+def gateway_config(
+    upstream_url: str, cache_dir: Path, *, workers: int = 1, ca_bundle: Path | None = None
+) -> str:
+    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream,
+    trusting ``ca_bundle`` for a TLS one."""
+    tls = f'[upstreams."docker.io".tls]\nca_bundle = "{ca_bundle}"\n' if ca_bundle else ""
     return f"""
 [server]
 workers = {workers}
@@ -154,15 +158,25 @@ directory = "{cache_dir}"
 [upstreams."docker.io"]
 mirrors = [{{ url = "{upstream_url}" }}]
 tag_ttl = "10m"
-"""
+{tls}"""
 
 
 class Gateway(GatewayProcess):
     """:class:`GatewayProcess` for one loopback upstream; with several workers it also
-    waits until every worker runs."""
+    waits until every worker runs. ``env`` adds variables (the proxy ones, say)."""
 
-    def __init__(self, workdir: Path, upstream_url: str, cache_dir: Path, *, workers: int) -> None:
-        super().__init__(workdir, gateway_config(upstream_url, cache_dir, workers=workers))
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        cache_dir: Path,
+        *,
+        workers: int,
+        ca_bundle: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        config = gateway_config(upstream_url, cache_dir, workers=workers, ca_bundle=ca_bundle)
+        super().__init__(workdir, config, env=env)
         self.workers = workers
 
     @property
