@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Self
 
 from tests.support.gateway import GatewayProcess
 from tests.support.registry import free_port
-from tests.support.service import Service
+from tests.support.service import Service, wait_accepting
 
 NGINX_BINARY = "/usr/sbin/nginx"
 BLOB_PATH = "/blob"  # where nginx serves the one blob file
@@ -113,17 +112,9 @@ http {{
                 stdout=stderr,
                 stderr=stderr,
             )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise NginxError(f"nginx exited with {self.process.returncode}: {self.log_tail()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.02)
-        raise NginxError(f"nginx not ready after 10s: {self.log_tail()}")
+        wait_accepting(
+            self.process, self.port, what="nginx", timeout=10, tail=self.log_tail, error=NginxError
+        )
 
     def log_tail(self) -> str:
         text = ""

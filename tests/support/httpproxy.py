@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Self
 from urllib.parse import quote
 
 from tests.support.registry import HTPASSWD_BINARY, free_port, wait_until
-from tests.support.service import Service
+from tests.support.service import Service, wait_accepting
 
 SQUID_BINARY = "/usr/sbin/squid"
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
@@ -153,17 +152,9 @@ logfile_rotate 0
                 stderr=stderr,
                 cwd=self.root,
             )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ProxyStartError(f"squid exited with {self.process.returncode}: {self.tail()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.02)
-        raise ProxyStartError(f"squid not ready after 15 s: {self.tail()}")
+        wait_accepting(
+            self.process, self.port, what="squid", timeout=15, tail=self.tail, error=ProxyStartError
+        )
 
     def tail(self) -> str:
         text = ""
