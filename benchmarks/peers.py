@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Self
 
 from tests.support.gateway import GatewayProcess
 from tests.support.registry import free_port
-from tests.support.service import Service
+from tests.support.service import Service, wait_accepting
 
 NGINX_BINARY = "/usr/sbin/nginx"
 BLOB_PATH = "/blob"  # where nginx serves the one blob file
@@ -113,17 +112,9 @@ http {{
                 stdout=stderr,
                 stderr=stderr,
             )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise NginxError(f"nginx exited with {self.process.returncode}: {self.log_tail()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.02)
-        raise NginxError(f"nginx not ready after 10s: {self.log_tail()}")
+        wait_accepting(
+            self.process, self.port, what="nginx", timeout=10, tail=self.log_tail, error=NginxError
+        )
 
     def log_tail(self) -> str:
         text = ""
@@ -144,8 +135,12 @@ http {{
             process.wait(5)
 
 
-def gateway_config(upstream_url: str, cache_dir: Path, *, workers: int = 1) -> str:
-    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream."""
+def gateway_config(
+    upstream_url: str, cache_dir: Path, *, workers: int = 1, ca_bundle: Path | None = None
+) -> str:
+    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream,
+    trusting ``ca_bundle`` for a TLS one."""
+    tls = f'[upstreams."docker.io".tls]\nca_bundle = "{ca_bundle}"\n' if ca_bundle else ""
     return f"""
 [server]
 workers = {workers}
@@ -154,15 +149,25 @@ directory = "{cache_dir}"
 [upstreams."docker.io"]
 mirrors = [{{ url = "{upstream_url}" }}]
 tag_ttl = "10m"
-"""
+{tls}"""
 
 
 class Gateway(GatewayProcess):
     """:class:`GatewayProcess` for one loopback upstream; with several workers it also
-    waits until every worker runs."""
+    waits until every worker runs. ``env`` adds variables (the proxy ones, say)."""
 
-    def __init__(self, workdir: Path, upstream_url: str, cache_dir: Path, *, workers: int) -> None:
-        super().__init__(workdir, gateway_config(upstream_url, cache_dir, workers=workers))
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        cache_dir: Path,
+        *,
+        workers: int,
+        ca_bundle: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        config = gateway_config(upstream_url, cache_dir, workers=workers, ca_bundle=ca_bundle)
+        super().__init__(workdir, config, env=env)
         self.workers = workers
 
     @property

@@ -124,13 +124,14 @@ class BenchBase:
 
     @staticmethod
     def start(stack: contextlib.ExitStack, service: S) -> S:
-        """Start a service and register its stop; a half-started one is stopped too."""
+        """Start a service and register its close (stop and clean up); a half-started one is
+        closed at once."""
         try:
             service.start()
         except BaseException:
-            service.stop()
+            service.close()
             raise
-        stack.callback(service.stop)
+        stack.callback(service.close)  # stop, and remove what it keeps of its own
         return service
 
 

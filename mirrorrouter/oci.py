@@ -113,9 +113,9 @@ def parse_request(
     if kind is RequestKind.UPLOAD:
         upload_id = rest.strip("/") or None
     elif kind is RequestKind.MANIFEST and ":" not in rest:
-        tag = _parse_tag(rest)
+        tag = _parse_tag(rest, method)
     elif kind in (RequestKind.MANIFEST, RequestKind.BLOB, RequestKind.REFERRERS):
-        digest = _parse_digest(rest)
+        digest = _parse_digest(rest, kind, method)
     return OciRequest(
         method=method,
         kind=kind,
@@ -184,15 +184,37 @@ def _check_name(name: str) -> None:
         raise RegistryError(ErrorCode.NAME_INVALID, f"invalid repository name {name!r}")
 
 
-def _parse_digest(text: str) -> Digest:
+# A pull of a reference that cannot exist asks for something there is not: 404, as the
+# distribution-spec conformance suite expects (GET/HEAD .../manifests/.INVALID_MANIFEST_NAME).
+# A push or delete naming one is a bad request: 400 with the code the spec gives it.
+_PULL_METHODS = frozenset({"GET", "HEAD"})
+_NOT_THERE = {
+    RequestKind.MANIFEST: ErrorCode.MANIFEST_UNKNOWN,
+    RequestKind.BLOB: ErrorCode.BLOB_UNKNOWN,
+    RequestKind.REFERRERS: ErrorCode.MANIFEST_UNKNOWN,  # the subject manifest
+}
+
+
+def _invalid_reference(
+    kind: RequestKind, method: str, bad_request: ErrorCode, exc: ReferenceError
+) -> RegistryError:
+    if method in _PULL_METHODS:
+        return RegistryError(_NOT_THERE[kind], f"{exc}: no such reference can exist")
+    return RegistryError(bad_request, str(exc))
+
+
+def _parse_digest(text: str, kind: RequestKind, method: str) -> Digest:
     try:
         return Digest.parse(text)
     except ReferenceError as exc:
-        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
+        raise _invalid_reference(kind, method, ErrorCode.DIGEST_INVALID, exc) from exc
 
 
-def _parse_tag(text: str) -> str:
+def _parse_tag(text: str, method: str) -> str:
     try:
         return validate_tag(text)
     except ReferenceError as exc:
-        raise RegistryError(ErrorCode.MANIFEST_INVALID, str(exc)) from exc
+        # The spec has no TAG_INVALID: a manifest PUT to a bad tag is MANIFEST_INVALID.
+        raise _invalid_reference(
+            RequestKind.MANIFEST, method, ErrorCode.MANIFEST_INVALID, exc
+        ) from exc

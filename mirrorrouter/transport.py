@@ -9,24 +9,27 @@ and timeouts are its, unchanged; aiohttp only moves the bytes.
 
 aiohttp's errors become httpx's, so the retry policy classifies them as before.
 
-``upstream_network`` decides per upstream: its TLS context (a CA bundle for TLS inspection,
-a client certificate) for both transports, and whether aiohttp may carry the traffic at all:
-when a proxy applies (``proxy`` in the config, or the standard proxy variables of the
-environment), httpx's own transport does, since httpx honours those only without a custom
-transport.
+Proxies are decided per request URL by ``proxies.ProxyRules`` (the upstream's ``proxy``, or
+``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` read as Go reads them). An ``http://`` proxy
+stays on this fast path: aiohttp sends plain requests to it in absolute form and tunnels
+``https://`` ones with ``CONNECT``; credentials in the proxy URL become a
+``Proxy-Authorization`` header and never appear in a URL aiohttp could print. ``socks5://``
+and ``https://`` proxies (rare; TLS to the proxy would need TLS in TLS) are left to httpx's
+own transport, request by request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 import httpx
 
 from mirrorrouter.config import TlsSettings, UpstreamSettings
+from mirrorrouter.proxies import NO_PROXIES, ProxyEndpoint, ProxyRefused, ProxyRules
 
 READ_BUFFER = 1024 * 1024
 
@@ -36,6 +39,7 @@ _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
     (aiohttp.ServerTimeoutError, httpx.ReadTimeout),
     (TimeoutError, httpx.ReadTimeout),
     (aiohttp.ClientProxyConnectionError, httpx.ProxyError),
+    (aiohttp.ClientHttpProxyError, httpx.ProxyError),  # the proxy refused (407, 403, 502)
     (aiohttp.ClientConnectorError, httpx.ConnectError),
     (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
     (aiohttp.ClientPayloadError, httpx.RemoteProtocolError),
@@ -73,12 +77,28 @@ class _Body(httpx.AsyncByteStream):
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests with one aiohttp session (its own connection pool)."""
+    """Sends httpx requests with one aiohttp session (its own connection pool), through the
+    proxy ``proxies`` chooses for each request URL."""
 
-    def __init__(self, *, limit: int = 100, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int = 100,
+        tls: ssl.SSLContext | None = None,
+        proxies: ProxyRules = NO_PROXIES,
+    ) -> None:
         self._limit = limit
         self._tls = tls
+        self._proxies = proxies
         self._session: aiohttp.ClientSession | None = None
+        fast = [p for p in proxies.proxies() if p.lower().startswith("http://")]
+        self._endpoints = {proxy: ProxyEndpoint.parse(proxy) for proxy in fast}
+        # Made now, so that a missing SOCKS dependency fails at start, not on a request.
+        self._fallbacks: dict[str, httpx.AsyncBaseTransport] = {
+            proxy: httpx.AsyncHTTPTransport(proxy=proxy, verify=tls or True)
+            for proxy in proxies.proxies()
+            if proxy not in self._endpoints
+        }
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:  # created on first use, inside the running loop
@@ -91,16 +111,31 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            proxy = self._proxies.proxy_for(str(request.url))
+        except ProxyRefused as exc:
+            raise httpx.ProxyError(str(exc), request=request) from exc
+        if proxy in self._fallbacks:
+            return await self._fallbacks[proxy].handle_async_request(request)
+        endpoint = self._endpoints[proxy] if proxy is not None else None
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        proxy_headers: dict[str, str] | None = None
+        if endpoint is not None and endpoint.authorization is not None:
+            # aiohttp puts proxy_headers on a CONNECT only; a plain request carries its own.
+            if request.url.scheme == "https":
+                proxy_headers = {"Proxy-Authorization": endpoint.authorization}
+            else:
+                headers.append(("Proxy-Authorization", endpoint.authorization))
         timeout = request.extensions.get("timeout", {})
         body = await request.aread()
         with _httpx_errors(request):
             response = await self._client().request(
                 request.method,
                 str(request.url),
-                headers=[
-                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-                ],
+                headers=headers,
                 data=body or None,
+                proxy=endpoint.url if endpoint else None,
+                proxy_headers=proxy_headers,
                 allow_redirects=False,  # httpx follows them, dropping credentials across hosts
                 timeout=aiohttp.ClientTimeout(
                     sock_connect=timeout.get("connect"),
@@ -117,6 +152,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
+        for fallback in self._fallbacks.values():
+            await fallback.aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -136,10 +173,9 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 def upstream_network(
-    settings: UpstreamSettings,
-) -> tuple[httpx.AsyncBaseTransport | None, ssl.SSLContext]:
-    """The transport (None: httpx's own, proxy-aware) and TLS context of one upstream."""
+    settings: UpstreamSettings, environ: Mapping[str, str] = os.environ
+) -> tuple[httpx.AsyncBaseTransport, ssl.SSLContext]:
+    """The transport and TLS context of one upstream, its proxies read from ``environ``."""
     context = tls_context(settings.tls)
-    if settings.policy.proxy is not None or urllib.request.getproxies():
-        return None, context
-    return AiohttpTransport(tls=context), context
+    proxies = ProxyRules.from_environment(environ, settings.policy.proxy)
+    return AiohttpTransport(tls=context, proxies=proxies), context

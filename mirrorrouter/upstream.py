@@ -181,7 +181,7 @@ class UpstreamClient:
             for m in settings.mirrors
         }
         self.auth = RegistryAuth(settings.credentials)
-        # The aiohttp transport moves bytes twice as fast unless a proxy applies (transport.py).
+        # The aiohttp transport moves bytes twice as fast and chooses proxies (transport.py).
         network, tls = upstream_network(settings)
         self.http = httpx.AsyncClient(
             # No auth and no redirects here: sending.Sender drives both, so that credentials
@@ -197,7 +197,6 @@ class UpstreamClient:
                 pool=policy.connect_timeout,
             ),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
-            proxy=policy.proxy,
             verify=tls,
             transport=transport or network,
             # identity: a compressed body could inflate past any cap (bodies.py).

@@ -197,6 +197,17 @@ def test_each_bad_value_gets_a_named_message(text: str, fragment: str) -> None:
     assert any(fragment in p for p in found), found
 
 
+def test_proxy_credentials_are_never_shown() -> None:
+    """A proxy URL's user:password is redacted in a config error and left out of the repr."""
+    found = problems('[defaults]\nproxy = "ftp://alice:s3cret@proxy.corp:21"')
+    assert any("ftp://***@proxy.corp:21" in p for p in found), found
+    assert not any("s3cret" in p for p in found)
+    text = '[defaults]\nproxy = "http://alice:s3cret@proxy.corp:3128"\n[upstreams."docker.io"]'
+    settings = parse_settings(text, env={})
+    assert settings.upstreams["docker.io"].policy.proxy == "http://alice:s3cret@proxy.corp:3128"
+    assert "s3cret" not in repr(settings)
+
+
 def test_policy_inherits_from_defaults_and_overrides_per_upstream() -> None:
     """[defaults] sets every upstream's policy; an upstream table overrides single keys."""
     settings = parse_settings(

@@ -3,65 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.reference import ImageReference
 from mirrorrouter.upstream import UpstreamClient
 from tests.support.fakeregistry import make_image
+from tests.support.testca import issue
 
 pytestmark = pytest.mark.anyio
 
 IMAGE = make_image("library/app", [b"layer"])
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def issue(
-    tmp_path: Path, name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path, Path]:
-    """A certificate (a CA when ``issuer`` is None) written as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(issuer[0].subject if issuer else _name(name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-    if issuer is None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-    else:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), False
-        )
-    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert, key, cert_path, key_path
 
 
 @asynccontextmanager
@@ -115,11 +73,13 @@ mirrors = [{{ url = "{url}" }}]
 async def test_corporate_ca_and_client_certificate(tmp_path: Path) -> None:
     """An upstream signed by a private CA is trusted with ca_bundle; one that requires a client
     certificate gets it; without the bundle the TLS handshake fails."""
-    ca_cert, ca_key, ca_path, _ = issue(tmp_path, "ca", None)
-    _, _, server_cert, server_key = issue(tmp_path, "server", (ca_cert, ca_key))
-    _, _, client_cert, client_key = issue(tmp_path, "client", (ca_cert, ca_key))
+    ca = issue(tmp_path, "ca")
+    ca_path = ca.cert_path
+    leaf = issue(tmp_path, "server", ca)
+    client = issue(tmp_path, "client", ca)
+    client_cert, client_key = client.cert_path, client.key_path
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca_path)
-    context.load_cert_chain(server_cert, server_key)
+    context.load_cert_chain(leaf.cert_path, leaf.key_path)
     context.verify_mode = ssl.CERT_REQUIRED  # a client certificate is a must
     async with server(context) as (port, seen):
         url = f"https://localhost:{port}"

@@ -172,6 +172,39 @@ async def test_wrong_digest_is_refused_and_nothing_stored(
         assert (await gw.client.head(f"/v2/team/app/blobs/{sha256(b'abc')}")).status_code == 404
 
 
+async def test_invalid_references_are_unknown_to_pulls_and_bad_requests_to_pushes(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """As the OCI conformance suite expects: pulling a reference that cannot exist is a 404,
+    directly and through the group; pushing to one is a 400 with a spec error code."""
+    image = make_image("app", [b"layer"])
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
+        for base in ("/v2/team/app", "/v2/app"):  # the hosted route, the group
+            for method in ("GET", "HEAD"):
+                for path, code in (
+                    ("/manifests/.INVALID_MANIFEST_NAME", "MANIFEST_UNKNOWN"),
+                    ("/manifests/sha256:totallywrong", "MANIFEST_UNKNOWN"),
+                    ("/blobs/sha256:totallywrong", "BLOB_UNKNOWN"),
+                ):
+                    answer = await gw.client.request(method, base + path)
+                    assert answer.status_code == 404, (method, base + path)
+                    if method == "GET":
+                        assert answer.json()["errors"][0]["code"] == code
+        for reference, code in (
+            (".INVALID_MANIFEST_NAME", "MANIFEST_INVALID"),
+            ("sha256:totallywrong", "DIGEST_INVALID"),
+        ):
+            answer = await gw.client.put(
+                f"/v2/team/app/manifests/{reference}",
+                content=image.manifest,
+                headers={"Content-Type": image.media_type},
+            )
+            assert answer.status_code == 400
+            assert answer.json()["errors"][0]["code"] == code
+    assert fake.requests == []  # nothing that cannot exist is asked upstream
+
+
 async def test_manifest_with_missing_blob_is_refused(tmp_path: Path, fake: FakeRegistry) -> None:
     image = make_image("app", [b"present", b"absent"])
     async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:

@@ -274,8 +274,8 @@ def test_request_parsing(method: str, path: str, kind: RequestKind, name: str, r
     [
         ("/", ErrorCode.NOT_FOUND),
         ("/v1/_ping", ErrorCode.NOT_FOUND),
-        ("/v2/a/blobs/sha256:xyz", ErrorCode.DIGEST_INVALID),
-        ("/v2/a/manifests/-bad", ErrorCode.MANIFEST_INVALID),
+        ("/v2/a/blobs/sha256:xyz", ErrorCode.BLOB_UNKNOWN),
+        ("/v2/a/manifests/-bad", ErrorCode.MANIFEST_UNKNOWN),
         ("/v2/a/tags/other", ErrorCode.NOT_FOUND),
         ("/v2//manifests/x", ErrorCode.NAME_INVALID),
         ("/v2/a/unknown", ErrorCode.NOT_FOUND),
@@ -286,6 +286,32 @@ def test_bad_paths_get_oci_errors(path: str, code: ErrorCode) -> None:
     with pytest.raises(RegistryError) as info:
         parse_request("GET", path)
     assert info.value.code is code
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("GET", "/v2/a/manifests/.INVALID_MANIFEST_NAME", ErrorCode.MANIFEST_UNKNOWN),
+        ("HEAD", "/v2/a/manifests/.INVALID_MANIFEST_NAME", ErrorCode.MANIFEST_UNKNOWN),
+        ("GET", "/v2/a/manifests/sha256:totallywrong", ErrorCode.MANIFEST_UNKNOWN),
+        ("HEAD", "/v2/a/blobs/md5:" + "0" * 32, ErrorCode.BLOB_UNKNOWN),
+        ("GET", "/v2/a/referrers/sha256:short", ErrorCode.MANIFEST_UNKNOWN),
+        ("PUT", "/v2/a/manifests/.INVALID_MANIFEST_NAME", ErrorCode.MANIFEST_INVALID),
+        ("PUT", "/v2/a/manifests/sha256:totallywrong", ErrorCode.DIGEST_INVALID),
+        ("DELETE", "/v2/a/manifests/sha256:totallywrong", ErrorCode.DIGEST_INVALID),
+        ("DELETE", "/v2/a/blobs/sha256:xyz", ErrorCode.DIGEST_INVALID),
+    ],
+)
+def test_invalid_references_are_unknown_to_pulls_and_invalid_to_pushes(
+    method: str, path: str, code: ErrorCode
+) -> None:
+    """A reference that cannot exist is 404 *_UNKNOWN on GET/HEAD (the conformance suite's
+    expectation) and a 400 on a push or delete; the message says why."""
+    with pytest.raises(RegistryError) as info:
+        parse_request(method, path)
+    assert info.value.code is code
+    pull = method in ("GET", "HEAD")
+    assert info.value.message.endswith("no such reference can exist") is pull
 
 
 def test_accept_lines_are_all_read() -> None:

@@ -290,7 +290,7 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
         ),
         breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
         max_list_bytes=table.size("max_list_bytes", base.max_list_bytes) or base.max_list_bytes,
-        proxy=table.get("proxy", str, base.proxy, check=_proxy_url, shown=_redacted),
+        proxy=_proxy(table, base.proxy),
     )
 
 
@@ -380,16 +380,19 @@ def _mirror_url(value: str) -> str | None:
 
 def _redacted(value: Any) -> str:
     """A refused URL value for a problem message, without what may be credentials."""
-    if not isinstance(value, str):
-        return repr(value)
-    shown = redact_url(value)
-    if "://" not in shown and "@" in shown:  # no scheme: user:password@host[:port]
-        shown = "***@" + shown.rpartition("@")[2]
-    return repr(shown)
+    return repr(redact_url(value)) if isinstance(value, str) else repr(value)
 
 
-def _proxy_url(value: str) -> str | None:
+def _proxy(table: Table, default: str | None) -> str | None:
+    """The ``proxy`` key; a proxy URL may carry credentials, so a bad one is shown redacted."""
+    value = table.get("proxy", str, None)
+    if value is None:
+        return default
     parts = urlsplit(value)
-    if parts.scheme in ("http", "https", "socks5") and parts.netloc:
-        return None
-    return "a proxy URL such as http://proxy.corp:3128"
+    if parts.scheme in ("http", "https", "socks5") and parts.hostname:
+        return str(value)
+    table.reader.problem(
+        (*table.path, "proxy"),
+        f"expected a proxy URL such as http://proxy.corp:3128, got {_redacted(value)}",
+    )
+    return default

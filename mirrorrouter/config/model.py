@@ -41,13 +41,17 @@ class Secret:
 
 # The user info of any URL in a text: "http://user:pw@proxy:3128" -> "http://***@proxy:3128".
 _USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
+_BARE_USERINFO_RE = re.compile(r"[^/\s]*@[^/\s@]+(/\S*)?")
 
 
 def redact_url(text: str) -> str:
     """``text`` (a URL, or a message naming URLs) with every URL's ``user:password@`` hidden.
 
     Proxy URLs may carry credentials; they are shown (check-config, resolve, the status
-    page, logs and error details) only through this."""
+    page, logs and error details) only through this. A lone value without a scheme
+    (``user:password@proxy:3128``, as a proxy variable may be written) is hidden too."""
+    if "://" not in text and _BARE_USERINFO_RE.fullmatch(text):
+        return "***@" + text.rpartition("@")[2]
     return _USERINFO_RE.sub(r"\1***@", text)
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -15,6 +20,30 @@ LOOPBACK_ONLY_ENV = {
     "https_proxy": "http://127.0.0.1:9",
     "no_proxy": "127.0.0.1,localhost",
 }
+
+
+def wait_accepting(
+    process: subprocess.Popen[bytes],
+    port: int,
+    *,
+    what: str,
+    timeout: float,
+    tail: Callable[[], str],
+    error: type[Exception],
+) -> None:
+    """Return once 127.0.0.1:``port`` accepts a connection; raise ``error`` (with ``tail()``,
+    the end of the logs) when ``process`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"{what} exited with {process.returncode}: {tail()}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
+            return
+        time.sleep(0.02)
+    raise error(f"{what} not ready after {timeout:g}s: {tail()}")
 
 
 class Service:
