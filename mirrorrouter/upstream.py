@@ -264,6 +264,7 @@ class UpstreamClient:
                     continue
                 for entrant in ended:
                     if self._judge(entrant, what, answers):
+                        self._overtaken(race.pending, entrant, what)
                         return race.take(entrant), entrant.key.mirror
         raise answers.error(not_found, what)
 
@@ -358,6 +359,28 @@ class UpstreamClient:
             log.warning("mirror %s failed %s: %s", mirror.name, what, exc.outcome)
         answers.note(asked.position, mirror, exc.outcome, exc.status, exc.retry_after)
         return False
+
+    def _overtaken(
+        self, losers: list[Entrant[_Asked, T]], winner: Entrant[_Asked, T], what: str
+    ) -> None:
+        """The mirrors still silent when another's answer won (they are closed next): past
+        their own usual time, that is a failure for their breaker, as a timeout would have
+        been, so a hung or drowning mirror's circuit opens and requests stop waiting for it;
+        a hedge target asked moments ago gets no verdict."""
+        first_byte_timeout = self.settings.policy.first_byte_timeout
+        for loser in losers:
+            mirror = loser.key.mirror
+            waited = self.clock() - loser.started
+            if waited < self.latency[mirror.url].hedge_delay(first_byte_timeout):
+                continue
+            self.breakers[mirror.url].failure()
+            log.warning(
+                "mirror %s gave no answer to %s in %.2fs; %s answered first",
+                mirror.name,
+                what,
+                waited,
+                winner.key.mirror.name,
+            )
 
     async def _send(
         self,

@@ -592,6 +592,36 @@ async def test_hedge_goes_out_after_the_mirrors_usual_latency() -> None:
     assert counted(client, "first_byte_timeouts", "m0.test") == 0  # abandoned, not timed out
 
 
+async def test_mirror_overtaken_by_hedges_opens_its_circuit() -> None:
+    """A hung first mirror loses every hedge: each loss counts against its breaker, so after
+    breaker_failures requests the second mirror is asked at once; the hedge target that was
+    overtaken moments after being asked gets no verdict."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes["m0.test"] = "hang"
+    client = upstream_client(mirrors, await time.timing(), "breaker_failures = 2")
+    try:
+        for _ in range(2):
+            fetch = asyncio.create_task(client.fetch_manifest(TAG))
+            await settle()
+            await time.advance(0.25)
+            assert (await finish(fetch)).mirror == "m1.test"
+        assert client.breakers["http://m0.test"].state is CircuitState.OPEN
+        assert (await client.fetch_manifest(TAG)).mirror == "m1.test"  # no wait for m0
+        mirrors.modes.update({"m0.test": "gate", "m1.test": "hang"})
+        time.now += 61  # the cooldown (30 s) is over: the next request probes m0...
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(0.25)  # ...is hedged to m1...
+        mirrors.gate.set()  # ...and answers first
+        assert (await finish(fetch)).mirror == "m0.test"
+    finally:
+        await client.aclose()
+    assert mirrors.asked == ["m0.test", "m1.test"] * 2 + ["m1.test", "m0.test", "m1.test"]
+    assert client.breakers["http://m0.test"].state is CircuitState.CLOSED
+    assert client.breakers["http://m1.test"].failures == 0
+
+
 async def test_hedged_blob_is_downloaded_once_and_every_response_closed() -> None:
     """Two mirrors answering a hedged blob GET at the same moment: one body is read, the
     other response is closed unread (bodies transferred, not requests, are counted)."""
