@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -144,15 +145,19 @@ http {{
             process.wait(5)
 
 
-def gateway_config(upstream_url: str, cache_dir: Path, *, workers: int = 1) -> str:
-    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream."""
+def gateway_config(
+    upstream_url: str, cache_dir: Path, *, workers: int = 1, first_mirrors: Sequence[str] = ()
+) -> str:
+    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream,
+    after ``first_mirrors`` (asked first, in this order)."""
+    mirrors = ", ".join(f'{{ url = "{url}" }}' for url in [*first_mirrors, upstream_url])
     return f"""
 [server]
 workers = {workers}
 [cache]
 directory = "{cache_dir}"
 [upstreams."docker.io"]
-mirrors = [{{ url = "{upstream_url}" }}]
+mirrors = [{mirrors}]
 tag_ttl = "10m"
 """
 
@@ -161,8 +166,19 @@ class Gateway(GatewayProcess):
     """:class:`GatewayProcess` for one loopback upstream; with several workers it also
     waits until every worker runs."""
 
-    def __init__(self, workdir: Path, upstream_url: str, cache_dir: Path, *, workers: int) -> None:
-        super().__init__(workdir, gateway_config(upstream_url, cache_dir, workers=workers))
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        cache_dir: Path,
+        *,
+        workers: int,
+        first_mirrors: Sequence[str] = (),
+    ) -> None:
+        super().__init__(
+            workdir,
+            gateway_config(upstream_url, cache_dir, workers=workers, first_mirrors=first_mirrors),
+        )
         self.workers = workers
 
     @property

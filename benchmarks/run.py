@@ -1,6 +1,6 @@
 """The mirrorrouter benchmark suite (issue 5): one run, interleaved rounds, one table of ratios.
 
-    .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--out FILE]
+    .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--out FILE] [--only PHASES]
 
 Everything runs on loopback, started and stopped by this run:
 
@@ -9,7 +9,9 @@ Everything runs on loopback, started and stopped by this run:
 - PEER: a second distribution registry in proxy mode in front of the upstream, the
   pull-through cache mirrorrouter is compared with;
 - CEILING: nginx with sendfile serving the blob file mirrorrouter committed to its cache;
-- mirrorrouter with 1 worker, and with 2 workers where that can matter.
+- mirrorrouter with 1 worker, and with 2 workers where that can matter;
+- SLOW: the fault proxy of the tests answering every request after 2 s, in front of the
+  upstream, as the first of two mirrors (the upstream itself is the second).
 
 Each round measures every contender in turn (the order rotates from round to round), so slow
 drift of the machine hits all of them alike; the table shows the median and the range over
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.clients import (
     ACCEPT_MANIFESTS,
@@ -50,6 +53,7 @@ from benchmarks.peers import (
 )
 from benchmarks.results import Row
 from benchmarks.runner import BenchBase, run_bench
+from tests.support.faultproxy import FaultProxy
 from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.registry import DistributionRegistry, wait_until
 
@@ -65,13 +69,17 @@ PEER = "peer"
 MR1 = "mr-1w"
 MR2 = "mr-2w"
 DIRECT = "direct"
+SLOW = "slow-1st"
 LABELS = {
     NGINX: "nginx sendfile (ceiling)",
     PEER: "peer: distribution proxy",
     MR1: "mirrorrouter, 1 worker",
     MR2: "mirrorrouter, 2 workers",
     DIRECT: "upstream directly",
+    SLOW: "mirrorrouter, slow first mirror, healthy second",
 }
+SLOW_SECONDS = 2.0  # how late the slow first mirror answers every request
+PHASES = ("warm blobs and manifests", "cold pull", "slow first mirror", "cold fan-out", "memory")
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class Plan:
     sample_bytes: int  # what one warm-blob sample reads in all (whole GETs of the layer)
     out: Path
     keep: bool
+    only: tuple[str, ...] = ()  # phase names to run; empty: all
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -97,6 +106,7 @@ class Plan:
             sample_bytes=(512 if quick else 1024) * MIB,
             out=args.out,
             keep=bool(args.keep),
+            only=tuple(name.strip() for name in (args.only or "").split(",") if name.strip()),
         )
 
 
@@ -139,9 +149,17 @@ class Bench(BenchBase):
         self.plan = plan
 
     @contextlib.contextmanager
-    def gateway(self, name: str, cache: Path, workers: int) -> Iterator[Gateway]:
-        """A gateway process in front of the upstream, stopped on leaving the block."""
+    def gateway(
+        self, name: str, cache: Path, workers: int, *, slow_first: bool = False
+    ) -> Iterator[Gateway]:
+        """A gateway process in front of the upstream, stopped on leaving the block;
+        ``slow_first``: behind a first mirror answering every request after 2 s."""
         with contextlib.ExitStack() as stack:
+            first: list[str] = []
+            if slow_first:
+                slow = self.start(stack, FaultProxy(self.world.upstream.url))
+                slow.delay(SLOW_SECONDS)
+                first.append(slow.url)
             yield self.start(
                 stack,
                 Gateway(
@@ -149,6 +167,7 @@ class Bench(BenchBase):
                     self.world.upstream.url,
                     cache,
                     workers=workers,
+                    first_mirrors=first,
                 ),
             )
 
@@ -393,6 +412,25 @@ class Bench(BenchBase):
                     lambda v: f"{v:.2f} s",
                 )
 
+    def slow_mirror_phase(self) -> None:
+        plan, results = self.plan, self.results
+        results.measure(
+            "cold_pull_slow_first",
+            "cold pull, skopeo copy of library/big:1, with and without a slow first mirror",
+            "s",
+            "lower",
+        )
+        for r in range(plan.rounds):
+            self.log(f"round {r + 1}/{plan.rounds}: cold pull behind a slow first mirror")
+            for name in self.order([MR1, SLOW], r):
+                self.attempt(
+                    "cold_pull_slow_first",
+                    name,
+                    r,
+                    functools.partial(self.cold_pull, name, r),
+                    lambda v: f"{v:.2f} s",
+                )
+
     def cold_pull(self, name: str, round_index: int) -> tuple[float, Any]:
         world = self.world
         scratch = world.root / f"cold-pull-{name}-{round_index}"
@@ -403,10 +441,15 @@ class Bench(BenchBase):
                 seconds = skopeo_pull(f"{world.upstream.host}/library/big:1", dest)
                 raw: dict[str, Any] = {}
             else:
-                with self.gateway(f"cold-pull-{round_index}", scratch / "cache", 1) as gw:
+                gateway = self.gateway(
+                    f"cold-pull-{name}-{round_index}", scratch / "cache", 1, slow_first=name == SLOW
+                )
+                with gateway as gw:
                     since = world.upstream.mark()
                     seconds = skopeo_pull(f"{gw.host}/library/big:1", dest)
                     raw = {"upstream_blob_gets": len(world.upstream.blob_gets(since))}
+                    if name == SLOW:
+                        raw["hedges"] = hedges(gw.url)
             hexdigest = world.layer.digest.partition(":")[2]
             pulled = dest / hexdigest
             if not pulled.is_file() or pulled.stat().st_size != world.layer.size:
@@ -623,6 +666,20 @@ class Bench(BenchBase):
                 over=("cold_pull", DIRECT),
             )
         )
+        section = f"cold pull of big:1 ({big} layer), first mirror answers after 2 s"
+        measure = "cold_pull_slow_first"
+        rows.append(Row(section, "mirrorrouter, one healthy mirror", measure, MR1, "s"))
+        rows.append(Row(section, "slow first mirror, healthy second", measure, SLOW, "s"))
+        rows.append(
+            Row(
+                section,
+                "ratio slow first / healthy (lower is better)",
+                measure,
+                SLOW,
+                "x",
+                over=(measure, MR1),
+            )
+        )
         section = f"cold blob GET {big}, {COLD_CLIENTS} clients vs 1"
         for name in (MR1, MR2, PEER):
             rows.append(Row(section, f"{name} wall, 1 client", "cold_1_wall", name, "s"))
@@ -683,6 +740,17 @@ class Bench(BenchBase):
         }
 
 
+def hedges(gateway_url: str) -> float:
+    """``mirrorrouter_hedges_total`` on a gateway's /metrics, summed over its mirrors."""
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10, trust_env=False).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mirrorrouter_hedges_total"
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
@@ -695,7 +763,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument(
+        "--only",
+        metavar="PHASES",
+        help="comma-separated phases to run (default all): " + ", ".join(PHASES),
+    )
     args = parser.parse_args(argv)
+    unknown = [p for p in (args.only or "").split(",") if p.strip() and p.strip() not in PHASES]
+    if unknown:
+        parser.error(f"unknown phase {unknown[0]!r}; phases: {', '.join(PHASES)}")
     if args.rounds is not None and not 1 <= args.rounds <= 50:
         parser.error("--rounds must be between 1 and 50")
     return args
@@ -707,9 +783,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     phases = [
         ("warm blobs and manifests", bench.warm_phases),
         ("cold pull", bench.cold_pull_phase),
+        ("slow first mirror", bench.slow_mirror_phase),
         ("cold fan-out", bench.cold_fanout_phase),
         ("memory", bench.memory_phase),
     ]
+    assert [name for name, _ in phases] == list(PHASES)
+    if plan.only:
+        phases = [(name, run) for name, run in phases if name in plan.only]
     return run_bench(
         bench,
         plan,
