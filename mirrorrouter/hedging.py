@@ -21,7 +21,6 @@ Two pieces, used by ``UpstreamClient._over_mirrors`` (which decides who is asked
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -128,8 +127,7 @@ class Race(Generic[K, T]):
         finally:
             if alarm is not None and not alarm.done():
                 alarm.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await alarm
+                await asyncio.wait([alarm])
         ended = [e for e in self._entrants if e.outcome is None and e.task.done()]
         for entrant in ended:
             entrant.outcome = entrant.task.result()

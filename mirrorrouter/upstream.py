@@ -329,7 +329,9 @@ class UpstreamClient:
                 on_retry=self.metrics.retries.labels(self.name, mirror.name).inc,
             )
         except asyncio.CancelledError:
-            if asked.probe:  # abandoned (another mirror answered first): no verdict
+            # Abandoned (another mirror answered first, or the client went away): a probe
+            # is given back, or the circuit would stay half-open with a probe out forever.
+            if asked.probe:
                 self.breakers[mirror.url].release()
             raise
 

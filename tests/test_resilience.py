@@ -16,6 +16,7 @@ from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache.filesystem import FilesystemCache
 from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.hedging import HeaderLatency
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.retry import RetryPolicy
@@ -400,6 +401,23 @@ async def test_slow_mirror_fails_over_to_the_next(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- hangs and hedges
+
+
+def test_hedge_delay_is_the_usual_latency_within_its_bounds() -> None:
+    """No history: 250 ms; else about the 90th percentile of the last 32 times to headers,
+    never under 250 ms nor over 2 s or half the first-byte timeout."""
+    latency = HeaderLatency()
+    assert latency.hedge_delay(5.0) == 0.25
+    for seconds in [0.1] * 17 + [0.8, 0.9, 1.0]:
+        latency.record(seconds)
+    assert latency.hedge_delay(5.0) == pytest.approx(0.81)  # the tail, not the max
+    assert latency.hedge_delay(1.0) == 0.5  # half the first-byte timeout
+    for _ in range(32):
+        latency.record(0.01)  # the window moves on: the slow ones are forgotten
+    assert latency.hedge_delay(5.0) == 0.25
+    for _ in range(32):
+        latency.record(5.0)
+    assert latency.hedge_delay(30.0) == 2.0
 
 
 class ManualTime:
