@@ -11,6 +11,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -136,10 +137,17 @@ http {{
 
 
 def gateway_config(
-    upstream_url: str, cache_dir: Path, *, workers: int = 1, ca_bundle: Path | None = None
+    upstream_url: str,
+    cache_dir: Path,
+    *,
+    workers: int = 1,
+    ca_bundle: Path | None = None,
+    first_mirrors: Sequence[str] = (),
 ) -> str:
     """A mirrors.toml routing docker.io (the default registry) to one loopback upstream,
-    trusting ``ca_bundle`` for a TLS one."""
+    after ``first_mirrors`` (asked first, in this order), trusting ``ca_bundle`` for a TLS
+    one."""
+    mirrors = ", ".join(f'{{ url = "{url}" }}' for url in [*first_mirrors, upstream_url])
     tls = f'[upstreams."docker.io".tls]\nca_bundle = "{ca_bundle}"\n' if ca_bundle else ""
     return f"""
 [server]
@@ -147,7 +155,7 @@ workers = {workers}
 [cache]
 directory = "{cache_dir}"
 [upstreams."docker.io"]
-mirrors = [{{ url = "{upstream_url}" }}]
+mirrors = [{mirrors}]
 tag_ttl = "10m"
 {tls}"""
 
@@ -165,8 +173,15 @@ class Gateway(GatewayProcess):
         workers: int,
         ca_bundle: Path | None = None,
         env: dict[str, str] | None = None,
+        first_mirrors: Sequence[str] = (),
     ) -> None:
-        config = gateway_config(upstream_url, cache_dir, workers=workers, ca_bundle=ca_bundle)
+        config = gateway_config(
+            upstream_url,
+            cache_dir,
+            workers=workers,
+            ca_bundle=ca_bundle,
+            first_mirrors=first_mirrors,
+        )
         super().__init__(workdir, config, env=env)
         self.workers = workers
 

@@ -1,6 +1,6 @@
 """The mirrorrouter benchmark suite (issue 5): one run, interleaved rounds, one table of ratios.
 
-    .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--out FILE]
+    .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--out FILE] [--only PHASES]
 
 Everything runs on loopback, started and stopped by this run:
 
@@ -12,6 +12,8 @@ Everything runs on loopback, started and stopped by this run:
 - mirrorrouter with 1 worker, and with 2 workers where that can matter;
 - for the proxy row: the upstream's storage served over TLS by a second registry (a test
   CA), and squid as the corporate forward proxy the gateway reaches it through (CONNECT).
+- SLOW: the fault proxy of the tests answering every request after 2 s, in front of the
+  upstream, as the first of two mirrors (the upstream itself is the second).
 
 Each round measures every contender in turn (the order rotates from round to round), so slow
 drift of the machine hits all of them alike; the table shows the median and the range over
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.clients import (
     ACCEPT_MANIFESTS,
@@ -52,6 +55,7 @@ from benchmarks.peers import (
 )
 from benchmarks.results import Row
 from benchmarks.runner import BenchBase, run_bench
+from tests.support.faultproxy import FaultProxy
 from tests.support.httpproxy import Squid
 from tests.support.images import Descriptor, ImageFactory, PushedImage
 from tests.support.registry import DistributionRegistry, wait_until
@@ -70,6 +74,7 @@ MR1 = "mr-1w"
 MR2 = "mr-2w"
 MR_PROXY = "mr-1w-proxy"
 DIRECT = "direct"
+SLOW = "slow-1st"
 LABELS = {
     NGINX: "nginx sendfile (ceiling)",
     PEER: "peer: distribution proxy",
@@ -77,9 +82,9 @@ LABELS = {
     MR2: "mirrorrouter, 2 workers",
     MR_PROXY: "mirrorrouter, 1 worker, through squid",
     DIRECT: "upstream directly",
+    SLOW: "mirrorrouter, slow first mirror, healthy second",
 }
-
-
+SLOW_SECONDS = 2.0  # how late the slow first mirror answers every request
 @dataclass(frozen=True)
 class Plan:
     quick: bool
@@ -162,9 +167,17 @@ class Bench(BenchBase):
         self.plan = plan
 
     @contextlib.contextmanager
-    def gateway(self, name: str, cache: Path, workers: int) -> Iterator[Gateway]:
-        """A gateway process in front of the upstream, stopped on leaving the block."""
+    def gateway(
+        self, name: str, cache: Path, workers: int, *, slow_first: bool = False
+    ) -> Iterator[Gateway]:
+        """A gateway process in front of the upstream, stopped on leaving the block;
+        ``slow_first``: behind a first mirror answering every request after 2 s."""
         with contextlib.ExitStack() as stack:
+            first: list[str] = []
+            if slow_first:
+                slow = self.start(stack, FaultProxy(self.world.upstream.url))
+                slow.delay(SLOW_SECONDS)
+                first.append(slow.url)
             yield self.start(
                 stack,
                 Gateway(
@@ -172,6 +185,7 @@ class Bench(BenchBase):
                     self.world.upstream.url,
                     cache,
                     workers=workers,
+                    first_mirrors=first,
                 ),
             )
 
@@ -416,6 +430,25 @@ class Bench(BenchBase):
                     lambda v: f"{v:.2f} s",
                 )
 
+    def slow_mirror_phase(self) -> None:
+        plan, results = self.plan, self.results
+        results.measure(
+            "cold_pull_slow_first",
+            "cold pull, skopeo copy of library/big:1, with and without a slow first mirror",
+            "s",
+            "lower",
+        )
+        for r in range(plan.rounds):
+            self.log(f"round {r + 1}/{plan.rounds}: cold pull behind a slow first mirror")
+            for name in self.order([MR1, SLOW], r):
+                self.attempt(
+                    "cold_pull_slow_first",
+                    name,
+                    r,
+                    functools.partial(self.cold_pull, name, r),
+                    lambda v: f"{v:.2f} s",
+                )
+
     def cold_pull(
         self, name: str, round_index: int, tls: TlsUpstream | None = None
     ) -> tuple[float, Any]:
@@ -431,10 +464,15 @@ class Bench(BenchBase):
             elif tls is not None:
                 seconds, raw = self.tls_gateway_pull(name, scratch, dest, tls)
             else:
-                with self.gateway(f"cold-pull-{round_index}", scratch / "cache", 1) as gw:
+                gateway = self.gateway(
+                    f"cold-pull-{name}-{round_index}", scratch / "cache", 1, slow_first=name == SLOW
+                )
+                with gateway as gw:
                     since = world.upstream.mark()
                     seconds = skopeo_pull(f"{gw.host}/library/big:1", dest)
                     raw = {"upstream_blob_gets": len(world.upstream.blob_gets(since))}
+                    if name == SLOW:
+                        raw["hedges"] = hedges(gw.url)
             hexdigest = world.layer.digest.partition(":")[2]
             pulled = dest / hexdigest
             if not pulled.is_file() or pulled.stat().st_size != world.layer.size:
@@ -746,6 +784,20 @@ class Bench(BenchBase):
                     over=("cold_pull_tls", base),
                 )
             )
+        section = f"cold pull of big:1 ({big} layer), first mirror answers after 2 s"
+        measure = "cold_pull_slow_first"
+        rows.append(Row(section, "mirrorrouter, one healthy mirror", measure, MR1, "s"))
+        rows.append(Row(section, "slow first mirror, healthy second", measure, SLOW, "s"))
+        rows.append(
+            Row(
+                section,
+                "ratio slow first / healthy (lower is better)",
+                measure,
+                SLOW,
+                "x",
+                over=(measure, MR1),
+            )
+        )
         section = f"cold blob GET {big}, {COLD_CLIENTS} clients vs 1"
         for name in (MR1, MR2, PEER):
             rows.append(Row(section, f"{name} wall, 1 client", "cold_1_wall", name, "s"))
@@ -808,6 +860,17 @@ class Bench(BenchBase):
         }
 
 
+def hedges(gateway_url: str) -> float:
+    """``mirrorrouter_hedges_total`` on a gateway's /metrics, summed over its mirrors."""
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10, trust_env=False).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mirrorrouter_hedges_total"
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
@@ -827,6 +890,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run only this phase (repeatable); default: all of them",
     )
     args = parser.parse_args(argv)
+    unknown = [p for p in (args.only or "").split(",") if p.strip() and p.strip() not in PHASES]
+    if unknown:
+        parser.error(f"unknown phase {unknown[0]!r}; phases: {', '.join(PHASES)}")
     if args.rounds is not None and not 1 <= args.rounds <= 50:
         parser.error("--rounds must be between 1 and 50")
     return args
@@ -837,6 +903,7 @@ PHASES = {
     "warm": ("warm blobs and manifests", "warm_phases"),
     "cold": ("cold pull", "cold_pull_phase"),
     "proxy": ("cold pull over TLS through a proxy", "proxy_pull_phase"),
+    "slow": ("slow first mirror", "slow_mirror_phase"),
     "fanout": ("cold fan-out", "cold_fanout_phase"),
     "memory": ("memory", "memory_phase"),
 }
@@ -850,6 +917,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, (name, method) in PHASES.items()
         if not plan.only or key in plan.only
     ]
+    assert [name for name, _ in phases] == list(PHASES)
+    if plan.only:
+        phases = [(name, run) for name, run in phases if name in plan.only]
     return run_bench(
         bench,
         plan,

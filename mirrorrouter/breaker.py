@@ -5,6 +5,10 @@ corrupt content; a 404 is a healthy answer) the circuit opens and the mirror is 
 for ``cooldown`` seconds. Then it is half-open: exactly one request is let through as a
 probe; success closes the circuit, failure opens it again for another cooldown.
 
+When every mirror of a request is open, waiting out the cooldown would refuse requests a
+recovered mirror could serve: ``probe_early`` lets one request at a time probe before the
+cooldown ends (the caller picks the mirror whose cooldown ends first, ``reopens_in``).
+
 With ``shared`` state (coordination.py, for replicas sharing Redis) the failures of every
 replica count, and a circuit one replica opens is open for all: ``refresh`` learns the
 shared view before ``allow`` consults it; what this process sees is published as it
@@ -100,6 +104,21 @@ class CircuitBreaker:
             if self._probing:
                 return False
             self._probing = True
+        return True
+
+    def reopens_in(self) -> float:
+        """Seconds until the cooldown ends and a probe may go (0 when not open)."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self.opened_at + self.cooldown - self.clock())
+
+    def probe_early(self) -> bool:
+        """Claim the one probe now, cooldown or not; False while another probe is out."""
+        if self._probing:
+            return False
+        if self.state is CircuitState.OPEN:
+            self._change(CircuitState.HALF_OPEN)
+        self._probing = True
         return True
 
     def success(self) -> None:

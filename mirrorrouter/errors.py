@@ -6,7 +6,10 @@ Exception tree::
     ├── RegistryError      an answer for the client: OCI code, HTTP status, detail.
     │                      Raised where the fact is known, rendered by ONE handler in app.py.
     └── UpstreamError      an upstream mirror failed; ``is_temporary`` says whether
-                           retrying or failing over can help.
+        │                  retrying or failing over can help.
+        └── NoHeadersInTime  no response headers within ``first_byte_timeout``: the
+                           mirror hangs or drowns, so the next one is asked at once
+                           (never this one again within the request).
 
 Config errors live in config.py (ConfigError) because they never reach HTTP.
 """
@@ -131,3 +134,10 @@ class UpstreamError(MirrorRouterError):
     def is_not_found(self) -> bool:
         """401, 403 and 404: a healthy mirror's answer that it has nothing to give."""
         return self.status in (401, 403, 404)
+
+
+class NoHeadersInTime(UpstreamError):
+    """A mirror gave no response headers in time: temporary, but not worth asking again."""
+
+    def __init__(self, message: str, *, mirror: str) -> None:
+        super().__init__(message, mirror=mirror, is_temporary=True)

@@ -2,8 +2,8 @@
 
 One ``Metrics`` object per app. Every layer records into it (endpoints: requests and cache
 results; the pull-through: bytes, fills, followers; the upstream client: latency, retries,
-failovers, circuit states, Docker Hub's rate-limit headers) through plain method calls, so
-the counting lives here and nowhere else.
+failovers, hedges, first-byte timeouts, circuit states, Docker Hub's rate-limit headers)
+through plain method calls, so the counting lives here and nowhere else.
 
 Several uvicorn workers: ``mirrorrouter serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at an empty
 directory before the workers start; prometheus_client then keeps each worker's values in
@@ -116,6 +116,25 @@ class Metrics:
         self.failovers = Counter(
             "mirrorrouter_failovers",
             "Requests that moved on from a mirror to the next one.",
+            ["upstream", "mirror"],
+            registry=r,
+        )
+        self.hedges = Counter(
+            "mirrorrouter_hedges",
+            "Requests also sent to this mirror because the one asked before it was slower "
+            "than usual (hedged requests).",
+            ["upstream", "mirror"],
+            registry=r,
+        )
+        self.hedge_wins = Counter(
+            "mirrorrouter_hedge_wins",
+            "Hedged requests this mirror answered first (the other request was closed).",
+            ["upstream", "mirror"],
+            registry=r,
+        )
+        self.first_byte_timeouts = Counter(
+            "mirrorrouter_first_byte_timeouts",
+            "Requests to a mirror that gave no response headers within first_byte_timeout.",
             ["upstream", "mirror"],
             registry=r,
         )

@@ -2,9 +2,12 @@
 
 - Only idempotent GET and HEAD requests are ever retried (every upstream call of a mirror
   is one of them).
-- **Temporary** failures are retried: connection errors, timeouts, 408, 429, 5xx, and the
-  ``UNAVAILABLE`` / ``TOOMANYREQUESTS`` error codes. Not found (401/403/404), corrupt content
-  and other 4xx are final for that mirror: the caller fails over instead.
+- **Temporary** failures are retried: connection errors, a timeout within a body, 408, 429,
+  5xx, and the ``UNAVAILABLE`` / ``TOOMANYREQUESTS`` error codes. Not found (401/403/404),
+  corrupt content and other 4xx are final for that mirror: the caller fails over instead.
+- A mirror that gave no response headers in time (``NoHeadersInTime``: the first-byte
+  timeout, or any timeout before the headers) is temporary but not retried: a hung mirror
+  would cost the whole timeout again, so the next mirror is asked at once.
 - Waits grow exponentially with full jitter; a ``Retry-After`` is honoured up to a cap, and
   a mirror asking for more than the cap is not retried (the next mirror is tried at once).
 - One total deadline bounds all tries of a request, across mirrors.
@@ -29,7 +32,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from mirrorrouter.errors import UpstreamError
+from mirrorrouter.errors import NoHeadersInTime, UpstreamError
 
 T = TypeVar("T")
 
@@ -39,6 +42,8 @@ TEMPORARY_CODES = frozenset({"UNAVAILABLE", "TOOMANYREQUESTS"})
 
 def is_temporary(exc: BaseException) -> bool:
     """Whether retrying the same mirror may help."""
+    if isinstance(exc, NoHeadersInTime):
+        return False  # a hung mirror: move on rather than wait for it again
     return isinstance(exc, UpstreamError) and exc.is_temporary
 
 

@@ -9,6 +9,7 @@ import pytest
 from mirrorrouter.config import (
     Capability,
     ConfigError,
+    UpstreamPolicy,
     load_settings,
     parse_duration,
     parse_settings,
@@ -229,6 +230,26 @@ def test_policy_inherits_from_defaults_and_overrides_per_upstream() -> None:
     assert (quay.retry_attempts, quay.breaker_cooldown, quay.negative_ttl) == (5, 60, 30)
 
 
+def test_first_byte_timeout_and_hedge_default_and_override() -> None:
+    """first_byte_timeout (5 s) and hedge (on) come from [defaults] and may be set per upstream."""
+    settings = parse_settings(
+        """
+        [defaults]
+        first_byte_timeout = "3s"
+        [upstreams."docker.io"]
+        hedge = false
+        [upstreams."quay.io"]
+        first_byte_timeout = "750ms"
+        """,
+        env={},
+    )
+    hub = settings.upstreams["docker.io"].policy
+    quay = settings.upstreams["quay.io"].policy
+    assert (hub.first_byte_timeout, hub.hedge) == (3.0, False)
+    assert (quay.first_byte_timeout, quay.hedge) == (0.75, True)
+    assert (UpstreamPolicy().first_byte_timeout, UpstreamPolicy().hedge) == (5.0, True)
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -239,6 +260,16 @@ def test_policy_inherits_from_defaults_and_overrides_per_upstream() -> None:
         ('[defaults]\nretry_deadline = "0s"', "defaults.retry_deadline: expected a duration"),
         ("[defaults]\nbreaker_failures = -1", "defaults.breaker_failures: expected a number"),
         ('[defaults]\nmax_stale = "forever"', "defaults.max_stale: expected a duration"),
+        ("[defaults]\nfirst_byte_timeout = 0", "defaults.first_byte_timeout: expected a duration"),
+        ('[defaults]\nhedge = "yes"', "defaults.hedge: expected true or false"),
+        (
+            '[upstreams."quay.io"]\nhedge = 1',
+            'upstreams."quay.io".hedge: expected true or false',
+        ),
+        (
+            '[upstreams."quay.io"]\nfirst_byte_timeout = "soon"',
+            'upstreams."quay.io".first_byte_timeout: expected a duration',
+        ),
     ],
 )
 def test_bad_policy_values(text: str, fragment: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.support.faultproxy import FaultProxy, closed_port_url
+from tests.support.faultproxy import FaultProxy, HungServer, closed_port_url
 from tests.support.images import MANIFEST_ACCEPT, ImageFactory, PushedImage, session_factory
 from tests.support.registry import DistributionRegistry, wait_until
 
@@ -271,3 +271,11 @@ def test_unreachable_upstream_is_a_502_and_closed_port_refuses(client: httpx.Cli
         assert response.status_code == 502
         assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
         assert "ConnectError" in (proxy.requests()[-1].error or "")
+
+
+def test_hung_server_accepts_and_never_answers() -> None:
+    """The hung server takes the connection and the request, and sends nothing back."""
+    with HungServer() as hung:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(f"{hung.url}/v2/", timeout=httpx.Timeout(5.0, read=0.3))
+        assert hung.connections == 1

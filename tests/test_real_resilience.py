@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from tests.support.clients import Containerd, Skopeo, write_hosts_toml
-from tests.support.faultproxy import FaultProxy, closed_port_url
+from tests.support.faultproxy import FaultProxy, HungServer, closed_port_url
 from tests.support.gateway import GatewayProcess
 from tests.support.images import Descriptor, ImageFactory, PushedImage
-from tests.support.registry import DistributionRegistry
+from tests.support.registry import DistributionRegistry, LoggedRequest
+from tests.test_metrics import samples, value
 
 pytestmark = pytest.mark.real
 
@@ -119,11 +120,13 @@ def _wait_for_spool(tmp: Path, timeout: float = 10.0) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def stocked(tmp_path_factory: pytest.TempPathFactory, factory: ImageFactory) -> Iterator[Stocked]:
-    """One registry with a small and a 110 MiB image, shared by the fault tests (read-only)."""
+    """One registry with a small, a 110 MiB and a multi-arch image, shared by the fault tests
+    (read-only)."""
     with DistributionRegistry(tmp_path_factory.mktemp("stocked")) as registry:
         small = factory.push(factory.small(), registry, "library/small", "1")
         large = factory.push(factory.large(), registry, "library/large", "1")
-        yield Stocked(registry, small, large)
+        multi = factory.push(factory.multiarch(), registry, "library/multi", "1")
+        yield Stocked(registry, small, large, multi)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Stocked:
     registry: DistributionRegistry
     small: PushedImage
     large: PushedImage
+    multi: PushedImage
 
     @property
     def layer(self) -> Descriptor:
@@ -211,3 +215,106 @@ def test_slow_mirror_fails_over_within_the_deadline(stocked: Stocked, tmp_path: 
             elapsed = time.monotonic() - started
     assert response.headers["docker-content-digest"] == stocked.small.digest
     assert elapsed < 10
+
+
+# ---------------------------------------------------------------------- hung and slow mirrors
+
+LIVENESS = 20.0  # seconds: only a stall misses this; speed is never asserted
+
+
+def pull_both(gateway: GatewayProcess, dest: Path) -> float:
+    """Cold skopeo pulls of the 110 MiB image and of every platform of the multi-arch
+    index through the gateway; the wall seconds of both."""
+    skopeo = Skopeo(timeout=LIVENESS * 3)
+    dest.mkdir()
+    started = time.monotonic()
+    skopeo.copy_to_local(f"{gateway.host}/library/large:1", dest / "large")
+    skopeo.copy_to_local(f"{gateway.host}/library/multi:1", dest / "multi", all_platforms=True)
+    return time.monotonic() - started
+
+
+def assert_each_blob_sent_once(stocked: Stocked, requests: list[LoggedRequest]) -> None:
+    """The registry's own log: every blob of both images went out whole, exactly once."""
+    for blob in {*stocked.large.blobs, *stocked.multi.blobs}:
+        gets = [r for r in requests if r.method == "GET" and blob.digest in r.path]
+        assert sum(r.size or 0 for r in gets) == blob.size, (blob, gets)
+
+
+def test_hung_first_mirror_costs_a_cold_pull_no_stall(stocked: Stocked, tmp_path: Path) -> None:
+    """A first mirror that accepts and never answers: cold skopeo pulls of a large image and
+    a multi-arch index succeed within the liveness bound, each blob fetched once."""
+    since = stocked.registry.mark()
+    with HungServer() as hung:
+        mirrors = [hung.url, stocked.registry.url]
+        with GatewayProcess(tmp_path / "gw", hub_config(tmp_path / "c", mirrors)) as gw:
+            elapsed = pull_both(gw, tmp_path / "pulled")
+        assert hung.connections > 0  # it was asked, and hedged around
+    assert elapsed < LIVENESS
+    assert_each_blob_sent_once(stocked, stocked.registry.requests(since))
+
+
+def test_slow_first_mirror_is_hedged(stocked: Stocked, tmp_path: Path) -> None:
+    """A first mirror answering after 2 s: the cold pulls succeed through hedges to the
+    second mirror, counted on /metrics, and each blob is still fetched once."""
+    since = stocked.registry.mark()
+    with FaultProxy(stocked.registry.url) as slow:
+        slow.delay(2)
+        mirrors = [slow.url, stocked.registry.url]
+        with GatewayProcess(tmp_path / "gw", hub_config(tmp_path / "c", mirrors)) as gw:
+            elapsed = pull_both(gw, tmp_path / "pulled")
+            found = samples(httpx.get(f"{gw.url}/metrics").text)
+    second = stocked.registry.host
+    hedges = value(found, "mirrorrouter_hedges_total", upstream="docker.io", mirror=second)
+    wins = value(found, "mirrorrouter_hedge_wins_total", upstream="docker.io", mirror=second)
+    assert elapsed < LIVENESS
+    assert hedges >= 4 and wins >= 4  # tag, index, manifests, blobs went to the second
+    assert_each_blob_sent_once(stocked, stocked.registry.requests(since))
+
+
+def test_single_hung_mirror_serves_stale_or_503_well_before_clients_give_up(
+    stocked: Stocked, tmp_path: Path
+) -> None:
+    """The only mirror hangs: a cached tag comes back STALE and an uncached one as 503, each
+    after about the first-byte timeout (5 s), well before a client's usual 30 s."""
+    with FaultProxy(stocked.registry.url) as mirror:
+        config = hub_config(tmp_path / "c", [mirror.url], 'tag_ttl = "0s"')
+        with GatewayProcess(tmp_path / "gw", config) as gw:
+            url = f"{gw.url}/v2/library/small/manifests/1"
+            httpx.get(url).raise_for_status()  # cached while the mirror answered
+            mirror.delay(3600)  # from now on it accepts requests and never answers
+            started = time.monotonic()
+            stale = httpx.get(url, timeout=30)
+            stale_seconds = time.monotonic() - started
+            started = time.monotonic()
+            never = httpx.get(f"{gw.url}/v2/library/never/manifests/1", timeout=30)
+            never_seconds = time.monotonic() - started
+    assert stale.status_code == 200 and stale.headers["x-cache"] == "STALE"
+    assert stale.headers["docker-content-digest"] == stocked.small.digest
+    assert never.status_code == 503
+    tried = json.loads(never.content)["errors"][0]["detail"]["tried"]
+    assert "first_byte_timeout" in tried[0]["result"]
+    assert stale_seconds < 15 and never_seconds < 15
+
+
+def test_single_mirror_back_from_an_open_circuit_is_probed_at_once(
+    stocked: Stocked, tmp_path: Path
+) -> None:
+    """The only mirror failed until its circuit opened (cooldown 1 h); once it is back, the
+    next pull probes it at once and succeeds, instead of being refused for the cooldown."""
+    policy = 'retry_attempts = 1\nbreaker_failures = 2\nbreaker_cooldown = "1h"'
+    with FaultProxy(stocked.registry.url) as mirror:
+        config = hub_config(tmp_path / "c", [mirror.url], policy)
+        with GatewayProcess(tmp_path / "gw", config) as gw:
+            failing = mirror.status(503)
+            for tag in ("a", "b", "c"):  # a and b open the circuit; c finds every one open
+                down = httpx.get(f"{gw.url}/v2/library/small/manifests/{tag}")
+                assert down.status_code == 503
+            probed = json.loads(down.content)["errors"][0]["detail"]["tried"][0]["result"]
+            mirror.remove(failing)
+            pulled = Skopeo(timeout=LIVENESS * 3).copy_to_local(
+                f"{gw.host}/library/small:1", tmp_path / "pulled"
+            )
+            log = gw.log()
+    assert failing.applied == 3 and probed == "HTTP 503"  # c probed it, not "circuit open"
+    assert pulled.manifest_digest == stocked.small.digest
+    assert "has its circuit open: probing" in log

@@ -7,6 +7,7 @@ import errno
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -15,15 +16,19 @@ from mirrorrouter.answers import RETRY_AFTER_CAP, retry_after_seconds
 from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache.filesystem import FilesystemCache
 from mirrorrouter.config import parse_settings
-from mirrorrouter.errors import RegistryError, UpstreamError
+from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
+from mirrorrouter.hedging import HeaderLatency
 from mirrorrouter.pullthrough import Pullthrough
-from mirrorrouter.reference import Digest
+from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.retry import RetryPolicy
 from mirrorrouter.timing import Timing
+from mirrorrouter.upstream import UpstreamClient
 from tests.support.fakeregistry import FakeRegistry, Image, make_image
 from tests.support.inprocess import Clock, config, gateway
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 
@@ -442,3 +447,379 @@ async def test_slow_mirror_fails_over_to_the_next(tmp_path: Path) -> None:
         assert await read_blob(pull) == PAYLOAD
     finally:
         await pull.close()
+
+
+# ---------------------------------------------------------------------- hangs and hedges
+
+
+def test_hedge_delay_is_the_usual_latency_within_its_bounds() -> None:
+    """No history: 250 ms; else about the 90th percentile of the last 32 times to headers,
+    never under 250 ms nor over 2 s or half the first-byte timeout."""
+    latency = HeaderLatency()
+    assert latency.hedge_delay(5.0) == 0.25
+    for seconds in [0.1] * 17 + [0.8, 0.9, 1.0]:
+        latency.record(seconds)
+    assert latency.hedge_delay(5.0) == pytest.approx(0.81)  # the tail, not the max
+    assert latency.hedge_delay(1.0) == 0.5  # half the first-byte timeout
+    for _ in range(32):
+        latency.record(0.01)  # the window moves on: the slow ones are forgotten
+    assert latency.hedge_delay(5.0) == 0.25
+    for _ in range(32):
+        latency.record(5.0)
+    assert latency.hedge_delay(30.0) == 2.0
+
+
+class ManualTime:
+    """A monotonic clock and a timer that move only when the test says so (``advance``)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._alarms: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def timer(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._alarms.append((self.now + seconds, future))
+        await future
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock, ring every alarm due, and let the woken tasks run."""
+        self.now += seconds
+        for when, future in self._alarms:
+            if when <= self.now + 1e-9 and not future.done():
+                future.set_result(None)
+        self._alarms = [(w, f) for w, f in self._alarms if not f.done()]
+        await settle()
+
+    async def timing(self) -> Timing:
+        async def no_sleep(seconds: float) -> None:
+            return None
+
+        return Timing(monotonic=self.monotonic, sleep=no_sleep, timer=self.timer)
+
+
+async def settle(rounds: int = 50) -> None:
+    """Let every runnable task run until it waits on something outside the loop's control."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def finish(task: asyncio.Task[T]) -> T:
+    """The task's result; a liveness bound turns a hang (a regression) into a failure."""
+    return await asyncio.wait_for(task, 10)
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body that counts the bytes it handed out and whether it was closed."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.sent, self.closed = data, 0, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), 64 * 1024):
+            chunk = self.data[start : start + 64 * 1024]
+            self.sent += len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class Mirrors:
+    """An upstream of mirrors ``m0.test``, ``m1.test``... on a MockTransport: each answers
+    as ``modes`` says ("ok", "hang", "gate" waits for ``gate``, or an HTTP status), after
+    ``latency`` seconds of the manual clock; every request and response body is recorded."""
+
+    def __init__(self, time: ManualTime) -> None:
+        self.time = time
+        self.modes: dict[str, str] = {}
+        self.latency: dict[str, float] = {}
+        self.asked: list[str] = []
+        self.bodies: list[Body] = []
+        self.gate = asyncio.Event()
+        self.image = make_image("library/a", [PAYLOAD])
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        self.asked.append(host)
+        mode = self.modes.get(host, "ok")
+        if mode == "hang":
+            await asyncio.Event().wait()
+        if mode == "gate":
+            await self.gate.wait()
+        self.time.now += self.latency.get(host, 0.0)
+        if mode.isdigit():
+            return httpx.Response(int(mode), json={"errors": [{"code": "UNKNOWN"}]})
+        if "/manifests/" in request.url.path:
+            headers = {"Content-Type": self.image.media_type}
+            headers["Docker-Content-Digest"] = self.image.digest
+            return httpx.Response(200, headers=headers, content=self.image.manifest)
+        body = Body(PAYLOAD)
+        self.bodies.append(body)
+        return httpx.Response(200, headers={"Content-Length": str(len(PAYLOAD))}, stream=body)
+
+    def count(self, host: str) -> int:
+        return self.asked.count(host)
+
+
+def upstream_client(
+    mirrors: Mirrors, timing: Timing, policy: str = "", mirror_list: str | None = None
+) -> UpstreamClient:
+    listed = mirror_list or '[{ url = "http://m0.test" }, { url = "http://m1.test" }]'
+    text = f"""
+[upstreams."docker.io"]
+mirrors = {listed}
+{policy}
+"""
+    settings = parse_settings(text, env={}).upstreams["docker.io"]
+    return UpstreamClient(settings, transport=httpx.MockTransport(mirrors), timing=timing)
+
+
+def counted(client: UpstreamClient, name: str, mirror: str) -> float:
+    labels = {"upstream": "docker.io", "mirror": mirror}
+    return client.metrics.registry.get_sample_value(f"mirrorrouter_{name}_total", labels) or 0.0
+
+
+TAG = ImageReference.parse("docker.io/library/a:1")
+
+
+async def test_first_byte_timeout_moves_on_at_once_and_never_retries_that_mirror() -> None:
+    """With hedging off, a hung first mirror is given up after first_byte_timeout (5 s), not
+    asked again though retries remain, and the second mirror answers."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes["m0.test"] = "hang"
+    client = upstream_client(mirrors, await time.timing(), "hedge = false")
+    try:
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(4.9)
+        assert mirrors.asked == ["m0.test"]  # no hedge, no timeout yet
+        await time.advance(0.1)
+        fetched = await finish(fetch)
+    finally:
+        await client.aclose()
+    assert fetched.mirror == "m1.test" and fetched.data == mirrors.image.manifest
+    assert mirrors.asked == ["m0.test", "m1.test"]
+    assert counted(client, "first_byte_timeouts", "m0.test") == 1
+    assert counted(client, "hedges", "m1.test") == 0
+
+
+async def test_every_mirror_hung_fails_within_the_timeout_listing_each_in_order() -> None:
+    """A hung first mirror and a hedge target failing fast: the client's 503 comes at the
+    first-byte timeout and its detail lists both mirrors in list order."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes.update({"m0.test": "hang", "m1.test": "503"})
+    client = upstream_client(mirrors, await time.timing())
+    try:
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(0.25)  # no history: hedged after the 250 ms floor
+        assert mirrors.asked == ["m0.test", "m1.test", "m1.test", "m1.test"]  # retried 503s
+        assert not fetch.done()  # a loser's failure is not the request's
+        await time.advance(4.75)
+        with pytest.raises(RegistryError) as raised:
+            await finish(fetch)
+    finally:
+        await client.aclose()
+    error = raised.value
+    assert error.code is ErrorCode.UNAVAILABLE
+    assert error.detail is not None
+    assert [t["mirror"] for t in error.detail["tried"]] == ["m0.test", "m1.test"]
+    assert "first_byte_timeout" in error.detail["tried"][0]["result"]
+    assert error.detail["tried"][1]["result"] == "HTTP 503"
+
+
+async def test_hedge_goes_out_after_the_mirrors_usual_latency() -> None:
+    """A mirror that usually answers in 0.8 s is hedged at 0.8 s, not before; the hedge's
+    answer wins and both the hedge and the win are counted."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.latency["m0.test"] = 0.8
+    client = upstream_client(mirrors, await time.timing())
+    try:
+        for _ in range(5):
+            assert (await client.fetch_manifest(TAG)).mirror == "m0.test"
+        assert client.latency["http://m0.test"].hedge_delay(5.0) == pytest.approx(0.8)
+        mirrors.modes["m0.test"] = "hang"
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(0.79)
+        assert mirrors.count("m1.test") == 0
+        await time.advance(0.02)
+        fetched = await finish(fetch)
+    finally:
+        await client.aclose()
+    assert fetched.mirror == "m1.test"
+    assert counted(client, "hedges", "m1.test") == 1
+    assert counted(client, "hedge_wins", "m1.test") == 1
+    assert counted(client, "first_byte_timeouts", "m0.test") == 0  # abandoned, not timed out
+
+
+async def test_mirror_overtaken_by_hedges_opens_its_circuit() -> None:
+    """A hung first mirror loses every hedge: each loss counts against its breaker, so after
+    breaker_failures requests the second mirror is asked at once; the hedge target that was
+    overtaken moments after being asked gets no verdict."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes["m0.test"] = "hang"
+    client = upstream_client(mirrors, await time.timing(), "breaker_failures = 2")
+    try:
+        for _ in range(2):
+            fetch = asyncio.create_task(client.fetch_manifest(TAG))
+            await settle()
+            await time.advance(0.25)
+            assert (await finish(fetch)).mirror == "m1.test"
+        assert client.breakers["http://m0.test"].state is CircuitState.OPEN
+        assert (await client.fetch_manifest(TAG)).mirror == "m1.test"  # no wait for m0
+        mirrors.modes.update({"m0.test": "gate", "m1.test": "hang"})
+        time.now += 61  # the cooldown (30 s) is over: the next request probes m0...
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(0.25)  # ...is hedged to m1...
+        mirrors.gate.set()  # ...and answers first
+        assert (await finish(fetch)).mirror == "m0.test"
+    finally:
+        await client.aclose()
+    assert mirrors.asked == ["m0.test", "m1.test"] * 2 + ["m1.test", "m0.test", "m1.test"]
+    assert client.breakers["http://m0.test"].state is CircuitState.CLOSED
+    assert client.breakers["http://m1.test"].failures == 0
+
+
+async def test_hedged_blob_is_downloaded_once_and_every_response_closed() -> None:
+    """Two mirrors answering a hedged blob GET at the same moment: one body is read, the
+    other response is closed unread (bodies transferred, not requests, are counted)."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes.update({"m0.test": "gate", "m1.test": "gate"})
+    client = upstream_client(mirrors, await time.timing())
+    digest = Digest.of(PAYLOAD)
+    try:
+
+        async def read() -> bytes:
+            async with client.open_blob("library/a", digest) as stream:
+                return b"".join([chunk async for chunk in stream.chunks()])
+
+        reading = asyncio.create_task(read())
+        await settle()
+        await time.advance(0.25)
+        assert mirrors.asked == ["m0.test", "m1.test"]
+        mirrors.gate.set()
+        assert await finish(reading) == PAYLOAD
+    finally:
+        await client.aclose()
+    assert sum(body.sent for body in mirrors.bodies) == len(PAYLOAD)
+    assert all(body.closed for body in mirrors.bodies)
+
+
+async def test_request_cancelled_mid_hedge_leaves_no_task_or_response_behind() -> None:
+    """A client gone while two mirrors are asked: both runs end with the request, and a
+    response that arrived meanwhile is closed."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes.update({"m0.test": "gate", "m1.test": "gate"})
+    client = upstream_client(mirrors, await time.timing())
+    before = asyncio.all_tasks()
+    try:
+
+        async def read() -> None:
+            async with client.open_blob("library/a", Digest.of(PAYLOAD)) as stream:
+                async for _ in stream.chunks():
+                    await asyncio.Event().wait()  # the client stalls; then it goes
+
+        reading = asyncio.create_task(read())
+        await settle()
+        await time.advance(0.25)
+        mirrors.gate.set()
+        await settle()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finish(reading)
+        assert asyncio.all_tasks() == before
+    finally:
+        await client.aclose()
+    assert len(mirrors.bodies) >= 1 and all(body.closed for body in mirrors.bodies)
+
+
+async def test_tags_are_hedged_to_resolve_mirrors_and_blobs_to_pull_mirrors() -> None:
+    """A hung first mirror: a tag's hedge skips the pull-only mirror for the resolve one, a
+    blob's goes to the pull-only mirror."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes["m0.test"] = "hang"
+    listed = (
+        '[{ url = "http://m0.test" }, { url = "http://m1.test", capabilities = ["pull"] },'
+        ' { url = "http://m2.test", capabilities = ["resolve"] }]'
+    )
+    client = upstream_client(mirrors, await time.timing(), mirror_list=listed)
+    try:
+        head = asyncio.create_task(client.head_manifest(TAG))
+        await settle()
+        await time.advance(0.25)
+        assert (await finish(head)).mirror == "m2.test"
+        assert mirrors.asked == ["m0.test", "m2.test"]
+        blob = asyncio.create_task(client.blob_exists("library/a", Digest.of(PAYLOAD)))
+        await settle()
+        await time.advance(0.25)
+        assert await finish(blob)
+    finally:
+        await client.aclose()
+    assert mirrors.asked[2:] == ["m0.test", "m1.test"]
+
+
+async def test_every_circuit_open_lets_exactly_one_request_probe() -> None:
+    """When every mirror's circuit is open, one request probes the mirror whose cooldown
+    ends first while the others fail at once; the probe's success closes the circuit."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes.update({"m0.test": "503", "m1.test": "503"})
+    policy = 'retry_attempts = 1\nbreaker_failures = 1\nbreaker_cooldown = "60s"\nhedge = false'
+    client = upstream_client(mirrors, await time.timing(), policy)
+    try:
+        with pytest.raises(RegistryError):
+            await client.fetch_manifest(TAG)  # opens m0's circuit, then m1's
+        assert [b.state for b in client.breakers.values()] == [CircuitState.OPEN] * 2
+        mirrors.modes.update({"m0.test": "gate", "m1.test": "ok"})
+        mirrors.asked.clear()
+        fetches = [asyncio.create_task(client.fetch_manifest(TAG)) for _ in range(3)]
+        await settle()
+        assert mirrors.asked == ["m0.test"]  # m0 opened first, so it reopens first
+        refused = [f for f in fetches if f.done()]
+        assert len(refused) == 2
+        for fetch in refused:
+            error = fetch.exception()
+            assert isinstance(error, RegistryError) and error.code is ErrorCode.UNAVAILABLE
+        mirrors.gate.set()
+        probe = next(f for f in fetches if f not in refused)
+        assert (await finish(probe)).mirror == "m0.test"
+        assert client.breakers["http://m0.test"].state is CircuitState.CLOSED
+        assert (await client.fetch_manifest(TAG)).mirror == "m0.test"
+    finally:
+        await client.aclose()
+    assert mirrors.asked == ["m0.test", "m0.test"]
+
+
+async def test_abandoned_probe_is_given_back() -> None:
+    """A probe whose client went away ends with no verdict: the next request probes."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes["m0.test"] = "503"
+    policy = 'retry_attempts = 1\nbreaker_failures = 1\nbreaker_cooldown = "60s"'
+    client = upstream_client(mirrors, await time.timing(), policy, '[{ url = "http://m0.test" }]')
+    try:
+        with pytest.raises(RegistryError):
+            await client.fetch_manifest(TAG)
+        mirrors.modes["m0.test"] = "hang"
+        gone = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finish(gone)
+        mirrors.modes["m0.test"] = "ok"
+        assert (await client.fetch_manifest(TAG)).mirror == "m0.test"
+    finally:
+        await client.aclose()
+    assert mirrors.asked == ["m0.test"] * 3

@@ -283,6 +283,10 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
         negative_ttl=table.duration("negative_ttl", base.negative_ttl),
         connect_timeout=table.duration("connect_timeout", base.connect_timeout, positive=True),
         read_timeout=table.duration("read_timeout", base.read_timeout, positive=True),
+        first_byte_timeout=table.duration(
+            "first_byte_timeout", base.first_byte_timeout, positive=True
+        ),
+        hedge=table.get("hedge", bool, base.hedge),
         retry_attempts=table.get("retry_attempts", int, base.retry_attempts, check=between(1, 10)),
         retry_deadline=table.duration("retry_deadline", base.retry_deadline, positive=True),
         breaker_failures=table.get(

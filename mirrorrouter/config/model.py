@@ -224,7 +224,9 @@ class UpstreamPolicy:
     max_stale: float = 7 * 86400.0  # serve a tag this long past its TTL when upstream fails
     negative_ttl: float = 30.0  # remember an upstream "not found" this long
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0  # between two reads of a body
+    first_byte_timeout: float = 5.0  # to a response's headers; then the next mirror at once
+    hedge: bool = True  # ask the next mirror too when one is slower than it usually is
     retry_attempts: int = 3  # tries of one mirror before failing over to the next
     retry_deadline: float = 120.0  # all tries of one request, across mirrors
     breaker_failures: int = 5  # consecutive failures that open a mirror's circuit

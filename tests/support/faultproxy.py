@@ -134,6 +134,49 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+class HungServer(Service):
+    """A 127.0.0.1 port that accepts every connection and never answers (nor reads): a
+    mirror that hangs. ``connections`` counts the connections accepted."""
+
+    def __init__(self) -> None:
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._held: list[socket.socket] = []
+        self._stopping = threading.Event()
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)
+
+    def start(self) -> Self:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        listener.settimeout(0.05)  # so the accept loop notices stop()
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._accept, name="hung-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(connection)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for connection in [*self._held, *([self._listener] if self._listener else [])]:
+            connection.close()
+        self._listener = self._thread = None
+
+
 def oci_error_body(code: str, message: str) -> bytes:
     """An OCI distribution error document: ``{"errors": [{"code", "message", "detail"}]}``."""
     error = {"code": code, "message": message, "detail": {"faultproxy": True}}
