@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import random
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -18,9 +20,10 @@ from mirrorrouter.errors import UpstreamError
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest
 from mirrorrouter.retry import RetryPolicy
+from mirrorrouter.singleflight import FillFailed
 from mirrorrouter.timing import Timing
-from tests.support.fakeregistry import FakeRegistry, Image, make_image
-from tests.support.inprocess import Clock, config, gateway
+from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
+from tests.support.inprocess import Clock, Gateway, config, gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -393,3 +396,158 @@ async def test_slow_mirror_fails_over_to_the_next(tmp_path: Path) -> None:
         assert await read_blob(pull) == PAYLOAD
     finally:
         await pull.close()
+
+
+# ---------------------------------------------------------------------- across mirrors
+
+LARGE = random.Random(14).randbytes(8 * MIB)
+
+
+class Faulty(httpx.AsyncByteStream):
+    """A blob body in 1 MiB pieces that waits at ``hold`` after the first piece and breaks
+    like a dropped connection after ``cut`` bytes (None: never)."""
+
+    def __init__(self, data: bytes, cut: int | None, hold: asyncio.Event | None) -> None:
+        self.data, self.cut, self.hold = data, cut, hold
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        end = len(self.data) if self.cut is None else self.cut
+        for start in range(0, end, MIB):
+            yield self.data[start : min(start + MIB, end)]
+            if self.hold is not None:
+                await self.hold.wait()
+        if end < len(self.data):
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
+class Mirrors:
+    """Fake registries at http://m0.test, http://m1.test ..., each with its own log, all with
+    one image; blob bodies of a mirror can be cut, held, or take time on the gateway's clock."""
+
+    def __init__(self, count: int, layer: bytes) -> None:
+        self.fakes = [FakeRegistry(host=f"m{i}.test") for i in range(count)]
+        image = make_image("library/app", [layer])
+        for fake in self.fakes:
+            fake.add(image, "1")
+        self.digest = sha256(layer)
+        self.path = f"/v2/library/app/blobs/{self.digest}"
+        self.cuts: dict[int, list[int | None]] = {}  # mirror -> bytes each next GET sends
+        self.hold: dict[int, asyncio.Event] = {}  # mirror -> gate after the first MiB
+        self.slow: dict[int, float] = {}  # mirror -> seconds each blob GET takes
+        self.clock: Clock | None = None
+
+    def mirrors(self) -> str:
+        return "[" + ", ".join(f'{{ url = "http://{f.host}" }}' for f in self.fakes) + "]"
+
+    def wrap(self, _: httpx.ASGITransport) -> httpx.AsyncBaseTransport:
+        apps = {fake.host: httpx.ASGITransport(app=fake.app) for fake in self.fakes}
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            response = await apps[request.url.host].handle_async_request(request)
+            index = int(request.url.host.removeprefix("m").removesuffix(".test"))
+            if request.method != "GET" or "/blobs/" not in request.url.path:
+                return response
+            if self.clock is not None:
+                self.clock.now += self.slow.get(index, 0.0)
+            cuts = self.cuts.get(index) or [None]
+            cut = cuts.pop(0) if self.cuts.get(index) else None
+            body = await response.aread()
+            stream = Faulty(body, cut, self.hold.get(index))
+            return httpx.Response(response.status_code, headers=response.headers, stream=stream)
+
+        return httpx.MockTransport(handler)
+
+    @asynccontextmanager
+    async def gateway(self, tmp_path: Path, policy: str = "") -> AsyncIterator[Gateway]:
+        text = config(tmp_path, policy, mirrors=self.mirrors())
+        async with gateway(tmp_path, self.fakes[0], text, wrap=self.wrap) as gw:
+            self.clock = gw.clock
+            yield gw
+
+    def gets(self, index: int) -> int:
+        return self.fakes[index].count("GET", self.path)
+
+
+def counted(gw: Gateway, name: str, mirror: str) -> float:
+    labels = {"upstream": "docker.io", "mirror": mirror}
+    return gw.app.endpoints.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def blob_file(gw: Gateway, digest: str) -> Path:
+    return gw.cache_dir / "docker.io" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+
+
+async def test_cut_blob_resumes_from_the_next_mirror_at_the_exact_byte(tmp_path: Path) -> None:
+    """A blob cut on mirror 1 continues from mirror 2 at the byte reached, verified as one."""
+    mirrors = Mirrors(2, LARGE)
+    cut = 3 * MIB + 5
+    mirrors.cuts[0] = [cut]
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        assert response.status_code == 200 and response.content == LARGE
+        assert (await gw.client.get(mirrors.path)).headers["x-cache"] == "HIT"
+        resumes = counted(gw, "mirrorrouter_resumed_blobs_total", "m0.test")
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)  # not back to the one that broke
+    assert mirrors.fakes[1].ranges == [(mirrors.path, f"bytes={cut}-")]
+    assert resumes == 1
+
+
+async def test_resumes_that_keep_making_progress_go_on_past_five(tmp_path: Path) -> None:
+    """Two mirrors that each cut every stream after 1 MiB still deliver the whole blob, in
+    turns, with seven resumes (counted per mirror that cut)."""
+    mirrors = Mirrors(2, LARGE)
+    mirrors.cuts = {0: [MIB] * 8, 1: [MIB] * 8}
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        assert response.status_code == 200 and response.content == LARGE
+        resumes = [counted(gw, "mirrorrouter_resumed_blobs_total", f"m{i}.test") for i in (0, 1)]
+    assert (mirrors.gets(0), mirrors.gets(1)) == (4, 4)
+    assert [r for _, r in mirrors.fakes[1].ranges] == [f"bytes={n * MIB}-" for n in (1, 3, 5, 7)]
+    assert resumes == [4, 3]
+
+
+async def test_a_round_of_mirrors_without_progress_gives_up(tmp_path: Path) -> None:
+    """When every mirror broke without adding a byte since the last progress, the client's
+    transfer is cut, nothing is committed, and the next pull succeeds."""
+    mirrors = Mirrors(2, LARGE)
+    mirrors.cuts = {0: [MIB, 0], 1: [0]}
+    async with mirrors.gateway(tmp_path) as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        assert (mirrors.gets(0), mirrors.gets(1)) == (2, 1)
+        assert not blob_file(gw, mirrors.digest).exists()
+        assert spooled(gw.cache_dir / "docker.io") == []
+        again = await gw.client.get(mirrors.path)
+        assert again.status_code == 200 and again.content == LARGE
+
+
+async def test_resumes_stop_when_no_byte_came_for_the_retry_deadline(tmp_path: Path) -> None:
+    """Resumes end once retry_deadline passed without progress, before the round is over."""
+    mirrors = Mirrors(3, LARGE)
+    mirrors.cuts = {0: [MIB], 1: [0]}
+    mirrors.slow[1] = 61.0  # its answer takes a minute, and then it breaks
+    async with mirrors.gateway(tmp_path, 'retry_deadline = "60s"') as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        assert not blob_file(gw, mirrors.digest).exists()
+    assert [mirrors.gets(i) for i in range(3)] == [1, 1, 0]
+
+
+async def test_a_mirror_announcing_another_size_is_that_mirrors_failure(tmp_path: Path) -> None:
+    """A resume from a mirror whose blob has another size is not spliced in: that mirror
+    counts a failure and the next one in turn finishes the blob."""
+    mirrors = Mirrors(2, LARGE)
+    mirrors.fakes[1].blobs[("library/app", mirrors.digest)] = LARGE + b"tail"
+    mirrors.cuts[0] = [MIB]
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        assert response.status_code == 200 and response.content == LARGE
+        breakers = gw.app.endpoints.pull.breakers(gw.app.endpoints.settings.upstreams["docker.io"])
+    assert (mirrors.gets(0), mirrors.gets(1)) == (2, 1)
+    assert mirrors.fakes[0].ranges == [(mirrors.path, f"bytes={MIB}-")]
+    assert breakers[1].failures == 1
+
+
+def spooled(cache: Path) -> list[Path]:
+    """Files in a cache's temp area other than the owner locks: writes left behind."""
+    return [p for p in (cache / "tmp").rglob("*") if p.is_file() and p.name != ".lock"]
