@@ -6,8 +6,8 @@ lease), streams the blob from the upstream's mirrors into the cache's writer, ve
 commits it. A stream that breaks is resumed with ``Range`` at the byte reached, from the
 next mirror in turn, for as long as the resumes make progress (``_Resumes``). Content that
 fails verification marks its mirrors suspect for that digest and a fresh fill starts from
-the next one; a cache that cannot take the bytes (a full disk) makes readers stream
-straight from upstream.
+the next one (readers waiting for a verified blob follow it); a cache that cannot take the
+bytes (a full disk) makes readers stream straight from upstream.
 
 Replicas (coordination.py): while another replica holds a blob's lease, this one follows
 it. It streams the blob from that replica's peer endpoint (peer.py) into its own
@@ -426,7 +426,10 @@ class Filler:
         )
         for name in fill.mirrors:
             site.client.report_failure(name)
-        fill.fail(error)
         del site.fills[fill.digest]
         if any(m.name not in bad for m in site.client.mirrors(Capability.PULL)):
-            self.start(site, fill.repository, fill.digest)
+            for name in fill.mirrors:
+                self.metrics.failovers.labels(site.settings.name, name).inc()
+            # Readers waiting for the verified blob (small ones) follow the new fill.
+            fill.replaced_by = self.start(site, fill.repository, fill.digest)
+        fill.fail(error)

@@ -227,11 +227,38 @@ def test_policy_inherits_from_defaults_and_overrides_per_upstream() -> None:
         ('[defaults]\nretry_deadline = "0s"', "defaults.retry_deadline: expected a duration"),
         ("[defaults]\nbreaker_failures = -1", "defaults.breaker_failures: expected a number"),
         ('[defaults]\nmax_stale = "forever"', "defaults.max_stale: expected a duration"),
+        ('[defaults]\nverify_before_send = "4 parsecs"', "defaults.verify_before_send: expected a"),
+        ("[defaults]\nverify_before_send = -1", "defaults.verify_before_send: expected a size"),
+        (
+            '[upstreams."quay.io"]\nverify_before_send = true',
+            'upstreams."quay.io".verify_before_send: expected a size',
+        ),
     ],
 )
 def test_bad_policy_values(text: str, fragment: str) -> None:
     """Policy keys are range-checked with the key path named."""
     assert any(fragment in p for p in problems(text + "\n" + MINIMAL))
+
+
+def test_verify_before_send_is_a_size_set_in_defaults_or_per_upstream() -> None:
+    """verify_before_send reads sizes like max_size, defaults to 4 MiB, and 0 turns it off."""
+    settings = parse_settings(
+        """
+        [defaults]
+        verify_before_send = "16MiB"
+        [upstreams."docker.io"]
+        verify_before_send = 0
+        [upstreams."quay.io"]
+        """,
+        env={},
+    )
+    assert settings.upstreams["docker.io"].policy.verify_before_send == 0
+    assert settings.upstreams["quay.io"].policy.verify_before_send == 16 * 1024 * 1024
+    plain = parse_settings('[upstreams."docker.io"]\nverify_before_send = "1.5MB"', env={})
+    assert plain.upstreams["docker.io"].policy.verify_before_send == 1_500_000
+    assert parse_settings(MINIMAL, env={}).upstreams["docker.io"].policy.verify_before_send == (
+        4 * 1024 * 1024
+    )
 
 
 def test_all_problems_are_reported_together() -> None:

@@ -431,9 +431,10 @@ class Replicas:
             )
             self.coordinators.append(coordinator)
             stack.push_async_callback(coordinator.close)
-            text = (
+            text = (  # PAYLOAD is a large blob here: it streams as it lands
                 f'[cache]\ndirectory = "{self.tmp_path / name}"\n'
                 '[upstreams."docker.io"]\nmirrors = [{ url = "http://up.test" }]\n'
+                'verify_before_send = "1MiB"\n'
             )
             pull = Pullthrough(
                 parse_settings(text, env={}),

@@ -23,7 +23,7 @@ from mirrorrouter.retry import RetryPolicy
 from mirrorrouter.singleflight import FillFailed
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
-from tests.support.inprocess import Clock, Gateway, config, gateway
+from tests.support.inprocess import Clock, Gateway, config, gateway, until
 
 pytestmark = pytest.mark.anyio
 
@@ -336,29 +336,6 @@ async def test_blob_cut_mid_stream_resumes_from_its_offset(
         await pull.close()
 
 
-async def test_corrupt_mirror_is_skipped_by_the_replacement_fill(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Corrupt bytes are never cached; the next mirror serves the retry; the event is logged."""
-    asked: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        asked.append(request.url.host)
-        body = b"X" + PAYLOAD[1:] if request.url.host == "m0.test" else PAYLOAD
-        return httpx.Response(200, content=body)
-
-    pull = pull_for(tmp_path, handler, mirrors=2)
-    await pull.start()
-    try:
-        with pytest.raises(Exception, match=r"failed verification|hashed"):
-            await read_blob(pull)
-        assert await read_blob(pull) == PAYLOAD
-        assert asked == ["m0.test", "m1.test"]
-        assert "m0.test failed verification" in caplog.text
-    finally:
-        await pull.close()
-
-
 async def test_full_disk_streams_without_caching(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -400,7 +377,8 @@ async def test_slow_mirror_fails_over_to_the_next(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- across mirrors
 
-LARGE = random.Random(14).randbytes(8 * MIB)
+LARGE = random.Random(14).randbytes(8 * MIB)  # over verify_before_send (4 MiB): streamed
+SMALL = random.Random(7).randbytes(MIB)  # verified before its first byte is sent
 
 
 class Faulty(httpx.AsyncByteStream):
@@ -546,6 +524,63 @@ async def test_a_mirror_announcing_another_size_is_that_mirrors_failure(tmp_path
     assert (mirrors.gets(0), mirrors.gets(1)) == (2, 1)
     assert mirrors.fakes[0].ranges == [(mirrors.path, f"bytes={MIB}-")]
     assert breakers[1].failures == 1
+
+
+async def test_corrupt_small_blob_costs_the_client_nothing(tmp_path: Path) -> None:
+    """A small blob that mirror 1 serves corrupt reaches the client whole and right, from
+    mirror 2, with a plain 200; mirror 1 counts a failure."""
+    mirrors = Mirrors(2, SMALL)
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        failovers = counted(gw, "mirrorrouter_failovers_total", "m0.test")
+        breakers = gw.app.endpoints.pull.breakers(gw.app.endpoints.settings.upstreams["docker.io"])
+    assert response.status_code == 200 and response.content == SMALL
+    assert response.headers["content-length"] == str(len(SMALL))
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+    assert failovers == 1 and breakers[0].failures == 1
+
+
+async def test_clients_waiting_for_a_small_blob_follow_its_refill(tmp_path: Path) -> None:
+    """Four clients of one small blob wait for it verified: one download per mirror, the
+    corrupt one's replacement followed, every client a 200 with the right bytes; a HEAD
+    answers meanwhile without waiting for the body."""
+    mirrors = Mirrors(2, SMALL + SMALL)  # 2 MiB: a first MiB, then the hold
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    hold = mirrors.hold[0] = asyncio.Event()
+    async with mirrors.gateway(tmp_path) as gw:
+        site = await gw.app.endpoints.pull.site(gw.app.endpoints.settings.upstreams["docker.io"])
+        tasks = [asyncio.create_task(gw.client.get(mirrors.path)) for _ in range(4)]
+        digest = Digest.parse(mirrors.digest)
+
+        def joined() -> bool:  # every client joined the download, held mid-blob
+            fill = site.fills.get(digest)
+            return fill is not None and fill.followers == 3 and fill.written >= MIB
+
+        await until(joined)
+        head = await gw.client.head(mirrors.path)
+        assert head.status_code == 200 and head.headers["content-length"] == str(2 * MIB)
+        assert not any(task.done() for task in tasks)  # nothing sent before the digest matched
+        hold.set()
+        responses = await asyncio.gather(*tasks)
+    assert [(r.status_code, r.content == SMALL + SMALL) for r in responses] == [(200, True)] * 4
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+
+
+async def test_corrupt_large_blob_cuts_the_first_client_and_the_next_pull_succeeds(
+    tmp_path: Path,
+) -> None:
+    """A large blob streams as it lands: mirror 1's corrupt copy cuts the first client's
+    transfer (never completed wrong); the refill from mirror 2 serves the next pull."""
+    mirrors = Mirrors(2, LARGE)
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    async with mirrors.gateway(tmp_path) as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        again = await gw.client.get(mirrors.path)
+        assert again.status_code == 200 and again.content == LARGE
+        assert blob_file(gw, mirrors.digest).read_bytes() == LARGE
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
 
 
 def spooled(cache: Path) -> list[Path]:

@@ -288,6 +288,7 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
         ),
         breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
         proxy=table.get("proxy", str, base.proxy, check=_proxy_url),
+        verify_before_send=table.size("verify_before_send", base.verify_before_send, zero=True),
     )
 
 

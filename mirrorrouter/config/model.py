@@ -201,6 +201,9 @@ class UpstreamPolicy:
     breaker_failures: int = 5  # consecutive failures that open a mirror's circuit
     breaker_cooldown: float = 30.0  # how long an open circuit skips its mirror
     proxy: str | None = None
+    # Blobs up to this size are fetched and verified before their first byte is sent, so a
+    # corrupt mirror costs the client nothing when another has the blob; 0 turns it off.
+    verify_before_send: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
