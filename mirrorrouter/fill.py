@@ -326,11 +326,14 @@ class Filler:
                                 mirror=stream.mirror,
                                 is_temporary=True,  # another mirror may have it right
                             )
+                        # A digest mismatch blames the mirrors that sent bytes or ended it.
                         try:
                             spooled = await self._spool(site, fill, writer, stream.chunks())
-                        finally:
-                            if writer.written > offset:  # what a mismatch would blame
+                        except UpstreamError:
+                            if writer.written > offset:
                                 fill.mirrors.add(stream.mirror)
+                            raise
+                        fill.mirrors.add(stream.mirror)
                         if not spooled:
                             return None
                     return writer

@@ -349,9 +349,9 @@ class Pullthrough:
             self.metrics.followers.labels(upstream.name).inc()
             if fill.repository != repository:
                 await self._check_visible(site, repository, digest)
-        await fill.started.wait()
+        fill = await fill.begun()
         small = fill.size is not None and fill.size <= site.settings.policy.verify_before_send
-        if body and small and fill.error is None:
+        if body and small:
             fill = await fill.settled()
         if fill.error is not None:
             if isinstance(fill.error, RegistryError):

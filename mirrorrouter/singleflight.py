@@ -97,6 +97,16 @@ class BlobFill:
 
     # -- the readers' side
 
+    async def begun(self) -> BlobFill:
+        """This fill once the upstream answered; or, when its content failed verification
+        meanwhile, the fill that replaced it: a reader without a byte yet starts on that."""
+        fill = self
+        await fill.started.wait()
+        while fill.error is not None and fill.replaced_by is not None:
+            fill = fill.replaced_by
+            await fill.started.wait()
+        return fill
+
     async def settled(self) -> BlobFill:
         """Wait for the verified blob: the fill that holds it (committed, or degraded to
         reads through ``direct``), following the fills that replaced a corrupt one; or the

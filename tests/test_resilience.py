@@ -583,6 +583,35 @@ async def test_corrupt_large_blob_cuts_the_first_client_and_the_next_pull_succee
     assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
 
 
+async def test_a_resume_that_brought_nothing_is_not_blamed_for_corrupt_bytes(
+    tmp_path: Path,
+) -> None:
+    """Only the mirrors that sent bytes of a corrupt blob are suspects: the one whose resume
+    broke at once serves the fresh download, and the next pull succeeds."""
+    mirrors = Mirrors(2, LARGE)
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    mirrors.cuts = {0: [MIB], 1: [0]}
+    async with mirrors.gateway(tmp_path) as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        again = await gw.client.get(mirrors.path)
+    assert again.status_code == 200 and again.content == LARGE
+    assert (mirrors.gets(0), mirrors.gets(1)) == (2, 2)
+
+
+async def test_a_mirror_that_ends_a_blob_wrong_is_blamed_even_without_bytes(
+    tmp_path: Path,
+) -> None:
+    """A mirror answering a blob with an empty body is the suspect, not asked again: the
+    client gets the right bytes from the next mirror."""
+    mirrors = Mirrors(2, SMALL)
+    mirrors.fakes[0].blobs[("library/app", mirrors.digest)] = b""
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+    assert response.status_code == 200 and response.content == SMALL
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+
+
 def spooled(cache: Path) -> list[Path]:
     """Files in a cache's temp area other than the owner locks: writes left behind."""
     return [p for p in (cache / "tmp").rglob("*") if p.is_file() and p.name != ".lock"]
