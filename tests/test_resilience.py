@@ -412,6 +412,7 @@ class Mirrors:
         self.cuts: dict[int, list[int | None]] = {}  # mirror -> bytes each next GET sends
         self.hold: dict[int, asyncio.Event] = {}  # mirror -> gate after the first MiB
         self.slow: dict[int, float] = {}  # mirror -> seconds each blob GET takes
+        self.before: Callable[[int], None] | None = None  # told of each blob GET, by mirror
         self.clock: Clock | None = None
 
     def mirrors(self) -> str:
@@ -421,9 +422,12 @@ class Mirrors:
         apps = {fake.host: httpx.ASGITransport(app=fake.app) for fake in self.fakes}
 
         async def handler(request: httpx.Request) -> httpx.Response:
-            response = await apps[request.url.host].handle_async_request(request)
             index = int(request.url.host.removeprefix("m").removesuffix(".test"))
-            if request.method != "GET" or "/blobs/" not in request.url.path:
+            blob_get = request.method == "GET" and "/blobs/" in request.url.path
+            if blob_get and self.before is not None:
+                self.before(index)
+            response = await apps[request.url.host].handle_async_request(request)
+            if not blob_get:
                 return response
             if self.clock is not None:
                 self.clock.now += self.slow.get(index, 0.0)
@@ -468,6 +472,42 @@ async def test_cut_blob_resumes_from_the_next_mirror_at_the_exact_byte(tmp_path:
     assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)  # not back to the one that broke
     assert mirrors.fakes[1].ranges == [(mirrors.path, f"bytes={cut}-")]
     assert resumes == 1
+
+
+async def test_the_mirror_that_broke_is_asked_last_not_never(tmp_path: Path) -> None:
+    """A resume asks the mirrors after the one that broke first; when they do not have the
+    blob, the one that broke finishes it."""
+    mirrors = Mirrors(3, LARGE)
+    for fake in mirrors.fakes[1:]:
+        del fake.blobs[("library/app", mirrors.digest)]
+    mirrors.cuts[0] = [MIB]
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+    assert response.status_code == 200 and response.content == LARGE
+    resumed = [(mirrors.path, f"bytes={MIB}-")]
+    assert [fake.ranges for fake in mirrors.fakes] == [resumed] * 3
+
+
+async def test_resume_with_no_mirror_left_names_what_each_answered(tmp_path: Path) -> None:
+    """A small blob whose resume no mirror can serve is a 503 whose detail lists each
+    mirror once, in the order asked."""
+    mirrors = Mirrors(2, SMALL)
+    del mirrors.fakes[1].blobs[("library/app", mirrors.digest)]
+    mirrors.cuts[0] = [MIB // 2]
+
+    def down_after_the_cut(index: int) -> None:
+        if index == 0 and mirrors.gets(0) == 1:
+            mirrors.fakes[0].faults["/blobs/"] = [503]
+
+    mirrors.before = down_after_the_cut
+    async with mirrors.gateway(tmp_path, "retry_attempts = 1") as gw:
+        response = await gw.client.get(mirrors.path)
+    assert response.status_code == 503
+    tried = json.loads(response.content)["errors"][0]["detail"]["tried"]
+    assert [(t["mirror"], t["result"]) for t in tried] == [
+        ("m1.test", "HTTP 404 not found"),
+        ("m0.test", "HTTP 503"),
+    ]
 
 
 async def test_resumes_that_keep_making_progress_go_on_past_five(tmp_path: Path) -> None:
