@@ -344,8 +344,9 @@ class Endpoints:
         digest = call.resolution.reference.digest
         assert digest is not None
         upstream, repository = call.resolution.upstream, call.resolution.reference.repository
-        answer = await self.pull.blob(upstream, repository, digest)
-        if answer.cache == CacheStatus.HIT and call.oci.method == "GET":
+        get = call.oci.method == "GET"
+        answer = await self.pull.blob(upstream, repository, digest, body=get)
+        if answer.cache == CacheStatus.HIT and get:
             url = await self.pull.blob_redirect(upstream, digest)
             if url is not None:
                 self.metrics.cache_result(upstream.name, "blob", answer.cache)

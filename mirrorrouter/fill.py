@@ -2,11 +2,12 @@
 
 One task per ``BlobFill`` (singleflight.py), owned here, never by a response. It claims the
 download among worker processes (the cache's claim) and among replicas (the coordinator's
-lease), streams the blob from the upstream's mirrors into the cache's writer (resuming with
-``Range`` from the byte where a stream broke), verifies and commits it. Content that fails
-verification marks its mirrors suspect for that digest and a fresh fill starts from the
-next one; a cache that cannot take the bytes (a full disk) makes readers stream straight
-from upstream.
+lease), streams the blob from the upstream's mirrors into the cache's writer, verifies and
+commits it. A stream that breaks is resumed with ``Range`` at the byte reached, from the
+next mirror in turn, for as long as the resumes make progress (``_Resumes``). Content that
+fails verification marks its mirrors suspect for that digest and a fresh fill starts from
+the next one (readers waiting for a verified blob follow it); a cache that cannot take the
+bytes (a full disk) makes readers stream straight from upstream.
 
 Replicas (coordination.py): while another replica holds a blob's lease, this one follows
 it. It streams the blob from that replica's peer endpoint (peer.py) into its own
@@ -40,7 +41,6 @@ from mirrorrouter.timing import Timing
 
 log = logging.getLogger("mirrorrouter.fill")
 
-MAX_RESUMES = 5  # per blob download
 CLAIM_POLL_SECONDS = 0.05  # how often a worker checks another worker's download
 PEER_CONNECT_TIMEOUT = 2.0  # seconds; a replica that does not answer is not followed
 
@@ -53,6 +53,40 @@ class _Claimed:
     claim: Claim
     lease: Lease | None
     writer: BlobWriter | None
+
+
+class _Resumes:
+    """How long a blob whose stream broke is resumed: while resumes make progress.
+
+    It gives up when a full round of mirrors made no progress (every mirror that may serve
+    the blob, or one of them twice when the others' circuits are open, broke without adding
+    a byte since a stream last did), or when no byte arrived for ``patience`` seconds (the
+    upstream's retry_deadline). Never after a count: a long blob over a flaky line goes on
+    as long as it moves."""
+
+    def __init__(self, mirrors: frozenset[str], patience: float, timing: Timing) -> None:
+        self.mirrors = mirrors  # those that may serve the blob
+        self.patience = patience
+        self.clock = timing.monotonic
+        # When bytes last arrived, near enough: the download's start, or the break of a
+        # stream that brought some.
+        self.moved = self.clock()
+        self.stalled: set[str] = set()  # mirrors that broke without progress since then
+
+    def stop(self, mirror: str, *, progressed: bool) -> str | None:
+        """Why to give up after ``mirror``'s stream broke, or None to resume."""
+        now = self.clock()
+        if progressed:
+            self.moved, self.stalled = now, set()
+        elif mirror in self.stalled:
+            return "no mirror moved it on in a full round"
+        else:
+            self.stalled.add(mirror)
+        if self.mirrors <= self.stalled:
+            return "no mirror moved it on in a full round"
+        if now - self.moved >= self.patience:
+            return f"no progress for {now - self.moved:.0f}s (retry_deadline)"
+        return None
 
 
 class Filler:
@@ -260,47 +294,64 @@ class Filler:
     async def _download(
         self, site: UpstreamSite, fill: BlobFill, writer: BlobWriter | None = None
     ) -> BlobWriter | None:
-        """Stream the blob into a writer (``writer``: what a peer already sent), resuming
-        mid-blob with Range on the same or the next mirror; None when the cache could not
-        take it (the fill is then degraded)."""
+        """Stream the blob into a writer (``writer``: what a peer already sent); None when
+        the cache could not take it (the fill is then degraded).
+
+        A stream that breaks is resumed with Range at the byte reached, from the next pull
+        mirror in turn (the one that broke goes to the back; ``_Resumes`` says how long),
+        as one stream: the writer hashes every byte, and a mirror announcing another size
+        than the first is that mirror's failure."""
         exclude = site.suspects.get(fill.digest, frozenset())
-        if all(m.name in exclude for m in site.client.mirrors(Capability.PULL)):
+        names = frozenset(m.name for m in site.client.mirrors(Capability.PULL))
+        if names <= exclude:
             exclude = frozenset()  # every mirror failed once: ask them all again
-        resumes = 0
+        resumes = _Resumes(names - exclude, site.settings.policy.retry_deadline, self.timing)
+        broke: str | None = None  # the mirror whose stream broke last
         try:
             while True:
                 offset = writer.written if writer is not None else 0
                 try:
                     async with site.client.open_blob(
-                        fill.repository, fill.digest, offset, exclude=exclude
+                        fill.repository, fill.digest, offset, exclude=exclude, after=broke
                     ) as stream:
-                        fill.mirrors.add(stream.mirror)
                         if writer is None:
                             writer = self._writer(site, fill, stream.size)
                             if writer is None:
                                 return None
                             fill.begin(writer.spool_path, stream.size, stream.mirror)
                         elif None not in (stream.size, fill.size) and stream.size != fill.size:
+                            site.client.report_failure(stream.mirror)
                             raise UpstreamError(
-                                f"blob size changed from {fill.size} to {stream.size}",
+                                f"blob size is {stream.size}, not {fill.size} as announced",
                                 mirror=stream.mirror,
-                                is_temporary=False,
+                                is_temporary=True,  # another mirror may have it right
                             )
-                        if not await self._spool(site, fill, writer, stream.chunks()):
-                            writer = None
+                        # A digest mismatch blames the mirrors that sent bytes or ended it.
+                        try:
+                            spooled = await self._spool(site, fill, writer, stream.chunks())
+                        except UpstreamError:
+                            if writer.written > offset:
+                                fill.mirrors.add(stream.mirror)
+                            raise
+                        fill.mirrors.add(stream.mirror)
+                        if not spooled:
                             return None
                     return writer
                 except UpstreamError as error:
-                    if writer is None or not error.is_temporary or resumes >= MAX_RESUMES:
+                    if writer is None or not error.is_temporary:
                         raise
-                    resumes += 1
-                    self.metrics.resumes.labels(site.settings.name).inc()
+                    progressed = writer.written > offset
+                    stop = resumes.stop(error.mirror, progressed=progressed)
+                    if stop is not None:
+                        log.warning("blob %s: %s; %s: giving up", fill.digest, error, stop)
+                        raise
+                    broke = error.mirror
+                    self.metrics.resumes.labels(site.settings.name, error.mirror).inc()
                     log.warning(
-                        "blob %s: %s; resuming at byte %d (resume %d)",
+                        "blob %s: %s; resuming at byte %d from the next mirror",
                         fill.digest,
                         error,
                         writer.written,
-                        resumes,
                     )
         except BaseException:
             if writer is not None:
@@ -378,7 +429,10 @@ class Filler:
         )
         for name in fill.mirrors:
             site.client.report_failure(name)
-        fill.fail(error)
         del site.fills[fill.digest]
         if any(m.name not in bad for m in site.client.mirrors(Capability.PULL)):
-            self.start(site, fill.repository, fill.digest)
+            for name in fill.mirrors:
+                self.metrics.failovers.labels(site.settings.name, name).inc()
+            # Readers waiting for the verified blob (small ones) follow the new fill.
+            fill.replaced_by = self.start(site, fill.repository, fill.digest)
+        fill.fail(error)

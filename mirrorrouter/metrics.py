@@ -140,8 +140,8 @@ class Metrics:
         )
         self.resumes = Counter(
             "mirrorrouter_resumed_blobs",
-            "Blob downloads continued with Range after a cut.",
-            ["upstream"],
+            "Blob downloads continued with Range after a cut, by the mirror that cut.",
+            ["upstream", "mirror"],
             registry=r,
         )
         self.followers = Counter(

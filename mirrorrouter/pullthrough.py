@@ -332,19 +332,21 @@ class Pullthrough:
             site.cache.touch(digest)  # a redirected read is an access too (LRU)
         return url
 
-    async def blob(self, upstream: UpstreamSettings, repository: str, digest: Digest) -> BlobAnswer:
+    async def blob(
+        self, upstream: UpstreamSettings, repository: str, digest: Digest, *, body: bool = True
+    ) -> BlobAnswer:
+        """A blob from the cache, or from its download (one per blob, however many ask).
+
+        A blob the upstream announces at up to ``verify_before_send`` bytes is answered once
+        it is verified and committed (``body``: the caller sends the bytes; a HEAD needs only
+        the size), so a corrupt mirror costs the client nothing while another mirror has
+        the blob. Larger ones (and those of unknown size) stream as they land, the last
+        byte held back until the digest matched."""
         site = await self.site(upstream)
         size = await site.cache.blob_size(digest)
         if size is not None:
             await self._check_visible(site, repository, digest)
-            return BlobAnswer(
-                size,
-                CacheStatus.HIT,
-                upstream.name,
-                lambda start, end: site.cache.read_blob(
-                    digest, start, size if end is None else end
-                ),
-            )
+            return BlobAnswer(size, CacheStatus.HIT, upstream.name, _stored(site, digest, size))
         fill = site.fills.get(digest)
         if fill is None:
             fill = self.filler.start(site, repository, digest)
@@ -353,11 +355,17 @@ class Pullthrough:
             self.metrics.followers.labels(upstream.name).inc()
             if fill.repository != repository:
                 await self._check_visible(site, repository, digest)
-        await fill.started.wait()
+        fill = await fill.begun()
+        small = fill.size is not None and fill.size <= site.settings.policy.verify_before_send
+        if body and small:
+            fill = await fill.settled()
         if fill.error is not None:
             if isinstance(fill.error, RegistryError):
                 raise fill.error
             raise RegistryError(ErrorCode.UNAVAILABLE, f"fetching {digest} failed: {fill.error}")
+        if fill.done and fill.size is not None:
+            stream = _stored(site, digest, fill.size)  # verified: served like a hit
+            return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, stream, fill.mirror)
         return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read, fill.mirror)
 
     async def _check_visible(self, site: UpstreamSite, repository: str, digest: Digest) -> None:
@@ -409,3 +417,10 @@ class Pullthrough:
         if artifact_type:
             return filter_referrers(answer.manifest.data, artifact_type), True
         return answer.manifest.data, False
+
+
+def _stored(
+    site: UpstreamSite, digest: Digest, size: int
+) -> Callable[[int, int | None], AsyncIterator[bytes]]:
+    """Reads of a committed blob of ``size`` bytes from the cache."""
+    return lambda start, end: site.cache.read_blob(digest, start, size if end is None else end)

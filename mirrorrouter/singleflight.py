@@ -8,6 +8,10 @@ bytes land, not after the download completes.
 The last byte is held back from readers until the digest is verified: a reader can never
 receive a whole, wrong blob. When verification fails, every reader gets an error (its
 response is cut short) and nothing is committed.
+
+Small blobs (up to the upstream's ``verify_before_send``) are not streamed: their readers
+wait for the commit (``settled``), following the fill that replaces a corrupt one, and are
+then served the verified file; a corrupt mirror then costs them nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class BlobFill:
         # Set when the cache cannot take the blob (disk full): readers then stream straight
         # from upstream, from where they are, without caching.
         self.direct: Callable[[int, int | None], AsyncIterator[bytes]] | None = None
+        # The fill that started over from another mirror when this one's content failed
+        # verification: readers waiting for a verified blob follow it (``settled``).
+        self.replaced_by: BlobFill | None = None
         self.started = asyncio.Event()  # the upstream answered, or the fill failed
         self._changed = asyncio.Event()
 
@@ -89,6 +96,28 @@ class BlobFill:
         changed.set()
 
     # -- the readers' side
+
+    async def begun(self) -> BlobFill:
+        """This fill once the upstream answered; or, when its content failed verification
+        meanwhile, the fill that replaced it: a reader without a byte yet starts on that."""
+        fill = self
+        await fill.started.wait()
+        while fill.error is not None and fill.replaced_by is not None:
+            fill = fill.replaced_by
+            await fill.started.wait()
+        return fill
+
+    async def settled(self) -> BlobFill:
+        """Wait for the verified blob: the fill that holds it (committed, or degraded to
+        reads through ``direct``), following the fills that replaced a corrupt one; or the
+        last one's failure (``error`` set) when no mirror is left to try."""
+        fill = self
+        while True:
+            while not (fill.done or fill.error is not None or fill.direct is not None):
+                await fill._changed.wait()
+            if fill.error is None or fill.replaced_by is None:
+                return fill
+            fill = fill.replaced_by
 
     @property
     def readable(self) -> int:

@@ -511,10 +511,14 @@ class UpstreamClient:
         offset: int = 0,
         *,
         exclude: frozenset[str] = frozenset(),
+        after: str | None = None,
     ) -> AsyncIterator[BlobStream]:
         """Open a blob stream on the first pull mirror that has it (from ``offset``).
 
-        ``exclude`` names mirrors not to ask (they served this blob corrupt).
+        ``exclude`` names mirrors not to ask (they served this blob corrupt). ``after`` names
+        the mirror whose stream of this blob just broke: the mirrors after it in the failover
+        order are asked first, then those before it, and it last, so a resume goes round the
+        mirrors instead of back to the one that broke.
         """
         headers = {"Range": f"bytes={offset}-"} if offset else {}
 
@@ -529,8 +533,8 @@ class UpstreamClient:
                 return response
             raise await failure(mirror, response)
 
-        response, mirror = await self._over_mirrors(
-            Capability.PULL, f"blob {digest}", ErrorCode.BLOB_UNKNOWN, attempt, exclude=exclude
+        response, mirror = await self._round_from(
+            after, f"blob {digest}", ErrorCode.BLOB_UNKNOWN, attempt, exclude=exclude
         )
         try:
             # An upstream that ignores Range sends the whole blob: drop what we have.
@@ -539,6 +543,39 @@ class UpstreamClient:
             yield BlobStream(response, size, offset, mirror.name, self.breakers[mirror.url], skip)
         finally:
             await response.aclose()
+
+    async def _round_from(
+        self,
+        after: str | None,
+        what: str,
+        not_found: ErrorCode,
+        attempt: Callable[[Mirror], Awaitable[T]],
+        *,
+        exclude: frozenset[str],
+    ) -> tuple[T, Mirror]:
+        """``_over_mirrors`` on the pull mirrors, in failover order turned round to start
+        after the mirror ``after`` (which comes last); one error listing every answer."""
+        names = [m.name for m in self.mirrors(Capability.PULL)]
+        turns = [names]
+        if after in names:
+            cut = names.index(after) + 1
+            turns = [turn for turn in (names[cut:], names[:cut]) if turn]
+        tried: list[dict[str, str]] = []
+        for turn in turns:
+            elsewhere = frozenset(names).difference(turn, exclude)  # asked in the other turn
+            try:
+                return await self._over_mirrors(
+                    Capability.PULL, what, not_found, attempt, exclude=exclude | elsewhere
+                )
+            except RegistryError as error:
+                # Each mirror as the turn that asked it answered; the excluded ones once.
+                listed = elsewhere if turn is turns[0] else elsewhere | exclude
+                tried += _tried(error, leave_out=listed)
+                if turn is turns[-1]:
+                    if isinstance(error.detail, dict):
+                        error.detail["tried"] = tried
+                    raise
+        raise AssertionError("unreachable: the last turn returns or raises")
 
     async def blob_exists(self, repository: str, digest: Digest) -> bool:
         """Whether a pull mirror confirms the blob in this repository."""
@@ -694,6 +731,12 @@ async def _close_answer(answer: object) -> None:
     """An answer nobody took (a hedge's loser): an open response is closed unread."""
     if isinstance(answer, httpx.Response):
         await answer.aclose()
+
+
+def _tried(error: RegistryError, *, leave_out: frozenset[str]) -> list[dict[str, str]]:
+    """What each mirror answered, from an error of ``_over_mirrors``, but for ``leave_out``."""
+    tried = error.detail.get("tried", []) if isinstance(error.detail, dict) else []
+    return [t for t in tried if t.get("mirror") not in leave_out]
 
 
 def _bind(attempt: Callable[[Mirror], Awaitable[T]], mirror: Mirror) -> Callable[[], Awaitable[T]]:

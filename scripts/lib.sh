@@ -30,12 +30,14 @@ make_venv() {
 prepare_image_inputs() {
     local dir=build/image-test
     mkdir -p "$dir"
-    if [ ! -s "$dir/rootfs.tar" ]; then
+    if [ ! -f "$dir/rootfs.tar" ]; then
         echo "making the test base image's root file system (mmdebstrap, ~30 s)" >&2
-        mmdebstrap --quiet --variant=minbase --mode=root \
+        rm -rf "$dir/rootfs.partial"
+        # --format: the output's name does not end in .tar until it is complete.
+        mmdebstrap --quiet --variant=minbase --mode=root --format=tar \
             --include=python3,python3-venv,ca-certificates \
-            bookworm "$dir/rootfs.tar.partial"
-        mv "$dir/rootfs.tar.partial" "$dir/rootfs.tar"
+            bookworm "$dir/rootfs.partial"
+        mv "$dir/rootfs.partial" "$dir/rootfs.tar"
     fi
     rm -rf "$dir/wheels"
     # setuptools builds the project inside the image (pip install .); async-timeout is what

@@ -270,11 +270,38 @@ def test_first_byte_timeout_and_hedge_default_and_override() -> None:
             '[upstreams."quay.io"]\nfirst_byte_timeout = "soon"',
             'upstreams."quay.io".first_byte_timeout: expected a duration',
         ),
+        ('[defaults]\nverify_before_send = "4 parsecs"', "defaults.verify_before_send: expected a"),
+        ("[defaults]\nverify_before_send = -1", "defaults.verify_before_send: expected a size"),
+        (
+            '[upstreams."quay.io"]\nverify_before_send = true',
+            'upstreams."quay.io".verify_before_send: expected a size',
+        ),
     ],
 )
 def test_bad_policy_values(text: str, fragment: str) -> None:
     """Policy keys are range-checked with the key path named."""
     assert any(fragment in p for p in problems(text + "\n" + MINIMAL))
+
+
+def test_verify_before_send_is_a_size_set_in_defaults_or_per_upstream() -> None:
+    """verify_before_send reads sizes like max_size, defaults to 4 MiB, and 0 turns it off."""
+    settings = parse_settings(
+        """
+        [defaults]
+        verify_before_send = "16MiB"
+        [upstreams."docker.io"]
+        verify_before_send = 0
+        [upstreams."quay.io"]
+        """,
+        env={},
+    )
+    assert settings.upstreams["docker.io"].policy.verify_before_send == 0
+    assert settings.upstreams["quay.io"].policy.verify_before_send == 16 * 1024 * 1024
+    plain = parse_settings('[upstreams."docker.io"]\nverify_before_send = "1.5MB"', env={})
+    assert plain.upstreams["docker.io"].policy.verify_before_send == 1_500_000
+    assert parse_settings(MINIMAL, env={}).upstreams["docker.io"].policy.verify_before_send == (
+        4 * 1024 * 1024
+    )
 
 
 def test_all_problems_are_reported_together() -> None:

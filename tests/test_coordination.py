@@ -431,9 +431,10 @@ class Replicas:
             )
             self.coordinators.append(coordinator)
             stack.push_async_callback(coordinator.close)
-            text = (
+            text = (  # PAYLOAD is a large blob here: it streams as it lands
                 f'[cache]\ndirectory = "{self.tmp_path / name}"\n'
                 '[upstreams."docker.io"]\nmirrors = [{ url = "http://up.test" }]\n'
+                'verify_before_send = "1MiB"\n'
             )
             pull = Pullthrough(
                 parse_settings(text, env={}),
@@ -554,9 +555,10 @@ async def test_follower_without_a_peer_url_waits_for_the_shared_store(
     monkeypatch.setattr(FilesystemCache, "try_claim", lambda self, digest: _Unshared())
     monkeypatch.setattr(FilesystemCache, "blob_path", lambda self, digest: None)
     upstream = Upstream()
-    text = (
+    text = (  # PAYLOAD is a large blob here: the lock holder answers once the upstream did
         f'[cache]\ndirectory = "{tmp_path / "store"}"\n'
         '[upstreams."docker.io"]\nmirrors = [{ url = "http://up.test" }]\n'
+        'verify_before_send = "1MiB"\n'
     )
     async with (
         coordinators(redis_server.redis_url) as (first, second),
@@ -570,6 +572,9 @@ async def test_follower_without_a_peer_url_waits_for_the_shared_store(
                 transport=httpx.MockTransport(upstream.handler),
                 coordinator=coordinator,
             )
+            # One after the other: a cache opening sweeps the spool areas it can lock, and
+            # the other's may not be locked yet while it opens.
+            await pull.start()
             stack.push_async_callback(pull.close)
             pulls.append(pull)
         hub = pulls[0].settings.upstreams["docker.io"]

@@ -11,11 +11,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.clients import Containerd, Skopeo, write_hosts_toml
+from tests.support.clients import ClientError, Containerd, Skopeo, write_hosts_toml
 from tests.support.faultproxy import FaultProxy, HungServer, closed_port_url
 from tests.support.gateway import GatewayProcess
 from tests.support.images import Descriptor, ImageFactory, PushedImage
@@ -118,15 +119,26 @@ def _wait_for_spool(tmp: Path, timeout: float = 10.0) -> list[Path]:
 # ---------------------------------------------------------------------- faults on the wire
 
 
+def stock(factory: ImageFactory, registry: DistributionRegistry) -> Stocked:
+    small = factory.push(factory.small(), registry, "library/small", "1")
+    large = factory.push(factory.large(), registry, "library/large", "1")
+    multi = factory.push(factory.multiarch(), registry, "library/multi", "1")
+    return Stocked(registry, small, large, multi)
+
+
 @pytest.fixture(scope="module")
 def stocked(tmp_path_factory: pytest.TempPathFactory, factory: ImageFactory) -> Iterator[Stocked]:
     """One registry with a small, a 110 MiB and a multi-arch image, shared by the fault tests
     (read-only)."""
     with DistributionRegistry(tmp_path_factory.mktemp("stocked")) as registry:
-        small = factory.push(factory.small(), registry, "library/small", "1")
-        large = factory.push(factory.large(), registry, "library/large", "1")
-        multi = factory.push(factory.multiarch(), registry, "library/multi", "1")
-        yield Stocked(registry, small, large, multi)
+        yield stock(factory, registry)
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory: pytest.TempPathFactory, factory: ImageFactory) -> Iterator[Stocked]:
+    """A second registry with the same images: the healthy second mirror (read-only)."""
+    with DistributionRegistry(tmp_path_factory.mktemp("twin")) as registry:
+        yield stock(factory, registry)
 
 
 @dataclass
@@ -182,25 +194,6 @@ def test_blob_cut_mid_stream_resumes_with_range(stocked: Stocked, tmp_path: Path
     assert len(gets) == 2 and gets[0].range is None
     offset = int((gets[1].range or "").removeprefix("bytes=").rstrip("-"))
     assert 26 * 1024 * 1024 <= offset <= 30 * 1024 * 1024
-
-
-def test_corrupting_mirror_is_never_cached(stocked: Stocked, tmp_path: Path) -> None:
-    """A mirror flipping a byte: the blob is never cached from it; the next mirror serves."""
-    blob = max(stocked.small.blobs, key=lambda b: b.size)
-    cache = tmp_path / "c"
-    with FaultProxy(stocked.registry.url) as bad:
-        bad.corrupt(path_contains="/blobs/")
-        mirrors = [bad.url, stocked.registry.url]
-        with GatewayProcess(tmp_path / "gw", hub_config(cache, mirrors)) as gw:
-            httpx.get(f"{gw.url}/v2/library/small/manifests/1").raise_for_status()
-            url = f"{gw.url}/v2/library/small/blobs/{blob.digest}"
-            with pytest.raises(httpx.HTTPError):
-                fetch_digest(url)  # cut short: the first download came from the bad mirror
-            assert fetch_digest(url) == blob.digest
-            assert "failed verification" in gw.log() and bad.host in gw.log()
-        assert bad.count("GET", blob.digest) == 1
-    stored = cache / "docker.io" / "blobs" / "sha256" / blob.digest[7:9] / blob.digest[7:]
-    assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob.digest[7:]
 
 
 def test_slow_mirror_fails_over_within_the_deadline(stocked: Stocked, tmp_path: Path) -> None:
@@ -318,3 +311,142 @@ def test_single_mirror_back_from_an_open_circuit_is_probed_at_once(
     assert failing.applied == 3 and probed == "HTTP 503"  # c probed it, not "circuit open"
     assert pulled.manifest_digest == stocked.small.digest
     assert "has its circuit open: probing" in log
+
+
+# ---------------------------------------------------------------------- a healthy second mirror
+
+MIB = 1024 * 1024
+
+
+def pull_cold(
+    client: str,
+    workdir: Path,
+    mirrors: list[str],
+    images: list[PushedImage],
+    policy: str = "",
+    *,
+    node_each: bool = False,
+) -> tuple[list[str], str]:
+    """Pull ``images`` (every platform) with a real client through one gateway with an empty
+    cache; the digests the client got (``"failed"`` for a failed pull) and the gateway log.
+    ``node_each``: each ctr pull from a containerd of its own (another node)."""
+    config = hub_config(workdir / "cache", mirrors, policy)
+    pulled: list[str] = []
+    with GatewayProcess(workdir / "gw", config) as gateway:
+        if client == "skopeo":
+            for i, image in enumerate(images):
+                ref = image.path_reference(gateway.host)
+                try:
+                    local = Skopeo().copy_to_local(ref, workdir / f"pull{i}", all_platforms=True)
+                    pulled.append(local.manifest_digest)
+                except ClientError:
+                    pulled.append("failed")
+            return pulled, gateway.log()
+        hosts = workdir / "hosts"
+        write_hosts_toml(hosts, "docker.io", gateway.url, server=None)
+        for batch in [[image] for image in images] if node_each else [images]:
+            with Containerd(base_dir=workdir) as containerd:
+                for image in batch:
+                    ref = image.path_reference("docker.io")
+                    try:
+                        pulled.append(
+                            containerd.ctr_pull(ref, hosts, all_platforms=True, unpack=False)
+                        )
+                    except ClientError:
+                        pulled.append("failed")
+        return pulled, gateway.log()
+
+
+def layer_gets(requests: list[Any], digest: str) -> list[Any]:
+    return [r for r in requests if r.method == "GET" and digest in r.path]
+
+
+@pytest.mark.parametrize("client", ["skopeo", "ctr"])
+def test_cut_on_the_first_mirror_is_resumed_on_the_second(
+    stocked: Stocked, twin: Stocked, tmp_path: Path, client: str
+) -> None:
+    """Every blob cut on the first mirror (the 110 MiB layer 30 MiB in) is resumed on the
+    second at the byte reached: cold pulls of a large and a multi-arch image succeed, and
+    the large layer crosses the wire about once."""
+    layer, since = stocked.layer, twin.registry.mark()
+    with FaultProxy(stocked.registry.url) as proxy:
+        proxy.cut_after(30 * MIB, path_contains=layer.digest)
+        proxy.cut_after(100, path_contains="/blobs/")
+        images = [stocked.large, stocked.multi]
+        pulled, log = pull_cold(client, tmp_path, [proxy.url, twin.registry.url], images)
+        first = layer_gets(proxy.requests(), layer.digest)
+        cut = [r for r in proxy.requests() if r.method == "GET" and "/blobs/" in r.path]
+    assert pulled == [stocked.large.digest, stocked.multi.digest]
+    assert "resuming at byte" in log
+    second = layer_gets(twin.registry.requests(since), layer.digest)
+    assert len(first) == 1 and first[0].body_bytes == 30 * MIB
+    assert [r.status for r in second] == [206]  # a Range request, at the byte reached
+    # The resume starts where the gateway's bytes ended: at the cut, or a little before it
+    # when the transport dropped what it had buffered as the connection broke.
+    assert second[0].size is not None
+    assert layer.size <= first[0].body_bytes + second[0].size <= layer.size + 4 * MIB
+    assert all(r.fault == "cut_after" for r in cut)
+    assert len({r.path for r in cut}) == len(cut)  # never back to the mirror that broke
+
+
+def test_stall_on_the_first_mirror_is_resumed_on_the_second(
+    stocked: Stocked, twin: Stocked, tmp_path: Path
+) -> None:
+    """A layer stalled 30 MiB in on the first mirror goes on from the second once
+    read_timeout passed, well before the stall would end."""
+    layer, since = stocked.layer, twin.registry.mark()
+    with FaultProxy(stocked.registry.url) as proxy:
+        proxy.stall_after(30 * MIB, 60, path_contains=layer.digest)
+        mirrors = [proxy.url, twin.registry.url]
+        started = time.monotonic()
+        pulled, log = pull_cold("skopeo", tmp_path, mirrors, [stocked.large], 'read_timeout = "1s"')
+        elapsed = time.monotonic() - started
+    assert pulled == [stocked.large.digest] and "resuming at byte" in log
+    assert [r.status for r in layer_gets(twin.registry.requests(since), layer.digest)] == [206]
+    assert elapsed < 20
+
+
+@pytest.mark.parametrize("client", ["skopeo", "ctr"])
+def test_corrupt_small_blobs_on_the_first_mirror_cost_the_client_nothing(
+    stocked: Stocked, twin: Stocked, tmp_path: Path, client: str
+) -> None:
+    """Configs and small layers the first mirror serves corrupt are verified before their
+    first byte: cold pulls succeed at once from the second mirror's copies, each blob asked
+    once of each mirror, and only right bytes are cached."""
+    since = twin.registry.mark()
+    with FaultProxy(stocked.registry.url) as bad:
+        bad.corrupt(path_contains="/blobs/")
+        images = [stocked.small, stocked.multi]
+        pulled, log = pull_cold(client, tmp_path, [bad.url, twin.registry.url], images)
+        corrupted = [r for r in bad.requests() if r.method == "GET" and r.fault == "corrupt"]
+    assert pulled == [stocked.small.digest, stocked.multi.digest]
+    assert "failed verification" in log
+    refetched = [r.path for r in twin.registry.blob_gets(since)]
+    assert corrupted and sorted(refetched) == sorted(r.path for r in corrupted)
+    for blob in {b.digest for image in images for b in image.blobs}:
+        stored = tmp_path / "cache" / "docker.io" / "blobs" / "sha256" / blob[7:9] / blob[7:]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == blob[7:]
+
+
+@pytest.mark.parametrize("client", ["skopeo", "ctr"])
+def test_corrupt_large_blob_cuts_the_first_pull_and_the_next_succeeds(
+    stocked: Stocked, twin: Stocked, tmp_path: Path, client: str
+) -> None:
+    """A large layer served corrupt by the first mirror streams to the first client, whose
+    transfer is then cut (never completed wrong); the next pull gets the second mirror's
+    copy, fetched once.
+
+    The next ctr pull runs on another node: containerd keeps the bytes it received and
+    resumes with Range, so its own copy of the corrupt blob fails its digest check until
+    containerd drops that download."""
+    layer, since = stocked.layer, twin.registry.mark()
+    with FaultProxy(stocked.registry.url) as bad:
+        bad.corrupt(path_contains=layer.digest)
+        images = [stocked.large, stocked.large]  # the first pull, then the next
+        mirrors = [bad.url, twin.registry.url]
+        pulled, log = pull_cold(client, tmp_path, mirrors, images, node_each=True)
+        corrupted = layer_gets(bad.requests(), layer.digest)
+    assert pulled == ["failed", stocked.large.digest]
+    assert "failed verification" in log
+    assert len(corrupted) == 1
+    assert len(layer_gets(twin.registry.requests(since), layer.digest)) == 1

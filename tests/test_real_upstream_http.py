@@ -132,20 +132,30 @@ def test_a_cdn_challenge_is_never_answered_and_counts_against_the_mirror(
 ) -> None:
     """A CDN answering 401 with its own Bearer realm or Basic challenge gets no credentials
     and its realm no request; each try asks the registry again; after breaker_failures
-    failed pulls the mirror's circuit opens and the registry is not asked any more."""
+    failed pulls the mirror's circuit is open, and the next pull is the one probe of it
+    (every circuit open: issue 14 item 9), which fails the same way."""
     upstream_cdn.cdn.challenge = challenge
     blob = stocked.small.blobs[0]
     policy = "retry_attempts = 2\nbreaker_failures = 2"
     with gateway_for(tmp_path, upstream_cdn, policy) as gateway:
         url = f"{gateway.url}/v2/library/small/blobs/{blob.digest}"
-        failed = [httpx.get(url, timeout=30) for _ in range(3)]
+        failed = [httpx.get(url, timeout=30) for _ in range(2)]
+        metrics = httpx.get(f"{gateway.url}/metrics", timeout=30).text
+        asked_before_probe = len(upstream_cdn.front.blob_gets())
+        probe = httpx.get(url, timeout=30)
     assert_nothing_leaked(upstream_cdn)
-    assert [r.status_code for r in failed] == [503, 503, 503]
-    tried = [json.loads(r.content)["errors"][0]["detail"]["tried"][0]["result"] for r in failed]
-    assert tried[0] == f"redirect target {upstream_cdn.cdn.url} answered HTTP 401"
-    assert tried[2] == "skipped: circuit open"
-    assert len(upstream_cdn.front.blob_gets()) == 4  # two pulls of two tries; none after
-    assert len(upstream_cdn.cdn.log.all()) == 4
+    assert [r.status_code for r in [*failed, probe]] == [503, 503, 503]
+    tried = [
+        json.loads(r.content)["errors"][0]["detail"]["tried"][0]["result"] for r in [*failed, probe]
+    ]
+    assert tried == [f"redirect target {upstream_cdn.cdn.url} answered HTTP 401"] * 3
+    assert asked_before_probe == 4  # two pulls of two tries each
+    open_circuit = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("mirrorrouter_circuit_state{") and line.endswith(" 2.0")
+    ]
+    assert len(open_circuit) == 1, metrics
 
 
 # ---------------------------------------------------------------------- redirect targets failing

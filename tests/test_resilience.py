@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import random
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,10 +23,11 @@ from mirrorrouter.hedging import HeaderLatency
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.retry import RetryPolicy
+from mirrorrouter.singleflight import FillFailed
 from mirrorrouter.timing import Timing
 from mirrorrouter.upstream import UpstreamClient
-from tests.support.fakeregistry import FakeRegistry, Image, make_image
-from tests.support.inprocess import Clock, config, gateway
+from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
+from tests.support.inprocess import Clock, Gateway, config, gateway, until
 
 pytestmark = pytest.mark.anyio
 
@@ -383,29 +386,6 @@ async def test_blob_cut_mid_stream_resumes_from_its_offset(
         assert (
             await pull.blob(pull.settings.upstreams["docker.io"], "library/a", DIGEST)
         ).cache == "HIT"
-    finally:
-        await pull.close()
-
-
-async def test_corrupt_mirror_is_skipped_by_the_replacement_fill(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Corrupt bytes are never cached; the next mirror serves the retry; the event is logged."""
-    asked: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        asked.append(request.url.host)
-        body = b"X" + PAYLOAD[1:] if request.url.host == "m0.test" else PAYLOAD
-        return httpx.Response(200, content=body)
-
-    pull = pull_for(tmp_path, handler, mirrors=2)
-    await pull.start()
-    try:
-        with pytest.raises(Exception, match=r"failed verification|hashed"):
-            await read_blob(pull)
-        assert await read_blob(pull) == PAYLOAD
-        assert asked == ["m0.test", "m1.test"]
-        assert "m0.test failed verification" in caplog.text
     finally:
         await pull.close()
 
@@ -823,3 +803,287 @@ async def test_abandoned_probe_is_given_back() -> None:
     finally:
         await client.aclose()
     assert mirrors.asked == ["m0.test"] * 3
+
+
+# ---------------------------------------------------------------------- across mirrors
+
+LARGE = random.Random(14).randbytes(8 * MIB)  # over verify_before_send (4 MiB): streamed
+SMALL = random.Random(7).randbytes(MIB)  # verified before its first byte is sent
+
+
+class Faulty(httpx.AsyncByteStream):
+    """A blob body in 1 MiB pieces that waits at ``hold`` after the first piece and breaks
+    like a dropped connection after ``cut`` bytes (None: never)."""
+
+    def __init__(self, data: bytes, cut: int | None, hold: asyncio.Event | None) -> None:
+        self.data, self.cut, self.hold = data, cut, hold
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        end = len(self.data) if self.cut is None else self.cut
+        for start in range(0, end, MIB):
+            yield self.data[start : min(start + MIB, end)]
+            if self.hold is not None:
+                await self.hold.wait()
+        if end < len(self.data):
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
+class FakeMirrors:
+    """Fake registries at http://m0.test, http://m1.test ..., each with its own log, all with
+    one image; blob bodies of a mirror can be cut, held, or take time on the gateway's clock."""
+
+    def __init__(self, count: int, layer: bytes) -> None:
+        self.fakes = [FakeRegistry(host=f"m{i}.test") for i in range(count)]
+        image = make_image("library/app", [layer])
+        for fake in self.fakes:
+            fake.add(image, "1")
+        self.digest = sha256(layer)
+        self.path = f"/v2/library/app/blobs/{self.digest}"
+        self.cuts: dict[int, list[int | None]] = {}  # mirror -> bytes each next GET sends
+        self.hold: dict[int, asyncio.Event] = {}  # mirror -> gate after the first MiB
+        self.slow: dict[int, float] = {}  # mirror -> seconds each blob GET takes
+        self.before: Callable[[int], None] | None = None  # told of each blob GET, by mirror
+        self.clock: Clock | None = None
+
+    def mirrors(self) -> str:
+        return "[" + ", ".join(f'{{ url = "http://{f.host}" }}' for f in self.fakes) + "]"
+
+    def wrap(self, _: httpx.ASGITransport) -> httpx.AsyncBaseTransport:
+        apps = {fake.host: httpx.ASGITransport(app=fake.app) for fake in self.fakes}
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            index = int(request.url.host.removeprefix("m").removesuffix(".test"))
+            blob_get = request.method == "GET" and "/blobs/" in request.url.path
+            if blob_get and self.before is not None:
+                self.before(index)
+            response = await apps[request.url.host].handle_async_request(request)
+            if not blob_get:
+                return response
+            if self.clock is not None:
+                self.clock.now += self.slow.get(index, 0.0)
+            cuts = self.cuts.get(index) or [None]
+            cut = cuts.pop(0) if self.cuts.get(index) else None
+            body = await response.aread()
+            stream = Faulty(body, cut, self.hold.get(index))
+            return httpx.Response(response.status_code, headers=response.headers, stream=stream)
+
+        return httpx.MockTransport(handler)
+
+    @asynccontextmanager
+    async def gateway(self, tmp_path: Path, policy: str = "") -> AsyncIterator[Gateway]:
+        text = config(tmp_path, policy, mirrors=self.mirrors())
+        async with gateway(tmp_path, self.fakes[0], text, wrap=self.wrap) as gw:
+            self.clock = gw.clock
+            yield gw
+
+    def gets(self, index: int) -> int:
+        return self.fakes[index].count("GET", self.path)
+
+
+def gateway_count(gw: Gateway, name: str, mirror: str) -> float:
+    labels = {"upstream": "docker.io", "mirror": mirror}
+    return gw.app.endpoints.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def blob_file(gw: Gateway, digest: str) -> Path:
+    return gw.cache_dir / "docker.io" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+
+
+async def test_cut_blob_resumes_from_the_next_mirror_at_the_exact_byte(tmp_path: Path) -> None:
+    """A blob cut on mirror 1 continues from mirror 2 at the byte reached, verified as one."""
+    mirrors = FakeMirrors(2, LARGE)
+    cut = 3 * MIB + 5
+    mirrors.cuts[0] = [cut]
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        assert response.status_code == 200 and response.content == LARGE
+        assert (await gw.client.get(mirrors.path)).headers["x-cache"] == "HIT"
+        resumes = gateway_count(gw, "mirrorrouter_resumed_blobs_total", "m0.test")
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)  # not back to the one that broke
+    assert mirrors.fakes[1].ranges == [(mirrors.path, f"bytes={cut}-")]
+    assert resumes == 1
+
+
+async def test_the_mirror_that_broke_is_asked_last_not_never(tmp_path: Path) -> None:
+    """A resume asks the mirrors after the one that broke first; when they do not have the
+    blob, the one that broke finishes it."""
+    mirrors = FakeMirrors(3, LARGE)
+    for fake in mirrors.fakes[1:]:
+        del fake.blobs[("library/app", mirrors.digest)]
+    mirrors.cuts[0] = [MIB]
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+    assert response.status_code == 200 and response.content == LARGE
+    resumed = [(mirrors.path, f"bytes={MIB}-")]
+    assert [fake.ranges for fake in mirrors.fakes] == [resumed] * 3
+
+
+async def test_resume_with_no_mirror_left_names_what_each_answered(tmp_path: Path) -> None:
+    """A small blob whose resume no mirror can serve is a 503 whose detail lists each
+    mirror once, in the order asked."""
+    mirrors = FakeMirrors(2, SMALL)
+    del mirrors.fakes[1].blobs[("library/app", mirrors.digest)]
+    mirrors.cuts[0] = [MIB // 2]
+
+    def down_after_the_cut(index: int) -> None:
+        if index == 0 and mirrors.gets(0) == 1:
+            mirrors.fakes[0].faults["/blobs/"] = [503]
+
+    mirrors.before = down_after_the_cut
+    async with mirrors.gateway(tmp_path, "retry_attempts = 1") as gw:
+        response = await gw.client.get(mirrors.path)
+    assert response.status_code == 503
+    tried = json.loads(response.content)["errors"][0]["detail"]["tried"]
+    assert [(t["mirror"], t["result"]) for t in tried] == [
+        ("m1.test", "HTTP 404 not found"),
+        ("m0.test", "HTTP 503"),
+    ]
+
+
+async def test_resumes_that_keep_making_progress_go_on_past_five(tmp_path: Path) -> None:
+    """Two mirrors that each cut every stream after 1 MiB still deliver the whole blob, in
+    turns, with seven resumes (counted per mirror that cut)."""
+    mirrors = FakeMirrors(2, LARGE)
+    mirrors.cuts = {0: [MIB] * 8, 1: [MIB] * 8}
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        assert response.status_code == 200 and response.content == LARGE
+        resumes = [
+            gateway_count(gw, "mirrorrouter_resumed_blobs_total", f"m{i}.test") for i in (0, 1)
+        ]
+    assert (mirrors.gets(0), mirrors.gets(1)) == (4, 4)
+    assert [r for _, r in mirrors.fakes[1].ranges] == [f"bytes={n * MIB}-" for n in (1, 3, 5, 7)]
+    assert resumes == [4, 3]
+
+
+async def test_a_round_of_mirrors_without_progress_gives_up(tmp_path: Path) -> None:
+    """When every mirror broke without adding a byte since the last progress, the client's
+    transfer is cut, nothing is committed, and the next pull succeeds."""
+    mirrors = FakeMirrors(2, LARGE)
+    mirrors.cuts = {0: [MIB, 0], 1: [0]}
+    async with mirrors.gateway(tmp_path) as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        assert (mirrors.gets(0), mirrors.gets(1)) == (2, 1)
+        assert not blob_file(gw, mirrors.digest).exists()
+        assert spooled(gw.cache_dir / "docker.io") == []
+        again = await gw.client.get(mirrors.path)
+        assert again.status_code == 200 and again.content == LARGE
+
+
+async def test_resumes_stop_when_no_byte_came_for_the_retry_deadline(tmp_path: Path) -> None:
+    """Resumes end once retry_deadline passed without progress, before the round is over."""
+    mirrors = FakeMirrors(3, LARGE)
+    mirrors.cuts = {0: [MIB], 1: [0]}
+    mirrors.slow[1] = 61.0  # its answer takes a minute, and then it breaks
+    async with mirrors.gateway(tmp_path, 'retry_deadline = "60s"') as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        assert not blob_file(gw, mirrors.digest).exists()
+    assert [mirrors.gets(i) for i in range(3)] == [1, 1, 0]
+
+
+async def test_a_mirror_announcing_another_size_is_that_mirrors_failure(tmp_path: Path) -> None:
+    """A resume from a mirror whose blob has another size is not spliced in: that mirror
+    counts a failure and the next one in turn finishes the blob."""
+    mirrors = FakeMirrors(2, LARGE)
+    mirrors.fakes[1].blobs[("library/app", mirrors.digest)] = LARGE + b"tail"
+    mirrors.cuts[0] = [MIB]
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        assert response.status_code == 200 and response.content == LARGE
+        breakers = gw.app.endpoints.pull.breakers(gw.app.endpoints.settings.upstreams["docker.io"])
+    assert (mirrors.gets(0), mirrors.gets(1)) == (2, 1)
+    assert mirrors.fakes[0].ranges == [(mirrors.path, f"bytes={MIB}-")]
+    assert breakers[1].failures == 1
+
+
+async def test_corrupt_small_blob_costs_the_client_nothing(tmp_path: Path) -> None:
+    """A small blob that mirror 1 serves corrupt reaches the client whole and right, from
+    mirror 2, with a plain 200; mirror 1 counts a failure."""
+    mirrors = FakeMirrors(2, SMALL)
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+        failovers = gateway_count(gw, "mirrorrouter_failovers_total", "m0.test")
+        breakers = gw.app.endpoints.pull.breakers(gw.app.endpoints.settings.upstreams["docker.io"])
+    assert response.status_code == 200 and response.content == SMALL
+    assert response.headers["content-length"] == str(len(SMALL))
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+    assert failovers == 1 and breakers[0].failures == 1
+
+
+async def test_clients_waiting_for_a_small_blob_follow_its_refill(tmp_path: Path) -> None:
+    """Four clients of one small blob wait for it verified: one download per mirror, the
+    corrupt one's replacement followed, every client a 200 with the right bytes; a HEAD
+    answers meanwhile without waiting for the body."""
+    mirrors = FakeMirrors(2, SMALL + SMALL)  # 2 MiB: a first MiB, then the hold
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    hold = mirrors.hold[0] = asyncio.Event()
+    async with mirrors.gateway(tmp_path) as gw:
+        site = await gw.app.endpoints.pull.site(gw.app.endpoints.settings.upstreams["docker.io"])
+        tasks = [asyncio.create_task(gw.client.get(mirrors.path)) for _ in range(4)]
+        digest = Digest.parse(mirrors.digest)
+
+        def joined() -> bool:  # every client joined the download, held mid-blob
+            fill = site.fills.get(digest)
+            return fill is not None and fill.followers == 3 and fill.written >= MIB
+
+        await until(joined)
+        head = await gw.client.head(mirrors.path)
+        assert head.status_code == 200 and head.headers["content-length"] == str(2 * MIB)
+        assert not any(task.done() for task in tasks)  # nothing sent before the digest matched
+        hold.set()
+        responses = await asyncio.gather(*tasks)
+    assert [(r.status_code, r.content == SMALL + SMALL) for r in responses] == [(200, True)] * 4
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+
+
+async def test_corrupt_large_blob_cuts_the_first_client_and_the_next_pull_succeeds(
+    tmp_path: Path,
+) -> None:
+    """A large blob streams as it lands: mirror 1's corrupt copy cuts the first client's
+    transfer (never completed wrong); the refill from mirror 2 serves the next pull."""
+    mirrors = FakeMirrors(2, LARGE)
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    async with mirrors.gateway(tmp_path) as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        again = await gw.client.get(mirrors.path)
+        assert again.status_code == 200 and again.content == LARGE
+        assert blob_file(gw, mirrors.digest).read_bytes() == LARGE
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+
+
+async def test_a_resume_that_brought_nothing_is_not_blamed_for_corrupt_bytes(
+    tmp_path: Path,
+) -> None:
+    """Only the mirrors that sent bytes of a corrupt blob are suspects: the one whose resume
+    broke at once serves the fresh download, and the next pull succeeds."""
+    mirrors = FakeMirrors(2, LARGE)
+    mirrors.fakes[0].corrupt.add(mirrors.digest)
+    mirrors.cuts = {0: [MIB], 1: [0]}
+    async with mirrors.gateway(tmp_path) as gw:
+        with pytest.raises(FillFailed):
+            await gw.client.get(mirrors.path)
+        again = await gw.client.get(mirrors.path)
+    assert again.status_code == 200 and again.content == LARGE
+    assert (mirrors.gets(0), mirrors.gets(1)) == (2, 2)
+
+
+async def test_a_mirror_that_ends_a_blob_wrong_is_blamed_even_without_bytes(
+    tmp_path: Path,
+) -> None:
+    """A mirror answering a blob with an empty body is the suspect, not asked again: the
+    client gets the right bytes from the next mirror."""
+    mirrors = FakeMirrors(2, SMALL)
+    mirrors.fakes[0].blobs[("library/app", mirrors.digest)] = b""
+    async with mirrors.gateway(tmp_path) as gw:
+        response = await gw.client.get(mirrors.path)
+    assert response.status_code == 200 and response.content == SMALL
+    assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
+
+
+def spooled(cache: Path) -> list[Path]:
+    """Files in a cache's temp area other than the owner locks: writes left behind."""
+    return [p for p in (cache / "tmp").rglob("*") if p.is_file() and p.name != ".lock"]

@@ -13,6 +13,7 @@ from mirrorrouter.config import parse_settings
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest
 from mirrorrouter.singleflight import Coalescer, FillFailed
+from tests.support.inprocess import until
 
 pytestmark = pytest.mark.anyio
 
@@ -37,24 +38,27 @@ class GatedBody(httpx.AsyncByteStream):
 
 
 class Upstream:
-    def __init__(self, body: bytes = PAYLOAD) -> None:
+    def __init__(self, body: bytes = PAYLOAD, *, sized: bool = True) -> None:
         self.gate = asyncio.Event()
         self.body = body
+        self.sized = sized  # False: chunked, no Content-Length
         self.blob_gets = 0
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.blob_gets += 1
-        headers = {"Content-Length": str(len(self.body))}
+        headers = {"Content-Length": str(len(self.body))} if self.sized else {}
         return httpx.Response(200, headers=headers, stream=GatedBody(self.body, self.gate))
 
 
 @pytest.fixture
 def settings_text(tmp_path: Path) -> str:
+    # PAYLOAD is a large blob here: it streams as it lands instead of waiting for its commit.
     return f"""
 [cache]
 directory = "{tmp_path}"
 [upstreams."docker.io"]
 mirrors = [{{ url = "http://up.test" }}]
+verify_before_send = "1MiB"
 """
 
 
@@ -152,6 +156,49 @@ async def test_range_of_a_blob_being_filled(settings_text: str) -> None:
         upstream.gate.set()
         start, end = CHUNK + 5, 3 * CHUNK + 7
         assert await collect(answer.stream(start, end)) == PAYLOAD[start:end]
+    finally:
+        await pull.close()
+
+
+async def test_small_blob_is_answered_once_verified_and_head_does_not_wait(
+    settings_text: str, tmp_path: Path
+) -> None:
+    """A blob within verify_before_send is answered only once committed, to every waiting
+    client from one download; a HEAD is answered as soon as the upstream's headers came."""
+    upstream = Upstream()
+    pull = await open_pullthrough(settings_text.replace('"1MiB"', '"4MiB"'), upstream)
+    hub = pull.settings.upstreams["docker.io"]
+    try:
+        head = await pull.blob(hub, "library/a", DIGEST, body=False)
+        assert head.size == len(PAYLOAD) and not committed(tmp_path).exists()
+        waiting = [asyncio.create_task(pull.blob(hub, "library/a", DIGEST)) for _ in range(3)]
+        fill = (await pull.site(hub)).fills[DIGEST]
+        await until(lambda: fill.followers == 3 and fill.written == CHUNK)  # held mid-blob
+        assert not any(task.done() for task in waiting)
+        upstream.gate.set()
+        answers = await asyncio.gather(*waiting)
+        assert committed(tmp_path).read_bytes() == PAYLOAD  # before the first byte went out
+        assert [await collect(a.stream(0, None)) for a in answers] == [PAYLOAD] * 3
+        assert upstream.blob_gets == 1
+    finally:
+        await pull.close()
+
+
+async def test_small_blob_of_unknown_size_streams_as_it_lands(
+    settings_text: str, tmp_path: Path
+) -> None:
+    """A blob the upstream sends without a size is treated as large: bytes flow at once."""
+    upstream = Upstream(sized=False)
+    pull = await open_pullthrough(settings_text.replace('"1MiB"', '"4MiB"'), upstream)
+    hub = pull.settings.upstreams["docker.io"]
+    try:
+        answer = await pull.blob(hub, "library/a", DIGEST)
+        reader = answer.stream(0, None)
+        first = await anext(reader)
+        assert answer.size is None and PAYLOAD.startswith(first)
+        assert not committed(tmp_path).exists()
+        upstream.gate.set()
+        assert first + await collect(reader) == PAYLOAD
     finally:
         await pull.close()
 

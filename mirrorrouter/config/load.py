@@ -295,6 +295,7 @@ def _policy(table: Table, base: UpstreamPolicy) -> UpstreamPolicy:
         breaker_cooldown=table.duration("breaker_cooldown", base.breaker_cooldown),
         max_list_bytes=table.size("max_list_bytes", base.max_list_bytes) or base.max_list_bytes,
         proxy=_proxy(table, base.proxy),
+        verify_before_send=table.size("verify_before_send", base.verify_before_send, zero=True),
     )
 
 

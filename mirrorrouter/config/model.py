@@ -235,6 +235,9 @@ class UpstreamPolicy:
     max_list_bytes: int = 8 * 1024 * 1024
     # May carry user:password@, so never in a repr; shown only through redact_url.
     proxy: str | None = field(default=None, repr=False)
+    # Blobs up to this size are fetched and verified before their first byte is sent, so a
+    # corrupt mirror costs the client nothing when another has the blob; 0 turns it off.
+    verify_before_send: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 KeyPath = tuple[str | int, ...]
@@ -154,17 +154,25 @@ class Table:
             return default
         return seconds
 
-    def size(self, key: str, default: int | None = None) -> int | None:
-        """A positive byte size (``parse_size``), or ``default`` when the key is absent."""
+    @overload
+    def size(self, key: str, default: int, *, zero: bool = False) -> int: ...
+
+    @overload
+    def size(self, key: str, default: None = None, *, zero: bool = False) -> int | None: ...
+
+    def size(self, key: str, default: int | None = None, *, zero: bool = False) -> int | None:
+        """A positive byte size (``parse_size``; ``zero``: 0 too, which turns something off),
+        or ``default`` when the key is absent."""
         self.used.add(key)
         if key not in self.data:
             return default
         size = parse_size(self.data[key])
-        if not size:
+        if size is None or (size == 0 and not zero):
+            least = "0 or more" if zero else "more than 0"
             self.reader.problem(
                 (*self.path, key),
                 f"expected a size such as 500MiB, 20GiB or 1TB (or a number of bytes, "
-                f"more than 0), got {self.data[key]!r}",
+                f"{least}), got {self.data[key]!r}",
             )
             return default
         return size

@@ -72,6 +72,7 @@ class FakeRegistry:
     manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
     blobs: dict[tuple[str, str], bytes] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range) when one came
     faults: dict[str, list[int]] = field(default_factory=dict)  # path fragment -> statuses
     corrupt: set[str] = field(default_factory=set)  # digests served with a flipped byte
     redirect_blobs_to: str | None = None  # e.g. "http://cdn.test" (another host)
@@ -180,6 +181,8 @@ class FakeRegistry:
     async def _serve(self, request: Request) -> Response:
         path = "/" + request.path_params["path"]
         self.requests.append((request.method, path))
+        if "range" in request.headers:
+            self.ranges.append((path, request.headers["range"]))
         if self.gate is not None:
             await self.gate.wait()
         for fragment, statuses in self.faults.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,6 +16,15 @@ from mirrorrouter.app import create_app
 from mirrorrouter.config import parse_settings
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (blob writers run on threads), failing after
+    ``within`` seconds of real time."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.002)
 
 
 class Clock:
