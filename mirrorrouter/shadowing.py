@@ -123,6 +123,77 @@ def is_broad(pattern: str) -> bool:
     return set(first) <= wildcard or (first == "library" and bool(rest) and set(rest) <= wildcard)
 
 
+def explain_group(settings: Settings, group: GroupSettings) -> list[str]:
+    """What ``check-config`` says of a group: the order pulls ask its members, and for each
+    hosted member what it may shadow and what hides it."""
+    members = []
+    for name in group.members:
+        kind = "hosted" if name in settings.hosted else "upstream"
+        members.append(f"{name} ({kind}{', push target' if name == group.writable else ''})")
+    lines = [f"group {group.name}: pulls ask {' > '.join(members)}"]
+    for name in group.members:
+        hosted = settings.hosted.get(name)
+        if hosted is None:
+            continue
+        later = shadowable(settings, group, hosted)
+        earlier = [m for m in group.members[: group.members.index(name)] if m in settings.upstreams]
+        if later and hosted.allow_shadow:
+            patterns = ", ".join(hosted.allow_shadow)
+            lines.append(
+                f"  {name}: may shadow {_either(later)} only where allow_shadow matches "
+                f"({patterns}); pushes into other names {_owns(later)} are refused"
+            )
+        elif later:
+            lines.append(
+                f"  {name}: a push into a name {_either(later)} has is refused (shadowing "
+                "guard; allow_shadow lifts it)"
+            )
+        if earlier:
+            lines.append(
+                f"  {name}: {_either(earlier)} {'is' if len(earlier) == 1 else 'are'} asked "
+                f"first: a tag {_owns(earlier)} hides the same tag pushed to {name}"
+            )
+    return lines
+
+
+def shadow_warnings(settings: Settings) -> list[str]:
+    """What is valid in ``allow_shadow`` but probably not meant: patterns so broad that
+    anyone who may push can replace what a group's clients pull, and patterns that cannot
+    matter (the set is before no upstream in any group)."""
+    warnings = []
+    for hosted in settings.hosted.values():
+        if not hosted.allow_shadow:
+            continue
+        exposed = [
+            (group, later)
+            for group in groups_of(settings, hosted)
+            if (later := shadowable(settings, group, hosted))
+        ]
+        if not exposed:
+            warnings.append(
+                f"allow_shadow of hosted {hosted.name} has no effect: it is asked before no "
+                "upstream member of any group"
+            )
+            continue
+        for pattern in filter(is_broad, hosted.allow_shadow):
+            for group, later in exposed:
+                warnings.append(
+                    f"hosted {hosted.name} may shadow {_either(later)} for every name "
+                    f"matching {pattern!r} (allow_shadow): anyone who may push to "
+                    f"{hosted.name} can replace what clients of group {group.name} pull; "
+                    "list the repositories instead (see docs/security.md)"
+                )
+    return warnings
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
+def _owns(names: list[str]) -> str:
+    return "it has" if len(names) == 1 else "they have"
+
+
 async def cache_knows(cache: CacheBackend, repository: str) -> bool:
     """Whether an upstream's cache holds tag records or links of the repository: it was
     pulled through this mirror, so the upstream has (or had) it."""

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mirrorrouter.cli import main
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
 from tests.test_access import basic, secured
@@ -367,3 +368,68 @@ hosted = "team"
         assert as_alice.status_code == 201, as_alice.text
         team = await gw.client.get(f"/v2/team/private/app/blobs/{sha256(BASE)}")
         assert team.content == BASE
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_explains_group_order_and_warns_of_broad_patterns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config says in which order each group's pulls ask its members, what each
+    hosted member may shadow or is hidden by, and warns of allow_shadow patterns that cover
+    every name (or that cannot matter), never of a guarded set or of listed repositories."""
+    config = tmp_path / "mirrors.toml"
+    late = '[groups."kind"]\nmembers = ["docker.io", "late"]\n[hosted."late"]\n'
+    expectations: list[tuple[str, list[str], list[str]]] = [
+        (
+            "",
+            [
+                "  group dev: pulls ask team (hosted, push target) > docker.io (upstream) > "
+                "quay.io (upstream)\n",
+                "    team: a push into a name docker.io or quay.io has is refused (shadowing "
+                "guard; allow_shadow lifts it)\n",
+                "  group kind: pulls ask docker.io (upstream) > late (hosted, push target)\n",
+                "    late: docker.io is asked first: a tag it has hides the same tag pushed to "
+                "late\n",
+            ],
+            [],
+        ),
+        (
+            'allow_shadow = ["library/alpine", "team-*/*"]',
+            [
+                "    team: may shadow docker.io or quay.io only where allow_shadow matches "
+                "(library/alpine, team-*/*); pushes into other names they have are refused\n"
+            ],
+            [],
+        ),
+        (
+            'allow_shadow = ["*", "library/*", "app"]',
+            [],
+            [
+                "warning: hosted team may shadow docker.io or quay.io for every name matching "
+                "'*' (allow_shadow)",
+                "matching 'library/*' (allow_shadow): anyone who may push to team can replace "
+                "what clients of group dev pull",
+            ],
+        ),
+    ]
+    for hosted, out_lines, warnings in expectations:
+        config.write_text(hosted_config(tmp_path, extra=late, hosted=hosted))
+        assert main(["check-config", str(config)]) == 0
+        captured = capsys.readouterr()
+        for line in out_lines:
+            assert line in captured.out, (hosted, captured.out)
+        for warning in warnings:
+            assert warning in captured.err, (hosted, captured.err)
+        assert captured.err.count("warning:") == len(warnings), captured.err
+    config.write_text(
+        hosted_config(tmp_path, extra=late).replace(
+            '[hosted."late"]\n', '[hosted."late"]\nallow_shadow = ["x"]\n'
+        )
+    )
+    assert main(["check-config", str(config)]) == 0
+    assert (
+        "warning: allow_shadow of hosted late has no effect: it is asked before no upstream "
+        "member of any group"
+    ) in capsys.readouterr().err
