@@ -160,6 +160,11 @@ class HostedStore:
             raise RegistryError(ErrorCode.NAME_UNKNOWN, f"repository {repository} is not known")
         return tags
 
+    async def repositories(self) -> list[str]:
+        """Every repository holding tags or content (the operator commands list them)."""
+        inventory = await self.storage.inventory()
+        return sorted({*inventory.links, *(repository for repository, _ in inventory.tags)})
+
     async def referrers(self, repository: str, digest: Digest, artifact_type: str | None) -> bytes:
         """The OCI index of the repository's manifests whose subject is ``digest``."""
         descriptors = []

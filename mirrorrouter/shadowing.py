@@ -48,10 +48,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import httpx
 from cachetools import TTLCache
 
 from mirrorrouter.access import AccessPolicy
-from mirrorrouter.cache import CacheBackend
+from mirrorrouter.cache import CacheBackend, open_backend
 from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
@@ -62,6 +63,7 @@ from mirrorrouter.mapping import Resolution, RouteKind
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError, normalize_repository
 from mirrorrouter.singleflight import Coalescer
+from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream import UpstreamClient
 
 log = logging.getLogger("mirrorrouter.shadowing")
@@ -226,6 +228,75 @@ async def has_tag(client: UpstreamClient, repository: str, tag: str) -> bool:
             return False
         raise
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class Shadowed:
+    """A hosted repository that shadows (or may shadow) an upstream's for a group's clients,
+    as ``mirrorrouter gc --dry-run`` lists it."""
+
+    repository: str  # in the hosted set
+    group: str
+    upstream: str
+    upstream_repository: str
+    allowed_by: str | None  # the allow_shadow pattern that permits it; None: pushed before
+    # the guard, or by a set whose allow_shadow changed since
+    known_by: str  # how the upstream was found to have it, or why it could not be asked
+    certain: bool = True  # False: the upstream could not be asked (known_by says why)
+
+
+async def shadowing_report(
+    settings: Settings,
+    hosted: HostedSettings,
+    repositories: list[str],
+    *,
+    ask_upstreams: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+    timing: Timing = REAL_TIME,
+) -> list[Shadowed]:
+    """Which of the hosted set's repositories shadow a later upstream member of one of its
+    groups: by what this mirror's caches know (no network), and with ``ask_upstreams`` by
+    the upstreams' tag lists too (``transport`` and ``timing`` replace the network and the
+    clocks in tests). Works beside a running server: caches are only read."""
+    found: list[Shadowed] = []
+    caches: dict[str, CacheBackend] = {}
+    clients: dict[str, UpstreamClient] = {}
+    try:
+        for repository in repositories:
+            for exposure in exposures(settings, hosted, repository):
+                upstream = exposure.upstream
+                cache = caches.get(upstream.name) or open_backend(upstream.cache)
+                caches[upstream.name] = cache
+                certain, how = True, ""
+                if await cache_knows(cache, exposure.repository):
+                    how = "this mirror's cache of it"
+                elif ask_upstreams:
+                    client = clients.get(upstream.name) or UpstreamClient(
+                        upstream, transport=transport, timing=timing
+                    )
+                    clients[upstream.name] = client
+                    try:
+                        how = (
+                            "its tag list" if await lists_tags(client, exposure.repository) else ""
+                        )
+                    except RegistryError as error:
+                        certain, how = False, f"could not be asked: {error.message}"
+                if how:
+                    found.append(
+                        Shadowed(
+                            repository,
+                            exposure.group.name,
+                            upstream.name,
+                            exposure.repository,
+                            exposure.allowed_by,
+                            how,
+                            certain,
+                        )
+                    )
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return found
 
 
 class Shadowing:

@@ -16,10 +16,14 @@ import httpx
 import pytest
 
 from mirrorrouter.cli import main
+from mirrorrouter.config import parse_settings
+from mirrorrouter.hosted import HostedStore
+from mirrorrouter.shadowing import shadowing_report
+from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
 from tests.test_access import basic, secured
-from tests.test_hosted import hosted_config, push_blob, push_image
+from tests.test_hosted import OCI_MANIFEST, _store_raw, hosted_config, push_blob, push_image
 
 pytestmark = pytest.mark.anyio
 
@@ -433,3 +437,74 @@ def test_check_config_explains_group_order_and_warns_of_broad_patterns(
         "warning: allow_shadow of hosted late has no effect: it is asked before no upstream "
         "member of any group"
     ) in capsys.readouterr().err
+
+
+# -- gc --dry-run: what already shadows an upstream ------------------------------------------
+
+
+async def test_gc_dry_run_lists_hosted_repositories_that_shadow_an_upstream(
+    tmp_path: Path, fake: FakeRegistry, image: Image, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gc --dry-run lists, from the caches' knowledge alone, the hosted repositories a later
+    upstream has too (allowed by allow_shadow, or stored before the guard) and not the
+    others; asking the upstreams also finds what no cache knows, and says which upstream
+    could not be asked."""
+    fake.add(make_image("library/busybox", [b"busybox"]), "1")
+    fake.add(make_image("library/redis", [b"redis"]), "7")
+    text = hosted_config(tmp_path, hosted='allow_shadow = ["alpine"]')
+    async with gateway(tmp_path, fake, text) as gw:
+        for pulled in ("alpine:3.19", "busybox:1"):  # through the group: the cache knows
+            name, tag = pulled.split(":")
+            assert (await gw.client.get(f"/v2/{name}/manifests/{tag}")).status_code == 200
+        for name in ("alpine", "app"):
+            put = await push_image(gw.client, f"/v2/{name}", make_image(name, [name.encode()]))
+            assert put.status_code == 201, put.text
+        store = gw.app.endpoints.hosted.stores["team"]
+        for name in ("busybox", "redis"):  # as an older version let them in
+            await _store_raw(store, name, make_image(name, [b"old"]).manifest, OCI_MANIFEST, "1")
+    config = tmp_path / "mirrors.toml"
+    config.write_text(text)
+    fake.requests.clear()
+    # The command runs its own event loop: in a thread of its own here.
+    assert await asyncio.to_thread(main, ["gc", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "hosted team: alpine shadows docker.io library/alpine for group dev (known from this "
+        "mirror's cache of it; allowed by allow_shadow 'alpine')"
+    ) in out
+    assert (
+        "hosted team: busybox shadows docker.io library/busybox for group dev (known from "
+        "this mirror's cache of it; not allowed)"
+    ) in out
+    assert "redis" not in out and " app " not in out  # no cache knows redis; app is new
+    assert fake.requests == []
+    usage = ["gc", "--config", str(config), "--ask-upstreams"]
+    assert await asyncio.to_thread(main, usage) == 2
+    assert "--ask-upstreams goes with --dry-run" in capsys.readouterr().err
+
+    settings = parse_settings(text)
+    store = HostedStore(settings.hosted["team"])
+    fake.faults["/v2/app/tags/list"] = [503] * 20  # quay.io's app: cannot be asked
+    asked = await shadowing_report(
+        settings,
+        settings.hosted["team"],
+        await store.repositories(),
+        ask_upstreams=True,
+        transport=httpx.ASGITransport(app=fake.app),
+        timing=Timing(wall=lambda: 0.0, monotonic=lambda: 0.0, sleep=no_sleep),
+    )
+    found = {(s.repository, s.upstream): s for s in asked}
+    assert set(found) == {
+        ("alpine", "docker.io"),
+        ("busybox", "docker.io"),
+        ("redis", "docker.io"),
+        ("app", "quay.io"),
+    }
+    assert found[("redis", "docker.io")].known_by == "its tag list"
+    assert found[("redis", "docker.io")].allowed_by is None
+    assert not found[("app", "quay.io")].certain
+    assert found[("app", "quay.io")].known_by.startswith("could not be asked")
+
+
+async def no_sleep(seconds: float) -> None:
+    """Retries wait for nothing."""
