@@ -109,10 +109,11 @@ def exposures(settings: Settings, hosted: HostedSettings, repository: str) -> li
                 theirs = normalize_repository(upstream.name, repository)
             except ReferenceError:
                 continue  # a name the upstream cannot have (too long with its registry)
+            names = (repository, theirs)  # a pattern may name either
             allowed_by = next(
-                (p for p in hosted.allow_shadow if repository_matches((p,), repository)),
+                (p for p in hosted.allow_shadow if any(repository_matches((p,), n) for n in names)),
                 None,
-            ) or next((p for p in hosted.allow_shadow if repository_matches((p,), theirs)), None)
+            )
             found.append(Exposure(group, upstream, theirs, allowed_by))
     return found
 
@@ -369,11 +370,11 @@ class Shadowing:
 
     def copy_sources(
         self, hosted: HostedSettings, repository: str, identity: Identity | None
-    ) -> BlobFinder:
+    ) -> BlobFinder | None:
         """Where a manifest pushed into ``repository`` of ``hosted`` may take the blobs it
         names and the set lacks: the same repository on each upstream member of the set's
         groups (in their order) that ``identity`` may pull, as a pull through the group
-        would find them."""
+        would find them; None when there is no such member (nothing is copied)."""
         members: list[Resolution] = []
         for group in groups_of(self.settings, hosted):
             for name in group.members:
@@ -388,6 +389,8 @@ class Shadowing:
                 resolution = Resolution(ref, upstream, RouteKind.REGISTRY, group=group)
                 if self.access.may_pull(identity, resolution):
                     members.append(resolution)
+        if not members:
+            return None
 
         async def find(digest: Digest) -> FoundBlob | None:
             failures: list[RegistryError] = []

@@ -318,6 +318,31 @@ async def test_copies_are_bounded_by_the_sets_limits(tmp_path: Path, fake: FakeR
             assert (await gw.client.get("/v2/team/alpine/manifests/patched")).status_code == 404
 
 
+async def test_a_set_in_no_group_copies_nothing_and_asks_nobody(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """A hosted set in no group: its pushes are never guarded, and a manifest naming a blob
+    it lacks is refused with MANIFEST_BLOB_UNKNOWN as before (not with a limit the blob
+    would exceed), with no upstream request."""
+    _, mine = alpine_and_mine(fake)
+    text = hosted_config(tmp_path, hosted='max_blob_size = "1KiB"').replace(
+        'members = ["team", "docker.io", "quay.io"]', 'members = ["docker.io", "quay.io"]'
+    )
+    async with gateway(tmp_path, fake, text) as gw:
+        fake.requests.clear()
+        for data in mine.blobs.values():
+            if data != BASE:
+                assert (await push_blob(gw.client, "/v2/team/alpine", data)).status_code == 201
+        put = await gw.client.put(
+            "/v2/team/alpine/manifests/3.20",
+            content=mine.manifest,
+            headers={"Content-Type": mine.media_type},
+        )
+        assert put.status_code == 400, put.text
+        assert error_of(put)["code"] == "MANIFEST_BLOB_UNKNOWN"
+        assert fake.requests == []
+
+
 async def test_copies_come_only_from_what_the_pusher_may_pull(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
