@@ -8,6 +8,7 @@ pushing next to an upstream name are in test_real_hosted.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,29 @@ def error_of(answer: httpx.Response) -> dict[str, Any]:
     [error] = answer.json()["errors"]
     assert isinstance(error, dict)
     return error
+
+
+def secured_group(tmp_path: Path, pushers: list[str], hosted: str = "") -> str:
+    """[auth] on (tests/test_access.py's users), team (``hosted`` keys added; anyone pulls,
+    ``pushers`` push) first in the group dev with docker.io; prefixes dev and team."""
+    return secured(
+        tmp_path,
+        f"""[hosted."team"]
+{hosted}
+[[hosted."team".access]]
+repositories = ["*"]
+pull = ["anonymous"]
+push = {json.dumps(pushers)}
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+[[routes]]
+prefix = "team"
+hosted = "team"
+""",
+    )
 
 
 async def test_push_into_a_name_a_later_upstream_has_is_denied(
@@ -79,23 +103,7 @@ async def test_the_guard_applies_with_auth_to_users_allowed_to_push(
     """With [auth], alice may push to team, but not into a name docker.io has: 403 DENIED
     naming docker.io (a push rule is no permission to shadow); anonymous still gets the
     login challenge first, and alice's push into a new name goes through."""
-    text = secured(
-        tmp_path,
-        """[hosted."team"]
-[[hosted."team".access]]
-repositories = ["*"]
-pull = ["anonymous"]
-push = ["alice"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-[[routes]]
-prefix = "team"
-hosted = "team"
-""",
-    )
+    text = secured_group(tmp_path, ["alice"])
     async with gateway(tmp_path, fake, text) as gw:
         anonymous = await gw.client.post("/v2/dev/alpine/blobs/uploads/")
         assert anonymous.status_code == 401
@@ -351,24 +359,7 @@ async def test_copies_come_only_from_what_the_pusher_may_pull(
     accepted, the layer copied in."""
     fake.add(make_image("private/app", [BASE]), "1")
     mine = make_image("private/app", [BASE, b"our patch"])
-    text = secured(
-        tmp_path,
-        """[hosted."team"]
-allow_shadow = ["private/*"]
-[[hosted."team".access]]
-repositories = ["*"]
-pull = ["anonymous"]
-push = ["alice", "eve"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-[[routes]]
-prefix = "team"
-hosted = "team"
-""",
-    )
+    text = secured_group(tmp_path, ["alice", "eve"], 'allow_shadow = ["private/*"]')
     base = "/v2/dev/private/app"
     async with gateway(tmp_path, fake, text) as gw:
         for data in mine.blobs.values():
