@@ -31,6 +31,7 @@ from mirrorrouter.errors import RegistryError
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
 from mirrorrouter.reference import ImageReference, ReferenceError
+from mirrorrouter.shadowing import explain_group, shadow_warnings
 
 DEFAULT_CONFIG_PATHS = (Path("mirrors.toml"), Path("/etc/mirrorrouter/mirrors.toml"))
 
@@ -315,7 +316,8 @@ def _check_config(args: argparse.Namespace) -> int:
     for hosted in settings.hosted.values():
         print(f"  hosted {hosted.name}: {hosted.storage.directory}")
     for group in settings.groups.values():
-        print(f"  group {group.name}: {' > '.join(group.members)}")
+        for line in explain_group(settings, group):
+            print(f"  {line}")
     for route in settings.routes:
         print(f"  route {route.label} -> {route.target}")
     print(f"  default registry: {settings.default_registry}")
@@ -339,6 +341,8 @@ def _warn(settings: Settings) -> None:
             f"needs one; see docs/security.md)",
             file=sys.stderr,
         )
+    for warning in shadow_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _client_config(args: argparse.Namespace) -> int:

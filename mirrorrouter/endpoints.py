@@ -43,6 +43,7 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pullthrough import BlobAnswer, CacheStatus, ManifestAnswer, Pullthrough
 from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
+from mirrorrouter.shadowing import Shadowing
 from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"
@@ -97,7 +98,13 @@ class Endpoints:
         # a background cadence, and tests inject a sleep that returns at once (for retries).
         self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
         self.pull.filler.on_commit = self.evictor.committed
-        self.hosted = HostedApi(settings, clock=timing.wall, coordinator=self.pull.coordinator)
+        self.shadowing = Shadowing(settings, self.access, self.pull, clock=timing.monotonic)
+        self.hosted = HostedApi(
+            settings,
+            clock=timing.wall,
+            coordinator=self.pull.coordinator,
+            shadowing=self.shadowing,
+        )
         self.groups = GroupApi(self.mapper, self.access, self._serve)
         self.monitor = Monitor(settings, self.pull, self.metrics, self.access)
 
@@ -203,7 +210,8 @@ class Endpoints:
         ref = call.resolution.reference
         if oci.is_write:
             assert hosted is not None  # access.check refuses pushes to anything else
-            return await self.hosted.write(hosted, ref, oci, request, self._mount_from(call))
+            mount_from = self._mount_from(call)
+            return await self.hosted.write(hosted, ref, oci, request, mount_from, call.identity)
         if oci.method not in ("GET", "HEAD"):
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} is not supported here")
         if oci.kind is RequestKind.MANIFEST:

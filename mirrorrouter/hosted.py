@@ -11,7 +11,10 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
   ``max_uploads`` for new sessions);
 - **manifests** are stored byte-exact and accepted only when every blob or child manifest
   they reference is already in the repository (``MANIFEST_BLOB_UNKNOWN`` otherwise);
-  a tag is an authoritative tag record (hosted tags never expire);
+  a tag is an authoritative tag record (hosted tags never expire). A blob the repository
+  lacks may be **copied in** from where the pusher may pull it (``BlobFinder``, given by
+  shadowing.py: the same repository on an upstream member of the set's groups), verified
+  by digest and size, under the same limits as an upload;
 - **referrers** are the repository's manifests whose ``subject`` names a digest;
 - **garbage collection** keeps every manifest linked into a repository, and everything
   those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -58,6 +61,19 @@ INLINE_PARSE_BYTES = 64 * 1024
 class StoredBlob:
     size: int
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class FoundBlob:
+    """A blob a pushed manifest names, found where the pusher may pull it."""
+
+    origin: str  # where it comes from (an upstream's name), for messages
+    size: int | None  # None while a download of unknown size is in progress
+    stream: Callable[[int, int | None], AsyncIterator[bytes]]
+
+
+# Finds a blob the set lacks where the pusher may pull it; None when no source has it.
+BlobFinder = Callable[[Digest], Awaitable[FoundBlob | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +159,11 @@ class HostedStore:
         if not tags and not await self.storage.linked(repository):
             raise RegistryError(ErrorCode.NAME_UNKNOWN, f"repository {repository} is not known")
         return tags
+
+    async def repositories(self) -> list[str]:
+        """Every repository holding tags or content (the operator commands list them)."""
+        inventory = await self.storage.inventory()
+        return sorted({*inventory.links, *(repository for repository, _ in inventory.tags)})
 
     async def referrers(self, repository: str, digest: Digest, artifact_type: str | None) -> bytes:
         """The OCI index of the repository's manifests whose subject is ``digest``."""
@@ -291,8 +312,10 @@ class HostedStore:
         stored += sum(o.size for o in inventory.manifests.values())
         self.usage.reset(stored + await asyncio.to_thread(self.sessions.held_bytes))
 
-    async def _store(self, digest: Digest, body: AsyncIterator[bytes]) -> int:
-        writer = self.storage.blob_writer(digest)
+    async def _store(
+        self, digest: Digest, body: AsyncIterator[bytes], expected_size: int | None = None
+    ) -> int:
+        writer = self.storage.blob_writer(digest, expected_size)
         try:
             async for chunk in body:
                 await writer.write(chunk)
@@ -315,9 +338,11 @@ class HostedStore:
         digest: Digest | None,
         content_type: str,
         data: bytes,
+        copy_from: BlobFinder | None = None,
     ) -> PushedManifest:
         """Store a pushed manifest, byte-exact, once it follows the schema of its media type
-        and everything it references is here."""
+        and everything it references is here; ``copy_from`` may supply the blobs (config,
+        layers) the repository lacks."""
         if len(data) > INLINE_PARSE_BYTES:
             parsed = await asyncio.to_thread(parse_strict, data, content_type)
         else:
@@ -328,7 +353,7 @@ class HostedStore:
             raise RegistryError(
                 ErrorCode.DIGEST_INVALID, f"the manifest hashes to {actual}, not {digest}"
             )
-        await self._check_references(repository, parsed)
+        await self._check_references(repository, parsed, copy_from)
         new = await self.storage.peek_manifest(actual) is None
         if new:
             self.usage.check(len(data))  # the set's quota (limits.py)
@@ -342,8 +367,11 @@ class HostedStore:
         subject = parsed.subject.digest if parsed.subject is not None else None
         return PushedManifest(actual, subject)
 
-    async def _check_references(self, repository: str, parsed: Parsed) -> None:
+    async def _check_references(
+        self, repository: str, parsed: Parsed, copy_from: BlobFinder | None
+    ) -> None:
         is_index = isinstance(parsed, Index)
+        missing: dict[Digest, Descriptor] = {}
         for descriptor in parsed.descriptors:
             if descriptor.external:
                 continue  # a foreign layer: clients fetch it from its URLs
@@ -353,13 +381,61 @@ class HostedStore:
             else:
                 present = await self.storage.blob_size(target) is not None
             if not present or not await self.storage.is_linked(repository, target):
-                what = "manifests" if is_index else "config or layers"
-                raise RegistryError(
-                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                    f"the manifest references {target} ({what}), which is not in {repository}: "
-                    "push it first",
-                    detail={"digest": str(target)},
-                )
+                missing.setdefault(target, descriptor)
+        if missing and copy_from is not None and not is_index:
+            await self._copy_in(repository, list(missing.values()), copy_from)
+            missing = {d: m for d, m in missing.items() if not await self._holds(repository, d)}
+        for target in missing:
+            what = "manifests" if is_index else "config or layers"
+            raise RegistryError(
+                ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                f"the manifest references {target} ({what}), which is not in {repository}: "
+                "push it first",
+                detail={"digest": str(target)},
+            )
+
+    async def _holds(self, repository: str, digest: Digest) -> bool:
+        return await self.storage.blob_size(digest) is not None and (
+            await self.storage.is_linked(repository, digest)
+        )
+
+    async def _copy_in(
+        self, repository: str, missing: list[Descriptor], copy_from: BlobFinder
+    ) -> None:
+        """Copy the blobs a manifest names and the repository lacks from where the pusher
+        may pull them, one after another (streamed, off the event loop's thread for the
+        writing), each within ``max_blob_size`` and all within the quota; a blob no source
+        has stays missing."""
+        absent = [d for d in missing if await self.storage.blob_size(d.digest) is None]
+        for descriptor in absent:
+            Meter(self.settings, self.usage).declare(descriptor.size)
+        self.usage.check(sum(d.size or 0 for d in absent))  # refused before any byte moves
+        for descriptor in missing:
+            digest = descriptor.digest
+            found = await copy_from(digest)
+            if found is None:
+                continue
+            if await self.storage.blob_size(digest) is None:
+                meter = Meter(self.settings, self.usage)
+                meter.declare(found.size)
+                try:
+                    size = await self._store(
+                        digest, meter.wrap(found.stream(0, None)), descriptor.size
+                    )
+                except RegistryError as error:
+                    if error.code is not ErrorCode.DIGEST_INVALID:
+                        raise
+                    raise RegistryError(
+                        ErrorCode.MANIFEST_INVALID,
+                        f"{digest} as {found.origin} has it does not match the manifest's "
+                        f"descriptor: {error.message}",
+                        detail={"digest": str(digest)},
+                    ) from error
+                finally:
+                    meter.settle(kept=False)
+                self.usage.add(size)
+            # Already stored for another repository: the source vouched for it here.
+            await self.storage.link(repository, [digest])
 
     async def delete(self, repository: str, tag: str | None, digest: Digest | None) -> None:
         """Delete a tag, or a manifest (and the repository's tags naming it); garbage

@@ -14,6 +14,10 @@ Push, as the OCI distribution spec has it:
   manifest with a ``subject``, ``OCI-Subject``; ``DELETE`` of a tag or manifest: 202 when
   the hosted set allows deletes.
 
+The shadowing guard (shadowing.py) is asked at the start of every upload and at every
+manifest ``PUT``, whichever route the push took; a manifest ``PUT`` may copy in the blobs
+it shares with an upstream member of the set's groups.
+
 Every ``Location`` is written as the client addressed us: same route prefix, same name,
 same ``ns``, so a client behind any routing dialect follows it back to the same place.
 """
@@ -31,11 +35,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from mirrorrouter.cache import StoredManifest
+from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted import HostedStore, StoredBlob
+from mirrorrouter.hosted import BlobFinder, HostedStore, StoredBlob
 from mirrorrouter.housekeeping import Chore, Housekeeper, sweep_interval
 from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, child_for_client
 from mirrorrouter.oci import (
@@ -47,6 +52,7 @@ from mirrorrouter.oci import (
     RequestKind,
 )
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.shadowing import Shadowing
 from mirrorrouter.uploads import Upload, upload_range
 
 log = logging.getLogger("mirrorrouter.hosted")
@@ -84,8 +90,12 @@ class HostedApi:
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
         peer_transport: httpx.AsyncBaseTransport | None = None,
+        shadowing: Shadowing | None = None,
     ) -> None:
+        """``shadowing`` guards pushes and supplies blobs to copy in; None: no guard (a
+        configuration whose hosted sets are in no group needs none)."""
         self.settings = settings
+        self.shadowing = shadowing
         self.stores = {
             name: HostedStore(hosted, clock=clock) for name, hosted in settings.hosted.items()
         }
@@ -148,17 +158,26 @@ class HostedApi:
         oci: OciRequest,
         request: Request,
         mount_from: str | None = None,
+        identity: Identity | None = None,
     ) -> Response:
-        """A push request (uploads, manifest PUT, DELETE) to a hosted repository.
+        """A push request (uploads, manifest PUT, DELETE) to a hosted repository, by
+        ``identity``.
 
         ``mount_from`` is the repository (of this hosted set) a ``?mount=&from=`` names, as
         the caller routed it; None when it names none the client may read.
         """
         store = self.store(hosted)
+        guard = self.shadowing
         if oci.kind is RequestKind.UPLOAD:
+            if guard is not None and oci.method == "POST" and oci.upload_id is None:
+                await guard.check(hosted, ref.repository)  # before any layer travels
             return await self._upload(store, ref.repository, oci, request, mount_from)
         if oci.kind is RequestKind.MANIFEST and oci.method == "PUT":
-            return await self._put_manifest(store, ref, oci, request)
+            if guard is None:
+                return await self._put_manifest(store, ref, oci, request, None)
+            await guard.check(hosted, ref.repository, ref.tag)  # the decisive point
+            sources = guard.copy_sources(hosted, ref.repository, identity)
+            return await self._put_manifest(store, ref, oci, request, sources)
         if oci.kind is RequestKind.MANIFEST and oci.method == "DELETE":
             if not hosted.delete:
                 raise RegistryError(
@@ -260,7 +279,12 @@ class HostedApi:
         return Response(answer.content, answer.status_code, kept)
 
     async def _put_manifest(
-        self, store: HostedStore, ref: ImageReference, oci: OciRequest, request: Request
+        self,
+        store: HostedStore,
+        ref: ImageReference,
+        oci: OciRequest,
+        request: Request,
+        copy_from: BlobFinder | None,
     ) -> Response:
         data = bytearray()
         async for chunk in request.stream():
@@ -277,6 +301,7 @@ class HostedApi:
             ref.digest,
             request.headers.get("content-type", ""),
             bytes(data),
+            copy_from,
         )
         headers = {
             "Location": oci.client_url(f"manifests/{pushed.digest}"),

@@ -88,6 +88,15 @@ async def test_push_then_pull_by_tag_and_digest(tmp_path: Path, fake: FakeRegist
         assert put.status_code == 201, put.text
         assert put.headers["docker-content-digest"] == image.digest
         assert put.headers["location"] == f"/v2/team/app/manifests/{image.digest}"
+        # The shadowing guard asked each upstream after team in the group once whether it
+        # has the name (shadowing.py); the pulls below ask nobody.
+        assert sorted(fake.requests) == [
+            ("GET", "/v2/app/tags/list"),
+            ("GET", "/v2/library/app/tags/list"),
+            ("HEAD", "/v2/app/manifests/v1"),
+            ("HEAD", "/v2/library/app/manifests/v1"),
+        ]
+        fake.requests.clear()
         for base in ("/v2/team/app", "/v2/app", "/v2/localhost:5000/app"):
             got = await gw.client.get(f"{base}/manifests/v1")
             assert got.status_code == 200, (base, got.text)
@@ -264,10 +273,11 @@ async def test_pushed_tag_is_never_shadowed_by_a_cached_copy(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
     """docker.io has library/app:v1 (cached through the group); pushing app:v1 to the hosted
-    member makes the group serve the pushed one at once."""
+    member where allow_shadow permits it makes the group serve the pushed one at once."""
     upstream_image = fake.add(make_image("library/app", [b"upstream"]), "v1")
     pushed = make_image("app", [b"pushed"])
-    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+    text = hosted_config(tmp_path, hosted='allow_shadow = ["app"]')
+    async with gateway(tmp_path, fake, text) as gw:
         first = await gw.client.get("/v2/app/manifests/v1")
         assert first.content == upstream_image.manifest
         put = await push_image(gw.client, "/v2/app", pushed)  # a push to the group
@@ -278,8 +288,10 @@ async def test_pushed_tag_is_never_shadowed_by_a_cached_copy(
 
 
 async def test_group_tags_are_the_union_and_paginate(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Tags of a name both team (allowed to shadow it) and docker.io have: the union."""
     fake.add(make_image("library/app", [b"up"]), "1.0", "latest")
-    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+    text = hosted_config(tmp_path, hosted='allow_shadow = ["library/app"]')
+    async with gateway(tmp_path, fake, text) as gw:
         for tag in ("dev", "latest"):
             assert (
                 await push_image(gw.client, "/v2/app", make_image("app", [tag.encode()]), tag)
@@ -482,6 +494,11 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         ),
         '[hosted."a"]\n[[hosted."a".access]]\npush = ["alice"]\n': "need an [auth] table",
         '[routing]\ndefault_registry = "nothing"\n': "routing.default_registry",
+        '[hosted."a"]\nallow_shadow = "library/*"\n': "hosted.a.allow_shadow: expected a list",
+        '[hosted."a"]\nallow_shadow = ["docker.io/library/alpine"]\n': (
+            "hosted.a.allow_shadow: expected a list of repository globs without a registry"
+        ),
+        '[hosted."a"]\nallow_shadow = [""]\n': "hosted.a.allow_shadow",
     }
     for text, expected in cases.items():
         with pytest.raises(ConfigError) as caught:

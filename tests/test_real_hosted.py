@@ -5,7 +5,9 @@ docker.io behind the group.
 One gateway (anonymous) serves most tests: the hosted set ``team`` and the group ``dev``
 (``team`` first, then docker.io), routed by the prefix ``dev``, by the default registry and by
 containerd's ``?ns=registry.dev.test`` (an alias of the group). Push permissions get a
-gateway with ``[auth]``, garbage collection one of its own (stopped while collecting).
+gateway with ``[auth]``, garbage collection one of its own (stopped while collecting), and
+pushes next to an upstream name (the shadowing guard, shared layers copied in) gateways
+and an upstream registry of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -547,3 +550,88 @@ def test_garbage_collection_keeps_the_live_image(world: World, tmp_path: Path) -
     for digest in dropped_only | {drop.digest}:
         assert not any(digest.removeprefix("sha256:") in path for path in paths), digest
     assert read_local_image(tmp_path / "kept", "dir").blob_digests == {b.digest for b in keep.blobs}
+
+
+# -- 8. pushing next to an upstream name: the shadowing guard and shared layers -------------
+
+
+def test_push_next_to_an_upstream_name_reuses_its_layers(
+    factory: ImageFactory, upstream: DistributionRegistry, tmp_path: Path
+) -> None:
+    """docker.io (a real registry) has library/alpine:3.19. With allow_shadow, skopeo
+    pushes an image built on it as dev/library/alpine:patched: it finds the shared base
+    layer through the group and skips it, the gateway copies it in (fetched from docker.io
+    once), and a gateway with a cold upstream cache serves the image by tag and digest from
+    team alone. Without allow_shadow the same push is refused, DENIED naming docker.io,
+    while a brand-new name goes through."""
+    alpine = factory.push(
+        shared_base_image(factory, "upalpine", base="alpine"), upstream, "library/alpine", "3.19"
+    )
+    mine = shared_base_image(factory, "patchedalpine", base="alpine")
+    [shared] = {b.digest for b in mine.blobs} & {b.digest for b in alpine.blobs}
+    allowed = hosted_config(tmp_path / "cache", upstream.url).replace(
+        "delete = true", 'delete = true\nallow_shadow = ["library/alpine"]'
+    )
+    target = "{host}/dev/library/alpine:patched"
+
+    gateway = GatewayProcess(tmp_path / "gw", allowed)
+    with gateway:
+        start = upstream.mark()
+        assert push_with_skopeo(mine, target.format(host=gateway.host)) == mine.digest
+        lines = [e["message"] for e in access_lines(gateway)]
+        assert f"HEAD /v2/dev/library/alpine/blobs/{shared} 200" in " ".join(lines), lines
+        uploads = [m for m in lines if m.startswith(("POST", "PUT")) and shared in m]
+        assert uploads == []  # skopeo never sent the shared layer
+        assert sum(1 for r in upstream.blob_gets(start) if shared in r.path) == 1
+        report = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mirrorrouter",
+                "gc",
+                "--config",
+                str(gateway.config_path),
+                "--dry-run",
+                "--ask-upstreams",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert (
+            "hosted team: library/alpine shadows docker.io library/alpine for group dev "
+            "(known from this mirror's cache of it; allowed by allow_shadow 'library/alpine')"
+        ) in report.stdout, report.stdout
+
+    shutil.rmtree(tmp_path / "cache" / "docker.io")  # the upstream cache goes cold
+    with gateway:
+        start = upstream.mark()
+        skopeo = Skopeo()
+        for ref, name in (
+            (target.format(host=gateway.host), "tag"),
+            (f"{gateway.host}/dev/library/alpine@{mine.digest}", "digest"),
+        ):
+            local = skopeo.copy_to_local(ref, tmp_path / name)
+            assert local.manifest_digest == mine.digest
+            assert local.blob_digests == {b.digest for b in mine.blobs}
+        assert upstream.requests(start) == []  # all of it from team
+        old = skopeo.inspect_digest(f"{gateway.host}/dev/library/alpine:3.19")
+        assert old == alpine.digest  # docker.io's tag still answers through the group
+
+    guarded = GatewayProcess(tmp_path / "guarded", hosted_config(tmp_path / "c2", upstream.url))
+    with guarded:
+        with pytest.raises(ClientError) as refused:
+            push_with_skopeo(mine, target.format(host=guarded.host))
+        assert "denied" in refused.value.stderr.lower(), refused.value.stderr
+        assert "docker.io has library/alpine" in refused.value.stderr, refused.value.stderr
+        with httpx.Client(timeout=30, trust_env=False) as client:
+            answer = client.post(f"{guarded.url}/v2/dev/library/alpine/blobs/uploads/")
+            assert answer.status_code == 403
+            error = answer.json()["errors"][0]
+            assert error["code"] == "DENIED" and error["detail"]["upstream"] == "docker.io"
+            tags = client.get(f"{guarded.url}/v2/team/library/alpine/tags/list")
+            assert tags.status_code == 404  # nothing was stored
+        fresh = f"{guarded.host}/dev/patchedalpine:1"
+        assert push_with_skopeo(mine, fresh) == mine.digest
+        assert Skopeo().inspect_digest(fresh) == mine.digest

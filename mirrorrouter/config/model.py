@@ -181,6 +181,10 @@ class HostedSettings:
     quota: int | None = None
     max_uploads: int = 1000
     upload_ttl: float = 3600.0
+    # Repository globs (over the repository as this set names it, or as the upstream it
+    # would shadow names it) where a push may shadow a later upstream member of a group
+    # (shadowing.py); empty: nowhere.
+    allow_shadow: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,7 @@ def load_hosted(
         quota=_size_or_none(table, "quota", None),
         max_uploads=table.get("max_uploads", int, 1000, check=between(1, 1_000_000)),
         upload_ttl=table.duration("upload_ttl", 3600.0, positive=True),
+        allow_shadow=tuple(table.get("allow_shadow", list, [], check=_shadow_patterns)),
     )
     table.finish()
     return hosted if _target_name(reader, table, name, upstreams) else None
@@ -209,6 +210,20 @@ def check_routes(reader: Reader, routes: tuple[Route, ...]) -> None:
 def registries(value: list[Any]) -> str | None:
     ok = all(isinstance(v, str) and REGISTRY_RE.fullmatch(v) for v in value)
     return None if ok else "a list of registry hosts like gcr.io or registry.corp:5000"
+
+
+def _shadow_patterns(value: list[Any]) -> str | None:
+    """Repository globs without a registry: they match the repository path a push names
+    (``library/alpine``, ``team-*/*``), never a canonical ``docker.io/...`` name."""
+    for pattern in value:
+        if not isinstance(pattern, str) or not pattern or any(c.isspace() for c in pattern):
+            break
+        first = pattern.split("/", 1)[0]
+        if "/" in pattern and ("." in first or ":" in first or first == "localhost"):
+            break
+    else:
+        return None
+    return "a list of repository globs without a registry, such as 'library/alpine' or 'team-*/*'"
 
 
 def _member_names(value: list[Any]) -> str | None:
