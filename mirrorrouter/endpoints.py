@@ -97,9 +97,11 @@ class Endpoints:
         # a background cadence, and tests inject a sleep that returns at once (for retries).
         self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
         self.pull.filler.on_commit = self.evictor.committed
-        self.hosted = HostedApi(settings, clock=timing.wall, coordinator=self.pull.coordinator)
+        self.hosted = HostedApi(
+            settings, clock=timing.wall, coordinator=self.pull.coordinator, metrics=self.metrics
+        )
         self.groups = GroupApi(self.mapper, self.access, self._serve)
-        self.monitor = Monitor(settings, self.pull, self.metrics, self.access)
+        self.monitor = Monitor(settings, self.pull, self.metrics, self.access, self.hosted.gc)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
