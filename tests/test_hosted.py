@@ -24,7 +24,7 @@ from mirrorrouter.hosted import HostedStore
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
-from tests.test_access import basic, secured
+from tests.test_access import basic, secured, token
 
 pytestmark = pytest.mark.anyio
 
@@ -513,6 +513,43 @@ group = "dev"
         # No rule matches: with [auth] on, nobody may push (the default since issue 13).
         assert other.status_code == 403
         assert "no [[hosted" in other.json()["errors"][0]["message"]
+
+
+async def test_group_unions_ask_a_client_without_credentials_to_log_in(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """A group's tags/list of a repository a login-only member has answers a request without
+    credentials with that member's login challenge (not docker.io's part of the union with a
+    200, after which a client never logs in); an anonymous token gets the public part, a
+    user's token the whole union."""
+    fake.add(make_image("library/app", [b"public"]), "1.0")
+    text = secured(tmp_path).replace(
+        '[upstreams."quay.io"]',
+        """[hosted."team"]
+[[hosted."team".access]]
+repositories = ["*"]
+pull = ["authenticated"]
+push = ["alice"]
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+[upstreams."quay.io"]""",
+    )
+    async with gateway(tmp_path, fake, text) as gw:
+        gw.client.headers.update(basic("alice", "wonderland"))
+        pushed = await push_image(gw.client, "/v2/dev/app", make_image("app", [b"ours"]), "v1")
+        assert pushed.status_code == 201, pushed.text
+        del gw.client.headers["authorization"]
+        prompt = await gw.client.get("/v2/dev/app/tags/list")
+        assert prompt.status_code == 401
+        assert 'scope="repository:dev/app:pull"' in prompt.headers["www-authenticate"]
+        public = await gw.client.get("/v2/dev/app/tags/list", headers=await token(gw.client))
+        assert public.json()["tags"] == ["1.0"]
+        alice = await token(gw.client, "alice")
+        union = await gw.client.get("/v2/dev/app/tags/list", headers=alice)
+        assert union.json()["tags"] == ["1.0", "v1"]
 
 
 def test_gc_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
