@@ -35,6 +35,7 @@ import base64
 import hashlib
 import json
 import random
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import bcrypt
 import httpx
 import pytest
 
@@ -884,6 +886,56 @@ async def test_pull_push_and_discovery_with_deletes_off(
         await pull_workflow(reg, invalid_references=False)
         await push_workflow(reg)
         await discovery_workflow(reg)
+
+
+class ReggieAuth(httpx.Auth):
+    """What the suite's client (reggie) does with OCI_USERNAME and OCI_PASSWORD: on a 401
+    with a Bearer challenge it asks the realm for a token of the challenge's scope, with
+    the credentials, and sends the request again with it."""
+
+    requires_response_body = True
+
+    def __init__(self, user: str, password: str) -> None:
+        self.basic = httpx.BasicAuth(user, password)
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        answer = yield request
+        challenge = answer.headers.get("www-authenticate", "")
+        if answer.status_code != 401 or not challenge.startswith("Bearer "):
+            return
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        params = {k: v for k, v in fields.items() if k in ("service", "scope")}
+        token_request = httpx.Request("GET", fields["realm"], params=params)
+        granted = yield next(self.basic.auth_flow(token_request))
+        request.headers["Authorization"] = f"Bearer {granted.json()['token']}"
+        yield request
+
+
+async def test_all_workflows_with_logins(
+    tmp_path: Path, fake: FakeRegistry, target: tuple[str, str]
+) -> None:
+    """With ``[auth]`` on and a push rule for the user, the four workflows pass for a client
+    that logs in as the suite does (tokens for each challenge's scope)."""
+    user, password = "builder", "correct horse"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    (tmp_path / "htpasswd").write_text(f"{user}:{hashed}\n")
+    rules = f"""
+[auth]
+htpasswd = "{tmp_path / "htpasswd"}"
+secret_file = "{tmp_path / "secret"}"
+[[hosted."team".access]]
+repositories = ["*"]
+pull = ["authenticated"]
+push = ["{user}"]
+"""
+    text = conformance_config(tmp_path / "cache", "http://upstream.test") + rules
+    async with gateway(tmp_path, fake, text) as gw:
+        gw.client.auth = ReggieAuth(user, password)
+        reg = Registry(gw.client, *target)
+        await pull_workflow(reg, invalid_references=False)
+        await push_workflow(reg)
+        await discovery_workflow(reg)
+        await management_workflow(reg)
 
 
 # ---------------------------------------------------------------------- the real gateway
