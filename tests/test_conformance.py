@@ -36,6 +36,7 @@ import hashlib
 import json
 import random
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from tests.support.fakeregistry import FakeRegistry
 from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import gateway
 from tests.support.registry import DistributionRegistry
+from tests.support.seaweed import session_seaweed
 
 pytestmark = pytest.mark.anyio
 
@@ -777,13 +779,15 @@ async def management_workflow(reg: Registry) -> None:
 # ---------------------------------------------------------------------- the targets
 
 
-def conformance_config(cache: Path, upstream: str) -> str:
+def conformance_config(cache: Path, upstream: str, storage: str = "") -> str:
     """``team`` (hosted, deletes allowed) by its route, and the group ``dev``: ``team``,
     then docker.io (``upstream``), by its route and as the default registry (where
-    docker's registry-mirrors and Kind send bare names)."""
+    docker's registry-mirrors and Kind send bare names). ``storage``: more ``[cache]``
+    keys (another backend)."""
     return f"""
 [cache]
 directory = "{cache}"
+{storage}
 [routing]
 default_registry = "dev"
 [upstreams."docker.io"]
@@ -931,6 +935,30 @@ push = ["{user}"]
     text = conformance_config(tmp_path / "cache", "http://upstream.test") + rules
     async with gateway(tmp_path, fake, text) as gw:
         gw.client.auth = ReggieAuth(user, password)
+        reg = Registry(gw.client, *target)
+        await pull_workflow(reg, invalid_references=False)
+        await push_workflow(reg)
+        await discovery_workflow(reg)
+        await management_workflow(reg)
+
+
+async def test_all_workflows_on_the_s3_backend(
+    tmp_path: Path, fake: FakeRegistry, target: tuple[str, str]
+) -> None:
+    """The same four workflows, in sequence on one repository, with the hosted set in an
+    object store (a real SeaweedFS): one conformance suite for every backend."""
+    server = session_seaweed()
+    store = f"""backend = "s3"
+[cache.s3]
+bucket = "{server.bucket}"
+endpoint = "{server.endpoint}"
+prefix = "conformance/{uuid.uuid4().hex}"
+access_key_id_env = "S3_KEY"
+secret_access_key_env = "S3_SECRET"
+"""
+    text = conformance_config(tmp_path / "spool", "http://upstream.test", store)
+    env = {"S3_KEY": server.access_key, "S3_SECRET": server.secret_key}
+    async with gateway(tmp_path, fake, text, env=env) as gw:
         reg = Registry(gw.client, *target)
         await pull_workflow(reg, invalid_references=False)
         await push_workflow(reg)
