@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from mirrorrouter.cache.spool import try_flock
 
 if TYPE_CHECKING:
     from mirrorrouter.coordination import Coordinator
@@ -258,16 +259,10 @@ class GcSchedule:
 
 
 def _try_lock(path: Path) -> int | None:
-    """An open descriptor holding an exclusive ``flock`` on ``path``; None when another
-    holds it. Never waits (LOCK_NB): this runs in a shared thread."""
+    """The lock file's descriptor holding its ``flock``; None when another holds it (never
+    waits: this runs in a shared thread)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_flock(path)
 
 
 def _read_text(path: Path) -> str | None:

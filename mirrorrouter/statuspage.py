@@ -16,8 +16,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from mirrorrouter.housekeeping import GcRun
+if TYPE_CHECKING:
+    from mirrorrouter.housekeeping import GcRun
 
 REFRESH_SECONDS = 10
 SHORT_DIGEST = 12  # hex digits of a digest shown in the table (the full one in its title)

@@ -472,17 +472,15 @@ async def test_store_survives_a_restart(tmp_path: Path, fake: FakeRegistry) -> N
         await store.close()
 
 
-async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
-    """Access rules of a hosted set: pull for everyone, push for alice and the builders;
-    anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
-    Through the group the writable member's rules apply; where no rule matches nobody may
-    push."""
-    text = secured(tmp_path).replace(
+def guarded_group(tmp_path: Path, *, repositories: str, pull: str) -> str:
+    """With logins: ``team`` (alice may push to ``repositories``, ``pull`` may pull) and
+    the group ``dev`` (team, then docker.io) by the prefix ``dev``."""
+    return secured(tmp_path).replace(
         '[upstreams."quay.io"]',
-        """[hosted."team"]
+        f"""[hosted."team"]
 [[hosted."team".access]]
-repositories = ["app"]
-pull = ["anonymous"]
+repositories = ["{repositories}"]
+pull = ["{pull}"]
 push = ["alice"]
 [groups."dev"]
 members = ["team", "docker.io"]
@@ -491,6 +489,14 @@ prefix = "dev"
 group = "dev"
 [upstreams."quay.io"]""",
     )
+
+
+async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Access rules of a hosted set: pull for everyone, push for alice and the builders;
+    anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
+    Through the group the writable member's rules apply; where no rule matches nobody may
+    push."""
+    text = guarded_group(tmp_path, repositories="app", pull="anonymous")
     image = make_image("app", [b"guarded"])
     async with gateway(tmp_path, fake, text) as gw:
         for base in ("/v2/dev/app", "/team/v2/app"):
@@ -523,20 +529,7 @@ async def test_group_unions_ask_a_client_without_credentials_to_log_in(
     200, after which a client never logs in); an anonymous token gets the public part, a
     user's token the whole union."""
     fake.add(make_image("library/app", [b"public"]), "1.0")
-    text = secured(tmp_path).replace(
-        '[upstreams."quay.io"]',
-        """[hosted."team"]
-[[hosted."team".access]]
-repositories = ["*"]
-pull = ["authenticated"]
-push = ["alice"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-[upstreams."quay.io"]""",
-    )
+    text = guarded_group(tmp_path, repositories="*", pull="authenticated")
     async with gateway(tmp_path, fake, text) as gw:
         gw.client.headers.update(basic("alice", "wonderland"))
         pushed = await push_image(gw.client, "/v2/dev/app", make_image("app", [b"ours"]), "v1")
