@@ -303,13 +303,13 @@ def test_status_page_renders_gc_states() -> None:
     assert "2 blobs · 1 manifest · 0 uploads | 3.0 MiB | 2024-06-02 12:00:00" in text
 
 
-def test_gc_interval_config() -> None:
+def test_gc_interval_config(tmp_path: Path) -> None:
     """``gc_interval``: a day by default, a duration, or "off"/"0"; anything else is an
     error naming the key."""
-    base = hosted_config(Path("/tmp/x"))
+    base = hosted_config(tmp_path)
     assert parse_settings(base).hosted["team"].gc_interval == 86400
     for value, seconds in (('"12h"', 43200), ('"off"', 0), ('"0"', 0), ("0", 0), ("90", 90)):
-        text = hosted_config(Path("/tmp/x"), hosted=f"gc_interval = {value}")
+        text = hosted_config(tmp_path, hosted=f"gc_interval = {value}")
         assert parse_settings(text).hosted["team"].gc_interval == seconds
     with pytest.raises(ConfigError, match=r"hosted\.team\.gc_interval"):
-        parse_settings(hosted_config(Path("/tmp/x"), hosted='gc_interval = "soon"'))
+        parse_settings(hosted_config(tmp_path, hosted='gc_interval = "soon"'))
