@@ -104,9 +104,10 @@ class Endpoints:
             clock=timing.wall,
             coordinator=self.pull.coordinator,
             shadowing=self.shadowing,
+            metrics=self.metrics,
         )
         self.groups = GroupApi(self.mapper, self.access, self._serve)
-        self.monitor = Monitor(settings, self.pull, self.metrics, self.access)
+        self.monitor = Monitor(settings, self.pull, self.metrics, self.access, self.hosted.gc)
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:

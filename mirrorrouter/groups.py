@@ -120,6 +120,9 @@ class GroupApi:
             bodies.append(bytes(response.body))
         if not bodies:
             raise _no_member_has(group, call, misses)
+        prompt = _login_first(group, call, misses)
+        if prompt is not None:
+            raise prompt
         return bodies
 
     async def _tags(self, call: Call, request: Request, group: GroupSettings) -> Answer:
@@ -140,6 +143,28 @@ class GroupApi:
                 seen.setdefault(descriptor.digest, descriptor)
         filtered = bool(call.oci.query_value("artifactType"))
         return index_response(referrers_index(seen.values()), call.oci, filtered)
+
+
+def _login_first(
+    group: GroupSettings, call: Call, misses: dict[str, RegistryError]
+) -> RegistryError | None:
+    """The login prompt of a member, for a client that sent no credentials at all.
+
+    A union (tags, referrers) is what the client may see; without this, a client that has
+    credentials would get the public members' part with a 200 and never log in (the
+    distribution-spec conformance suite, logged in, found 0 of 5 referrers). It comes back
+    with a token (an anonymous one when it has no credentials: realms give those) and then
+    gets the union that token may see."""
+    if call.identity is not None:
+        return None
+    for name, error in misses.items():
+        if error.code is ErrorCode.UNAUTHORIZED:
+            return RegistryError(
+                ErrorCode.UNAUTHORIZED,
+                f"member {name} of group {group.name} asks for a login: {error.message}",
+                headers=error.headers,
+            )
+    return None
 
 
 def _no_member_has(

@@ -18,7 +18,9 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
 - **referrers** are the repository's manifests whose ``subject`` names a digest;
 - **garbage collection** keeps every manifest linked into a repository, and everything
   those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
-  blob pushed just before its manifest is never collected in between);
+  blob pushed just before its manifest is never collected in between). The server runs it
+  every ``gc_interval``, once across its workers and replicas (housekeeping.py's
+  ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
 - **housekeeping** (``housekeep``, run by the server every ``sweep_interval``): upload
   sessions idle longer than ``upload_ttl`` are swept, and the quota's running total is
   counted afresh from the storage.
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from mirrorrouter.cache import CacheBackend, DigestMismatch, StoredManifest, TagRecord, open_backend
-from mirrorrouter.cache.base import Removal
+from mirrorrouter.cache.base import Inventory, Removal, StoredObject
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.housekeeping import sweep_interval
@@ -458,32 +460,16 @@ class HostedStore:
 
     async def collect_garbage(self, *, dry_run: bool = False) -> GcReport:
         """Remove blobs and manifests no linked manifest reaches, older than ``gc_grace``,
-        and upload sessions idle longer than ``upload_ttl`` that no request holds."""
+        and upload sessions idle longer than ``upload_ttl`` that no request holds.
+
+        It walks the whole set, so it keeps off the event loop: the inventory, the sums over
+        it and the removal run in threads (taking no lock that waits), and each manifest is
+        read with an await, so requests are served between them."""
         inventory = await self.storage.inventory()
-        manifests = inventory.manifests
-        live: set[Digest] = set()
-        pending = [d for linked in inventory.links.values() for d in linked if d in manifests]
-        while pending:
-            digest = pending.pop()
-            if digest in live:
-                continue
-            live.add(digest)
-            stored = await self.storage.peek_manifest(digest)
-            if stored is None:
-                continue
-            for child in referenced_digests(stored):
-                if child in manifests:
-                    pending.append(child)
-                else:
-                    live.add(child)
+        live = await self._reachable(inventory)
         horizon = self.clock() - self.settings.gc_grace
-        dead = {
-            digest: obj
-            for table in (inventory.blobs, manifests)
-            for digest, obj in table.items()
-            if digest not in live and obj.accessed < horizon
-        }
-        kept = len(inventory.blobs) + len(manifests) - len(dead)
+        dead, links = await asyncio.to_thread(_garbage, inventory, live, horizon)
+        kept = len(inventory.blobs) + len(inventory.manifests) - len(dead)
         idle = self.clock() - self.settings.upload_ttl
         swept = await asyncio.to_thread(self.sessions.sweep, idle, dry_run=dry_run)
         sessions = swept.sessions
@@ -491,12 +477,6 @@ class HostedStore:
             blobs = sum(1 for d in dead if d in inventory.blobs)
             freed = sum(o.size for o in dead.values())
             return GcReport(blobs, len(dead) - blobs, freed, sessions, kept)
-        links = tuple(
-            (repository, digest)
-            for repository, linked in inventory.links.items()
-            for digest in linked
-            if digest in dead
-        )
         removed = await self.storage.remove(Removal(frozenset(dead), links=links))
         if removed.in_use:  # all or nothing: collect the rest, leave the busy ones for later
             rest = frozenset(dead) - removed.in_use
@@ -511,6 +491,51 @@ class HostedStore:
             sessions,
             kept + len(dead) - len(removed.removed),
         )
+
+    async def _reachable(self, inventory: Inventory) -> set[Digest]:
+        """Every manifest linked into a repository, and everything those reference,
+        transitively (an index's child manifests, configs, layers)."""
+        manifests = inventory.manifests
+        live: set[Digest] = set()
+        pending = [d for linked in inventory.links.values() for d in linked if d in manifests]
+        while pending:
+            digest = pending.pop()
+            if digest in live:
+                continue
+            live.add(digest)
+            stored = await self.storage.peek_manifest(digest)
+            if stored is None:
+                continue
+            if len(stored.data) > INLINE_PARSE_BYTES:
+                children = await asyncio.to_thread(referenced_digests, stored)
+            else:
+                children = referenced_digests(stored)
+            for child in children:
+                if child in manifests:
+                    pending.append(child)
+                else:
+                    live.add(child)
+        return live
+
+
+def _garbage(
+    inventory: Inventory, live: set[Digest], horizon: float
+) -> tuple[dict[Digest, StoredObject], tuple[tuple[str, Digest], ...]]:
+    """What garbage collection removes: the blobs and manifests not ``live`` last touched
+    before ``horizon``, and the repository links naming them."""
+    dead = {
+        digest: obj
+        for table in (inventory.blobs, inventory.manifests)
+        for digest, obj in table.items()
+        if digest not in live and obj.accessed < horizon
+    }
+    links = tuple(
+        (repository, digest)
+        for repository, linked in inventory.links.items()
+        for digest in linked
+        if digest in dead
+    )
+    return dead, links
 
 
 def _manifest_unknown(repository: str, reference: str) -> RegistryError:

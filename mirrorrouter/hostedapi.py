@@ -41,8 +41,9 @@ from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted import BlobFinder, HostedStore, StoredBlob
-from mirrorrouter.housekeeping import Chore, Housekeeper, sweep_interval
+from mirrorrouter.housekeeping import Chore, GcSchedule, Housekeeper, sweep_interval
 from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, child_for_client
+from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -91,6 +92,7 @@ class HostedApi:
         coordinator: Coordinator | None = None,
         peer_transport: httpx.AsyncBaseTransport | None = None,
         shadowing: Shadowing | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``shadowing`` guards pushes and supplies blobs to copy in; None: no guard (a
         configuration whose hosted sets are in no group needs none)."""
@@ -102,10 +104,23 @@ class HostedApi:
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self._peer_transport = peer_transport
         self._peers: httpx.AsyncClient | None = None
+        self.gc = {
+            name: GcSchedule(store, self.coordinator, metrics=metrics)
+            for name, store in self.stores.items()
+        }
         self.housekeeper = Housekeeper(
             [
-                Chore(f"hosted {name}", sweep_interval(store.settings.upload_ttl), _sweep(store))
+                Chore(
+                    f"hosted {name}",
+                    sweep_interval(store.settings.upload_ttl),
+                    _sweep(store, metrics),
+                )
                 for name, store in self.stores.items()
+            ]
+            + [
+                Chore(f"gc of hosted {name}", schedule.check_interval, schedule.tick)
+                for name, schedule in self.gc.items()
+                if schedule.interval
             ]
         )
 
@@ -388,11 +403,14 @@ def _declared(request: Request) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _sweep(store: HostedStore) -> Callable[[], Awaitable[None]]:
-    """One housekeeping round of a hosted set, logged when it removed something."""
+def _sweep(store: HostedStore, metrics: Metrics | None) -> Callable[[], Awaitable[None]]:
+    """One housekeeping round of a hosted set, counted, and logged when it removed
+    something."""
 
     async def sweep() -> None:
         swept = await store.housekeep()
+        if metrics is not None:
+            metrics.upload_sweep(store.settings.name, swept)
         if swept.sessions:
             log.info(
                 "hosted %s: swept %d upload sessions idle longer than %.0fs (%d bytes)",

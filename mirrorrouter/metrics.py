@@ -29,7 +29,9 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
+    from mirrorrouter.housekeeping import GcRun
     from mirrorrouter.mapping import Resolution
+    from mirrorrouter.uploads import Swept
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
@@ -178,6 +180,45 @@ class Metrics:
             multiprocess_mode="max",
             registry=r,
         )
+        # Hosted sets' housekeeping (housekeeping.py): counted by the worker that did it.
+        self.gc_runs = Counter(
+            "mirrorrouter_gc_runs",
+            "Scheduled garbage collections of a hosted set, by outcome (ok, failed).",
+            ["hosted", "outcome"],
+            registry=r,
+        )
+        self.gc_removed = Counter(
+            "mirrorrouter_gc_removed",
+            "What scheduled garbage collection removed, by kind (blob, manifest, upload).",
+            ["hosted", "kind"],
+            registry=r,
+        )
+        self.gc_freed = Counter(
+            "mirrorrouter_gc_freed_bytes",
+            "Bytes scheduled garbage collection freed.",
+            ["hosted"],
+            registry=r,
+        )
+        self.gc_last_run = Gauge(
+            "mirrorrouter_gc_last_run_timestamp_seconds",
+            "When the last garbage collection of a hosted set began (by any worker or "
+            "replica), Unix seconds.",
+            ["hosted"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.upload_sweeps = Counter(
+            "mirrorrouter_upload_sweeps",
+            "Sweeps of a hosted set's abandoned upload sessions (every worker sweeps).",
+            ["hosted"],
+            registry=r,
+        )
+        self.uploads_swept = Counter(
+            "mirrorrouter_uploads_swept",
+            "Abandoned upload sessions the sweeps removed.",
+            ["hosted"],
+            registry=r,
+        )
 
     # ------------------------------------------------------------------ recording
 
@@ -226,6 +267,23 @@ class Metrics:
         value = header.split(";", 1)[0].strip()
         if value.isdigit():
             self.ratelimit.labels(upstream).set(int(value))
+
+    def gc_ran(self, hosted: str, run: GcRun) -> None:
+        """A scheduled garbage collection this worker ran."""
+        self.gc_runs.labels(hosted, run.outcome).inc()
+        removed = (("blob", run.blobs), ("manifest", run.manifests), ("upload", run.uploads))
+        for kind, count in removed:
+            self.gc_removed.labels(hosted, kind).inc(count)
+        self.gc_freed.labels(hosted).inc(run.freed)
+        self.gc_seen(hosted, run)
+
+    def gc_seen(self, hosted: str, run: GcRun) -> None:
+        """The last garbage collection of a hosted set, as its record says (any worker)."""
+        self.gc_last_run.labels(hosted).set(run.started)
+
+    def upload_sweep(self, hosted: str, swept: Swept) -> None:
+        self.upload_sweeps.labels(hosted).inc()
+        self.uploads_swept.labels(hosted).inc(swept.sessions)
 
     # ------------------------------------------------------------------ exposition
 

@@ -4,6 +4,7 @@ fresh cache gauges, and readiness."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from cachetools import TTLCache
@@ -13,21 +14,34 @@ from mirrorrouter.access import AccessPolicy
 from mirrorrouter.breaker import CircuitState
 from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings, UpstreamSettings, redact_url
+from mirrorrouter.housekeeping import GcSchedule
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pullthrough import Pullthrough
-from mirrorrouter.statuspage import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
+from mirrorrouter.statuspage import (
+    HostedStatus,
+    MirrorStatus,
+    RecentPull,
+    StatusSnapshot,
+    UpstreamStatus,
+)
 
 
 class Monitor:
     """Status, metrics and readiness of one gateway process."""
 
     def __init__(
-        self, settings: Settings, pull: Pullthrough, metrics: Metrics, access: AccessPolicy
+        self,
+        settings: Settings,
+        pull: Pullthrough,
+        metrics: Metrics,
+        access: AccessPolicy,
+        gc: Mapping[str, GcSchedule] | None = None,
     ) -> None:
         self.settings = settings
         self.pull = pull
         self.metrics = metrics
         self.access = access
+        self.gc = gc or {}
         self._usage: TTLCache[str, tuple[int, int]] = TTLCache(maxsize=1024, ttl=30)
 
     async def status(self, viewer: Identity | None = None) -> StatusSnapshot:
@@ -75,7 +89,18 @@ class Monitor:
             for p in self.metrics.tallies.recent
             if self.access.may_pull(viewer, p.resolution)
         )
-        return StatusSnapshot(__version__, self.metrics.started_at, tuple(upstreams), recent)
+        return StatusSnapshot(
+            __version__, self.metrics.started_at, tuple(upstreams), recent, await self._hosted()
+        )
+
+    async def _hosted(self) -> tuple[HostedStatus, ...]:
+        """Each hosted set's garbage collection, from the record every worker and replica
+        shares (also setting the last-run gauge)."""
+        statuses = []
+        for name, schedule in self.gc.items():
+            last = await schedule.last_run()
+            statuses.append(HostedStatus(name, schedule.interval, last, schedule.next_run(last)))
+        return tuple(statuses)
 
     async def _cache_usage(self, upstream: UpstreamSettings) -> tuple[int, int]:
         """Bytes and entries in an upstream's cache (also set as gauges); a scan at most
@@ -90,9 +115,11 @@ class Monitor:
         return known
 
     async def metrics_page(self) -> bytes:
-        """The /metrics text, with the cache gauges fresh (to within 30 s)."""
+        """The /metrics text, with the cache gauges fresh (to within 30 s) and each hosted
+        set's last garbage collection as its record says."""
         for upstream in self.settings.upstreams.values():
             await self._cache_usage(upstream)
+        await self._hosted()
         return self.metrics.exposition()
 
     def readiness(self, *, strict: bool = False) -> tuple[bool, dict[str, Any]]:

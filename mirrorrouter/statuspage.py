@@ -16,6 +16,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mirrorrouter.housekeeping import GcRun
 
 REFRESH_SECONDS = 10
 SHORT_DIGEST = 12  # hex digits of a digest shown in the table (the full one in its title)
@@ -80,6 +84,16 @@ class RecentPull:
 
 
 @dataclass(frozen=True, slots=True)
+class HostedStatus:
+    """One hosted set's housekeeping: its scheduled garbage collection."""
+
+    name: str
+    gc_interval: float  # seconds; 0: scheduled collection is off
+    last_gc: GcRun | None  # by whichever worker or replica ran it
+    next_gc: float | None  # Unix seconds; None when off
+
+
+@dataclass(frozen=True, slots=True)
 class StatusSnapshot:
     """Everything the page shows, taken at one moment."""
 
@@ -87,6 +101,7 @@ class StatusSnapshot:
     started_at: float  # Unix seconds
     upstreams: tuple[UpstreamStatus, ...]
     recent: tuple[RecentPull, ...]
+    hosted: tuple[HostedStatus, ...] = ()
 
     @property
     def totals(self) -> UpstreamStatus:
@@ -118,6 +133,7 @@ def render_status(snapshot: StatusSnapshot, *, now: float | None = None) -> str:
         _summary(snapshot, totals),
         _cache_table(snapshot.upstreams, totals),
         _mirror_table(snapshot.upstreams),
+        _hosted_table(snapshot.hosted, now),
         _recent_table(snapshot.recent),
         "</main>\n</body>\n</html>\n",
     ]
@@ -217,6 +233,47 @@ def _mirror_table(upstreams: tuple[UpstreamStatus, ...]) -> str:
             )
     if not rows:
         rows.append(_empty_row(5, "No upstreams are configured."))
+    return head + "".join(rows) + _TABLE_END
+
+
+def _hosted_table(hosted: tuple[HostedStatus, ...], now: float) -> str:
+    """Each hosted set's garbage collection: the last run, what it removed, the next."""
+    if not hosted:
+        return ""
+    head = "<section>\n<h2>Hosted sets: garbage collection</h2>\n" + _table_start(
+        ("hosted set", ""),
+        ("every", ""),
+        ("last run (UTC)", ""),
+        ("outcome", ""),
+        ("removed", ""),
+        ("freed", "num"),
+        ("next run (UTC)", ""),
+    )
+    rows = []
+    for h in hosted:
+        last = h.last_gc
+        if last is None:
+            ran, outcome, removed, freed = _e("never"), _DASH, _DASH, _DASH
+        else:
+            ran = f'<span title="by {_e(last.by)}">{_time(last.started)}</span>'
+            css = "ok" if last.outcome == "ok" else "bad"
+            why = f' title="{_e(last.error)}"' if last.error else ""
+            outcome = f'<span class="badge {css}"{why}>{_e(last.outcome)}</span>'
+            removed = _e(
+                f"{_plural(last.blobs, 'blob')} · {_plural(last.manifests, 'manifest')} · "
+                f"{_plural(last.uploads, 'upload')}"
+            )
+            freed = _bytes(last.freed)
+        if h.next_gc is None:
+            every, upcoming = _e("off"), _DASH
+        else:
+            every = _e(_duration(h.gc_interval))
+            upcoming = _e("due now") if h.next_gc <= now else _time(h.next_gc)
+        rows.append(
+            f'<tr><th scope="row">{_e(h.name)}</th><td>{every}</td><td>{ran}</td>'
+            f'<td>{outcome}</td><td>{removed}</td><td class="num">{freed}</td>'
+            f"<td>{upcoming}</td></tr>\n"
+        )
     return head + "".join(rows) + _TABLE_END
 
 

@@ -410,6 +410,19 @@ async def test_tags_are_listed_and_deleted(backend: Harness) -> None:
     assert backend.leftovers() == []
 
 
+async def test_no_tags_are_listed_once_the_last_is_deleted(backend: Harness) -> None:
+    """Deleting every tag leaves an empty list, also where the store keeps the emptied
+    "directory" as an entry of its own (SeaweedFS lists ``.../_tags``)."""
+    cache = backend.cache
+    for tag in ("v1", "v2"):
+        await cache.put_tag("team/app", tag, record(tag.encode()))
+    for tag in ("v1", "v2"):
+        assert await cache.delete_tag("team/app", tag)
+    assert await cache.list_tags("team/app") == []
+    await cache.put_tag("team/app", "v3", record(b"v3"))
+    assert await cache.list_tags("team/app") == ["v3"]
+
+
 VALID_TAG_FIELDS = {
     "digest": str(Digest.of(b"x")),
     "media_type": OCI_MANIFEST,

@@ -24,7 +24,7 @@ from mirrorrouter.hosted import HostedStore
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
-from tests.test_access import basic, secured
+from tests.test_access import basic, secured, token
 
 pytestmark = pytest.mark.anyio
 
@@ -189,6 +189,7 @@ async def test_invalid_references_are_unknown_to_pulls_and_bad_requests_to_pushe
     image = make_image("app", [b"layer"])
     async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
         assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
+        asked = len(fake.requests)  # the push's shadowing checks asked upstream; from here on
         for base in ("/v2/team/app", "/v2/app"):  # the hosted route, the group
             for method in ("GET", "HEAD"):
                 for path, code in (
@@ -211,7 +212,7 @@ async def test_invalid_references_are_unknown_to_pulls_and_bad_requests_to_pushe
             )
             assert answer.status_code == 400
             assert answer.json()["errors"][0]["code"] == code
-    assert fake.requests == []  # nothing that cannot exist is asked upstream
+    assert fake.requests[asked:] == []  # nothing that cannot exist is asked upstream
 
 
 async def test_manifest_with_missing_blob_is_refused(tmp_path: Path, fake: FakeRegistry) -> None:
@@ -522,17 +523,18 @@ async def test_store_survives_a_restart(tmp_path: Path, fake: FakeRegistry) -> N
         await store.close()
 
 
-async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
-    """Access rules of a hosted set: pull for everyone, push for alice and the builders;
-    anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
-    Through the group the writable member's rules apply; where no rule matches nobody may
-    push."""
-    text = secured(tmp_path).replace(
+def guarded_group(tmp_path: Path, *, repositories: str, pull: str, allow_shadow: str = "") -> str:
+    """With logins: ``team`` (alice may push to ``repositories``, ``pull`` may pull; it may
+    shadow docker.io's ``allow_shadow``) and the group ``dev`` (team, then docker.io) by the
+    prefix ``dev``."""
+    shadow = f'allow_shadow = ["{allow_shadow}"]' if allow_shadow else ""
+    return secured(tmp_path).replace(
         '[upstreams."quay.io"]',
-        """[hosted."team"]
+        f"""[hosted."team"]
+{shadow}
 [[hosted."team".access]]
-repositories = ["app"]
-pull = ["anonymous"]
+repositories = ["{repositories}"]
+pull = ["{pull}"]
 push = ["alice"]
 [groups."dev"]
 members = ["team", "docker.io"]
@@ -541,6 +543,14 @@ prefix = "dev"
 group = "dev"
 [upstreams."quay.io"]""",
     )
+
+
+async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
+    """Access rules of a hosted set: pull for everyone, push for alice and the builders;
+    anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
+    Through the group the writable member's rules apply; where no rule matches nobody may
+    push."""
+    text = guarded_group(tmp_path, repositories="app", pull="anonymous")
     image = make_image("app", [b"guarded"])
     async with gateway(tmp_path, fake, text) as gw:
         for base in ("/v2/dev/app", "/team/v2/app"):
@@ -563,6 +573,30 @@ group = "dev"
         # No rule matches: with [auth] on, nobody may push (the default since issue 13).
         assert other.status_code == 403
         assert "no [[hosted" in other.json()["errors"][0]["message"]
+
+
+async def test_group_unions_ask_a_client_without_credentials_to_log_in(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """A group's tags/list of a repository a login-only member has answers a request without
+    credentials with that member's login challenge (not docker.io's part of the union with a
+    200, after which a client never logs in); an anonymous token gets the public part, a
+    user's token the whole union."""
+    fake.add(make_image("library/app", [b"public"]), "1.0")
+    text = guarded_group(tmp_path, repositories="*", pull="authenticated", allow_shadow="app")
+    async with gateway(tmp_path, fake, text) as gw:
+        gw.client.headers.update(basic("alice", "wonderland"))
+        pushed = await push_image(gw.client, "/v2/dev/app", make_image("app", [b"ours"]), "v1")
+        assert pushed.status_code == 201, pushed.text
+        del gw.client.headers["authorization"]
+        prompt = await gw.client.get("/v2/dev/app/tags/list")
+        assert prompt.status_code == 401
+        assert 'scope="repository:dev/app:pull"' in prompt.headers["www-authenticate"]
+        public = await gw.client.get("/v2/dev/app/tags/list", headers=await token(gw.client))
+        assert public.json()["tags"] == ["1.0"]
+        alice = await token(gw.client, "alice")
+        union = await gw.client.get("/v2/dev/app/tags/list", headers=alice)
+        assert union.json()["tags"] == ["1.0", "v1"]
 
 
 def test_gc_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

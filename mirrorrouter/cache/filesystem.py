@@ -60,6 +60,7 @@ from mirrorrouter.cache.spool import (
     SpoolWriter,
     entries,
     locked_elsewhere,
+    try_flock,
 )
 from mirrorrouter.reference import Digest, ReferenceError
 
@@ -145,13 +146,8 @@ class FilesystemCache:
         when another process holds it. The claim ends when released or its process dies."""
         path = self._claim_file(digest)
         path.parent.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return _FileClaim(fd)
+        fd = try_flock(path)
+        return None if fd is None else _FileClaim(fd)
 
     # ------------------------------------------------------------------ manifests
 

@@ -389,9 +389,16 @@ class ObjectStoreCache:
         )
 
     async def list_tags(self, repository: str) -> list[str]:
-        prefix = self._key("repositories", repository, "_tags")
+        prefix = self._key("repositories", repository, "_tags") + "/"
         listed = await obstore.list_with_delimiter_async(self._store, prefix)
-        return sorted(meta["path"].rpartition("/")[2] for meta in listed["objects"])
+        # Only the objects under the prefix: SeaweedFS lists an emptied directory as an
+        # object named like the prefix itself (".../_tags"), which is no tag.
+        paths = (meta["path"] for meta in listed["objects"])
+        return sorted(
+            path[len(prefix) :]
+            for path in paths
+            if path.startswith(prefix) and len(path) > len(prefix)
+        )
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
         key = self._tag_key(repository, tag)

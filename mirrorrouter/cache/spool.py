@@ -182,6 +182,19 @@ def _alive(area: Path) -> bool:
     return locked_elsewhere(area / LOCK_NAME)
 
 
+def try_flock(path: Path) -> int | None:
+    """An open descriptor of ``path`` (made when missing) holding an exclusive ``flock``
+    until it is closed; None when another holds it. Never waits (``LOCK_NB``), so it may
+    run in a shared thread."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def locked_elsewhere(path: Path) -> bool:
     """Whether some open file (another process, or another descriptor here) holds an
     ``flock`` on ``path``; False when there is no such file."""

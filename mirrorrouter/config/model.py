@@ -158,6 +158,9 @@ class UpstreamSettings:
 # Above the largest layer the big cloud registries take (Amazon ECR: 52,000 MiB), so an
 # image that can be pushed anywhere can be pushed here; still a bound on one request.
 DEFAULT_MAX_BLOB_SIZE = 64 * 1024**3
+# Once a day: what the garbage of a day of pushes and deletes costs to keep is small, and a
+# walk of the set's storage a day is cheap; gc_grace protects pushes in progress.
+DEFAULT_GC_INTERVAL = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,9 @@ class HostedSettings:
     access: tuple[AccessRule, ...] = ()  # no matching rule: see access.py for the default
     delete: bool = False  # may clients DELETE manifests and tags
     gc_grace: float = 3600.0  # garbage collection spares blobs and manifests younger than this
+    # How often the server collects garbage on its own, once across every worker and replica
+    # (housekeeping.py); 0: never (``mirrorrouter gc`` from cron instead).
+    gc_interval: float = DEFAULT_GC_INTERVAL
     # What clients may store (docs/hosted-and-groups.md, "Limits"): one blob's bytes, the
     # whole set's bytes (None: unbounded), open upload sessions, and how long a session may
     # stay idle before the server sweeps it.

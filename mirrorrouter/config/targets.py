@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mirrorrouter.config.model import (
+    DEFAULT_GC_INTERVAL,
     DEFAULT_MAX_BLOB_SIZE,
     CacheSettings,
     GroupSettings,
@@ -91,6 +92,7 @@ def load_hosted(
         access=load_access_rules(table.tables("access"), push=True),
         delete=table.get("delete", bool, False),
         gc_grace=table.duration("gc_grace", 3600.0),
+        gc_interval=_duration_or_off(table, "gc_interval", DEFAULT_GC_INTERVAL),
         max_blob_size=_size_or_none(table, "max_blob_size", DEFAULT_MAX_BLOB_SIZE),
         quota=_size_or_none(table, "quota", None),
         max_uploads=table.get("max_uploads", int, 1000, check=between(1, 1_000_000)),
@@ -99,6 +101,14 @@ def load_hosted(
     )
     table.finish()
     return hosted if _target_name(reader, table, name, upstreams) else None
+
+
+def _duration_or_off(table: Table, key: str, default: float) -> float:
+    """A duration, or ``"off"`` / ``"0"`` / ``0`` for never (0.0)."""
+    if table.data.get(key) in ("off", "0"):
+        table.used.add(key)
+        return 0.0
+    return table.duration(key, default)
 
 
 def _size_or_none(table: Table, key: str, default: int | None) -> int | None:

@@ -11,7 +11,10 @@ store (the cache) and one Redis for coordination. ``Coordinator`` is what the re
 - **shared tag checks**: the last upstream confirmation of a tag, so a tag checked through
   one replica is fresh on every replica within ``tag_ttl``, with no upstream request;
 - **shared circuits**: a mirror's consecutive failures and open window, so one replica's
-  failures open the circuit for all (``circuit``, consulted by breaker.py).
+  failures open the circuit for all (``circuit``, consulted by breaker.py);
+- **housekeeping chores**: ``claim_chore`` takes the cluster-wide lease on a chore that one
+  replica at a time runs (a hosted set's scheduled garbage collection), and the chore's
+  record (``chore_record``, when it last ran and what it did) is kept for all to read.
 
 ``LocalCoordinator`` is one replica on its own (the default): fill locks in memory, nothing
 else shared (the site's memory caches and the local breakers are the whole truth).
@@ -25,6 +28,8 @@ else shared (the site's memory caches and the local breakers are the whole truth
     P:circuit:U:<mirror>:failures  consecutive failures       PX FAILURE_WINDOW (INCR)
     P:circuit:U:<mirror>:open      "1"                        PX the breaker's cooldown
     P:upload:<id>                  the holder's advertise_url PX the hosted set's gc_grace
+    P:chore:<chore>                "<token> <advertise_url>"  PX lock_ttl, renewed (a lease)
+    P:chore:<chore>:record         JSON, the chore's last run PX what the chore asks
 
 A lock is released by compare-and-delete (a Lua script), so a replica never deletes a lock
 it no longer holds; a holder that dies stops renewing and its lock expires after lock_ttl.
@@ -43,7 +48,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from mirrorrouter.breaker import SharedCircuit
 from mirrorrouter.cache import TagRecord
@@ -127,6 +132,17 @@ class Coordinator(Protocol):
         """The ``advertise_url`` of the replica holding an upload session; None: unknown."""
         ...
 
+    async def claim_chore(self, chore: str) -> Lease | None:
+        """The cluster-wide lease on a housekeeping chore; None while another replica runs
+        it. Redis out: granted (each machine's own lock still holds its workers back)."""
+        ...
+
+    async def chore_record(self, chore: str) -> str | None:
+        """What the chore's last run recorded, by whichever replica; None: nothing known."""
+        ...
+
+    async def put_chore_record(self, chore: str, record: str, ttl: float) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -155,6 +171,7 @@ class LocalCoordinator:
         self.lock_ttl = settings.lock_ttl
         self.advertise_url = settings.advertise_url
         self._locks: dict[tuple[str, Digest], _LocalLease] = {}
+        self._chores: dict[str, _LocalLease] = {}
 
     async def claim(self, upstream: str, digest: Digest) -> Lease | None:
         key = (upstream, digest)
@@ -196,12 +213,24 @@ class LocalCoordinator:
     async def upload_owner(self, upload_id: str) -> str | None:
         return None
 
+    async def claim_chore(self, chore: str) -> Lease | None:
+        if chore in self._chores:
+            return None
+        lease = self._chores[chore] = _LocalLease(self._chores, chore)
+        return lease
+
+    async def chore_record(self, chore: str) -> str | None:
+        return None  # one replica: the chore keeps its record in its own storage
+
+    async def put_chore_record(self, chore: str, record: str, ttl: float) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
 
 class _LocalLease:
-    def __init__(self, table: dict[tuple[str, Digest], _LocalLease], key: tuple[str, Digest]):
+    def __init__(self, table: dict[Any, _LocalLease], key: object):
         self.token = secrets.token_hex(16)
         self.lost = False
         self._table = table

@@ -117,14 +117,21 @@ class RedisCoordinator:
         """SET NX PX lock_ttl; renewed in the background while held. Redis out: the local
         lock table decides (fail open)."""
         key = self._fill_key(upstream, digest)
+        return await self._lease("claim", key, lambda: self.local.claim(upstream, digest))
+
+    async def _lease(
+        self, what: str, key: str, fallback: Callable[[], Awaitable[Lease | None]]
+    ) -> Lease | None:
+        """Take the lease ``key`` (SET NX PX lock_ttl, renewed while held); None when
+        another holds it; ``fallback`` decides when Redis is out."""
         token = secrets.token_hex(16)
         value = f"{token} {self.advertise_url or ''}"
         try:
             taken = await self._redis(
-                "claim", lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
+                what, lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
             )
         except _Unavailable:
-            return await self.local.claim(upstream, digest)
+            return await fallback()
         return RedisLease(self, key, token, value) if taken else None
 
     async def holder(self, upstream: str, digest: Digest) -> Holder | None:
@@ -212,6 +219,25 @@ class RedisCoordinator:
     async def upload_owner(self, upload_id: str) -> str | None:
         return await self._get("upload session", self._upload_key(upload_id))
 
+    # -- housekeeping chores
+
+    def _chore_key(self, chore: str) -> str:
+        return f"{self.prefix}:chore:{chore}"
+
+    async def claim_chore(self, chore: str) -> Lease | None:
+        """A lease like a fill lock's (SET NX PX, renewed while held). Redis out: the local
+        table decides, so each replica may run the chore once (fail open)."""
+        key = self._chore_key(chore)
+        return await self._lease("chore lease", key, lambda: self.local.claim_chore(chore))
+
+    async def chore_record(self, chore: str) -> str | None:
+        """None when Redis is out."""
+        return await self._get("chore record", f"{self._chore_key(chore)}:record")
+
+    async def put_chore_record(self, chore: str, record: str, ttl: float) -> None:
+        """Dropped when Redis is out."""
+        await self._put("chore record", f"{self._chore_key(chore)}:record", record, ttl)
+
     # -- circuits
 
     def circuit(
@@ -259,7 +285,8 @@ class RedisCoordinator:
 
 
 class RedisLease:
-    """A fill lock held in Redis, renewed every lock_ttl/3 until released."""
+    """A lease held in Redis (a fill lock, a chore's), renewed every lock_ttl/3 until
+    released."""
 
     def __init__(self, owner: RedisCoordinator, key: str, token: str, value: str) -> None:
         self.token = token
@@ -285,7 +312,7 @@ class RedisLease:
                 continue  # the lock may expire meanwhile: another replica may fetch it too
             if not kept:
                 self.lost = True
-                log.warning("fill lock %s expired while held: another may take it", self._key)
+                log.warning("lease %s expired while held: another may take it", self._key)
                 return
 
     async def _stop(self) -> None:
