@@ -26,6 +26,7 @@ from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.eviction import Evictor
 from mirrorrouter.groups import Answer, GroupApi
+from mirrorrouter.headers import challenge, parse_host
 from mirrorrouter.hostedapi import HOSTED, HostedApi, index_response, tag_page
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
@@ -52,10 +53,13 @@ UPSTREAM_HEADER = "X-Upstream"
 def parse_scope(scope: Scope) -> OciRequest:
     """The one parse of an ASGI request into an ``OciRequest`` (both the fast path and the
     Starlette handlers use it)."""
-    host = range_header = ""
+    host: str | None = None
+    range_header = ""
     accept: list[str] = []
     for name, value in scope["headers"]:
         if name == b"host":
+            if host is not None:  # RFC 9110 7.2: a request with two is answered 400
+                raise RegistryError(ErrorCode.NAME_INVALID, "more than one Host header")
             host = value.decode("latin-1")
         elif name == b"accept":
             accept.append(value.decode("latin-1"))
@@ -66,7 +70,7 @@ def parse_scope(scope: Scope) -> OciRequest:
         scope["method"],
         scope["path"],
         query=parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else (),
-        host=host,
+        host=host or "",
         range_header=range_header or None,
         accept=accept,
     )
@@ -265,16 +269,15 @@ class Endpoints:
             else:
                 answer = self.auth.issue(authorization=request.headers.get("authorization"))
         except RegistryError as error:
-            challenge = f'Basic realm="{self.auth.settings.service}"'
-            raise error.with_context("token realm", {"WWW-Authenticate": challenge}) from error
+            basic = challenge("Basic", realm=self.auth.settings.service)
+            raise error.with_context("token realm", {"WWW-Authenticate": basic}) from error
         return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
     def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
         assert self.auth is not None
         realm = self.auth.settings.realm
         if realm is None:
-            host = _header(scope, b"host") or "localhost"
-            realm = f"{scope.get('scheme', 'http')}://{host}/auth/token"
+            realm = f"{scope.get('scheme', 'http')}://{_authority(scope)}/auth/token"
         actions = "pull,push" if push else "pull"
         return self.auth.challenge(realm, f"repository:{name}:{actions}" if name else None)
 
@@ -436,6 +439,15 @@ class Endpoints:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             bytes=size,
         )
+
+
+def _authority(scope: Scope) -> str:
+    """The request's validated ``host[:port]`` (``parse_scope`` refused any other), for
+    URLs that send the client back here."""
+    try:
+        return str(parse_host(_header(scope, b"host") or ""))
+    except ValueError:
+        return "localhost"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
