@@ -48,7 +48,7 @@ from typing import Any
 
 import httptools
 import uvicorn
-from uvicorn._types import ASGIReceiveEvent
+from uvicorn._types import ASGIApplication, ASGIReceiveEvent
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -173,11 +173,17 @@ class GatewayProtocol(HttpToolsProtocol):
                 self._refuse(400, f"malformed HTTP/1.1 request: {_reason(exc)}", "malformed")
 
     def _refuse(self, status: int, message: str, reason: str) -> None:
-        """Answer a request that cannot be served and close the connection. With a response
-        in flight nothing can be written in between: the connection is cut instead."""
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.abort()
-            return
+        """Answer a request that cannot be served and close the connection. Once a response
+        has started nothing can be written in between: the connection is cut instead."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.abort()
+                return
+            # A malformed body: the app waiting for it is told the client is gone, as
+            # connection_lost would (which now goes to the closing answer instead).
+            cycle.disconnected = True
+            cycle.message_event.set()
         error = RegistryError(ErrorCode.UNSUPPORTED, message, status=status)
         self.connections.discard(self)
         self._forget()
@@ -440,7 +446,7 @@ class ServerConfig(uvicorn.Config):
     """uvicorn's configuration with ``GatewayProtocol`` and the ``[server]`` settings it
     reads; pickled to every worker process as it is."""
 
-    def __init__(self, app: str, server: ServerSettings, **kwargs: Any) -> None:
+    def __init__(self, app: ASGIApplication | str, server: ServerSettings, **kwargs: Any) -> None:
         super().__init__(app, http=GatewayProtocol, ws="none", **kwargs)
         self.server_settings = server
 
