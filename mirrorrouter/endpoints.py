@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
+import jwt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
@@ -20,7 +21,7 @@ from mirrorrouter import logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
 from mirrorrouter.calls import Call
-from mirrorrouter.clientauth import Authenticator
+from mirrorrouter.clientauth import Authenticator, Identity
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
@@ -114,12 +115,16 @@ class Endpoints:
             await self.hosted.close()
             self.audit.close()
 
-    def _admit(self, scope: Scope, oci: OciRequest, resolution: Resolution) -> Call:
-        """Who is asking, and may they? The one check both the fast and the full path make."""
-        identity = self.auth.identify(_header(scope, b"authorization")) if self.auth else None
+    def _identify(self, scope: Scope) -> Identity | None:
+        """Who is asking: None without credentials; wrong ones raise ``UNAUTHORIZED``."""
+        return self.auth.identify(_header(scope, b"authorization")) if self.auth else None
+
+    def _admit(
+        self, scope: Scope, oci: OciRequest, resolution: Resolution, identity: Identity | None
+    ) -> Call:
+        """May they? The one check both the fast and the full path make."""
         self.access.check(identity, resolution, push=oci.is_write)
-        client = scope.get("client") or ("", 0)
-        return Call(oci, resolution, identity, f"{client[0]}:{client[1]}", scope)
+        return Call(oci, resolution, identity, client_address(scope), scope)
 
     def fast_manifest(self, scope: Scope) -> RawResponse | None:
         """A manifest GET/HEAD answered from memory before any framework code runs, or None
@@ -132,7 +137,7 @@ class Endpoints:
             resolution = self.mapper.resolve(oci)
             if not isinstance(resolution.target, UpstreamSettings):
                 return None  # hosted sets and groups take the full path
-            call = self._admit(scope, oci, resolution)
+            call = self._admit(scope, oci, resolution, self._identify(scope))
         except RegistryError:
             return None
         reference = call.resolution.reference
@@ -142,20 +147,38 @@ class Endpoints:
         response = self._manifest_response(call, answer)
         self._count(oci, call.resolution, response.status_code)
         self._log_access(
-            scope, call, response.status_code, started, answer.cache, None, len(response.body)
+            scope,
+            response.status_code,
+            started,
+            call.identity,
+            call.resolution,
+            cache=answer.cache,
+            size=len(response.body),
         )
         return response
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
+        """Parse, route, identify, admit and serve one distribution API request; every
+        answer, refusals before routing included, gets an access line."""
         scope = request.scope
-        oci = parse_scope(scope)
-        if oci.kind is RequestKind.BASE:
-            return self.base(scope, oci)
-        resolution = self.mapper.resolve(oci)
         started = time.perf_counter()
+        oci: OciRequest | None = None
+        resolution: Resolution | None = None
+        identity: Identity | None = None
         status, size, logged_later = 500, 0, False
         try:
-            response = await self._handle(request, oci, resolution)
+            oci = parse_scope(scope)
+            if oci.kind is not RequestKind.BASE:
+                resolution = self.mapper.resolve(oci)
+            try:
+                identity = self._identify(scope)
+                if resolution is None:
+                    response: Answer = self.base(scope, oci, identity)
+                else:
+                    call = self._admit(scope, oci, resolution, identity)
+                    response = await self._serve(call, request)
+            except RegistryError as error:
+                raise self._in_context(error, scope, oci, resolution) from error
             status = response.status_code
             if isinstance(response, BlobResponse):
                 logged_later = True  # when its body has been sent (BlobResponse.on_sent)
@@ -166,25 +189,31 @@ class Endpoints:
             status = error.status
             raise
         finally:
-            self._count(oci, resolution, status)
+            if oci is not None and resolution is not None:
+                self._count(oci, resolution, status)
             if not logged_later:
-                call = Call(oci, resolution, None, "", scope)
-                self._log_access(scope, call, status, started, None, None, size)
+                self._log_access(scope, status, started, identity, resolution, size=size)
 
     def _count(self, oci: OciRequest, resolution: Resolution, status: int) -> None:
         route = resolution.route.label if resolution.route else resolution.via.value
         self.metrics.request(route, resolution.target.name, oci.method, status)
 
-    async def _handle(self, request: Request, oci: OciRequest, resolution: Resolution) -> Answer:
-        scope = request.scope
-        try:
-            return await self._serve(self._admit(scope, oci, resolution), request)
-        except RegistryError as error:
-            # Say which route was taken, so an operator can see why.
-            headers = self._common_headers(oci, resolution)
-            if error.code is ErrorCode.UNAUTHORIZED:
-                headers["WWW-Authenticate"] = self._challenge(scope, oci.name, push=oci.is_write)
-            raise error.with_context(resolution.describe, headers) from error
+    def _in_context(
+        self, error: RegistryError, scope: Scope, oci: OciRequest, resolution: Resolution | None
+    ) -> RegistryError:
+        """``error`` saying which route was taken (so an operator can see why), with the
+        challenge a 401 needs."""
+        if resolution is None:  # /v2/ itself
+            route, headers, name = "base", {}, ""
+        else:
+            route, headers, name = (
+                resolution.describe,
+                self._common_headers(oci, resolution),
+                oci.name,
+            )
+        if error.code is ErrorCode.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = self._challenge(scope, name, push=oci.is_write)
+        return error.with_context(route, headers)
 
     async def _serve(self, call: Call, request: Request) -> Answer:
         """Answer an admitted call from its target: an upstream, a hosted set or a group."""
@@ -241,19 +270,12 @@ class Endpoints:
             return None
         return resolution.reference.repository
 
-    def base(self, scope: Scope, oci: OciRequest) -> Response:
+    def base(self, scope: Scope, oci: OciRequest, identity: Identity | None) -> Response:
         if oci.method not in ("GET", "HEAD"):
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} /v2/ is not supported")
-        if self.auth is not None:
+        if self.auth is not None and identity is None:
             # Clients log in (and get anonymous tokens) from the challenge on /v2/.
-            try:
-                identity = self.auth.identify(_header(scope, b"authorization"))
-                if identity is None:
-                    raise self.auth.unauthorized("authentication required")
-            except RegistryError as error:
-                raise error.with_context(
-                    "base", {"WWW-Authenticate": self._challenge(scope, "")}
-                ) from error
+            raise self.auth.unauthorized("authentication required")
         return Response(
             b"{}", 200, {API_VERSION_HEADER: API_VERSION}, media_type="application/json"
         )
@@ -262,16 +284,25 @@ class Endpoints:
         """The token realm (``docker login``, ``podman login``, containerd credentials)."""
         if self.auth is None:
             raise RegistryError(ErrorCode.NOT_FOUND, "client authentication is off here")
+        started = time.perf_counter()
+        status, user, size = 500, None, 0
         try:
             if request.method == "POST":
                 form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
                 answer = self.auth.issue(authorization=None, form=form)
             else:
                 answer = self.auth.issue(authorization=request.headers.get("authorization"))
+            user = _token_subject(answer)
+            response = JSONResponse(answer, headers={"Cache-Control": "no-store"})
+            status, size = response.status_code, len(response.body)
+            return response
         except RegistryError as error:
+            status = error.status
             basic = challenge("Basic", realm=self.auth.settings.service)
             raise error.with_context("token realm", {"WWW-Authenticate": basic}) from error
-        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
+        finally:
+            identity = Identity(user) if user else None
+            self._log_access(request.scope, status, started, identity, None, size=size)
 
     def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
         assert self.auth is not None
@@ -348,7 +379,16 @@ class Endpoints:
                 self.metrics.served_from_cache(upstream, count)
             if call.oci.method == "GET":
                 self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
-            self._log_access(call.scope, call, status, started, answer.cache, answer.mirror, count)
+            self._log_access(
+                call.scope,
+                status,
+                started,
+                call.identity,
+                call.resolution,
+                cache=answer.cache,
+                mirror=answer.mirror,
+                size=count,
+            )
 
         return BlobResponse(
             answer.stream,
@@ -412,33 +452,45 @@ class Endpoints:
     def _log_access(
         self,
         scope: Scope | None,
-        call: Call,
         status: int,
         started: float,
-        cache: str | None,
-        mirror: str | None,
-        size: int,
+        identity: Identity | None,
+        resolution: Resolution | None,
+        *,
+        cache: str | None = None,
+        mirror: str | None = None,
+        size: int = 0,
     ) -> None:
-        """One structured access line, when ``server.access_log`` is on."""
+        """One structured access line, when ``server.access_log`` is on: always the client
+        address and the user (``anonymous`` when none was established)."""
         if not self.settings.server.access_log or scope is None:
             return
         query = scope.get("query_string", b"")
         path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
-        resolution = call.resolution
+        route = upstream = None
+        if resolution is not None:
+            route = resolution.route.label if resolution.route else resolution.via.value
+            upstream = resolution.target.name
         logs.access(
-            call.oci.method,
+            scope["method"],
             path,
             status,
             request_id=secrets.token_hex(8),
-            client=call.client or None,
-            user=call.identity.name if call.identity else None,
-            route=resolution.route.label if resolution.route else resolution.via.value,
-            upstream=resolution.target.name,
+            client=client_address(scope) or None,
+            user=identity.name if identity else "anonymous",
+            route=route,
+            upstream=upstream,
             mirror=mirror,
             cache=cache,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             bytes=size,
         )
+
+
+def client_address(scope: Scope) -> str:
+    """``ip:port`` of the client ("" when the server does not say)."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else ""
 
 
 def _authority(scope: Scope) -> str:
@@ -448,6 +500,12 @@ def _authority(scope: Scope) -> str:
         return str(parse_host(_header(scope, b"host") or ""))
     except ValueError:
         return "localhost"
+
+
+def _token_subject(answer: dict[str, object]) -> str | None:
+    """The user a token the realm just issued names (None: anonymous)."""
+    claims = jwt.decode(str(answer["token"]), options={"verify_signature": False})
+    return str(claims.get("sub") or "") or None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
