@@ -211,22 +211,26 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count_head(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        self._count_head(len(name) + len(value) + 4)
-
-    def _count_head(self, size: int) -> None:
-        self._head_bytes += size
+        self._head_bytes += len(url)
         if self._head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn 0.55's, counting the head's bytes (inline: it runs for every header).
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        name = name.lower()
+        value = value.rstrip(b" \t")  # RFC 9110 5.5: trailing whitespace is not the value
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         # uvicorn 0.55's, with GatewayCycle and without limit_concurrency (the connection
         # limit is enforced at the accept, before any request is read).
         self._head_bytes = 0
-        self._expect(Wait.APP, None)
+        self._wait, self._deadline = Wait.APP, None  # _expect(APP), from HEAD: never idle
         http_version = self.parser.get_http_version()
         method = self.parser.get_method()
         self.scope["method"] = method.decode("ascii")
@@ -242,20 +246,21 @@ class GatewayProtocol(HttpToolsProtocol):
         self.scope["query_string"] = parsed_url.query or b""
 
         existing_cycle = self.cycle
-        self.cycle = GatewayCycle(
-            self,
-            scope=self.scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
-            on_response=self.on_response_complete,
+        cycle = GatewayCycle(
+            self.scope,
+            self.transport,
+            self.flow,
+            self.logger,
+            self.access_logger,
+            self.access_log,
+            self.server_state.default_headers,
+            asyncio.Event(),
+            self.expect_100_continue,
+            http_version != "1.0" and self.parser.should_keep_alive(),
+            self.on_response_complete,
         )
+        cycle.protocol = self
+        self.cycle = cycle
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(self.cycle, self.app)
         else:
@@ -351,9 +356,7 @@ class GatewayCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, telling its protocol while the app waits for
     request body (the body timeout runs only then)."""
 
-    def __init__(self, protocol: GatewayProtocol, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.protocol = protocol
+    protocol: GatewayProtocol
 
     async def receive(self) -> ASGIReceiveEvent:
         if not self.more_body or self.disconnected or self.response_complete:
