@@ -50,7 +50,7 @@ def upstream(
         yield registry, factory.push(image, registry, "library/small", "1", method="api")
 
 
-def start_gateway(workdir: Path, registry: DistributionRegistry, server: str) -> GatewayProcess:
+def gateway_for(workdir: Path, registry: DistributionRegistry, server: str) -> GatewayProcess:
     """A gateway with [auth] on (anonymous pulls allowed) and the given [server] keys."""
     workdir.mkdir(parents=True)
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
@@ -66,7 +66,7 @@ htpasswd = "htpasswd"
 [upstreams."docker.io"]
 mirrors = [{{ url = "{registry.url}" }}]
 """
-    return GatewayProcess(workdir, config).start()
+    return GatewayProcess(workdir, config)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,9 @@ def gateway(
 ) -> Iterator[GatewayProcess]:
     """Timeouts of two seconds, room for the thousand attackers and the normal clients."""
     server = 'header_timeout = "2s"\nbody_timeout = "2s"\nkeepalive_timeout = "2s"\n'
-    gw = start_gateway(
-        tmp_path_factory.mktemp("gw") / "main", upstream[0], server + "max_connections = 1500"
-    )
-    try:
+    workdir = tmp_path_factory.mktemp("gw") / "main"
+    with gateway_for(workdir, upstream[0], server + "max_connections = 1500") as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +86,8 @@ def limited(
 ) -> Iterator[GatewayProcess]:
     """Twenty connections at most, and silent clients may hold theirs for a minute."""
     server = 'max_connections = 20\nheader_timeout = "60s"\nkeepalive_timeout = "60s"'
-    gw = start_gateway(tmp_path_factory.mktemp("gw") / "limited", upstream[0], server)
-    try:
+    with gateway_for(tmp_path_factory.mktemp("gw") / "limited", upstream[0], server) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -379,3 +372,22 @@ def test_refusals_are_logged_with_client_and_user(gateway: GatewayProcess) -> No
         }
 
     assert eventually(lambda: logged() == expected, 5), logged()
+
+
+def test_worker_processes_run_the_same_protocol(
+    upstream: tuple[DistributionRegistry, PushedImage], tmp_path: Path
+) -> None:
+    """With workers = 2 (uvicorn spawns the workers and pickles the config to them), silent
+    connections are still closed at the header timeout and malformed HTTP gets JSON."""
+    server = 'workers = 2\nheader_timeout = "1s"'
+    with gateway_for(tmp_path / "workers", upstream[0], server) as gw:
+        silent = [connect(gw) for _ in range(8)]
+        try:
+            closed = closed_times(silent, within=10)
+            assert len(closed) == len(silent)
+        finally:
+            for sock in silent:
+                sock.close()
+        status, headers, body, _ = exchange(gw, b"GET /v2/ HTTP/1.1\r\nHost x\r\n\r\n")
+        assert (status, oci_code(headers, body)) == (400, "UNSUPPORTED")
+        assert gw.log().count("Started server process") == 2
