@@ -13,13 +13,14 @@ from urllib.parse import parse_qsl
 
 import httpx
 import jwt
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
 from mirrorrouter import logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
+from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.calls import Call
 from mirrorrouter.clientauth import Authenticator, Identity
 from mirrorrouter.config import Settings, UpstreamSettings
@@ -49,6 +50,23 @@ from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"
 UPSTREAM_HEADER = "X-Upstream"
+
+# The answer to a request whose body ended early (499: nginx's "client closed request"),
+# rendered only for the access log: the client is gone.
+ClientGone = RegistryError(
+    ErrorCode.SIZE_INVALID, "the request body ended before its Content-Length", status=499
+)
+
+
+def answer_status(exc: Exception) -> int:
+    """The status app.py's handlers answer ``exc`` with (for the access line)."""
+    if isinstance(exc, RegistryError):
+        return exc.status
+    if isinstance(exc, ClientDisconnect):
+        return ClientGone.status
+    if isinstance(exc, CacheUnavailable):
+        return ErrorCode.UNAVAILABLE.status
+    return ErrorCode.UNKNOWN.status
 
 
 def parse_scope(scope: Scope) -> OciRequest:
@@ -185,8 +203,8 @@ class Endpoints:
             else:
                 size = len(response.body)
             return response
-        except RegistryError as error:
-            status = error.status
+        except Exception as exc:
+            status = answer_status(exc)
             raise
         finally:
             if oci is not None and resolution is not None:
@@ -285,24 +303,29 @@ class Endpoints:
         if self.auth is None:
             raise RegistryError(ErrorCode.NOT_FOUND, "client authentication is off here")
         started = time.perf_counter()
-        status, user, size = 500, None, 0
+        status, identity, size = 500, None, 0
         try:
-            if request.method == "POST":
-                form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
-                answer = self.auth.issue(authorization=None, form=form)
-            else:
-                answer = self.auth.issue(authorization=request.headers.get("authorization"))
+            answer = await self._issue(request, self.auth)
             user = _token_subject(answer)
+            identity = Identity(user) if user else None
             response = JSONResponse(answer, headers={"Cache-Control": "no-store"})
             status, size = response.status_code, len(response.body)
             return response
-        except RegistryError as error:
-            status = error.status
-            basic = challenge("Basic", realm=self.auth.settings.service)
-            raise error.with_context("token realm", {"WWW-Authenticate": basic}) from error
+        except Exception as exc:
+            status = answer_status(exc)
+            raise
         finally:
-            identity = Identity(user) if user else None
             self._log_access(request.scope, status, started, identity, None, size=size)
+
+    async def _issue(self, request: Request, auth: Authenticator) -> dict[str, object]:
+        try:
+            if request.method == "POST":
+                form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+                return auth.issue(authorization=None, form=form)
+            return auth.issue(authorization=request.headers.get("authorization"))
+        except RegistryError as error:
+            basic = challenge("Basic", realm=auth.settings.service)
+            raise error.with_context("token realm", {"WWW-Authenticate": basic}) from error
 
     def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
         assert self.auth is not None

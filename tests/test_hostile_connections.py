@@ -245,6 +245,11 @@ def test_half_open_connections_are_closed_while_normal_clients_are_served(
             sock.close()
     assert eventually(lambda: open_fds(pid) <= fds_before + 2, 10), open_fds(pid)
     assert rss_bytes(pid) - rss_before < 100 * 1024 * 1024
+    # The abandoned bodies are 499s in the access log, never a 500 or a traceback.
+    assert not [line for line in gateway.log().splitlines() if '"level":"error"' in line]
+    tokens = [e for e in access_lines(gateway) if e["message"].startswith("POST /auth/token")]
+    assert len(tokens) == ATTACKERS // len(HALF_REQUESTS)
+    assert {(e["status"], e["user"]) for e in tokens} == {(499, "anonymous")}
 
 
 def test_connections_past_the_limit_get_503_and_service_resumes(limited: GatewayProcess) -> None:
