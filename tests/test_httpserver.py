@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import uvicorn
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from mirrorrouter import httpserver
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.httpserver import ServerConfig, fit_descriptor_limit
+from tests.support.inprocess import uvicorn_in_loop
 from tests.support.registry import free_port
 
 pytestmark = pytest.mark.anyio
@@ -47,18 +47,8 @@ async def serving(app: App, **settings: Any) -> AsyncIterator[int]:
         log_level="warning",
         timeout_graceful_shutdown=1,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(1000):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "the server did not start"
-    try:
+    async with uvicorn_in_loop(config):
         yield port
-    finally:
-        server.should_exit = True
-        await task
 
 
 @contextlib.asynccontextmanager
