@@ -15,14 +15,14 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.config import Settings, load_settings
-from mirrorrouter.endpoints import Endpoints
+from mirrorrouter.endpoints import ClientGone, Endpoints
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
 from mirrorrouter.peer import PEER_PATH, peer_blob
@@ -56,6 +56,13 @@ async def _cache_unavailable(request: Request, exc: Exception) -> Response:
     """The cache's storage is down: a 503 the client retries, not a 500."""
     log.error("%s %s: %s", request.method, request.url.path, exc)
     return error_response(RegistryError(ErrorCode.UNAVAILABLE, f"the cache is unreachable: {exc}"))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The request body ended early: the client closed the connection, or the server gave
+    up waiting for it (``server.body_timeout``). Nobody reads this answer; no traceback."""
+    log.debug("%s %s: the request body ended early", request.method, request.url.path)
+    return error_response(ClientGone)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
@@ -111,6 +118,7 @@ def create_app(
         exception_handlers={
             RegistryError: _registry_error,
             CacheUnavailable: _cache_unavailable,
+            ClientDisconnect: _client_gone,
             HTTPException: _http_error,
             Exception: _unexpected_error,
         },

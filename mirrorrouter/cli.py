@@ -150,10 +150,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> None:
-    import uvicorn
+    from mirrorrouter import httpserver
 
-    uvicorn.run(
+    config = httpserver.ServerConfig(
         "mirrorrouter.app:app_from_environment",
+        settings.server,
         factory=True,
         host=args.host or settings.server.host,
         port=args.port or settings.server.port,
@@ -163,10 +164,10 @@ def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> 
         log_config=log_config(settings.server.log_level),
         access_log=False,  # the gateway writes its own access lines (server.access_log)
         loop="uvloop",
-        http="httptools",
         proxy_headers=False,
         server_header=False,
     )
+    httpserver.run(config)
 
 
 @dataclass(frozen=True)

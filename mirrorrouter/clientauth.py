@@ -222,11 +222,11 @@ class Authenticator:
     # ------------------------------------------------------------------ challenges
 
     def challenge(self, realm: str, scope: str | None = None) -> str:
-        """The ``WWW-Authenticate`` value that sends a client to the token realm."""
-        value = f'Bearer realm="{realm}",service="{self.settings.service}"'
-        if scope:
-            value += f',scope="{scope}"'
-        return value
+        """The ``WWW-Authenticate`` value that sends a client to the token realm, every
+        parameter a quoted string (a value holding ``"`` cannot add a parameter)."""
+        from mirrorrouter.headers import challenge
+
+        return challenge("Bearer", realm=realm, service=self.settings.service, scope=scope or None)
 
     def unauthorized(self, message: str) -> RegistryError:
         # The realm URL depends on the request; endpoints add the WWW-Authenticate header.

@@ -12,13 +12,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-from starlette.requests import Request
+import jwt
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
 from mirrorrouter import logs
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.audit import AuditLog
+from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.calls import Call
 from mirrorrouter.clientauth import Authenticator, Identity, NotCached
 from mirrorrouter.config import Settings, UpstreamSettings
@@ -26,6 +28,7 @@ from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.eviction import Evictor
 from mirrorrouter.groups import Answer, GroupApi
+from mirrorrouter.headers import challenge, parse_host
 from mirrorrouter.hostedapi import HOSTED, HostedApi, index_response, tag_page
 from mirrorrouter.manifests import OCI_INDEX
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
@@ -49,14 +52,34 @@ from mirrorrouter.timing import REAL_TIME, Timing
 CACHE_HEADER = "X-Cache"
 UPSTREAM_HEADER = "X-Upstream"
 
+# The answer to a request whose body ended early (499: nginx's "client closed request"),
+# rendered only for the access log: the client is gone.
+ClientGone = RegistryError(
+    ErrorCode.SIZE_INVALID, "the request body ended before its Content-Length", status=499
+)
+
+
+def answer_status(exc: Exception) -> int:
+    """The status app.py's handlers answer ``exc`` with (for the access line)."""
+    if isinstance(exc, RegistryError):
+        return exc.status
+    if isinstance(exc, ClientDisconnect):
+        return ClientGone.status
+    if isinstance(exc, CacheUnavailable):
+        return ErrorCode.UNAVAILABLE.status
+    return ErrorCode.UNKNOWN.status
+
 
 def parse_scope(scope: Scope) -> OciRequest:
     """The one parse of an ASGI request into an ``OciRequest`` (both the fast path and the
     Starlette handlers use it)."""
-    host = range_header = ""
+    host: str | None = None
+    range_header = ""
     accept: list[str] = []
     for name, value in scope["headers"]:
         if name == b"host":
+            if host is not None:  # RFC 9110 7.2: a request with two is answered 400
+                raise RegistryError(ErrorCode.NAME_INVALID, "more than one Host header")
             host = value.decode("latin-1")
         elif name == b"accept":
             accept.append(value.decode("latin-1"))
@@ -67,7 +90,7 @@ def parse_scope(scope: Scope) -> OciRequest:
         scope["method"],
         scope["path"],
         query=parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else (),
-        host=host,
+        host=host or "",
         range_header=range_header or None,
         accept=accept,
     )
@@ -127,10 +150,9 @@ class Endpoints:
     def _admit(
         self, scope: Scope, oci: OciRequest, resolution: Resolution, identity: Identity | None
     ) -> Call:
-        """May the client who is asking? The one check both the fast and the full path make."""
+        """May they? The one check both the fast and the full path make."""
         self.access.check(identity, resolution, push=oci.is_write)
-        client = scope.get("client") or ("", 0)
-        return Call(oci, resolution, identity, f"{client[0]}:{client[1]}", scope)
+        return Call(oci, resolution, identity, client_address(scope), scope)
 
     def fast_manifest(self, scope: Scope) -> RawResponse | None:
         """A manifest GET/HEAD answered from memory before any framework code runs, or None
@@ -157,50 +179,73 @@ class Endpoints:
         response = self._manifest_response(call, answer)
         self._count(oci, call.resolution, response.status_code)
         self._log_access(
-            scope, call, response.status_code, started, answer.cache, None, len(response.body)
+            scope,
+            response.status_code,
+            started,
+            call.identity,
+            call.resolution,
+            cache=answer.cache,
+            size=len(response.body),
         )
         return response
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
+        """Parse, route, identify, admit and serve one distribution API request; every
+        answer, refusals before routing included, gets an access line."""
         scope = request.scope
-        oci = parse_scope(scope)
-        if oci.kind is RequestKind.BASE:
-            return await self.base(scope, oci)
-        resolution = self.mapper.resolve(oci)
         started = time.perf_counter()
+        oci: OciRequest | None = None
+        resolution: Resolution | None = None
+        identity: Identity | None = None
         status, size, logged_later = 500, 0, False
         try:
-            response = await self._handle(request, oci, resolution)
+            oci = parse_scope(scope)
+            if oci.kind is not RequestKind.BASE:
+                resolution = self.mapper.resolve(oci)
+            try:
+                identity = await self.identify(scope)
+                if resolution is None:
+                    response: Answer = self.base(scope, oci, identity)
+                else:
+                    call = self._admit(scope, oci, resolution, identity)
+                    response = await self._serve(call, request)
+            except RegistryError as error:
+                raise self._in_context(error, scope, oci, resolution) from error
             status = response.status_code
             if isinstance(response, BlobResponse):
                 logged_later = True  # when its body has been sent (BlobResponse.on_sent)
             else:
                 size = len(response.body)
             return response
-        except RegistryError as error:
-            status = error.status
+        except Exception as exc:
+            status = answer_status(exc)
             raise
         finally:
-            self._count(oci, resolution, status)
+            if oci is not None and resolution is not None:
+                self._count(oci, resolution, status)
             if not logged_later:
-                call = Call(oci, resolution, None, "", scope)
-                self._log_access(scope, call, status, started, None, None, size)
+                self._log_access(scope, status, started, identity, resolution, size=size)
 
     def _count(self, oci: OciRequest, resolution: Resolution, status: int) -> None:
         route = resolution.route.label if resolution.route else resolution.via.value
         self.metrics.request(route, resolution.target.name, oci.method, status)
 
-    async def _handle(self, request: Request, oci: OciRequest, resolution: Resolution) -> Answer:
-        scope = request.scope
-        try:
-            identity = await self.identify(scope)
-            return await self._serve(self._admit(scope, oci, resolution, identity), request)
-        except RegistryError as error:
-            # Say which route was taken, so an operator can see why.
-            headers = self._common_headers(oci, resolution)
-            if error.code is ErrorCode.UNAUTHORIZED:
-                headers["WWW-Authenticate"] = self._challenge(scope, oci.name, push=oci.is_write)
-            raise error.with_context(resolution.describe, headers) from error
+    def _in_context(
+        self, error: RegistryError, scope: Scope, oci: OciRequest, resolution: Resolution | None
+    ) -> RegistryError:
+        """``error`` saying which route was taken (so an operator can see why), with the
+        challenge a 401 needs."""
+        if resolution is None:  # /v2/ itself
+            route, headers, name = "base", {}, ""
+        else:
+            route, headers, name = (
+                resolution.describe,
+                self._common_headers(oci, resolution),
+                oci.name,
+            )
+        if error.code is ErrorCode.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = self._challenge(scope, name, push=oci.is_write)
+        return error.with_context(route, headers)
 
     async def _serve(self, call: Call, request: Request) -> Answer:
         """Answer an admitted call from its target: an upstream, a hosted set or a group."""
@@ -259,24 +304,18 @@ class Endpoints:
         return resolution.reference.repository
 
     async def identify(self, scope: Scope) -> Identity | None:
-        """Who is asking (None: no credentials, or client authentication is off)."""
+        """Who is asking (None: no credentials, or client authentication is off); wrong
+        credentials raise ``UNAUTHORIZED``, failed logins back off (passwords.py)."""
         if self.auth is None:
             return None
-        return await self.auth.identify(_header(scope, b"authorization"), client_address(scope))
+        return await self.auth.identify(_header(scope, b"authorization"), client_ip(scope))
 
-    async def base(self, scope: Scope, oci: OciRequest) -> Response:
+    def base(self, scope: Scope, oci: OciRequest, identity: Identity | None) -> Response:
         if oci.method not in ("GET", "HEAD"):
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} /v2/ is not supported")
-        if self.auth is not None:
+        if self.auth is not None and identity is None:
             # Clients log in (and get anonymous tokens) from the challenge on /v2/.
-            try:
-                if await self.identify(scope) is None:
-                    raise self.auth.unauthorized("authentication required")
-            except RegistryError as error:
-                headers = {}
-                if error.code is ErrorCode.UNAUTHORIZED:
-                    headers["WWW-Authenticate"] = self._challenge(scope, "")
-                raise error.with_context("base", headers) from error
+            raise self.auth.unauthorized("authentication required")
         return Response(
             b"{}", 200, {API_VERSION_HEADER: API_VERSION}, media_type="application/json"
         )
@@ -285,17 +324,31 @@ class Endpoints:
         """The token realm (``docker login``, ``podman login``, containerd credentials)."""
         if self.auth is None:
             raise RegistryError(ErrorCode.NOT_FOUND, "client authentication is off here")
-        client = client_address(request.scope)
+        started = time.perf_counter()
+        status, identity, size = 500, None, 0
+        try:
+            answer = await self._issue(request, self.auth)
+            user = _token_subject(answer)
+            identity = Identity(user) if user else None
+            response = JSONResponse(answer, headers={"Cache-Control": "no-store"})
+            status, size = response.status_code, len(response.body)
+            return response
+        except Exception as exc:
+            status = answer_status(exc)
+            raise
+        finally:
+            self._log_access(request.scope, status, started, identity, None, size=size)
+
+    async def _issue(self, request: Request, auth: Authenticator) -> dict[str, object]:
+        client = client_ip(request.scope)
         try:
             if request.method == "POST":
                 form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
-                answer = await self.auth.issue(authorization=None, form=form, client=client)
-            else:
-                authorization = request.headers.get("authorization")
-                answer = await self.auth.issue(authorization=authorization, client=client)
+                return await auth.issue(authorization=None, form=form, client=client)
+            authorization = request.headers.get("authorization")
+            return await auth.issue(authorization=authorization, client=client)
         except RegistryError as error:
             raise error.with_context("token realm", self._login_headers(error)) from error
-        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
     async def monitoring_viewer(self, request: Request, surface: str) -> Identity | None:
         """Who reads the status page or /metrics (``surface``), once ``auth.monitoring``
@@ -312,14 +365,13 @@ class Endpoints:
         """A refused login outside the registry API asks for Basic credentials."""
         if error.code is not ErrorCode.UNAUTHORIZED or self.auth is None:
             return {}
-        return {"WWW-Authenticate": f'Basic realm="{self.auth.settings.service}"'}
+        return {"WWW-Authenticate": challenge("Basic", realm=self.auth.settings.service)}
 
     def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
         assert self.auth is not None
         realm = self.auth.settings.realm
         if realm is None:
-            host = _header(scope, b"host") or "localhost"
-            realm = f"{scope.get('scheme', 'http')}://{host}/auth/token"
+            realm = f"{scope.get('scheme', 'http')}://{_authority(scope)}/auth/token"
         actions = "pull,push" if push else "pull"
         return self.auth.challenge(realm, f"repository:{name}:{actions}" if name else None)
 
@@ -391,7 +443,16 @@ class Endpoints:
                 self.metrics.served_from_cache(upstream, count)
             if call.oci.method == "GET":
                 self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
-            self._log_access(call.scope, call, status, started, answer.cache, answer.mirror, count)
+            self._log_access(
+                call.scope,
+                status,
+                started,
+                call.identity,
+                call.resolution,
+                cache=answer.cache,
+                mirror=answer.mirror,
+                size=count,
+            )
 
         return BlobResponse(
             answer.stream,
@@ -457,28 +518,34 @@ class Endpoints:
     def _log_access(
         self,
         scope: Scope | None,
-        call: Call,
         status: int,
         started: float,
-        cache: str | None,
-        mirror: str | None,
-        size: int,
+        identity: Identity | None,
+        resolution: Resolution | None,
+        *,
+        cache: str | None = None,
+        mirror: str | None = None,
+        size: int = 0,
     ) -> None:
-        """One structured access line, when ``server.access_log`` is on."""
+        """One structured access line, when ``server.access_log`` is on: always the client
+        address and the user (``anonymous`` when none was established)."""
         if not self.settings.server.access_log or scope is None:
             return
         query = scope.get("query_string", b"")
         path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
-        resolution = call.resolution
+        route = upstream = None
+        if resolution is not None:
+            route = resolution.route.label if resolution.route else resolution.via.value
+            upstream = resolution.target.name
         logs.access(
-            call.oci.method,
+            scope["method"],
             path,
             status,
             request_id=secrets.token_hex(8),
-            client=call.client or None,
-            user=call.identity.name if call.identity else None,
-            route=resolution.route.label if resolution.route else resolution.via.value,
-            upstream=resolution.target.name,
+            client=client_address(scope) or None,
+            user=identity.name if identity else "anonymous",
+            route=route,
+            upstream=upstream,
             mirror=mirror,
             cache=cache,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -486,10 +553,31 @@ class Endpoints:
         )
 
 
-def client_address(scope: Scope) -> str:
+def client_ip(scope: Scope) -> str:
     """The client's IP address (failed logins back off by it); "" when the server has none."""
     client = scope.get("client")
     return str(client[0]) if client else ""
+
+
+def client_address(scope: Scope) -> str:
+    """``ip:port`` of the client ("" when the server does not say)."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else ""
+
+
+def _authority(scope: Scope) -> str:
+    """The request's validated ``host[:port]`` (``parse_scope`` refused any other), for
+    URLs that send the client back here."""
+    try:
+        return str(parse_host(_header(scope, b"host") or ""))
+    except ValueError:
+        return "localhost"
+
+
+def _token_subject(answer: dict[str, object]) -> str | None:
+    """The user a token the realm just issued names (None: anonymous)."""
+    claims = jwt.decode(str(answer["token"]), options={"verify_signature": False})
+    return str(claims.get("sub") or "") or None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.headers import parse_host
 from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, ReferenceError, validate_tag
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
@@ -52,7 +53,7 @@ class OciRequest:
     upload_id: str | None = None  # the session id in /blobs/uploads/<id>
     prefix: str = ""  # a route prefix written before /v2 ("gcr" in /gcr/v2/...)
     ns: str | None = None  # containerd's ?ns=<registry as written in the image name>
-    host: str = ""  # the Host header, lower case, without the port
+    host: str = ""  # the Host header (validated), lower case, without the port
     range: str | None = None
     accept: tuple[str, ...] = ()
     query: tuple[tuple[str, str], ...] = ()
@@ -171,11 +172,18 @@ def _split_prefix(path: str) -> tuple[str, str]:
     return prefix, tail
 
 
-def _host_without_port(host: str) -> str:
-    host = host.lower()
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.split(":", 1)[0]
+def _host_without_port(value: str) -> str:
+    """The host of a Host header (none: ""); a header that is not ``host[:port]`` is refused
+    here, at the door, since the mapper routes on it and challenges name it."""
+    if not value:
+        return ""
+    try:
+        return parse_host(value).host
+    except ValueError as exc:
+        shown = value if len(value) <= 100 else value[:100] + "..."
+        raise RegistryError(
+            ErrorCode.NAME_INVALID, f"invalid Host header {shown!r}: {exc}; expected host[:port]"
+        ) from None
 
 
 def _check_name(name: str) -> None:

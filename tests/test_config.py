@@ -58,6 +58,16 @@ def test_minimal_config_gets_defaults() -> None:
     assert hub.policy.tag_ttl == 300 and hub.credentials is None
 
 
+def test_server_connection_keys_have_defaults_and_read_durations() -> None:
+    """The connection keys default to 10 s, 30 s, 5 s, 60 s and 4096; durations parse."""
+    server = parse_settings(MINIMAL, env={}).server
+    assert (server.header_timeout, server.body_timeout, server.keepalive_timeout) == (10, 30, 5)
+    assert (server.send_timeout, server.max_connections) == (60, 4096)
+    text = '[server]\nheader_timeout = "2s"\nbody_timeout = "1m"\nmax_connections = 100\n'
+    server = parse_settings(text + MINIMAL, env={}).server
+    assert (server.header_timeout, server.body_timeout, server.max_connections) == (2, 60, 100)
+
+
 def test_mirror_order_and_capabilities_are_kept() -> None:
     """The mirror list keeps its order (the failover order) and each mirror's capabilities."""
     settings = parse_settings(
@@ -152,6 +162,10 @@ read_timeout = 0
         ('[server]\nport = "5000"', "server.port: expected an integer"),
         ("[server]\nport = 70000", "server.port: expected a number from 1 to 65535"),
         ("[server]\nworkers = true", "server.workers: expected an integer"),
+        ('[server]\nheader_timeout = "soon"', "server.header_timeout: expected a duration"),
+        ("[server]\nbody_timeout = 0", "server.body_timeout: expected a duration"),
+        ('[server]\nkeepalive_timeout = "-1s"', "server.keepalive_timeout: expected"),
+        ("[server]\nmax_connections = 0", "server.max_connections: expected a number from 1"),
         ('[cache]\nbackend = "s4"', "cache.backend: expected one of 'filesystem'"),
         ("[bogus]\nx = 1", "bogus: unknown key"),
         ('[upstreams."docker.io"]\nmirrors = [{ url = "ftp://x" }]', "mirrors[0].url: expected"),

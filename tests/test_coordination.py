@@ -30,7 +30,7 @@ from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
-from tests.support.inprocess import Clock
+from tests.support.inprocess import Clock, uvicorn_in_loop
 from tests.support.redisserver import RedisServer
 from tests.support.registry import free_port
 
@@ -385,18 +385,8 @@ async def peer_server(pull: Pullthrough, port: int) -> AsyncIterator[None]:
         timeout_graceful_shutdown=5,
         log_level="critical",  # the stream a dying holder cuts short is not worth a traceback
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "the peer endpoint did not start"
-    try:
+    async with uvicorn_in_loop(config):
         yield
-    finally:
-        server.should_exit = True
-        await task
 
 
 class Recording(RedisCoordinator):

@@ -11,6 +11,7 @@ import pytest
 from mirrorrouter.logs import ACCESS_LOGGER, HumanFormatter, JsonFormatter, log_config
 from tests.support.fakeregistry import FakeRegistry, Image, sha256
 from tests.support.inprocess import config, gateway
+from tests.test_access import basic, secured
 
 pytestmark = pytest.mark.anyio
 
@@ -53,6 +54,42 @@ async def test_access_lines_tell_what_happened(
     assert lines[2]["bytes"] == len(b"layer-two") and lines[2]["mirror"] == "upstream.test"
     assert all(len(e["request_id"]) == 16 and e["duration_ms"] >= 0 for e in lines)
     assert len({e["request_id"] for e in lines}) == 4
+
+
+async def test_refused_requests_name_the_client_and_the_user(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Answers given before routing or admission (a path that does not parse, a forged Host,
+    a 401 on /v2/ and at the token realm, a 403) get access lines naming the client address
+    and the user, anonymous when none was established."""
+    capture = Capture()
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    text = "[server]\naccess_log = true\n" + secured(tmp_path)
+    try:
+        async with gateway(tmp_path, fake, text) as gw:
+            await gw.client.get("/not/an/api/path")
+            await gw.client.get("/v2/", headers={"Host": 'x",service="y'})
+            await gw.client.get("/v2/")
+            await gw.client.get("/auth/token", headers=basic("alice", "guess"))
+            await gw.client.get("/v2/private/app/manifests/1", headers=basic("eve", "listening"))
+            await gw.client.get("/v2/", headers=basic("alice", "wonderland"))
+            await gw.client.get("/auth/token", headers=basic("alice", "wonderland"))
+    finally:
+        logger.removeHandler(capture)
+    lines = [json.loads(JsonFormatter().format(r)) for r in capture.records]
+    assert [(e["status"], e["user"]) for e in lines] == [
+        (404, "anonymous"),
+        (400, "anonymous"),
+        (401, "anonymous"),
+        (401, "anonymous"),
+        (403, "eve"),
+        (200, "alice"),
+        (200, "alice"),
+    ]
+    assert {e["client"] for e in lines} == {"127.0.0.1:123"}  # httpx's ASGITransport
+    assert lines[4]["route"] == "default" and lines[4]["upstream"] == "docker.io"
 
 
 def test_formats_and_config() -> None:

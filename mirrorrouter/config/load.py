@@ -123,6 +123,7 @@ _TOP_KEYS = (
 
 def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> Settings | None:
     server_t = root.table("server")
+    default = ServerSettings()
     server = ServerSettings(
         host=server_t.get("host", str, "0.0.0.0"),
         port=server_t.get("port", int, 5000, check=between(1, 65535)),
@@ -131,6 +132,15 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
             "log_level", str, "info", check=one_of("debug", "info", "warning", "error")
         ),
         access_log=server_t.get("access_log", bool, False),
+        header_timeout=server_t.duration("header_timeout", default.header_timeout, positive=True),
+        body_timeout=server_t.duration("body_timeout", default.body_timeout, positive=True),
+        keepalive_timeout=server_t.duration(
+            "keepalive_timeout", default.keepalive_timeout, positive=True
+        ),
+        send_timeout=server_t.duration("send_timeout", default.send_timeout, positive=True),
+        max_connections=server_t.get(
+            "max_connections", int, default.max_connections, check=between(1, 1_000_000)
+        ),
     )
     server_t.finish()
 

@@ -257,6 +257,12 @@ class ServerSettings:
     workers: int = 1
     log_level: str = "info"
     access_log: bool = False  # uvicorn's per-request line costs about a fifth of throughput
+    # Connection hygiene (httpserver.py): a client that stops sending is closed after these.
+    header_timeout: float = 10.0  # first byte (or accept) to complete request headers
+    body_timeout: float = 30.0  # gap between body chunks while the app waits for them
+    keepalive_timeout: float = 5.0  # idle between requests on a kept-alive connection
+    send_timeout: float = 60.0  # a response the client stops reading
+    max_connections: int = 4096  # per worker process; clamped to the descriptor limit
 
 
 @dataclass(frozen=True, slots=True)

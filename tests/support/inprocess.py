@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 from mirrorrouter.app import Gateway as GatewayApp
 from mirrorrouter.app import create_app
@@ -96,3 +97,20 @@ async def gateway(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mirror") as client:
             yield Gateway(client, fake, clock, tmp_path / "cache", app)
+
+
+@asynccontextmanager
+async def uvicorn_in_loop(config: uvicorn.Config) -> AsyncIterator[uvicorn.Server]:
+    """A uvicorn server for ``config`` running in this event loop while the block runs."""
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert server.started, "the server did not start"
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await task

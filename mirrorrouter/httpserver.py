@@ -1,0 +1,504 @@
+"""The HTTP server: uvicorn, with a protocol class of our own on its httptools protocol.
+
+uvicorn closes a connection only when it has been idle between requests; a client that sends
+half a request line, headers without the blank line or half a body is kept forever, and
+about 20,000 of them used every file descriptor. ``GatewayProtocol`` keeps uvicorn's parser,
+ASGI cycle and flow control, and adds what a server facing hostile clients needs:
+
+- ``header_timeout``: a new connection gets its first byte in, and every request its complete
+  headers, within this time of the accept or of the request's first byte;
+- ``body_timeout``: while the app waits for request body, the next chunk must arrive within
+  this time. It never runs while reading is paused because the app is slow (flow control):
+  the timer lives in the cycle's ``receive``, so it only runs while the app is waiting;
+- ``keepalive_timeout``: a kept-alive connection idle between requests is closed;
+- ``send_timeout``: a response the client stops reading (writing paused that long) is
+  abandoned;
+- request heads are capped at ``MAX_HEAD_BYTES`` (431): llhttp itself has no limit, and a
+  client could otherwise stream headers into memory until the header timeout;
+- ``max_connections`` per worker process: past it an idle kept-alive connection is closed to
+  make room, or the new one is answered 503 ``UNAVAILABLE`` and closed;
+- the answers the server gives itself (malformed HTTP 400, 431, 503) are the OCI JSON
+  envelope, not uvicorn's text/plain, and written to the access log with the client address.
+
+A connection has one deadline at a time (``Wait`` says which) and one timer, re-armed lazily:
+moving the deadline later costs no timer operation, so a kept-alive connection's requests
+cost fewer timer calls than uvicorn's own cancel-and-rearm per request.
+
+``ServerConfig`` carries the settings to the protocol (it is pickled to each worker process
+when ``workers > 1``); ``run`` starts it the way ``uvicorn.run`` does. TLS listeners and
+zero-copy ``sendfile`` serving build on this class and on ``GatewayCycle``.
+
+Written against uvicorn 0.55 (pinned in pyproject.toml): ``on_headers_complete`` and
+``on_response_complete`` are uvicorn's with our cycle class and timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import resource
+import secrets
+import sys
+import time
+import urllib.parse
+import weakref
+from dataclasses import replace
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn._types import ASGIApplication, ASGIReceiveEvent
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_remote_addr
+from uvicorn.server import ServerState
+from uvicorn.supervisors import Multiprocess
+
+from mirrorrouter import logs
+from mirrorrouter.config.model import ServerSettings
+from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+
+log = logging.getLogger("mirrorrouter.server")
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; bearer tokens are a few KiB
+LINGER = 1.0  # how long a closing answer waits for the client to read it and hang up
+MAX_LINGERING = 256  # closing answers waiting at once; past it they close at once
+# A connection streaming a blob holds its socket and a cache file; the spare covers the
+# listeners, upstream connection pools, locks and logs.
+DESCRIPTORS_PER_CONNECTION = 2
+SPARE_DESCRIPTORS = 1024
+_EARLY = 0.005  # a timer may fire this much before its deadline (millisecond clocks)
+_LIMIT_WARNING_EVERY = 60.0
+
+
+class Wait(enum.Enum):
+    """What a connection waits for from its client, and so which timeout applies."""
+
+    FIRST_BYTE = "first byte"  # a new connection: header_timeout from the accept
+    HEAD = "head"  # a request's headers: header_timeout from their first byte
+    BODY = "body"  # the app waits in receive(): body_timeout for the next chunk
+    IDLE = "idle"  # kept alive between requests: keepalive_timeout
+    APP = "app"  # the app is working or answering: no deadline (send_timeout on writes)
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: the request head passed MAX_HEAD_BYTES."""
+
+
+# Kept-alive connections idle between requests, per server, oldest first: the ones closed
+# to make room at the connection limit.
+_IDLE: weakref.WeakKeyDictionary[ServerState, dict[GatewayProtocol, None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class GatewayProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with deadlines, a head-size cap, a connection limit and
+    OCI answers of its own. One instance per connection."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.settings: ServerSettings = getattr(config, "server_settings", ServerSettings())
+        self._idle = _IDLE.setdefault(server_state, {})
+        self._wait = Wait.FIRST_BYTE
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._stall: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+
+    # ------------------------------------------------------------------ the connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.settings.max_connections and not self._make_room():
+            _warn_at_limit(self.settings.max_connections)
+            error = RegistryError(
+                ErrorCode.UNAVAILABLE,
+                "the mirror is at its connection limit; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+            self._answer_and_close(transport, 503, error, "max_connections")
+            return
+        super().connection_made(transport)
+        self._expect(Wait.FIRST_BYTE, self.settings.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Stop every timer and leave the idle list: the connection is gone or handed on."""
+        self._idle.pop(self, None)
+        self._deadline = None
+        for timer in (self._timer, self._stall):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._stall = None
+
+    def _make_room(self) -> bool:
+        """At the limit, close the longest-idle kept-alive connection for a new one (clients
+        reopen a kept-alive connection the server closed; that is how keep-alive works)."""
+        while self._idle:
+            oldest = next(iter(self._idle))
+            oldest._forget()
+            if not oldest.transport.is_closing():
+                oldest.transport.close()
+                return True
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self._wait is Wait.FIRST_BYTE or self._wait is Wait.IDLE:
+            self._expect(Wait.HEAD, self.settings.header_timeout)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()  # no WebSockets here (ws = "none")
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                limit = MAX_HEAD_BYTES // 1024
+                self._refuse(431, f"the request line and headers exceed {limit} KiB", "too large")
+            else:
+                self._refuse(400, f"malformed HTTP/1.1 request: {_reason(exc)}", "malformed")
+
+    def _refuse(self, status: int, message: str, reason: str) -> None:
+        """Answer a request that cannot be served and close the connection. Once a response
+        has started nothing can be written in between: the connection is cut instead."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.abort()
+                return
+            # A malformed body: the app waiting for it is told the client is gone, as
+            # connection_lost would (which now goes to the closing answer instead).
+            cycle.disconnected = True
+            cycle.message_event.set()
+        error = RegistryError(ErrorCode.UNSUPPORTED, message, status=status)
+        self.connections.discard(self)
+        self._forget()
+        self.flow.resume_reading()  # the closing answer reads until the client hangs up
+        self._answer_and_close(self.transport, status, error, reason)
+
+    def _answer_and_close(
+        self, transport: asyncio.Transport, status: int, error: RegistryError, reason: str
+    ) -> None:
+        client = get_remote_addr(transport)
+        if self.settings.access_log:
+            logs.access(
+                "-",
+                "-",
+                status,
+                request_id=secrets.token_hex(8),
+                client=f"{client[0]}:{client[1]}" if client else None,
+                user="anonymous",
+                refused=reason,
+            )
+        answer = _envelope(status, error, self.server_state.default_headers)
+        _ClosingAnswer.start(transport, self.loop, answer)
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn 0.55's, counting the head's bytes (inline: it runs for every header).
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        name = name.lower()
+        value = value.rstrip(b" \t")  # RFC 9110 5.5: trailing whitespace is not the value
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # uvicorn 0.55's, with GatewayCycle and without limit_concurrency (the connection
+        # limit is enforced at the accept, before any request is read).
+        self._head_bytes = 0
+        self._wait, self._deadline = Wait.APP, None  # _expect(APP), from HEAD: never idle
+        http_version = self.parser.get_http_version()
+        method = self.parser.get_method()
+        self.scope["method"] = method.decode("ascii")
+        if http_version != "1.1":
+            self.scope["http_version"] = http_version
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        self.scope["path"] = self.root_path + path
+        self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        self.scope["query_string"] = parsed_url.query or b""
+
+        existing_cycle = self.cycle
+        cycle = GatewayCycle(
+            self.scope,
+            self.transport,
+            self.flow,
+            self.logger,
+            self.access_logger,
+            self.access_log,
+            self.server_state.default_headers,
+            asyncio.Event(),
+            self.expect_100_continue,
+            http_version != "1.0" and self.parser.should_keep_alive(),
+            self.on_response_complete,
+        )
+        cycle.protocol = self
+        self.cycle = cycle
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(self.cycle, self.app)
+        else:
+            # Pipelined HTTP requests are queued up.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, self.app))
+
+    def on_response_complete(self) -> None:
+        # uvicorn 0.55's, with our keep-alive deadline in place of its timer.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._expect(Wait.IDLE, self.settings.keepalive_timeout)
+
+    def waiting_for_body(self, waiting: bool) -> None:
+        """The app starts (or stops) waiting in ``receive`` for more request body."""
+        if waiting:
+            self._expect(Wait.BODY, self.settings.body_timeout)
+        elif self._wait is Wait.BODY:
+            self._expect(Wait.APP, None)
+
+    # ------------------------------------------------------------------ writing
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.settings.send_timeout, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _send_stalled(self) -> None:
+        self._stall = None
+        log.info(
+            "%s: the client read nothing for %.0fs; response abandoned",
+            _address(self.client),
+            self.settings.send_timeout,
+        )
+        self.transport.abort()
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _expect(self, wait: Wait, timeout: float | None) -> None:
+        """Wait for ``wait`` from now on, ``timeout`` seconds at most (None: no deadline)."""
+        if self._wait is Wait.IDLE:
+            self._idle.pop(self, None)
+        self._wait = wait
+        if wait is Wait.IDLE:
+            self._idle[self] = None
+        if timeout is None:
+            self._deadline = None
+            return
+        deadline = self.loop.time() + timeout
+        self._deadline = deadline
+        if self._timer is not None:
+            if self._timer_due <= deadline:
+                return  # it fires first and moves itself to the deadline
+            self._timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+        self._timer_due = deadline
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.transport.is_closing():
+            return
+        if deadline - self.loop.time() > _EARLY:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_due = deadline
+            return
+        level = logging.INFO if self._wait is Wait.BODY else logging.DEBUG
+        log.log(
+            level, "%s: %s timed out; connection closed", _address(self.client), self._wait.value
+        )
+        self._forget()
+        # A client that stopped sending gets no answer (as nginx and Go's net/http do);
+        # connection_lost tells an app waiting for body that the client is gone.
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            # The last response is still queued and the client is not reading it.
+            self.loop.call_later(self.settings.send_timeout, self.transport.abort)
+
+
+class GatewayCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, telling its protocol while the app waits for
+    request body (the body timeout runs only then)."""
+
+    protocol: GatewayProtocol
+
+    async def receive(self) -> ASGIReceiveEvent:
+        if not self.more_body or self.disconnected or self.response_complete:
+            return await super().receive()
+        self.protocol.waiting_for_body(True)
+        try:
+            return await super().receive()
+        finally:
+            self.protocol.waiting_for_body(False)
+
+
+class _ClosingAnswer(asyncio.Protocol):
+    """Takes over a connection to send one last answer and close it so the client can read
+    it: closing with unread request bytes would send a reset that may destroy the answer.
+    So: write, half-close, discard what still arrives, close at the client's EOF or after
+    ``LINGER``."""
+
+    lingering = 0
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.timer = loop.call_later(LINGER, transport.abort)
+
+    @classmethod
+    def start(
+        cls, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, answer: bytes
+    ) -> None:
+        transport.write(answer)
+        if cls.lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        cls.lingering += 1
+        transport.set_protocol(cls(transport, loop))
+        transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        type(self).lingering -= 1
+        self.timer.cancel()
+
+
+def _envelope(
+    status: int, error: RegistryError, default_headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """A whole HTTP/1.1 response carrying ``error`` as the OCI JSON envelope."""
+    body = error.body()
+    headers = [
+        *default_headers,
+        (b"content-type", b"application/json"),
+        (API_VERSION_HEADER.lower().encode(), API_VERSION.encode()),
+        *((k.lower().encode(), v.encode("latin-1")) for k, v in error.headers.items()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return STATUS_LINE[status] + lines + b"\r\n" + body
+
+
+def _reason(exc: httptools.HttpParserError) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _address(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unknown client"
+
+
+_last_limit_warning = 0.0
+
+
+def _warn_at_limit(limit: int) -> None:
+    global _last_limit_warning
+    now = time.monotonic()
+    if now - _last_limit_warning >= _LIMIT_WARNING_EVERY:
+        _last_limit_warning = now
+        log.warning(
+            "server.max_connections (%d) reached: new connections get 503 until some close",
+            limit,
+        )
+
+
+# ---------------------------------------------------------------------- starting the server
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's configuration with ``GatewayProtocol`` and the ``[server]`` settings it
+    reads; pickled to every worker process as it is."""
+
+    def __init__(self, app: ASGIApplication | str, server: ServerSettings, **kwargs: Any) -> None:
+        super().__init__(app, http=GatewayProtocol, ws="none", **kwargs)
+        self.server_settings = server
+
+
+def fit_descriptor_limit(max_connections: int) -> int:
+    """How many connections a worker may hold: raise the soft ``RLIMIT_NOFILE`` toward the
+    hard limit so that ``max_connections`` fit, and when they cannot, the number that does
+    (with a warning). Children inherit the raised limit."""
+    needed = DESCRIPTORS_PER_CONNECTION * max_connections + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the file-descriptor limit to %d: %s", target, exc)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_connections
+    spare = min(SPARE_DESCRIPTORS, soft // 4)
+    fitting = max(1, (soft - spare) // DESCRIPTORS_PER_CONNECTION)
+    log.warning(
+        "server.max_connections = %d needs %d file descriptors (%d per connection and %d "
+        "spare) but the limit is %d (hard %s): using %d; raise `ulimit -n` (LimitNOFILE, "
+        "--ulimit nofile) to allow more",
+        max_connections,
+        needed,
+        DESCRIPTORS_PER_CONNECTION,
+        SPARE_DESCRIPTORS,
+        soft,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        fitting,
+    )
+    return fitting
+
+
+def run(config: ServerConfig) -> None:
+    """Serve until stopped, as ``uvicorn.run`` does (one process, or a supervisor and
+    ``config.workers`` worker processes sharing the listening socket)."""
+    settings = config.server_settings
+    limit = fit_descriptor_limit(settings.max_connections)
+    config.server_settings = replace(settings, max_connections=limit)
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            server.run()
+    except KeyboardInterrupt:  # pragma: no cover
+        pass
+    if config.workers == 1 and not server.started:
+        sys.exit(STARTUP_FAILURE)
