@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -58,6 +58,8 @@ class _Unavailable(Exception):
 class RedisCoordinator:
     """Replicas sharing one Redis; fails open to ``LocalCoordinator`` behaviour.
 
+    Its leases (blob downloads, tag resolutions) are SET NX PX keys renewed while held.
+
     ``clock`` (monotonic seconds) times the outage backoff and the circuit views; ``sleep``
     paces lease renewal (it waits for real time: a lock's TTL runs in Redis).
     """
@@ -81,6 +83,7 @@ class RedisCoordinator:
                 decode_responses=True,
             )
         self.redis = client
+        self.shared = True
         self.prefix = settings.key_prefix
         self.lock_ttl = settings.lock_ttl
         self.advertise_url = settings.advertise_url
@@ -116,15 +119,26 @@ class RedisCoordinator:
     async def claim(self, upstream: str, digest: Digest) -> Lease | None:
         """SET NX PX lock_ttl; renewed in the background while held. Redis out: the local
         lock table decides (fail open)."""
-        key = self._fill_key(upstream, digest)
-        token = secrets.token_hex(16)
-        value = f"{token} {self.advertise_url or ''}"
         try:
-            taken = await self._redis(
-                "claim", lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
-            )
+            return await self._lease(self._fill_key(upstream, digest))
         except _Unavailable:
             return await self.local.claim(upstream, digest)
+
+    async def claim_tag(self, upstream: str, repository: str, tag: str) -> Lease | None:
+        """The lease on resolving a tag, like ``claim``. Redis out: the local table decides."""
+        try:
+            return await self._lease(f"{self.prefix}:resolve:{upstream}/{repository}:{tag}")
+        except _Unavailable:
+            return await self.local.claim_tag(upstream, repository, tag)
+
+    async def _lease(self, key: str) -> RedisLease | None:
+        """SET NX PX lock_ttl of ``key`` (renewed while held); None while another holds it.
+        Raises ``_Unavailable`` when Redis could not answer."""
+        token = secrets.token_hex(16)
+        value = f"{token} {self.advertise_url or ''}"
+        taken = await self._redis(
+            "claim", lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
+        )
         return RedisLease(self, key, token, value) if taken else None
 
     async def holder(self, upstream: str, digest: Digest) -> Holder | None:
@@ -212,6 +226,33 @@ class RedisCoordinator:
     async def upload_owner(self, upload_id: str) -> str | None:
         return await self._get("upload session", self._upload_key(upload_id))
 
+    # -- generations of hosted sets
+
+    def _generation_key(self, hosted: str) -> str:
+        return f"{self.prefix}:generation:{hosted}"
+
+    async def bump_generation(self, hosted: str) -> None:
+        """INCR; dropped when Redis is out (the other replicas then rely on the age limit
+        of what they remember, generation.SHARED_MAX_AGE)."""
+        key = self._generation_key(hosted)
+        with contextlib.suppress(_Unavailable):
+            await self._redis("generation", lambda: self.redis.incr(key))
+
+    async def generations(self, hosted: Sequence[str]) -> dict[str, int] | None:
+        """One MGET; None when Redis is out."""
+        keys = [self._generation_key(name) for name in hosted]
+        try:
+            values = await self._redis("generation", lambda: self.redis.mget(keys))
+        except _Unavailable:
+            return None
+        found = {}
+        for name, value in zip(hosted, values, strict=True):
+            try:
+                found[name] = int(value or 0)
+            except ValueError:
+                found[name] = -1  # unreadable: never equal to a counter we saw
+        return found
+
     # -- circuits
 
     def circuit(
@@ -285,7 +326,7 @@ class RedisLease:
                 continue  # the lock may expire meanwhile: another replica may fetch it too
             if not kept:
                 self.lost = True
-                log.warning("fill lock %s expired while held: another may take it", self._key)
+                log.warning("lease %s expired while held: another may take it", self._key)
                 return
 
     async def _stop(self) -> None:
