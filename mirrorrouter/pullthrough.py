@@ -18,9 +18,11 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 
@@ -57,6 +59,12 @@ class CacheStatus:
     HIT = "HIT"
     MISS = "MISS"
     STALE = "STALE"  # the last known answer, served because every mirror failed
+
+
+class Memory(enum.Enum):
+    """What memory alone may say of a member of a group besides an answer."""
+
+    MISSING = "missing"  # for certain, the member does not have the reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +196,23 @@ class Pullthrough:
             return None
         site.cache.touch(stored.digest)  # a memory hit is an access too (eviction is LRU)
         return ManifestAnswer(stored, CacheStatus.HIT, upstream.name)
+
+    def remembered(
+        self, upstream: UpstreamSettings, ref: ImageReference, accept: tuple[str, ...]
+    ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
+        """What memory alone says of ``ref`` as a member of a group: the answer
+        (``memory_manifest``), ``Memory.MISSING`` when the upstream answered "not found"
+        within negative_ttl and nothing is remembered for it since, or None (the full path
+        decides)."""
+        answer = self.memory_manifest(upstream, ref, accept)
+        if answer is not None:
+            return answer
+        site = self._sites.get(upstream.name)
+        if site is None or (ref.repository, ref.reference) not in site.not_found:
+            return None
+        if site.cached_manifest(ref, self.clock()) is not None:
+            return None  # remembered, but not in a form this client takes
+        return Memory.MISSING
 
     async def _manifest_by_digest(
         self, site: UpstreamSite, ref: ImageReference, digest: Digest
