@@ -144,8 +144,9 @@ http {{
             process.wait(5)
 
 
-def gateway_config(upstream_url: str, cache_dir: Path, *, workers: int = 1) -> str:
-    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream."""
+def gateway_config(upstream_url: str, cache_dir: Path, *, workers: int = 1, extra: str = "") -> str:
+    """A mirrors.toml routing docker.io (the default registry) to one loopback upstream;
+    ``extra`` adds tables (hosted sets, groups, routes)."""
     return f"""
 [server]
 workers = {workers}
@@ -154,15 +155,18 @@ directory = "{cache_dir}"
 [upstreams."docker.io"]
 mirrors = [{{ url = "{upstream_url}" }}]
 tag_ttl = "10m"
-"""
+{extra}"""
 
 
 class Gateway(GatewayProcess):
     """:class:`GatewayProcess` for one loopback upstream; with several workers it also
     waits until every worker runs."""
 
-    def __init__(self, workdir: Path, upstream_url: str, cache_dir: Path, *, workers: int) -> None:
-        super().__init__(workdir, gateway_config(upstream_url, cache_dir, workers=workers))
+    def __init__(
+        self, workdir: Path, upstream_url: str, cache_dir: Path, *, workers: int, extra: str = ""
+    ) -> None:
+        config = gateway_config(upstream_url, cache_dir, workers=workers, extra=extra)
+        super().__init__(workdir, config)
         self.workers = workers
 
     @property

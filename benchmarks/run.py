@@ -9,7 +9,9 @@ Everything runs on loopback, started and stopped by this run:
 - PEER: a second distribution registry in proxy mode in front of the upstream, the
   pull-through cache mirrorrouter is compared with;
 - CEILING: nginx with sendfile serving the blob file mirrorrouter committed to its cache;
-- mirrorrouter with 1 worker, and with 2 workers where that can matter.
+- mirrorrouter with 1 worker, and with 2 workers where that can matter;
+- for groups: one mirrorrouter whose group ``dev`` puts a hosted set before docker.io,
+  asked for the same cached manifest through the group and through docker.io's own route.
 
 Each round measures every contender in turn (the order rotates from round to round), so slow
 drift of the machine hits all of them alike; the table shows the median and the range over
@@ -50,7 +52,7 @@ from benchmarks.peers import (
 )
 from benchmarks.results import Row
 from benchmarks.runner import BenchBase, run_bench
-from tests.support.images import Descriptor, ImageFactory, PushedImage
+from tests.support.images import Descriptor, ImageFactory, PushedImage, api_push
 from tests.support.registry import DistributionRegistry, wait_until
 
 MIB = 1024 * 1024
@@ -65,13 +67,29 @@ PEER = "peer"
 MR1 = "mr-1w"
 MR2 = "mr-2w"
 DIRECT = "direct"
+ROUTE = "route"
+GROUP_UP = "group-up"
+GROUP_HOSTED = "group-hosted"
 LABELS = {
     NGINX: "nginx sendfile (ceiling)",
     PEER: "peer: distribution proxy",
     MR1: "mirrorrouter, 1 worker",
     MR2: "mirrorrouter, 2 workers",
     DIRECT: "upstream directly",
+    ROUTE: "docker.io's own route",
+    GROUP_UP: "group, docker.io answers (hosted member asked first)",
+    GROUP_HOSTED: "group, the hosted member answers",
 }
+# A hosted set placed before docker.io in a group (the Nexus-group and Kind set-ups).
+GROUP_CONFIG = """
+[hosted."team"]
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+"""
+PHASES = ("warm", "group", "cold-pull", "cold-fanout", "memory")
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,7 @@ class Plan:
     sample_bytes: int  # what one warm-blob sample reads in all (whole GETs of the layer)
     out: Path
     keep: bool
+    only: tuple[str, ...]  # the phases to run (all by default)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -97,6 +116,7 @@ class Plan:
             sample_bytes=(512 if quick else 1024) * MIB,
             out=args.out,
             keep=bool(args.keep),
+            only=tuple(args.only or PHASES),
         )
 
 
@@ -132,7 +152,7 @@ class Bench(BenchBase):
 
     world: World
 
-    label_width = 6  # contender names in the log
+    label_width = 12  # contender names in the log
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan.rounds, LABELS)
@@ -377,6 +397,78 @@ class Bench(BenchBase):
                 self.results.warn(f"{LABELS[target.name]}: warm blob GET answered X-Cache {caches}")
         return reads.bytes_per_second / GB, reads.raw()
 
+    # -- 3b: cached manifests through a group ----------------------------------------------
+
+    def group_phase(self) -> None:
+        """The same cached manifest through docker.io's own route and through a group whose
+        hosted member comes first (it misses, docker.io answers), and a manifest the hosted
+        member answers; one worker, interleaved."""
+        world, plan, results = self.world, self.plan, self.results
+        small = world.small
+        for kind in ("digest", "tag"):
+            results.measure(
+                f"manifest_group_{kind}", f"cached manifest GET by {kind}, group", "req/s", "higher"
+            )
+            results.measure(
+                f"manifest_group_{kind}_upstream",
+                f"upstream requests per manifest GET by {kind}, group",
+                "per GET",
+                "lower",
+            )
+        with contextlib.ExitStack() as stack:
+            gw = self.start(
+                stack,
+                Gateway(
+                    world.root / "gateways/group",
+                    world.upstream.url,
+                    world.root / "group-cache",
+                    workers=1,
+                    extra=GROUP_CONFIG,
+                ),
+            )
+            self.log(f"group gateway {gw.url}: pushing small as dev/app:1 (to the hosted member)")
+            api_push(small.image, gw.host, "dev/app", "1")
+            paths = {
+                (ROUTE, "digest"): f"/v2/library/small/manifests/{small.digest}",
+                (ROUTE, "tag"): "/v2/library/small/manifests/1",
+                (GROUP_UP, "digest"): f"/v2/dev/library/small/manifests/{small.digest}",
+                (GROUP_UP, "tag"): "/v2/dev/library/small/manifests/1",
+                (GROUP_HOSTED, "digest"): f"/v2/dev/app/manifests/{small.digest}",
+                (GROUP_HOSTED, "tag"): "/v2/dev/app/manifests/1",
+            }
+            for (name, _), path in paths.items():  # the first GETs also fill the cache
+                self.check_answer(gw.url + path, "team" if name == GROUP_HOSTED else "docker.io")
+            for r in range(plan.rounds):
+                self.log(
+                    f"round {r + 1}/{plan.rounds}: group manifest GETs "
+                    f"(wrk -t2 -c32 -d{plan.wrk_duration:g}s)"
+                )
+                for kind in self.order(["digest", "tag"], r):
+                    for name in self.order([ROUTE, GROUP_UP, GROUP_HOSTED], r):
+                        self.attempt(
+                            f"manifest_group_{kind}",
+                            name,
+                            r,
+                            functools.partial(
+                                self.manifest_rate,
+                                name,
+                                f"group_{kind}",
+                                r,
+                                gw.url + paths[(name, kind)],
+                            ),
+                            lambda v: f"{v:.0f} req/s",
+                        )
+
+    @staticmethod
+    def check_answer(url: str, member: str) -> None:
+        """The URL answers the small manifest from ``member`` (before it is measured)."""
+        response = httpx.get(url, headers={"Accept": ACCEPT_MANIFESTS}, trust_env=False)
+        if response.status_code != 200 or response.headers.get("x-upstream") != member:
+            raise ClientError(
+                f"{url}: HTTP {response.status_code} from {response.headers.get('x-upstream')}, "
+                f"expected 200 from {member}"
+            )
+
     # -- 4: cold pull of the big image -----------------------------------------------------
 
     def cold_pull_phase(self) -> None:
@@ -610,6 +702,28 @@ class Bench(BenchBase):
                         digits=3,
                     )
                 )
+        for kind in ("digest", "tag"):
+            section = f"manifest GET by {kind} through a group, 1 worker" + (
+                " (within TTL)" if kind == "tag" else ""
+            )
+            key = f"manifest_group_{kind}"
+            for name in (ROUTE, GROUP_UP, GROUP_HOSTED):
+                rows.append(Row(section, LABELS[name], key, name, "req/s", digits=0))
+            for name in (GROUP_UP, GROUP_HOSTED):
+                rows.append(
+                    Row(section, f"ratio {name} / {ROUTE}", key, name, "x", over=(key, ROUTE))
+                )
+            for name in (ROUTE, GROUP_UP, GROUP_HOSTED):
+                rows.append(
+                    Row(
+                        section,
+                        f"{name}: upstream requests per GET",
+                        f"{key}_upstream",
+                        name,
+                        "req",
+                        digits=3,
+                    )
+                )
         section = f"cold pull of big:1 ({big} layer), skopeo"
         rows.append(Row(section, LABELS[DIRECT], "cold_pull", DIRECT, "s"))
         rows.append(Row(section, "through mirrorrouter, 1 worker", "cold_pull", MR1, "s"))
@@ -668,7 +782,11 @@ class Bench(BenchBase):
                     digits=0,
                 )
             )
-        return rows
+        # Phases left out with --only measured nothing: their rows go.
+        measured = self.results.measures
+        return [
+            r for r in rows if r.measure in measured and (r.over is None or r.over[0] in measured)
+        ]
 
     def document(self, rows: list[Row], complete: bool) -> dict[str, Any]:
         return {
@@ -695,6 +813,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PHASES,
+        help="run only this phase (repeatable; default: every phase)",
+    )
     args = parser.parse_args(argv)
     if args.rounds is not None and not 1 <= args.rounds <= 50:
         parser.error("--rounds must be between 1 and 50")
@@ -705,10 +829,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.from_args(parse_args(argv))
     bench = Bench(plan)
     phases = [
-        ("warm blobs and manifests", bench.warm_phases),
-        ("cold pull", bench.cold_pull_phase),
-        ("cold fan-out", bench.cold_fanout_phase),
-        ("memory", bench.memory_phase),
+        (title, run)
+        for name, title, run in (
+            ("warm", "warm blobs and manifests", bench.warm_phases),
+            ("group", "group manifests", bench.group_phase),
+            ("cold-pull", "cold pull", bench.cold_pull_phase),
+            ("cold-fanout", "cold fan-out", bench.cold_fanout_phase),
+            ("memory", "memory", bench.memory_phase),
+        )
+        if name in plan.only
     ]
     return run_bench(
         bench,
