@@ -23,6 +23,12 @@ from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Lease, LocalCoordinator
+from mirrorrouter.coordination.generation import (
+    SHARED_MAX_AGE,
+    SHARED_TRUST,
+    Generation,
+    SharedGenerations,
+)
 from mirrorrouter.coordination.redisbacked import OUTAGE_BACKOFF, RedisCoordinator, RedisLease
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.peer import PEER_PATH, peer_blob
@@ -216,6 +222,53 @@ async def test_tag_and_negative_entries_are_shared_with_their_ttl(
         assert await b.get_tag("docker.io", "library/alpine", "old") is None
         await asyncio.sleep(0.1)
         assert await b.get_tag("docker.io", "library/alpine", "edge") is None
+
+
+# ---------------------------------------------------------------------- hosted generations
+
+
+async def test_hosted_generations_are_shared_and_trusted_only_while_fresh(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A bump on one replica moves the generation every other replica reads from Redis;
+    their view counts for SHARED_TRUST after it was asked for, and what memory learnt of a
+    set on shared storage for at most SHARED_MAX_AGE; Redis down: nothing is trusted."""
+    clock = Clock()
+    async with coordinators(redis_server.redis_url, clock=clock) as (a, b):
+        pushing = Generation("team", tmp_path / "a", shared_storage=True, coordinator=a)
+        reading = Generation(
+            "team", tmp_path / "b", shared_storage=True, coordinator=b, monotonic=clock
+        )
+        refresher = SharedGenerations([reading])
+        assert not reading.confirms(reading.stamp(), clock())  # never read Redis yet
+        await refresher.refresh()
+        stamp, learnt = reading.stamp(), clock()
+        assert reading.confirms(stamp, learnt)
+        await pushing.bump()  # the other machine's counter file knows nothing of it
+        await refresher.refresh()
+        assert not reading.confirms(stamp, learnt)
+        assert await b.generations(["team", "other"]) == {"team": 1, "other": 0}
+        stamp = reading.stamp()
+        clock.now += SHARED_TRUST  # no read since
+        assert not reading.confirms(stamp, learnt)
+        await refresher.refresh()
+        assert reading.confirms(stamp, learnt)
+        clock.now = learnt + SHARED_MAX_AGE
+        await refresher.refresh()
+        assert not reading.confirms(stamp, learnt)  # too old, whatever Redis says
+        learnt = clock()
+        redis_server.stop()
+        await pushing.bump()  # fails open: dropped
+        await refresher.refresh()
+        assert reading.confirms(stamp, learnt)  # the last read is recent
+        clock.now += SHARED_TRUST
+        await refresher.refresh()
+        assert not reading.confirms(stamp, learnt)
+    local = Generation("team", tmp_path / "a")  # one machine: the counter file alone
+    assert local.stamp() == (2, 0) and local.confirms((2, 0), -1e9)  # two bumps
+    local.close()
+    pushing.close()
+    reading.close()
 
 
 # ---------------------------------------------------------------------- shared circuits

@@ -137,7 +137,7 @@ class Generation:
 
     def saw(self, shared: int, asked: float) -> None:
         """The shared counter, as a read of Redis sent at ``asked`` answered it."""
-        if asked > self._asked:
+        if asked >= self._asked:  # reads are sequential: a later one knows more
             self._shared, self._asked = shared, asked
 
     async def bump(self) -> None:
