@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -642,11 +643,22 @@ async def test_follower_without_a_peer_url_waits_for_the_shared_store(
 
 
 def replica(
-    cache: Path, fake: FakeRegistry, clock: Clock, coordinator: RedisCoordinator
+    cache: Path,
+    fake: FakeRegistry,
+    clock: Clock,
+    coordinator: RedisCoordinator,
+    *,
+    real_waits: bool = False,
 ) -> Pullthrough:
+    """A replica on the fake registry whose tags date by ``clock``; its waits return at once
+    (retries), or with ``real_waits`` take real time (waiting for another replica)."""
+
     async def no_sleep(seconds: float) -> None:
         return None
 
+    timing = Timing(wall=clock, monotonic=clock, sleep=no_sleep)
+    if real_waits:
+        timing = Timing(wall=clock, monotonic=time.monotonic, sleep=asyncio.sleep)
     text = (
         f'[cache]\ndirectory = "{cache}"\n'
         '[upstreams."docker.io"]\ntag_ttl = "60s"\nnegative_ttl = "30s"\n'
@@ -655,7 +667,7 @@ def replica(
     return Pullthrough(
         parse_settings(text, env={}),
         transport=httpx.ASGITransport(app=fake.app),
-        timing=Timing(wall=clock, monotonic=clock, sleep=no_sleep),
+        timing=timing,
         coordinator=coordinator,
     )
 
@@ -736,3 +748,110 @@ async def test_pulls_go_on_when_redis_is_down(
         assert await collect(answer.stream(0, None)) == b"layer"
         with pytest.raises(RegistryError):
             await b.manifest(hub, ImageReference("docker.io", "library/nope", "1"))
+
+
+# ---------------------------------------------------------------------- tag leases
+
+
+class TagLeases(RedisCoordinator):
+    """Keeps the tag leases it granted and counts the ones it refused (another holds it)."""
+
+    def __init__(self, settings: CoordinationSettings) -> None:
+        super().__init__(settings)
+        self.leases: list[Lease] = []
+        self.refused = 0
+
+    async def claim_tag(self, upstream: str, repository: str, tag: str) -> Lease | None:
+        lease = await super().claim_tag(upstream, repository, tag)
+        if lease is None:
+            self.refused += 1
+        else:
+            self.leases.append(lease)
+        return lease
+
+
+@asynccontextmanager
+async def leasing_replicas(
+    tmp_path: Path, fake: FakeRegistry, url: str
+) -> AsyncIterator[tuple[list[Pullthrough], list[TagLeases]]]:
+    """Two replicas over one shared cache (the object store's stand-in) and one Redis,
+    waiting for each other in real time."""
+    clock = Clock()
+    leases = [TagLeases(settings_for(url, advertise=f"http://replica-{i}")) for i in range(2)]
+    pulls = [replica(tmp_path / "cache", fake, clock, c, real_waits=True) for c in leases]
+    try:
+        yield pulls, leases
+    finally:
+        for pull in pulls:
+            await pull.close()
+        for coordinator in leases:
+            await coordinator.close()
+
+
+async def until(condition: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit}s"
+        await asyncio.sleep(0.01)
+
+
+async def test_cold_tag_on_two_replicas_is_asked_upstream_once(
+    tmp_path: Path, fake: FakeRegistry, redis_server: RedisServer
+) -> None:
+    """Concurrent cold pulls of one tag on two replicas: the replica holding the tag's lease
+    makes the one upstream GET; the other waits for the record it shares and reads the
+    manifest from the shared store. A tag upstream does not have: one GET, one 404 each."""
+    image = fake.add(make_image("library/alpine", [b"leased"]), "3.19")
+    ref = ImageReference("docker.io", "library/alpine", "3.19")
+    fake.gate = asyncio.Event()  # the upstream answers once the second replica waits
+    async with leasing_replicas(tmp_path, fake, redis_server.redis_url) as (pulls, leases):
+        hub = pulls[0].settings.upstreams["docker.io"]
+        tasks = [asyncio.create_task(pull.manifest(hub, ref)) for pull in pulls]
+        await until(lambda: fake.count("GET", "/manifests/3.19") == 1, "an upstream GET")
+        await until(lambda: sum(c.refused for c in leases) > 0, "a replica waiting")
+        fake.gate.set()
+        answers = await asyncio.gather(*tasks)
+        assert {str(a.manifest.digest) for a in answers} == {image.digest}
+        assert sorted(a.cache for a in answers) == ["HIT", "MISS"]
+        assert fake.count("GET", "/manifests/3.19") == 1
+        assert fake.count("HEAD", "/manifests/") == 0
+        missing = ImageReference("docker.io", "library/alpine", "nope")
+        fake.gate = asyncio.Event()
+        refused_before = sum(c.refused for c in leases)
+        tasks = [asyncio.create_task(pull.manifest(hub, missing)) for pull in pulls]
+        await until(lambda: fake.count("GET", "/manifests/nope") == 1, "an upstream GET")
+        await until(lambda: sum(c.refused for c in leases) > refused_before, "a replica waiting")
+        fake.gate.set()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            assert isinstance(outcome, RegistryError), outcome
+            assert outcome.code is ErrorCode.MANIFEST_UNKNOWN
+        assert fake.count("GET", "/manifests/nope") == 1
+
+
+async def test_holder_dying_mid_resolution_hands_the_tag_to_another_replica(
+    tmp_path: Path, fake: FakeRegistry, redis_server: RedisServer
+) -> None:
+    """The replica asking upstream about a tag dies (its lease is never renewed or
+    released): once the lease expires the waiting replica takes it and asks itself."""
+    image = fake.add(make_image("library/alpine", [b"orphaned"]), "3.19")
+    ref = ImageReference("docker.io", "library/alpine", "3.19")
+    fake.gate = asyncio.Event()
+    async with leasing_replicas(tmp_path, fake, redis_server.redis_url) as (pulls, leases):
+        (a, b), (a_leases, b_leases) = pulls, leases
+        hub = a.settings.upstreams["docker.io"]
+        doomed = asyncio.create_task(a.manifest(hub, ref))
+        await until(lambda: fake.count("GET", "/manifests/3.19") == 1, "A asking upstream")
+        waiting = asyncio.create_task(b.manifest(hub, ref))
+        await until(lambda: b_leases.refused > 0, "B waiting for A")
+        (lease,) = a_leases.leases
+        assert isinstance(lease, RedisLease)
+        lease.abandon()  # A dies: no renewal, no release
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        fake.gate.set()
+        answer = await waiting
+        assert (str(answer.manifest.digest), answer.cache) == (image.digest, "MISS")
+        assert len(b_leases.leases) == 1  # B took the lease over once it expired
+    assert fake.count("GET", "/manifests/3.19") == 2  # A's, cut short, and B's

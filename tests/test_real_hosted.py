@@ -558,17 +558,8 @@ def memory_answers(gateway: GatewayProcess, path: str) -> dict[int, int]:
     """How many GETs of ``path`` each worker process answered from memory (the access line
     of the in-memory fast path carries the cache result, HOSTED for a hosted member)."""
     counts: dict[int, int] = {}
-    for line in gateway.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            isinstance(entry, dict)
-            and entry.get("logger") == "mirrorrouter.access"
-            and entry.get("message") == f"GET {path} 200"
-            and entry.get("cache") == "HOSTED"
-        ):
+    for entry in gateway.access_lines():
+        if entry.get("message") == f"GET {path} 200" and entry.get("cache") == "HOSTED":
             counts[entry["pid"]] = counts.get(entry["pid"], 0) + 1
     return counts
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
@@ -82,3 +83,15 @@ class GatewayProcess(Service):
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        """The JSON access lines written so far (``server.access_log = true``)."""
+        lines = []
+        for text in self.log().splitlines():
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("logger") == "mirrorrouter.access":
+                lines.append(entry)
+        return lines
