@@ -134,8 +134,11 @@ def replicas(upstream: Upstream, tmp_path: Path) -> Iterator[list[GatewayProcess
         upstream.proxy.clear()
 
 
-async def pull(client: httpx.AsyncClient, base: str, image: PushedImage) -> dict[str, str]:
-    """Manifest by tag, then every blob; the sha256 of each as received."""
+async def pull(
+    client: httpx.AsyncClient, base: str, image: PushedImage, received: list[int] | None = None
+) -> dict[str, str]:
+    """Manifest by tag, then every blob; the sha256 of each as received. ``received``
+    counts the blob bytes that arrived so far (for a test waiting until they flow)."""
     manifest = await client.get(
         f"{base}/v2/{image.repository}/manifests/{image.tag}", headers={"Accept": OCI_ACCEPT}
     )
@@ -147,6 +150,8 @@ async def pull(client: httpx.AsyncClient, base: str, image: PushedImage) -> dict
             r.raise_for_status()
             async for chunk in r.aiter_bytes():
                 hasher.update(chunk)
+                if received is not None:
+                    received.append(len(chunk))
         digests[blob.digest] = "sha256:" + hasher.hexdigest()
     return digests
 
@@ -198,12 +203,17 @@ def test_replica_killed_mid_download_another_takes_over(
             while not any(layer.digest in r.path for r in upstream.proxy.requests(proxy_start)):
                 assert time.monotonic() < deadline, "A never asked upstream for the layer"
                 await asyncio.sleep(0.05)
+            received: list[list[int]] = [[] for _ in survivors for _ in range(3)]
             followers = [
-                asyncio.create_task(pull(client, gateway.url, image))
-                for gateway in survivors
-                for _ in range(3)
+                asyncio.create_task(pull(client, survivors[i // 3].url, image, received[i]))
+                for i in range(len(received))
             ]
-            await asyncio.sleep(1.0)  # the followers are streaming A's download
+            # Every follower's client gets bytes of the layer: B and C stream A's download
+            # (the config and the layer are the image's blobs; the layer is the big one).
+            deadline = time.monotonic() + 30
+            while not all(sum(r) > MIB for r in received):
+                assert time.monotonic() < deadline, [sum(r) for r in received]
+                await asyncio.sleep(0.05)
             first.kill()
             with pytest.raises(httpx.HTTPError):
                 await doomed
