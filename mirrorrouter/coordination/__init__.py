@@ -31,7 +31,8 @@ else shared (the site's memory caches and the local breakers are the whole truth
     P:circuit:U:<mirror>:failures  consecutive failures       PX FAILURE_WINDOW (INCR)
     P:circuit:U:<mirror>:open      "1"                        PX the breaker's cooldown
     P:upload:<id>                  the holder's advertise_url PX the hosted set's gc_grace
-    P:generation:<hosted set>      a counter (INCR)           no expiry
+    P:generation:<hosted set>      a counter (INCR; created   no expiry
+                                   at a random value)
 
 A lock is released by compare-and-delete (a Lua script), so a replica never deletes a lock
 it no longer holds; a holder that dies stops renewing and its lock expires after lock_ttl.

@@ -21,7 +21,8 @@ Exact: a worker never answers from memory what another worker's push changed.
 
 **Several replicas** (an object store, which other machines write): a replica cannot see
 another's file, and a pull cannot wait for Redis. So, with ``[coordination] backend =
-"redis"``, a bump also INCRs ``P:generation:<set>`` in Redis, and each worker reads those
+"redis"``, a bump also INCRs ``P:generation:<set>`` in Redis (created at a random value,
+so a counter Redis lost never repeats an old one), and each worker reads those
 counters in the background every ``SHARED_REFRESH`` seconds; the stamp is the pair (local
 counter, shared counter). Memory of a set on shared storage is trusted only while the last
 read of Redis was *asked* less than ``SHARED_TRUST`` seconds ago: a push acknowledged by one

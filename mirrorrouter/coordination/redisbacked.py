@@ -41,6 +41,12 @@ _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+# Move a generation. A counter Redis does not have (never bumped, or Redis restarted empty)
+# starts from a random value: a stamp remembered before a restart never matches again.
+_BUMP = """
+if redis.call('exists', KEYS[1]) == 0 then redis.call('set', KEYS[1], ARGV[1]) end
+return redis.call('incr', KEYS[1])
+"""
 # Count a failure; at the threshold open the circuit for everyone (NX: a window that is
 # already running keeps its end). Answers the count and what is left of the open window.
 _FAILURE = """
@@ -97,6 +103,7 @@ class RedisCoordinator:
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._failure = client.register_script(_FAILURE)
+        self._bump = client.register_script(_BUMP)
 
     async def close(self) -> None:
         """Stop renewing leases still held (they expire), flush writes, disconnect."""
@@ -234,9 +241,9 @@ class RedisCoordinator:
     async def bump_generation(self, hosted: str) -> None:
         """INCR; dropped when Redis is out (the other replicas then rely on the age limit
         of what they remember, generation.SHARED_MAX_AGE)."""
-        key = self._generation_key(hosted)
+        keys, start = [self._generation_key(hosted)], secrets.randbits(48)
         with contextlib.suppress(_Unavailable):
-            await self._redis("generation", lambda: self.redis.incr(key))
+            await self._redis("generation", lambda: self._bump(keys=keys, args=[start]))
 
     async def generations(self, hosted: Sequence[str]) -> dict[str, int] | None:
         """One MGET; None when Redis is out."""
