@@ -52,6 +52,7 @@ from benchmarks.peers import (
 )
 from benchmarks.results import Row
 from benchmarks.runner import BenchBase, run_bench
+from tests.support.gateway import HOSTED_FIRST_GROUP
 from tests.support.images import Descriptor, ImageFactory, PushedImage, api_push
 from tests.support.registry import DistributionRegistry, wait_until
 
@@ -80,15 +81,6 @@ LABELS = {
     GROUP_UP: "group, docker.io answers (hosted member asked first)",
     GROUP_HOSTED: "group, the hosted member answers",
 }
-# A hosted set placed before docker.io in a group (the Nexus-group and Kind set-ups).
-GROUP_CONFIG = """
-[hosted."team"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-"""
 PHASES = ("warm", "group", "cold-pull", "cold-fanout", "memory")
 
 
@@ -338,15 +330,7 @@ class Bench(BenchBase):
                     "higher",
                 )
             for kind in ("digest", "tag"):
-                results.measure(
-                    f"manifest_{kind}", f"cached manifest GET by {kind}", "req/s", "higher"
-                )
-                results.measure(
-                    f"manifest_{kind}_upstream",
-                    f"upstream requests per manifest GET by {kind}",
-                    "per GET",
-                    "lower",
-                )
+                self.manifest_measures(f"manifest_{kind}", f"GET by {kind}")
 
             blob_contenders = [NGINX, PEER, MR1, MR2]
             for r in range(plan.rounds):
@@ -403,18 +387,10 @@ class Bench(BenchBase):
         """The same cached manifest through docker.io's own route and through a group whose
         hosted member comes first (it misses, docker.io answers), and a manifest the hosted
         member answers; one worker, interleaved."""
-        world, plan, results = self.world, self.plan, self.results
+        world, plan = self.world, self.plan
         small = world.small
         for kind in ("digest", "tag"):
-            results.measure(
-                f"manifest_group_{kind}", f"cached manifest GET by {kind}, group", "req/s", "higher"
-            )
-            results.measure(
-                f"manifest_group_{kind}_upstream",
-                f"upstream requests per manifest GET by {kind}, group",
-                "per GET",
-                "lower",
-            )
+            self.manifest_measures(f"manifest_group_{kind}", f"GET by {kind}, group")
         with contextlib.ExitStack() as stack:
             gw = self.start(
                 stack,
@@ -423,7 +399,7 @@ class Bench(BenchBase):
                     world.upstream.url,
                     world.root / "group-cache",
                     workers=1,
-                    extra=GROUP_CONFIG,
+                    extra=HOSTED_FIRST_GROUP,
                 ),
             )
             self.log(f"group gateway {gw.url}: pushing small as dev/app:1 (to the hosted member)")
@@ -458,6 +434,13 @@ class Bench(BenchBase):
                             ),
                             lambda v: f"{v:.0f} req/s",
                         )
+
+    def manifest_measures(self, key: str, what: str) -> None:
+        """The measures of a manifest rate: requests/s, and upstream requests per GET."""
+        self.results.measure(key, f"cached manifest {what}", "req/s", "higher")
+        self.results.measure(
+            f"{key}_upstream", f"upstream requests per manifest {what}", "per GET", "lower"
+        )
 
     @staticmethod
     def check_answer(url: str, member: str) -> None:
@@ -691,17 +674,7 @@ class Bench(BenchBase):
                 rows.append(Row(section, LABELS[name], key, name, "req/s", digits=0))
             for name in (MR1, MR2):
                 rows.append(Row(section, f"ratio {name} / peer", key, name, "x", over=(key, PEER)))
-            for name in (PEER, MR1, MR2):
-                rows.append(
-                    Row(
-                        section,
-                        f"{name}: upstream requests per GET",
-                        f"{key}_upstream",
-                        name,
-                        "req",
-                        digits=3,
-                    )
-                )
+            rows += upstream_rows(section, key, (PEER, MR1, MR2))
         for kind in ("digest", "tag"):
             section = f"manifest GET by {kind} through a group, 1 worker" + (
                 " (within TTL)" if kind == "tag" else ""
@@ -713,17 +686,7 @@ class Bench(BenchBase):
                 rows.append(
                     Row(section, f"ratio {name} / {ROUTE}", key, name, "x", over=(key, ROUTE))
                 )
-            for name in (ROUTE, GROUP_UP, GROUP_HOSTED):
-                rows.append(
-                    Row(
-                        section,
-                        f"{name}: upstream requests per GET",
-                        f"{key}_upstream",
-                        name,
-                        "req",
-                        digits=3,
-                    )
-                )
+            rows += upstream_rows(section, key, (ROUTE, GROUP_UP, GROUP_HOSTED))
         section = f"cold pull of big:1 ({big} layer), skopeo"
         rows.append(Row(section, LABELS[DIRECT], "cold_pull", DIRECT, "s"))
         rows.append(Row(section, "through mirrorrouter, 1 worker", "cold_pull", MR1, "s"))
@@ -799,6 +762,14 @@ class Bench(BenchBase):
             "measures": {k: m.to_json() for k, m in self.results.measures.items()},
             "warnings": self.results.warnings,
         }
+
+
+def upstream_rows(section: str, key: str, contenders: Sequence[str]) -> list[Row]:
+    """The rows of the upstream requests each contender made per manifest GET of ``key``."""
+    return [
+        Row(section, f"{name}: upstream requests per GET", f"{key}_upstream", name, "req", digits=3)
+        for name in contenders
+    ]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -60,6 +60,23 @@ upstream = "docker.io"
 """
 
 
+def secured_group(tmp_path: Path, rule: str) -> str:
+    """test_access's ``secured`` config with the hosted set ``team`` (one access ``rule``)
+    before docker.io in the group ``dev``, routed by the prefix ``dev``."""
+    return secured(tmp_path).replace(
+        '[upstreams."quay.io"]',
+        f"""[hosted."team"]
+[[hosted."team".access]]
+{rule}
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+[upstreams."quay.io"]""",
+    )
+
+
 async def push_blob(client: httpx.AsyncClient, base: str, data: bytes) -> httpx.Response:
     return await client.post(
         f"{base}/blobs/uploads/", params={"digest": sha256(data)}, content=data
@@ -477,20 +494,7 @@ async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry
     anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
     Through the group the writable member's rules apply; where no rule matches nobody may
     push."""
-    text = secured(tmp_path).replace(
-        '[upstreams."quay.io"]',
-        """[hosted."team"]
-[[hosted."team".access]]
-repositories = ["app"]
-pull = ["anonymous"]
-push = ["alice"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-[upstreams."quay.io"]""",
-    )
+    text = secured_group(tmp_path, 'repositories = ["app"]\npull = ["anonymous"]\npush = ["alice"]')
     image = make_image("app", [b"guarded"])
     async with gateway(tmp_path, fake, text) as gw:
         for base in ("/v2/dev/app", "/team/v2/app"):
@@ -832,19 +836,8 @@ async def test_group_memory_keeps_each_members_access_rules(
 ) -> None:
     """A manifest of a hosted member only logged-in users may pull, remembered for alice,
     is never answered from memory to an anonymous client: it gets the full path's 401."""
-    text = secured(tmp_path).replace(
-        '[upstreams."quay.io"]',
-        """[hosted."team"]
-[[hosted."team".access]]
-repositories = ["*"]
-pull = ["authenticated"]
-push = ["alice"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-[upstreams."quay.io"]""",
+    text = secured_group(
+        tmp_path, 'repositories = ["*"]\npull = ["authenticated"]\npush = ["alice"]'
     )
     image = make_image("app", [b"members only"])
     alice = basic("alice", "wonderland")

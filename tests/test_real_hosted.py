@@ -38,7 +38,7 @@ from tests.support.clients import (
 )
 from tests.support.fakeregistry import Image, make_image
 from tests.support.faultproxy import closed_port_url
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import HOSTED_FIRST_GROUP, GatewayProcess
 from tests.support.images import (
     OCI_MANIFEST,
     BuiltImage,
@@ -576,13 +576,7 @@ access_log = true
 directory = "{tmp_path / "cache"}"
 [upstreams."docker.io"]
 mirrors = [{{ url = "{closed_port_url()}" }}]
-[hosted."team"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-"""
+{HOSTED_FIRST_GROUP}"""
     old, new = make_image("app", [b"old layer"]), make_image("app", [b"new layer"])
     path = "/v2/dev/app/manifests/v1"
 

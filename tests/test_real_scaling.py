@@ -32,7 +32,7 @@ import pytest
 from mirrorrouter.coordination.generation import SHARED_TRUST
 from tests.support.fakeregistry import Image, make_image
 from tests.support.faultproxy import FaultProxy
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import HOSTED_FIRST_GROUP, GatewayProcess
 from tests.support.images import PushedImage, session_factory
 from tests.support.redisserver import RedisServer
 from tests.support.registry import DistributionRegistry
@@ -96,15 +96,10 @@ secret_access_key_env = "S3_SECRET"
 [upstreams."docker.io"]
 tag_ttl = "10m"
 mirrors = [{{ url = "{up.proxy.url}" }}]
-[hosted."team"]
-[groups."dev"]
-members = ["team", "docker.io"]
+{HOSTED_FIRST_GROUP}
 [[routes]]
 prefix = "team"
 hosted = "team"
-[[routes]]
-prefix = "dev"
-group = "dev"
 [coordination]
 backend = "redis"
 redis_url = "{up.redis.redis_url}"

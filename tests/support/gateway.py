@@ -15,6 +15,17 @@ import httpx
 from tests.support.registry import free_port
 from tests.support.service import Service
 
+# A hosted set ``team`` placed before docker.io in the group ``dev`` (the Nexus-group and
+# Kind set-ups), routed by the prefix ``dev``: tables to add to a config with docker.io.
+HOSTED_FIRST_GROUP = """
+[hosted."team"]
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+"""
+
 
 class GatewayProcess(Service):
     """``mirrorrouter serve`` with a given mirrors.toml, on a free 127.0.0.1 port."""
