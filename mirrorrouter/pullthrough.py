@@ -276,9 +276,14 @@ class Pullthrough:
         deadline = self.timing.monotonic() + policy.retry_deadline
         while True:
             lease = await self.coordinator.claim_tag(upstream, ref.repository, ref.tag)
-            # Also right after taking the lease: its last holder may have shared its answer
-            # just before releasing it.
-            shared = await self._shared_tag(site, ref, known)
+            try:
+                # Also right after taking the lease: its last holder may have shared its
+                # answer just before releasing it.
+                shared = await self._shared_tag(site, ref, known)
+            except BaseException:  # a cancelled request must not keep the lease renewed
+                if lease is not None:
+                    await lease.release()
+                raise
             if shared is not None:
                 if lease is not None:
                     await lease.release()
