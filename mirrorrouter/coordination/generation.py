@@ -15,7 +15,7 @@ every read.
 8-byte counter in the file ``generation`` of the set's directory, mapped into each process
 (``mmap``, shared). Reading it is one aligned 8-byte load (no system call; an aligned 8-byte
 load or store is a single instruction on x86-64 and arm64, so a reader never sees half a
-value); a bump takes the file's ``flock`` for the read-modify-write, without waiting on a
+value: see ``COUNTER``); a bump takes the file's ``flock`` for the read-modify-write, without waiting on a
 thread (``LOCK_NB``, retried on the event loop: the lock is held for a few instructions).
 Exact: a worker never answers from memory what another worker's push changed.
 
@@ -52,7 +52,10 @@ from mirrorrouter.coordination import Coordinator
 log = logging.getLogger("mirrorrouter.coordination")
 
 FILE_NAME = "generation"
-COUNTER = struct.Struct("=Q")  # one native 8-byte word at offset 0 (page-aligned)
+# One 8-byte word at offset 0 (page-aligned), in the NATIVE format: struct packs and unpacks
+# it with one 8-byte memcpy, a single load or store (atomic when aligned on x86-64 and arm64);
+# the standard-size formats ("=Q", "<Q") copy byte by byte, and a reader could see half a value.
+COUNTER = struct.Struct("@Q")
 BUMP_RETRY = 0.0005  # seconds between tries of the counter's lock (held for microseconds)
 SHARED_REFRESH = 0.1  # seconds between reads of the shared generations from Redis
 SHARED_TRUST = 0.5  # a read of them is trusted this long after it was asked for
