@@ -15,8 +15,9 @@ every read.
 8-byte counter in the file ``generation`` of the set's directory, mapped into each process
 (``mmap``, shared). Reading it is one aligned 8-byte load (no system call; an aligned 8-byte
 load or store is a single instruction on x86-64 and arm64, so a reader never sees half a
-value: see ``COUNTER``); a bump takes the file's ``flock`` for the read-modify-write, without waiting on a
-thread (``LOCK_NB``, retried on the event loop: the lock is held for a few instructions).
+value: see ``COUNTER``); a bump takes the file's ``flock`` for the read-modify-write,
+without waiting on a thread (``LOCK_NB``, retried on the event loop: the lock is held for a
+few instructions).
 Exact: a worker never answers from memory what another worker's push changed.
 
 **Several replicas** (an object store, which other machines write): a replica cannot see
