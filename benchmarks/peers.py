@@ -143,10 +143,11 @@ def gateway_config(
     workers: int = 1,
     ca_bundle: Path | None = None,
     first_mirrors: Sequence[str] = (),
+    extra: str = "",
 ) -> str:
     """A mirrors.toml routing docker.io (the default registry) to one loopback upstream,
     after ``first_mirrors`` (asked first, in this order), trusting ``ca_bundle`` for a TLS
-    one."""
+    one; ``extra`` adds tables (hosted sets, groups, routes)."""
     mirrors = ", ".join(f'{{ url = "{url}" }}' for url in [*first_mirrors, upstream_url])
     tls = f'[upstreams."docker.io".tls]\nca_bundle = "{ca_bundle}"\n' if ca_bundle else ""
     return f"""
@@ -157,7 +158,7 @@ directory = "{cache_dir}"
 [upstreams."docker.io"]
 mirrors = [{mirrors}]
 tag_ttl = "10m"
-{tls}"""
+{tls}{extra}"""
 
 
 class Gateway(GatewayProcess):
@@ -174,6 +175,7 @@ class Gateway(GatewayProcess):
         ca_bundle: Path | None = None,
         env: dict[str, str] | None = None,
         first_mirrors: Sequence[str] = (),
+        extra: str = "",
     ) -> None:
         config = gateway_config(
             upstream_url,
@@ -181,6 +183,7 @@ class Gateway(GatewayProcess):
             workers=workers,
             ca_bundle=ca_bundle,
             first_mirrors=first_mirrors,
+            extra=extra,
         )
         super().__init__(workdir, config, env=env)
         self.workers = workers

@@ -14,6 +14,8 @@ Everything runs on loopback, started and stopped by this run:
   CA), and squid as the corporate forward proxy the gateway reaches it through (CONNECT).
 - SLOW: the fault proxy of the tests answering every request after 2 s, in front of the
   upstream, as the first of two mirrors (the upstream itself is the second).
+- for groups: one mirrorrouter whose group ``dev`` puts a hosted set before docker.io,
+  asked for the same cached manifest through the group and through docker.io's own route.
 
 Each round measures every contender in turn (the order rotates from round to round), so slow
 drift of the machine hits all of them alike; the table shows the median and the range over
@@ -56,8 +58,9 @@ from benchmarks.peers import (
 from benchmarks.results import Row
 from benchmarks.runner import BenchBase, run_bench
 from tests.support.faultproxy import FaultProxy
+from tests.support.gateway import HOSTED_FIRST_GROUP
 from tests.support.httpproxy import Squid
-from tests.support.images import Descriptor, ImageFactory, PushedImage
+from tests.support.images import Descriptor, ImageFactory, PushedImage, api_push
 from tests.support.registry import DistributionRegistry, wait_until
 from tests.support.testca import issue
 
@@ -75,6 +78,9 @@ MR2 = "mr-2w"
 MR_PROXY = "mr-1w-proxy"
 DIRECT = "direct"
 SLOW = "slow-1st"
+ROUTE = "route"
+GROUP_UP = "group-up"
+GROUP_HOSTED = "group-hosted"
 LABELS = {
     NGINX: "nginx sendfile (ceiling)",
     PEER: "peer: distribution proxy",
@@ -83,8 +89,13 @@ LABELS = {
     MR_PROXY: "mirrorrouter, 1 worker, through squid",
     DIRECT: "upstream directly",
     SLOW: "mirrorrouter, slow first mirror, healthy second",
+    ROUTE: "docker.io's own route",
+    GROUP_UP: "group, docker.io answers (hosted member asked first)",
+    GROUP_HOSTED: "group, the hosted member answers",
 }
 SLOW_SECONDS = 2.0  # how late the slow first mirror answers every request
+
+
 @dataclass(frozen=True)
 class Plan:
     quick: bool
@@ -160,7 +171,7 @@ class Bench(BenchBase):
 
     world: World
 
-    label_width = 6  # contender names in the log
+    label_width = 12  # contender names in the log
 
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan.rounds, LABELS)
@@ -355,15 +366,7 @@ class Bench(BenchBase):
                     "higher",
                 )
             for kind in ("digest", "tag"):
-                results.measure(
-                    f"manifest_{kind}", f"cached manifest GET by {kind}", "req/s", "higher"
-                )
-                results.measure(
-                    f"manifest_{kind}_upstream",
-                    f"upstream requests per manifest GET by {kind}",
-                    "per GET",
-                    "lower",
-                )
+                self.manifest_measures(f"manifest_{kind}", f"GET by {kind}")
 
             blob_contenders = [NGINX, PEER, MR1, MR2]
             for r in range(plan.rounds):
@@ -413,6 +416,77 @@ class Bench(BenchBase):
             if caches != {"HIT"}:
                 self.results.warn(f"{LABELS[target.name]}: warm blob GET answered X-Cache {caches}")
         return reads.bytes_per_second / GB, reads.raw()
+
+    # -- 3b: cached manifests through a group ----------------------------------------------
+
+    def group_phase(self) -> None:
+        """The same cached manifest through docker.io's own route and through a group whose
+        hosted member comes first (it misses, docker.io answers), and a manifest the hosted
+        member answers; one worker, interleaved."""
+        world, plan = self.world, self.plan
+        small = world.small
+        for kind in ("digest", "tag"):
+            self.manifest_measures(f"manifest_group_{kind}", f"GET by {kind}, group")
+        with contextlib.ExitStack() as stack:
+            gw = self.start(
+                stack,
+                Gateway(
+                    world.root / "gateways/group",
+                    world.upstream.url,
+                    world.root / "group-cache",
+                    workers=1,
+                    extra=HOSTED_FIRST_GROUP,
+                ),
+            )
+            self.log(f"group gateway {gw.url}: pushing small as dev/app:1 (to the hosted member)")
+            api_push(small.image, gw.host, "dev/app", "1")
+            paths = {
+                (ROUTE, "digest"): f"/v2/library/small/manifests/{small.digest}",
+                (ROUTE, "tag"): "/v2/library/small/manifests/1",
+                (GROUP_UP, "digest"): f"/v2/dev/library/small/manifests/{small.digest}",
+                (GROUP_UP, "tag"): "/v2/dev/library/small/manifests/1",
+                (GROUP_HOSTED, "digest"): f"/v2/dev/app/manifests/{small.digest}",
+                (GROUP_HOSTED, "tag"): "/v2/dev/app/manifests/1",
+            }
+            for (name, _), path in paths.items():  # the first GETs also fill the cache
+                self.check_answer(gw.url + path, "team" if name == GROUP_HOSTED else "docker.io")
+            for r in range(plan.rounds):
+                self.log(
+                    f"round {r + 1}/{plan.rounds}: group manifest GETs "
+                    f"(wrk -t2 -c32 -d{plan.wrk_duration:g}s)"
+                )
+                for kind in self.order(["digest", "tag"], r):
+                    for name in self.order([ROUTE, GROUP_UP, GROUP_HOSTED], r):
+                        self.attempt(
+                            f"manifest_group_{kind}",
+                            name,
+                            r,
+                            functools.partial(
+                                self.manifest_rate,
+                                name,
+                                f"group_{kind}",
+                                r,
+                                gw.url + paths[(name, kind)],
+                            ),
+                            lambda v: f"{v:.0f} req/s",
+                        )
+
+    def manifest_measures(self, key: str, what: str) -> None:
+        """The measures of a manifest rate: requests/s, and upstream requests per GET."""
+        self.results.measure(key, f"cached manifest {what}", "req/s", "higher")
+        self.results.measure(
+            f"{key}_upstream", f"upstream requests per manifest {what}", "per GET", "lower"
+        )
+
+    @staticmethod
+    def check_answer(url: str, member: str) -> None:
+        """The URL answers the small manifest from ``member`` (before it is measured)."""
+        response = httpx.get(url, headers={"Accept": ACCEPT_MANIFESTS}, trust_env=False)
+        if response.status_code != 200 or response.headers.get("x-upstream") != member:
+            raise ClientError(
+                f"{url}: HTTP {response.status_code} from {response.headers.get('x-upstream')}, "
+                f"expected 200 from {member}"
+            )
 
     # -- 4: cold pull of the big image -----------------------------------------------------
 
@@ -737,17 +811,19 @@ class Bench(BenchBase):
                 rows.append(Row(section, LABELS[name], key, name, "req/s", digits=0))
             for name in (MR1, MR2):
                 rows.append(Row(section, f"ratio {name} / peer", key, name, "x", over=(key, PEER)))
-            for name in (PEER, MR1, MR2):
+            rows += upstream_rows(section, key, (PEER, MR1, MR2))
+        for kind in ("digest", "tag"):
+            section = f"manifest GET by {kind} through a group, 1 worker" + (
+                " (within TTL)" if kind == "tag" else ""
+            )
+            key = f"manifest_group_{kind}"
+            for name in (ROUTE, GROUP_UP, GROUP_HOSTED):
+                rows.append(Row(section, LABELS[name], key, name, "req/s", digits=0))
+            for name in (GROUP_UP, GROUP_HOSTED):
                 rows.append(
-                    Row(
-                        section,
-                        f"{name}: upstream requests per GET",
-                        f"{key}_upstream",
-                        name,
-                        "req",
-                        digits=3,
-                    )
+                    Row(section, f"ratio {name} / {ROUTE}", key, name, "x", over=(key, ROUTE))
                 )
+            rows += upstream_rows(section, key, (ROUTE, GROUP_UP, GROUP_HOSTED))
         section = f"cold pull of big:1 ({big} layer), skopeo"
         rows.append(Row(section, LABELS[DIRECT], "cold_pull", DIRECT, "s"))
         rows.append(Row(section, "through mirrorrouter, 1 worker", "cold_pull", MR1, "s"))
@@ -843,9 +919,11 @@ class Bench(BenchBase):
                     digits=0,
                 )
             )
-        if self.plan.only:  # leave out the rows of phases not run
-            rows = [row for row in rows if row.measure in self.results.measures]
-        return rows
+        # Phases left out with --only measured nothing: their rows go.
+        measured = self.results.measures
+        return [
+            r for r in rows if r.measure in measured and (r.over is None or r.over[0] in measured)
+        ]
 
     def document(self, rows: list[Row], complete: bool) -> dict[str, Any]:
         return {
@@ -869,6 +947,14 @@ def hedges(gateway_url: str) -> float:
         for sample in family.samples
         if sample.name == "mirrorrouter_hedges_total"
     )
+
+
+def upstream_rows(section: str, key: str, contenders: Sequence[str]) -> list[Row]:
+    """The rows of the upstream requests each contender made per manifest GET of ``key``."""
+    return [
+        Row(section, f"{name}: upstream requests per GET", f"{key}_upstream", name, "req", digits=3)
+        for name in contenders
+    ]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -904,6 +990,7 @@ PHASES = {
     "cold": ("cold pull", "cold_pull_phase"),
     "proxy": ("cold pull over TLS through a proxy", "proxy_pull_phase"),
     "slow": ("slow first mirror", "slow_mirror_phase"),
+    "group": ("group manifests", "group_phase"),
     "fanout": ("cold fan-out", "cold_fanout_phase"),
     "memory": ("memory", "memory_phase"),
 }
@@ -917,9 +1004,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, (name, method) in PHASES.items()
         if not plan.only or key in plan.only
     ]
-    assert [name for name, _ in phases] == list(PHASES)
-    if plan.only:
-        phases = [(name, run) for name, run in phases if name in plan.only]
     return run_bench(
         bench,
         plan,

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import httpx
@@ -44,7 +44,7 @@ from mirrorrouter.oci import (
     RequestKind,
     parse_request,
 )
-from mirrorrouter.pullthrough import BlobAnswer, CacheStatus, ManifestAnswer, Pullthrough
+from mirrorrouter.pullthrough import BlobAnswer, CacheStatus, ManifestAnswer, Memory, Pullthrough
 from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
 from mirrorrouter.shadowing import Shadowing
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -156,28 +156,35 @@ class Endpoints:
 
     def fast_manifest(self, scope: Scope) -> RawResponse | None:
         """A manifest GET/HEAD answered from memory before any framework code runs, or None
-        (then the full path handles the request, errors included)."""
+        (then the full path handles the request, errors included).
+
+        Memory answers only what it knows for certain, by the same rules the full path
+        follows: an upstream's linked digest or tag within its TTL, a hosted set's manifest
+        at its current generation, and for a group the first member that has it, each
+        member before it known not to (groups.py, ``memory_manifest``)."""
         started = time.perf_counter()
         try:
             oci = parse_scope(scope)
             if oci.kind is not RequestKind.MANIFEST:
                 return None
             resolution = self.mapper.resolve(oci)
-            if not isinstance(resolution.target, UpstreamSettings):
-                return None  # hosted sets and groups take the full path
             # A password that is not among the pairs proven good needs a bcrypt check: that
             # never runs here, on the event loop; the full path does it in its own threads.
             authorization = _header(scope, b"authorization")
             identity = self.auth.cached_identity(authorization) if self.auth else None
             call = self._admit(scope, oci, resolution, identity)
+            if isinstance(resolution.target, GroupSettings):
+                found = self.groups.memory_manifest(call, self._remembered)
+            else:
+                answer = self._remembered(resolution, oci.accept)
+                found = None if answer is None or answer is Memory.MISSING else (call, answer)
         except (RegistryError, NotCached):
             return None
-        reference = call.resolution.reference
-        answer = self.pull.memory_manifest(call.resolution.upstream, reference, oci.accept)
-        if answer is None:
+        if found is None:
             return None
-        response = self._manifest_response(call, answer)
-        self._count(oci, call.resolution, response.status_code)
+        member, answer = found
+        response = self._manifest_response(member, answer)
+        self._count(oci, resolution, response.status_code)
         self._log_access(
             scope,
             response.status_code,
@@ -188,6 +195,17 @@ class Endpoints:
             size=len(response.body),
         )
         return response
+
+    def _remembered(
+        self, resolution: Resolution, accept: tuple[str, ...]
+    ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
+        """What memory alone says of an upstream's or a hosted set's manifest (None: the full
+        path must decide)."""
+        target, ref = resolution.target, resolution.reference
+        if isinstance(target, HostedSettings):
+            return self.hosted.memory_manifest(target, ref, accept)
+        assert isinstance(target, UpstreamSettings)
+        return self.pull.remembered(target, ref, accept)
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
         """Parse, route, identify, admit and serve one distribution API request; every

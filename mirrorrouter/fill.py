@@ -193,6 +193,11 @@ class Filler:
                 if claim is not None:
                     lease = await self.coordinator.claim(upstream, fill.digest)
                     if lease is not None:
+                        if await site.cache.blob_size(fill.digest) is not None:
+                            # Its last holder committed it between our look and the claim,
+                            # then let go: serve that (no second download).
+                            await lease.release()
+                            continue
                         return _Claimed(claim, lease, writer)
                     holder = await self.coordinator.holder(upstream, fill.digest)
                     own = self.coordinator.advertise_url

@@ -12,6 +12,13 @@
 When no member has the reference, the answer is the most useful failure: a member that was
 unreachable or throttling (503/429: the content may well be there, so clients retry), then
 a login prompt, then a refusal, then "not found".
+
+**From memory** (``memory_manifest``, the fast path of app.py): a manifest is answered
+without asking the members in turn when memory is certain of the same answer: every member
+before the answering one refuses this client (the same access check) or is known not to
+have the reference (a hosted set at its current generation, an upstream within its
+negative_ttl), and the answering member's memory answers by its own rules (a hosted set at
+its current generation; an upstream's linked digest or tag within tag_ttl).
 """
 
 from __future__ import annotations
@@ -19,24 +26,32 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from mirrorrouter.access import AccessPolicy
 from mirrorrouter.calls import Call
+from mirrorrouter.clientauth import Identity
+from mirrorrouter.config import Route
 from mirrorrouter.config.model import GroupSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hostedapi import index_response, tag_page
 from mirrorrouter.manifests import Descriptor, referrers_in, referrers_index
-from mirrorrouter.mapping import Mapper
+from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.oci import RequestKind
-from mirrorrouter.reference import Digest
+from mirrorrouter.pullthrough import ManifestAnswer, Memory
+from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.responses import BlobResponse, RawResponse
 
 Answer: TypeAlias = Response | RawResponse | BlobResponse
 Serve: TypeAlias = Callable[[Call, Request], Awaitable[Answer]]
+# What memory says of a member's manifest (as resolved for it, for a client accepting these
+# media types): an answer, MISSING for certain, or None: memory cannot say.
+Remembered: TypeAlias = Callable[
+    [Resolution, tuple[str, ...]], ManifestAnswer | Literal[Memory.MISSING] | None
+]
 
 # A member answering one of these does not have the reference (for this client): next.
 MEMBER_MISSES = frozenset(
@@ -51,6 +66,9 @@ MEMBER_MISSES = frozenset(
         ErrorCode.TOOMANYREQUESTS,
     }
 )
+PLANS = 10_000  # member resolutions of group pulls remembered (then forgotten at once)
+# A group pull's reference, how it was routed, and who asks.
+PlanKey: TypeAlias = tuple[ImageReference, RouteKind, Route | None, Identity | None]
 # Which failure to answer when every member missed: the first code in this order.
 _PREFERENCE = (
     ErrorCode.UNAVAILABLE,
@@ -67,6 +85,7 @@ class GroupApi:
         self.mapper = mapper
         self.access = access
         self._serve = serve  # answers a member's call (an upstream or a hosted set)
+        self._plans: dict[PlanKey, tuple[Resolution | RegistryError, ...]] = {}
 
     async def serve(self, call: Call, request: Request) -> Answer:
         group = call.resolution.target
@@ -92,11 +111,55 @@ class GroupApi:
                 misses[name] = error
         raise _no_member_has(group, call, misses)
 
+    def memory_manifest(
+        self, call: Call, remembered: Remembered
+    ) -> tuple[Call, ManifestAnswer] | None:
+        """The group's manifest answer from memory alone, with the member call that gives
+        it; None when memory is not certain of it (the full path then asks the members)."""
+        accept = call.oci.accept
+        for member in self._plan(call):
+            if isinstance(member, RegistryError):
+                if member.code in MEMBER_MISSES:
+                    continue  # refused or not a name there: the full path passes on too
+                return None
+            found = remembered(member, accept)
+            if found is None:
+                return None
+            if found is Memory.MISSING:
+                continue
+            return Call(call.oci, member, call.identity, call.client, call.scope), found
+        return None  # no member has it: the full path says which failure
+
+    def _plan(self, call: Call) -> tuple[Resolution | RegistryError, ...]:
+        """Each member's resolution of the call, in order, or why this client may not ask it
+        there: what ``_member`` decides, remembered (it depends only on the configuration,
+        the name and the client, and every pull through the group asks it)."""
+        resolution = call.resolution
+        key = (resolution.reference, resolution.via, resolution.route, call.identity)
+        plan = self._plans.get(key)
+        if plan is None:
+            group = resolution.target
+            assert isinstance(group, GroupSettings)
+            steps: list[Resolution | RegistryError] = []
+            for name in group.members:
+                try:
+                    steps.append(self._member_resolution(call, name))
+                except RegistryError as error:
+                    steps.append(error)
+            if len(self._plans) >= PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = tuple(steps)
+        return plan
+
     def _member(self, call: Call, name: str, *, push: bool = False) -> Call:
         """The call as one member sees it: its canonical name, its access rules."""
+        resolution = self._member_resolution(call, name, push=push)
+        return Call(call.oci, resolution, call.identity, call.client, call.scope)
+
+    def _member_resolution(self, call: Call, name: str, *, push: bool = False) -> Resolution:
         resolution = self.mapper.member(call.resolution, name)
         self.access.check(call.identity, resolution, push=push)
-        return replace(call, resolution=resolution)
+        return resolution
 
     async def _bodies(self, call: Call, request: Request, group: GroupSettings) -> list[bytes]:
         """Every member's answer to a GET of the same endpoint (for the unions)."""

@@ -23,7 +23,12 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
   ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
 - **housekeeping** (``housekeep``, run by the server every ``sweep_interval``): upload
   sessions idle longer than ``upload_ttl`` are swept, and the quota's running total is
-  counted afresh from the storage.
+  counted afresh from the storage;
+- **memory with a generation**: every change a pull can see (a blob or manifest linked, a
+  tag put or deleted, a manifest deleted, garbage collected) bumps the set's generation
+  (coordination/generation.py) once stored; what a pull read of a manifest (or of its
+  absence) is remembered under the generation read before, and answered from memory
+  (``known_manifest``) only while the generation has not moved.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from cachetools import LRUCache
 from mirrorrouter.cache import CacheBackend, DigestMismatch, StoredManifest, TagRecord, open_backend
 from mirrorrouter.cache.base import Inventory, Removal, StoredObject
 from mirrorrouter.config.model import HostedSettings
+from mirrorrouter.coordination import Coordinator
+from mirrorrouter.coordination.generation import Generation, Stamp
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.housekeeping import sweep_interval
 from mirrorrouter.limits import LimitExceeded, Meter, Usage, too_many_uploads
@@ -57,6 +64,7 @@ from mirrorrouter.uploads import HeldSession, Swept, Upload, UploadSessions
 # A pushed manifest larger than this is parsed and checked off the event loop: a hostile
 # 4 MiB document of a million empty lists takes half a second of CPU.
 INLINE_PARSE_BYTES = 64 * 1024
+KNOWN_MEMORY_BYTES = 64 * 1024 * 1024  # manifests (and absences) remembered, with a generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +102,15 @@ class GcReport:
 
 
 @dataclass(frozen=True, slots=True)
+class KnownManifest:
+    """What a pull read of a reference, under the generation read before it."""
+
+    stamp: Stamp
+    learnt: float  # monotonic seconds
+    manifest: StoredManifest | None  # None: the repository does not have the reference
+
+
+@dataclass(frozen=True, slots=True)
 class _Referrer:
     """A manifest with a ``subject``, as the referrers index of that subject lists it."""
 
@@ -110,25 +127,66 @@ class HostedStore:
         *,
         clock: Callable[[], float] = time.time,
         storage: CacheBackend | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
+        """``coordinator`` shares the set's generation with other replicas (None: this
+        machine's counter only)."""
         self.settings = settings
         self.storage = storage or open_backend(settings.storage, clock=clock)
         self.sessions = UploadSessions(settings.storage.directory / "uploads", clock=clock)
         self.clock = clock
         self.usage = Usage(settings.name, settings.quota)
         self._referrers: LRUCache[Digest, _Referrer | None] = LRUCache(maxsize=10_000)
+        self.generation = Generation(
+            settings.name,
+            settings.storage.directory,
+            shared_storage=settings.storage.backend != "filesystem",
+            coordinator=coordinator,
+        )
+        self._known: LRUCache[tuple[str, Digest | str], KnownManifest] = LRUCache(
+            maxsize=KNOWN_MEMORY_BYTES,
+            getsizeof=lambda k: 200 + (len(k.manifest.data) if k.manifest else 0),
+        )
 
     async def open(self) -> None:
         await self.storage.open()
         await self.sessions.open()
+        await asyncio.to_thread(self.generation.open)
         await self.count_usage()
 
     async def close(self) -> None:
         await self.storage.close()
+        self.generation.close()
 
     # ------------------------------------------------------------------ pull
 
     async def manifest(
+        self, repository: str, tag: str | None, digest: Digest | None
+    ) -> StoredManifest:
+        """The manifest a tag or digest names in the repository (MANIFEST_UNKNOWN when it has
+        none); what was found, or not, is remembered under the generation (``known_manifest``)."""
+        key = (repository, digest or tag or "")
+        stamp = self.generation.stamp()  # before reading: a push meanwhile moves it on
+        learnt = self.generation.monotonic()
+        try:
+            stored = await self._read_manifest(repository, tag, digest)
+        except RegistryError as error:
+            if error.code is ErrorCode.MANIFEST_UNKNOWN:
+                self._known[key] = KnownManifest(stamp, learnt, None)
+            raise
+        self._known[key] = KnownManifest(stamp, learnt, stored)
+        return stored
+
+    def known_manifest(self, repository: str, reference: Digest | str) -> KnownManifest | None:
+        """What memory knows for certain of a tag or digest in the repository: its manifest,
+        or that there is none (``manifest`` None); None when memory cannot say (never read,
+        or the set changed since). The hot path of group pulls: no I/O."""
+        known = self._known.get((repository, reference))
+        if known is None or not self.generation.confirms(known.stamp, known.learnt):
+            return None
+        return known
+
+    async def _read_manifest(
         self, repository: str, tag: str | None, digest: Digest | None
     ) -> StoredManifest:
         if digest is None:
@@ -213,6 +271,7 @@ class HostedStore:
         if not known:
             self.usage.add(size)
         await self.storage.link(repository, [digest])
+        await self.generation.bump()
         return size
 
     async def mount(self, repository: str, digest: Digest, source: str) -> bool:
@@ -223,6 +282,7 @@ class HostedStore:
         if not await self.storage.is_linked(source, digest):
             return False
         await self.storage.link(repository, [digest])
+        await self.generation.bump()
         return True
 
     async def start_upload(self, repository: str) -> Upload:
@@ -286,6 +346,7 @@ class HostedStore:
             if not known:
                 self.usage.add(size)
         await self.storage.link(upload.repository, [digest])
+        await self.generation.bump()
         return size
 
     async def cancel(self, upload: Upload) -> None:
@@ -362,10 +423,13 @@ class HostedStore:
         await self.storage.put_manifest(StoredManifest(actual, media_type, data))
         if new:
             self.usage.add(len(data))
-        await self.storage.link(repository, [actual])
-        if tag is not None:
-            record = TagRecord(actual, media_type, len(data), self.clock())
-            await self.storage.put_tag(repository, tag, record)
+        try:
+            await self.storage.link(repository, [actual])
+            if tag is not None:
+                record = TagRecord(actual, media_type, len(data), self.clock())
+                await self.storage.put_tag(repository, tag, record)
+        finally:
+            await self.generation.bump()  # also when the tag failed: the link is there
         subject = parsed.subject.digest if parsed.subject is not None else None
         return PushedManifest(actual, subject)
 
@@ -445,16 +509,20 @@ class HostedStore:
         if digest is None:
             if not await self.storage.delete_tag(repository, tag or ""):
                 raise _manifest_unknown(repository, tag or "")
+            await self.generation.bump()
             return
         if not await self.storage.is_linked(repository, digest) or (
             await self.storage.peek_manifest(digest) is None
         ):
             raise _manifest_unknown(repository, str(digest))
-        for name in await self.storage.list_tags(repository):
-            record = await self.storage.get_tag(repository, name)
-            if record is not None and record.digest == digest:
-                await self.storage.delete_tag(repository, name)
-        await self.storage.remove(Removal(frozenset(), links=((repository, digest),)))
+        try:
+            for name in await self.storage.list_tags(repository):
+                record = await self.storage.get_tag(repository, name)
+                if record is not None and record.digest == digest:
+                    await self.storage.delete_tag(repository, name)
+            await self.storage.remove(Removal(frozenset(), links=((repository, digest),)))
+        finally:
+            await self.generation.bump()  # also when it failed half-way: a tag may be gone
 
     # ------------------------------------------------------------------ garbage collection
 
@@ -477,11 +545,15 @@ class HostedStore:
             blobs = sum(1 for d in dead if d in inventory.blobs)
             freed = sum(o.size for o in dead.values())
             return GcReport(blobs, len(dead) - blobs, freed, sessions, kept)
-        removed = await self.storage.remove(Removal(frozenset(dead), links=links))
-        if removed.in_use:  # all or nothing: collect the rest, leave the busy ones for later
-            rest = frozenset(dead) - removed.in_use
-            links = tuple(link for link in links if link[1] in rest)
-            removed = await self.storage.remove(Removal(rest, links=links))
+        try:
+            removed = await self.storage.remove(Removal(frozenset(dead), links=links))
+            if removed.in_use:  # all or nothing: collect the rest, leave the busy ones for later
+                rest = frozenset(dead) - removed.in_use
+                links = tuple(link for link in links if link[1] in rest)
+                removed = await self.storage.remove(Removal(rest, links=links))
+        finally:
+            if dead:
+                await self.generation.bump()
         await self.count_usage()
         blobs = sum(1 for d in removed.removed if d in inventory.blobs)
         return GcReport(

@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
 
 import httpx
 from starlette.requests import ClientDisconnect, Request
@@ -39,10 +40,11 @@ from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
+from mirrorrouter.coordination.generation import SharedGenerations
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted import BlobFinder, HostedStore, StoredBlob
 from mirrorrouter.housekeeping import Chore, GcSchedule, Housekeeper, sweep_interval
-from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, child_for_client
+from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, accepts, child_for_client
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import (
     API_VERSION,
@@ -52,6 +54,7 @@ from mirrorrouter.oci import (
     OciRequest,
     RequestKind,
 )
+from mirrorrouter.pullthrough import ManifestAnswer, Memory
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
 from mirrorrouter.shadowing import Shadowing
 from mirrorrouter.uploads import Upload, upload_range
@@ -98,10 +101,13 @@ class HostedApi:
         configuration whose hosted sets are in no group needs none)."""
         self.settings = settings
         self.shadowing = shadowing
-        self.stores = {
-            name: HostedStore(hosted, clock=clock) for name, hosted in settings.hosted.items()
-        }
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
+        self.stores = {
+            name: HostedStore(hosted, clock=clock, coordinator=self.coordinator)
+            for name, hosted in settings.hosted.items()
+        }
+        # Keeps the view of the generations other replicas bump fresh (sets on an object store)
+        self.generations = SharedGenerations([s.generation for s in self.stores.values()])
         self._peer_transport = peer_transport
         self._peers: httpx.AsyncClient | None = None
         self.gc = {
@@ -127,8 +133,10 @@ class HostedApi:
     async def start(self) -> None:
         await asyncio.gather(*(store.open() for store in self.stores.values()))
         self.housekeeper.start()
+        self.generations.start()
 
     async def close(self) -> None:
+        await self.generations.stop()
         await self.housekeeper.stop()
         await asyncio.gather(*(store.close() for store in self.stores.values()))
         if self._peers is not None:
@@ -150,6 +158,22 @@ class HostedApi:
         if child is None:
             return stored
         return await store.manifest(ref.repository, None, child)
+
+    def memory_manifest(
+        self, hosted: HostedSettings, ref: ImageReference, accept: tuple[str, ...]
+    ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
+        """The answer memory gives for certain (hosted.py, ``known_manifest``): the manifest,
+        ``Memory.MISSING`` when the repository has no such reference, None when memory cannot
+        say (then the full path reads the storage). A manifest the client does not accept
+        (an index for a client without index types) is the full path's to answer."""
+        known = self.stores[hosted.name].known_manifest(ref.repository, ref.digest or ref.tag or "")
+        if known is None:
+            return None
+        if known.manifest is None:
+            return Memory.MISSING
+        if not accepts(accept, known.manifest.media_type):
+            return None
+        return ManifestAnswer(known.manifest, HOSTED, hosted.name)
 
     async def blob(self, hosted: HostedSettings, ref: ImageReference) -> StoredBlob:
         assert ref.digest is not None

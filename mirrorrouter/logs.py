@@ -19,7 +19,8 @@ ACCESS_LOGGER = "mirrorrouter.access"
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message, and the record's ``fields``."""
+    """One JSON object a line: time, level, logger, message, the process (with several
+    workers: which one wrote it), and the record's ``fields``."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -28,6 +29,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

@@ -18,9 +18,11 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 
@@ -31,7 +33,7 @@ from mirrorrouter.cache import (
     open_backend,
 )
 from mirrorrouter.config import Settings, UpstreamSettings
-from mirrorrouter.coordination import Coordinator, open_coordinator
+from mirrorrouter.coordination import Coordinator, Lease, open_coordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.fill import Filler
 from mirrorrouter.manifests import (
@@ -51,12 +53,19 @@ from mirrorrouter.upstream import FetchedManifest, ListAnswer, UpstreamClient
 log = logging.getLogger("mirrorrouter.pullthrough")
 
 REDIRECT_SECONDS = 600.0  # how long a presigned blob URL handed to a client stays valid
+TAG_LEASE_POLL = 0.05  # seconds between looks at what the replica asking about a tag shared
 
 
 class CacheStatus:
     HIT = "HIT"
     MISS = "MISS"
     STALE = "STALE"  # the last known answer, served because every mirror failed
+
+
+class Memory(enum.Enum):
+    """What memory alone may say of a member of a group besides an answer."""
+
+    MISSING = "missing"  # for certain, the member does not have the reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +198,23 @@ class Pullthrough:
         site.cache.touch(stored.digest)  # a memory hit is an access too (eviction is LRU)
         return ManifestAnswer(stored, CacheStatus.HIT, upstream.name)
 
+    def remembered(
+        self, upstream: UpstreamSettings, ref: ImageReference, accept: tuple[str, ...]
+    ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
+        """What memory alone says of ``ref`` as a member of a group: the answer
+        (``memory_manifest``), ``Memory.MISSING`` when the upstream answered "not found"
+        within negative_ttl and nothing is remembered for it since, or None (the full path
+        decides)."""
+        answer = self.memory_manifest(upstream, ref, accept)
+        if answer is not None:
+            return answer
+        site = self._sites.get(upstream.name)
+        if site is None or (ref.repository, ref.reference) not in site.not_found:
+            return None
+        if site.cached_manifest(ref, self.clock()) is not None:
+            return None  # remembered, but not in a form this client takes
+        return Memory.MISSING
+
     async def _manifest_by_digest(
         self, site: UpstreamSite, ref: ImageReference, digest: Digest
     ) -> ManifestAnswer:
@@ -205,11 +231,92 @@ class Pullthrough:
         stored = await site.get_manifest(record.digest) if record is not None else None
         if record is None or stored is None or not self._fresh(site, record):
             shared = await self._shared_tag(site, ref, record)
-            if shared is not None:
+            if shared is not None and shared[1] is not None:
                 record, stored = shared
+        if record is not None and stored is not None and self._fresh(site, record):
+            return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+        # Upstream must be asked: once for every caller here (coalesced), and once in the
+        # cluster (the tag lease).
+        return await site.coalescer.run(
+            ("tag", ref.repository, ref.tag),
+            lambda: self._resolve_tag(site, ref, record, stored),
+        )
+
+    async def _resolve_tag(
+        self,
+        site: UpstreamSite,
+        ref: ImageReference,
+        record: TagRecord | None,
+        stored: StoredManifest | None,
+    ) -> ManifestAnswer:
+        """Ask upstream about a tag that is not fresh here (``record`` and ``stored``: what
+        this replica knows of it), holding the tag's lease; while another replica holds it,
+        take the answer it shares instead."""
+        lease = await self._tag_lease(site, ref, record)
+        if isinstance(lease, ManifestAnswer):
+            return lease
+        try:
+            return await self._ask_upstream(site, ref, record, stored)
+        finally:
+            if lease is not None:
+                await lease.release()
+
+    async def _tag_lease(
+        self, site: UpstreamSite, ref: ImageReference, known: TagRecord | None
+    ) -> Lease | ManifestAnswer | None:
+        """The cluster-wide lease on asking upstream about the tag, or what the replica
+        holding it shared meanwhile: its tag record (in Redis) with the manifest (in the
+        shared store), or its "not found" (raised). None: ask without the lease (the
+        holder's answer cannot be read here, or it took longer than ``retry_deadline``).
+
+        The wait polls on the event loop; a holder that dies stops renewing its lease, which
+        expires after ``lock_ttl``: then a waiter takes it over."""
+        assert ref.tag is not None
+        upstream, policy = site.settings.name, site.settings.policy
+        deadline = self.timing.monotonic() + policy.retry_deadline
+        while True:
+            lease = await self.coordinator.claim_tag(upstream, ref.repository, ref.tag)
+            try:
+                # Also right after taking the lease: its last holder may have shared its
+                # answer just before releasing it.
+                shared = await self._shared_tag(site, ref, known)
+            except BaseException:  # a cancelled request must not keep the lease renewed
+                if lease is not None:
+                    await lease.release()
+                raise
+            if shared is not None:
+                if lease is not None:
+                    await lease.release()
+                stored = shared[1]
+                if stored is None:
+                    return None  # the manifest is not in this replica's cache: ask for it
+                return ManifestAnswer(stored, CacheStatus.HIT, upstream)
+            if lease is not None:
+                return lease
+            missing = await site.known_not_found(ref.repository, ref.tag)
+            if missing is not None:
+                raise missing
+            if self.timing.monotonic() >= deadline:
+                log.warning(
+                    "%s/%s:%s: the replica asking upstream took over %.0fs; asking as well",
+                    upstream,
+                    ref.repository,
+                    ref.tag,
+                    policy.retry_deadline,
+                )
+                return None
+            await self.timing.sleep(TAG_LEASE_POLL)
+
+    async def _ask_upstream(
+        self,
+        site: UpstreamSite,
+        ref: ImageReference,
+        record: TagRecord | None,
+        stored: StoredManifest | None,
+    ) -> ManifestAnswer:
+        """Revalidate a known tag with a HEAD, or GET it; the last known answer on a bad day."""
+        assert ref.tag is not None
         if record is not None and stored is not None:
-            if self._fresh(site, record):
-                return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
             try:
                 if await self._still_current(site, ref, record):
                     return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
@@ -234,10 +341,11 @@ class Pullthrough:
 
     async def _shared_tag(
         self, site: UpstreamSite, ref: ImageReference, known: TagRecord | None
-    ) -> tuple[TagRecord, StoredManifest] | None:
+    ) -> tuple[TagRecord, StoredManifest | None] | None:
         """The tag as another replica confirmed it upstream within tag_ttl, when that is
-        newer than what this replica knows and the cache holds its manifest (a shared
-        object store does): then no upstream request is needed."""
+        newer than what this replica knows, with its manifest when the cache holds it (a
+        shared object store does; then no upstream request is needed, and the record is
+        kept here too)."""
         assert ref.tag is not None
         record = await site.shared_tag(ref.repository, ref.tag)
         if record is None or not self._fresh(site, record):
@@ -245,9 +353,8 @@ class Pullthrough:
         if known is not None and record.checked_at <= known.checked_at:
             return None
         stored = await site.get_manifest(record.digest)
-        if stored is None:
-            return None  # not in this replica's cache: revalidate upstream as usual
-        await site.put_tag(ref.repository, ref.tag, record, share=False)
+        if stored is not None:
+            await site.put_tag(ref.repository, ref.tag, record, share=False)
         return record, stored
 
     async def _fetch(self, site: UpstreamSite, ref: ImageReference) -> FetchedManifest:

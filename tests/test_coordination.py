@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,12 @@ from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Lease, LocalCoordinator
+from mirrorrouter.coordination.generation import (
+    SHARED_MAX_AGE,
+    SHARED_TRUST,
+    Generation,
+    SharedGenerations,
+)
 from mirrorrouter.coordination.redisbacked import OUTAGE_BACKOFF, RedisCoordinator, RedisLease
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.peer import PEER_PATH, peer_blob
@@ -216,6 +223,59 @@ async def test_tag_and_negative_entries_are_shared_with_their_ttl(
         assert await b.get_tag("docker.io", "library/alpine", "old") is None
         await asyncio.sleep(0.1)
         assert await b.get_tag("docker.io", "library/alpine", "edge") is None
+
+
+# ---------------------------------------------------------------------- hosted generations
+
+
+async def test_hosted_generations_are_shared_and_trusted_only_while_fresh(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A bump on one replica moves the generation every other replica reads from Redis;
+    their view counts for SHARED_TRUST after it was asked for, and what memory learnt of a
+    set on shared storage for at most SHARED_MAX_AGE; Redis down: nothing is trusted."""
+    clock = Clock()
+    async with coordinators(redis_server.redis_url, clock=clock) as (a, b):
+        pushing = Generation("team", tmp_path / "a", shared_storage=True, coordinator=a)
+        reading = Generation(
+            "team", tmp_path / "b", shared_storage=True, coordinator=b, monotonic=clock
+        )
+        refresher = SharedGenerations([reading])
+        assert not reading.confirms(reading.stamp(), clock())  # never read Redis yet
+        await refresher.refresh()
+        stamp, learnt = reading.stamp(), clock()
+        assert reading.confirms(stamp, learnt)
+        await pushing.bump()  # the other machine's counter file knows nothing of it
+        await refresher.refresh()
+        assert not reading.confirms(stamp, learnt)
+        first = await b.generations(["team", "other"])
+        assert first is not None and first["other"] == 0 and first["team"] > 0
+        await a.redis.delete("test:generation:team")  # Redis restarted empty
+        await pushing.bump()
+        again = await b.generations(["team"])
+        assert again is not None and again["team"] != first["team"]  # never the old value
+        await refresher.refresh()
+        stamp = reading.stamp()
+        clock.now += SHARED_TRUST  # no read since
+        assert not reading.confirms(stamp, learnt)
+        await refresher.refresh()
+        assert reading.confirms(stamp, learnt)
+        clock.now = learnt + SHARED_MAX_AGE
+        await refresher.refresh()
+        assert not reading.confirms(stamp, learnt)  # too old, whatever Redis says
+        learnt = clock()
+        redis_server.stop()
+        await pushing.bump()  # fails open: dropped
+        await refresher.refresh()
+        assert reading.confirms(stamp, learnt)  # the last read is recent
+        clock.now += SHARED_TRUST
+        await refresher.refresh()
+        assert not reading.confirms(stamp, learnt)
+    local = Generation("team", tmp_path / "a")  # one machine: the counter file alone
+    assert local.stamp() == (3, 0) and local.confirms((3, 0), -1e9)  # three bumps
+    local.close()
+    pushing.close()
+    reading.close()
 
 
 # ---------------------------------------------------------------------- shared circuits
@@ -584,11 +644,22 @@ async def test_follower_without_a_peer_url_waits_for_the_shared_store(
 
 
 def replica(
-    cache: Path, fake: FakeRegistry, clock: Clock, coordinator: RedisCoordinator
+    cache: Path,
+    fake: FakeRegistry,
+    clock: Clock,
+    coordinator: RedisCoordinator,
+    *,
+    real_waits: bool = False,
 ) -> Pullthrough:
+    """A replica on the fake registry whose tags date by ``clock``; its waits return at once
+    (retries), or with ``real_waits`` take real time (waiting for another replica)."""
+
     async def no_sleep(seconds: float) -> None:
         return None
 
+    timing = Timing(wall=clock, monotonic=clock, sleep=no_sleep)
+    if real_waits:
+        timing = Timing(wall=clock, monotonic=time.monotonic, sleep=asyncio.sleep)
     text = (
         f'[cache]\ndirectory = "{cache}"\n'
         '[upstreams."docker.io"]\ntag_ttl = "60s"\nnegative_ttl = "30s"\n'
@@ -597,7 +668,7 @@ def replica(
     return Pullthrough(
         parse_settings(text, env={}),
         transport=httpx.ASGITransport(app=fake.app),
-        timing=Timing(wall=clock, monotonic=clock, sleep=no_sleep),
+        timing=timing,
         coordinator=coordinator,
     )
 
@@ -678,3 +749,110 @@ async def test_pulls_go_on_when_redis_is_down(
         assert await collect(answer.stream(0, None)) == b"layer"
         with pytest.raises(RegistryError):
             await b.manifest(hub, ImageReference("docker.io", "library/nope", "1"))
+
+
+# ---------------------------------------------------------------------- tag leases
+
+
+class TagLeases(RedisCoordinator):
+    """Keeps the tag leases it granted and counts the ones it refused (another holds it)."""
+
+    def __init__(self, settings: CoordinationSettings) -> None:
+        super().__init__(settings)
+        self.leases: list[Lease] = []
+        self.refused = 0
+
+    async def claim_tag(self, upstream: str, repository: str, tag: str) -> Lease | None:
+        lease = await super().claim_tag(upstream, repository, tag)
+        if lease is None:
+            self.refused += 1
+        else:
+            self.leases.append(lease)
+        return lease
+
+
+@asynccontextmanager
+async def leasing_replicas(
+    tmp_path: Path, fake: FakeRegistry, url: str
+) -> AsyncIterator[tuple[list[Pullthrough], list[TagLeases]]]:
+    """Two replicas over one shared cache (the object store's stand-in) and one Redis,
+    waiting for each other in real time."""
+    clock = Clock()
+    leases = [TagLeases(settings_for(url, advertise=f"http://replica-{i}")) for i in range(2)]
+    pulls = [replica(tmp_path / "cache", fake, clock, c, real_waits=True) for c in leases]
+    try:
+        yield pulls, leases
+    finally:
+        for pull in pulls:
+            await pull.close()
+        for coordinator in leases:
+            await coordinator.close()
+
+
+async def until(condition: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit}s"
+        await asyncio.sleep(0.01)
+
+
+async def test_cold_tag_on_two_replicas_is_asked_upstream_once(
+    tmp_path: Path, fake: FakeRegistry, redis_server: RedisServer
+) -> None:
+    """Concurrent cold pulls of one tag on two replicas: the replica holding the tag's lease
+    makes the one upstream GET; the other waits for the record it shares and reads the
+    manifest from the shared store. A tag upstream does not have: one GET, one 404 each."""
+    image = fake.add(make_image("library/alpine", [b"leased"]), "3.19")
+    ref = ImageReference("docker.io", "library/alpine", "3.19")
+    fake.gate = asyncio.Event()  # the upstream answers once the second replica waits
+    async with leasing_replicas(tmp_path, fake, redis_server.redis_url) as (pulls, leases):
+        hub = pulls[0].settings.upstreams["docker.io"]
+        tasks = [asyncio.create_task(pull.manifest(hub, ref)) for pull in pulls]
+        await until(lambda: fake.count("GET", "/manifests/3.19") == 1, "an upstream GET")
+        await until(lambda: sum(c.refused for c in leases) > 0, "a replica waiting")
+        fake.gate.set()
+        answers = await asyncio.gather(*tasks)
+        assert {str(a.manifest.digest) for a in answers} == {image.digest}
+        assert sorted(a.cache for a in answers) == ["HIT", "MISS"]
+        assert fake.count("GET", "/manifests/3.19") == 1
+        assert fake.count("HEAD", "/manifests/") == 0
+        missing = ImageReference("docker.io", "library/alpine", "nope")
+        fake.gate = asyncio.Event()
+        refused_before = sum(c.refused for c in leases)
+        tasks = [asyncio.create_task(pull.manifest(hub, missing)) for pull in pulls]
+        await until(lambda: fake.count("GET", "/manifests/nope") == 1, "an upstream GET")
+        await until(lambda: sum(c.refused for c in leases) > refused_before, "a replica waiting")
+        fake.gate.set()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            assert isinstance(outcome, RegistryError), outcome
+            assert outcome.code is ErrorCode.MANIFEST_UNKNOWN
+        assert fake.count("GET", "/manifests/nope") == 1
+
+
+async def test_holder_dying_mid_resolution_hands_the_tag_to_another_replica(
+    tmp_path: Path, fake: FakeRegistry, redis_server: RedisServer
+) -> None:
+    """The replica asking upstream about a tag dies (its lease is never renewed or
+    released): once the lease expires the waiting replica takes it and asks itself."""
+    image = fake.add(make_image("library/alpine", [b"orphaned"]), "3.19")
+    ref = ImageReference("docker.io", "library/alpine", "3.19")
+    fake.gate = asyncio.Event()
+    async with leasing_replicas(tmp_path, fake, redis_server.redis_url) as (pulls, leases):
+        (a, b), (a_leases, b_leases) = pulls, leases
+        hub = a.settings.upstreams["docker.io"]
+        doomed = asyncio.create_task(a.manifest(hub, ref))
+        await until(lambda: fake.count("GET", "/manifests/3.19") == 1, "A asking upstream")
+        waiting = asyncio.create_task(b.manifest(hub, ref))
+        await until(lambda: b_leases.refused > 0, "B waiting for A")
+        (lease,) = a_leases.leases
+        assert isinstance(lease, RedisLease)
+        lease.abandon()  # A dies: no renewal, no release
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        fake.gate.set()
+        answer = await waiting
+        assert (str(answer.manifest.digest), answer.cache) == (image.digest, "MISS")
+        assert len(b_leases.leases) == 1  # B took the lease over once it expired
+    assert fake.count("GET", "/manifests/3.19") == 2  # A's, cut short, and B's

@@ -60,6 +60,25 @@ upstream = "docker.io"
 """
 
 
+def secured_group(tmp_path: Path, rule: str, hosted: str = "") -> str:
+    """test_access's ``secured`` config with the hosted set ``team`` (one access ``rule``,
+    the keys ``hosted``) before docker.io in the group ``dev``, routed by the prefix
+    ``dev``."""
+    return secured(tmp_path).replace(
+        '[upstreams."quay.io"]',
+        f"""[hosted."team"]
+{hosted}
+[[hosted."team".access]]
+{rule}
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+[upstreams."quay.io"]""",
+    )
+
+
 async def push_blob(client: httpx.AsyncClient, base: str, data: bytes) -> httpx.Response:
     return await client.post(
         f"{base}/blobs/uploads/", params={"digest": sha256(data)}, content=data
@@ -523,34 +542,12 @@ async def test_store_survives_a_restart(tmp_path: Path, fake: FakeRegistry) -> N
         await store.close()
 
 
-def guarded_group(tmp_path: Path, *, repositories: str, pull: str, allow_shadow: str = "") -> str:
-    """With logins: ``team`` (alice may push to ``repositories``, ``pull`` may pull; it may
-    shadow docker.io's ``allow_shadow``) and the group ``dev`` (team, then docker.io) by the
-    prefix ``dev``."""
-    shadow = f'allow_shadow = ["{allow_shadow}"]' if allow_shadow else ""
-    return secured(tmp_path).replace(
-        '[upstreams."quay.io"]',
-        f"""[hosted."team"]
-{shadow}
-[[hosted."team".access]]
-repositories = ["{repositories}"]
-pull = ["{pull}"]
-push = ["alice"]
-[groups."dev"]
-members = ["team", "docker.io"]
-[[routes]]
-prefix = "dev"
-group = "dev"
-[upstreams."quay.io"]""",
-    )
-
-
 async def test_push_needs_the_push_permission(tmp_path: Path, fake: FakeRegistry) -> None:
     """Access rules of a hosted set: pull for everyone, push for alice and the builders;
     anonymous gets a login challenge asking for push, bob a refusal, alice gets through.
     Through the group the writable member's rules apply; where no rule matches nobody may
     push."""
-    text = guarded_group(tmp_path, repositories="app", pull="anonymous")
+    text = secured_group(tmp_path, 'repositories = ["app"]\npull = ["anonymous"]\npush = ["alice"]')
     image = make_image("app", [b"guarded"])
     async with gateway(tmp_path, fake, text) as gw:
         for base in ("/v2/dev/app", "/team/v2/app"):
@@ -583,7 +580,11 @@ async def test_group_unions_ask_a_client_without_credentials_to_log_in(
     200, after which a client never logs in); an anonymous token gets the public part, a
     user's token the whole union."""
     fake.add(make_image("library/app", [b"public"]), "1.0")
-    text = guarded_group(tmp_path, repositories="*", pull="authenticated", allow_shadow="app")
+    text = secured_group(
+        tmp_path,
+        'repositories = ["*"]\npull = ["authenticated"]\npush = ["alice"]',
+        hosted='allow_shadow = ["app"]',
+    )
     async with gateway(tmp_path, fake, text) as gw:
         gw.client.headers.update(basic("alice", "wonderland"))
         pushed = await push_image(gw.client, "/v2/dev/app", make_image("app", [b"ours"]), "v1")
@@ -831,3 +832,147 @@ def test_check_config_warns_of_a_hosted_set_nobody_may_push_to(
         assert main(["check-config", str(config)]) == 0
         err = capsys.readouterr().err
         assert ("warning: nobody may push to hosted team" in err) == warned, (text, err)
+
+
+# -- group pulls from memory -----------------------------------------------------------
+
+
+def manifest_scope(path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """An ASGI scope of a manifest GET, as the fast path of app.py sees it."""
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": b"",
+        "headers": [(b"host", b"mirror")]
+        + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 1),
+    }
+
+
+def header(response: Any, name: str) -> str:
+    """A header of a fast-path ``RawResponse``."""
+    return next(v.decode() for k, v in response.headers if k == name.encode())
+
+
+async def test_group_manifests_are_answered_from_memory_like_the_full_path(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Once read, a group's manifest is answered from memory with the full path's bytes and
+    headers: from the hosted member, and from docker.io after the hosted member's miss."""
+    pushed = make_image("app", [b"pushed"])
+    upstream = fake.add(make_image("library/alpine", [b"alpine"]), "3.20")
+    async with gateway(tmp_path, fake, hosted_config(tmp_path)) as gw:
+        assert (await push_image(gw.client, "/v2/app", pushed)).status_code == 201
+        cases = {
+            "/v2/app/manifests/v1": (pushed, "team"),
+            f"/v2/app/manifests/{pushed.digest}": (pushed, "team"),
+            "/v2/team/app/manifests/v1": (pushed, "team"),
+            "/v2/alpine/manifests/3.20": (upstream, "docker.io"),
+            f"/v2/alpine/manifests/{upstream.digest}": (upstream, "docker.io"),
+        }
+        for path, (image, member) in cases.items():
+            full = await gw.client.get(path)  # the first read takes the full path
+            assert full.status_code == 200, (path, full.text)
+            assert (full.content, full.headers["x-upstream"]) == (image.manifest, member)
+            fast = gw.app.endpoints.fast_manifest(manifest_scope(path))
+            assert fast is not None, path
+            assert fast.body == image.manifest
+            for name in ("x-upstream", "docker-content-digest", "content-type"):
+                assert header(fast, name) == full.headers[name], (path, name)
+            assert header(fast, "x-cache") == ("HOSTED" if member == "team" else "HIT")
+        asked = len(fake.requests)
+        for path, (image, _) in cases.items():
+            assert (await gw.client.get(path)).content == image.manifest
+        assert len(fake.requests) == asked
+
+
+async def test_push_through_one_worker_is_seen_at_once_by_another(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """Two gateways over one directory (two workers): after a tag moved, was deleted or was
+    pushed through one, the other never answers what its memory held before."""
+    first, second = make_image("app", [b"first"]), make_image("app", [b"second"])
+    text = hosted_config(tmp_path)
+    async with gateway(tmp_path, fake, text) as a, gateway(tmp_path, fake, text) as b:
+        assert (await push_image(a.client, "/v2/app", first)).status_code == 201
+        for _ in range(2):  # b remembers v1 (and that team has no v2)
+            assert (await b.client.get("/v2/app/manifests/v1")).content == first.manifest
+            assert (await b.client.get("/v2/app/manifests/v2")).status_code == 404
+        assert b.app.endpoints.fast_manifest(manifest_scope("/v2/app/manifests/v1")) is not None
+        assert (await push_image(a.client, "/v2/app", second)).status_code == 201
+        moved = await b.client.get("/v2/app/manifests/v1")
+        assert moved.headers["docker-content-digest"] == second.digest
+        assert (await push_image(a.client, "/v2/app", first, "v2")).status_code == 201
+        assert (await b.client.get("/v2/app/manifests/v2")).content == first.manifest
+        assert (await a.client.delete("/v2/app/manifests/v1")).status_code == 202
+        gone = await b.client.get("/v2/app/manifests/v1")
+        assert gone.status_code == 404, gone.text
+        assert (await a.client.delete(f"/v2/team/app/manifests/{first.digest}")).status_code == 202
+        assert (await b.client.get(f"/v2/app/manifests/{first.digest}")).status_code == 404
+
+
+async def test_group_memory_keeps_each_members_access_rules(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    """A manifest of a hosted member only logged-in users may pull, remembered for alice,
+    is never answered from memory to an anonymous client: it gets the full path's 401."""
+    text = secured_group(
+        tmp_path, 'repositories = ["*"]\npull = ["authenticated"]\npush = ["alice"]'
+    )
+    image = make_image("app", [b"members only"])
+    alice = basic("alice", "wonderland")
+    async with gateway(tmp_path, fake, text) as gw:
+        gw.client.headers.update(alice)
+        assert (await push_image(gw.client, "/v2/dev/app", image)).status_code == 201
+        for _ in range(2):
+            assert (await gw.client.get("/v2/dev/app/manifests/v1")).content == image.manifest
+        path = "/v2/dev/app/manifests/v1"
+        assert gw.app.endpoints.fast_manifest(manifest_scope(path, alice)) is not None
+        del gw.client.headers["authorization"]
+        assert gw.app.endpoints.fast_manifest(manifest_scope(path)) is None
+        anonymous = await gw.client.get(path)
+        assert anonymous.status_code == 401, anonymous.text
+        bob = await gw.client.get(path, headers=basic("bob", "builder"))
+        assert bob.content == image.manifest  # any logged-in user
+
+
+async def test_a_stores_memory_of_absence_ends_with_a_push_elsewhere(tmp_path: Path) -> None:
+    """Two stores over one directory: what one remembers (a manifest, or that a tag is not
+    there) stops counting the moment the other stores anything, and garbage collection."""
+    settings = parse_settings(hosted_config(tmp_path, hosted='gc_grace = "0s"'))
+    a, b = (HostedStore(settings.hosted["team"]) for _ in range(2))
+    image = make_image("app", [b"layer"])
+    await a.open()
+    await b.open()
+    try:
+        with pytest.raises(RegistryError):
+            await b.manifest("app", "v1", None)
+        known = b.known_manifest("app", "v1")
+        assert known is not None and known.manifest is None  # certain: not there
+        for digest, data in image.blobs.items():
+            await a.put_blob("app", Digest.parse(digest), _chunks(data))
+        assert b.known_manifest("app", "v1") is None  # something changed: ask the storage
+        await a.put_manifest("app", "v1", None, image.media_type, image.manifest)
+        stored = await b.manifest("app", "v1", None)
+        known = b.known_manifest("app", "v1")
+        assert known is not None and known.manifest == stored
+        report = await a.collect_garbage()
+        assert report.blobs + report.manifests == 0  # everything is referenced: no change
+        assert b.known_manifest("app", "v1") is not None
+        await a.delete("app", "v1", None)
+        assert b.known_manifest("app", "v1") is None
+        await a.delete("app", None, stored.digest)
+        with pytest.raises(RegistryError):
+            await b.manifest("app", None, stored.digest)
+        assert b.known_manifest("app", stored.digest) is not None
+        report = await a.collect_garbage()
+        assert report.manifests == 1  # the unlinked manifest goes
+        assert b.known_manifest("app", stored.digest) is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,8 @@ def test_formats_and_config() -> None:
     """JSON for machines, key=value for terminals; uvicorn's own access log is silenced."""
     record = logging.LogRecord("mirrorrouter.access", logging.INFO, "", 0, "GET / %s", (200,), None)
     record.fields = {"status": 200, "cache": "HIT", "mirror": None}
-    assert json.loads(JsonFormatter().format(record))["cache"] == "HIT"
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["cache"], line["pid"]) == ("HIT", os.getpid())  # which worker wrote it
     assert HumanFormatter().format(record).endswith("GET / 200  status=200 cache=HIT")
     assert log_config("info", json_lines=True)["formatters"]["main"]["()"].endswith("JsonFormatter")
     assert log_config("debug", json_lines=False)["loggers"]["uvicorn.access"]["handlers"] == []

@@ -39,7 +39,9 @@ from tests.support.clients import (
     read_local_image,
     write_hosts_toml,
 )
-from tests.support.gateway import GatewayProcess
+from tests.support.fakeregistry import Image, make_image
+from tests.support.faultproxy import closed_port_url
+from tests.support.gateway import HOSTED_FIRST_GROUP, GatewayProcess
 from tests.support.images import (
     OCI_MANIFEST,
     BuiltImage,
@@ -635,3 +637,76 @@ def test_push_next_to_an_upstream_name_reuses_its_layers(
         fresh = f"{guarded.host}/dev/patchedalpine:1"
         assert push_with_skopeo(mine, fresh) == mine.digest
         assert Skopeo().inspect_digest(fresh) == mine.digest
+
+
+# -- group pulls from memory across worker processes ------------------------------------
+
+
+def memory_answers(gateway: GatewayProcess, path: str) -> dict[int, int]:
+    """How many GETs of ``path`` each worker process answered from memory (the access line
+    of the in-memory fast path carries the cache result, HOSTED for a hosted member)."""
+    counts: dict[int, int] = {}
+    for entry in gateway.access_lines():
+        if entry.get("message") == f"GET {path} 200" and entry.get("cache") == "HOSTED":
+            counts[entry["pid"]] = counts.get(entry["pid"], 0) + 1
+    return counts
+
+
+def test_push_through_one_worker_is_never_stale_through_the_other(tmp_path: Path) -> None:
+    """Two worker processes both answer a group's tag from memory; after the tag moves
+    through one connection, GETs over many new connections, answered by both workers, all
+    get the new digest: never the one their memory held."""
+    config = f"""
+[server]
+workers = 2
+access_log = true
+[cache]
+directory = "{tmp_path / "cache"}"
+[upstreams."docker.io"]
+mirrors = [{{ url = "{closed_port_url()}" }}]
+{HOSTED_FIRST_GROUP}"""
+    old, new = make_image("app", [b"old layer"]), make_image("app", [b"new layer"])
+    path = "/v2/dev/app/manifests/v1"
+
+    async def get_all(base: str, count: int) -> list[str]:
+        """``count`` concurrent GETs, each over a new connection: the digests answered."""
+
+        async def one() -> str:
+            async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as client:
+                answer = await client.get(path)
+                assert answer.status_code == 200, answer.text
+                return answer.headers["docker-content-digest"]
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+    def until_both_workers_remember(gateway: GatewayProcess, digest: str) -> None:
+        deadline = time.monotonic() + 60
+        while len(memory_answers(gateway, path)) < 2:
+            assert time.monotonic() < deadline, memory_answers(gateway, path)
+            assert set(asyncio.run(get_all(gateway.url, 16))) == {digest}
+
+    with GatewayProcess(tmp_path / "gateway", config) as gateway:
+        with httpx.Client(base_url=gateway.url, trust_env=False, timeout=30) as client:
+            push_raw(client, "/v2/dev/app", old)
+            until_both_workers_remember(gateway, old.digest)
+            before = memory_answers(gateway, path)
+            push_raw(client, "/v2/dev/app", new)  # the same connection: one worker
+        # Both workers answer again, from memory again, and never the old digest.
+        deadline = time.monotonic() + 60
+        while True:
+            assert set(asyncio.run(get_all(gateway.url, 16))) == {new.digest}
+            after = memory_answers(gateway, path)
+            if len(after) == 2 and all(after[pid] > before.get(pid, 0) for pid in after):
+                break
+            assert time.monotonic() < deadline, (before, after)
+
+
+def push_raw(client: httpx.Client, base: str, image: Image) -> None:
+    """Push a fake-registry image's blobs (monolithic) and its manifest as tag v1."""
+    for digest, data in image.blobs.items():
+        posted = client.post(f"{base}/blobs/uploads/", params={"digest": digest}, content=data)
+        assert posted.status_code == 201, posted.text
+    put = client.put(
+        f"{base}/manifests/v1", content=image.manifest, headers={"Content-Type": image.media_type}
+    )
+    assert put.status_code == 201, put.text

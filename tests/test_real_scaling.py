@@ -8,6 +8,10 @@ download down on purpose). Everything on loopback.
   every client of the surviving replicas gets the right digest;
 - a tag pulled through replica A is answered by replica B within the TTL with zero upstream
   requests;
+- concurrent cold pulls of one tag over the replicas ask upstream for it once (the tag
+  lease); the replica asking is killed mid-answer: another takes over;
+- a tag pushed to a hosted member through one replica is answered by the others' memory
+  within the documented bound (the shared generation), never stale after it;
 - a push whose requests land on different replicas (no session affinity) works: each
   request for an upload session goes to the replica holding it.
 """
@@ -25,8 +29,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirrorrouter.coordination.generation import SHARED_TRUST
+from tests.support.fakeregistry import Image, make_image
 from tests.support.faultproxy import FaultProxy
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import HOSTED_FIRST_GROUP, GatewayProcess
 from tests.support.images import PushedImage, session_factory
 from tests.support.redisserver import RedisServer
 from tests.support.registry import DistributionRegistry
@@ -68,6 +74,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
                 factory.large("doomed", size=LARGE, seed=42), hub, "library/doomed", "1"
             ),
             "small": factory.push(factory.small("tagged", seed=43), hub, "library/tagged", "1"),
+            "leased": factory.push(factory.small("leased", seed=44), hub, "library/leased", "1"),
+            "orphan": factory.push(factory.small("orphan", seed=45), hub, "library/orphan", "1"),
         }
         yield Upstream(hub, proxy, redis, session_seaweed(), images)
 
@@ -88,7 +96,7 @@ secret_access_key_env = "S3_SECRET"
 [upstreams."docker.io"]
 tag_ttl = "10m"
 mirrors = [{{ url = "{up.proxy.url}" }}]
-[hosted."team"]
+{HOSTED_FIRST_GROUP}
 [[routes]]
 prefix = "team"
 hosted = "team"
@@ -121,8 +129,11 @@ def replicas(upstream: Upstream, tmp_path: Path) -> Iterator[list[GatewayProcess
         upstream.proxy.clear()
 
 
-async def pull(client: httpx.AsyncClient, base: str, image: PushedImage) -> dict[str, str]:
-    """Manifest by tag, then every blob; the sha256 of each as received."""
+async def pull(
+    client: httpx.AsyncClient, base: str, image: PushedImage, received: list[int] | None = None
+) -> dict[str, str]:
+    """Manifest by tag, then every blob; the sha256 of each as received. ``received``
+    counts the blob bytes that arrived so far (for a test waiting until they flow)."""
     manifest = await client.get(
         f"{base}/v2/{image.repository}/manifests/{image.tag}", headers={"Accept": OCI_ACCEPT}
     )
@@ -134,6 +145,8 @@ async def pull(client: httpx.AsyncClient, base: str, image: PushedImage) -> dict
             r.raise_for_status()
             async for chunk in r.aiter_bytes():
                 hasher.update(chunk)
+                if received is not None:
+                    received.append(len(chunk))
         digests[blob.digest] = "sha256:" + hasher.hexdigest()
     return digests
 
@@ -185,12 +198,17 @@ def test_replica_killed_mid_download_another_takes_over(
             while not any(layer.digest in r.path for r in upstream.proxy.requests(proxy_start)):
                 assert time.monotonic() < deadline, "A never asked upstream for the layer"
                 await asyncio.sleep(0.05)
+            received: list[list[int]] = [[] for _ in survivors for _ in range(3)]
             followers = [
-                asyncio.create_task(pull(client, gateway.url, image))
-                for gateway in survivors
-                for _ in range(3)
+                asyncio.create_task(pull(client, survivors[i // 3].url, image, received[i]))
+                for i in range(len(received))
             ]
-            await asyncio.sleep(1.0)  # the followers are streaming A's download
+            # Every follower's client gets bytes of the layer: B and C stream A's download
+            # (the config and the layer are the image's blobs; the layer is the big one).
+            deadline = time.monotonic() + 30
+            while not all(sum(r) > MIB for r in received):
+                assert time.monotonic() < deadline, [sum(r) for r in received]
+                await asyncio.sleep(0.05)
             first.kill()
             with pytest.raises(httpx.HTTPError):
                 await doomed
@@ -279,3 +297,145 @@ def test_push_across_replicas_needs_no_session_affinity(
             blob = client.get(f"{base}/v2/team/app/blobs/{digest}")
             assert blob.status_code == 200
             assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest
+
+
+def tag_gets(up: Upstream, since: int, image: PushedImage) -> list[str]:
+    """The upstream manifest GETs by tag of ``image`` since ``since`` (the hub's own log)."""
+    path = f"/v2/{image.repository}/manifests/{image.tag}"
+    return [r.path for r in up.hub.requests(since) if r.method == "GET" and r.path_only == path]
+
+
+def test_concurrent_cold_pulls_of_a_tag_ask_upstream_once(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    """Twelve concurrent cold pulls of one tag over three replicas (the upstream's answer
+    held back a moment, so that they overlap): ONE upstream manifest GET for the tag, no
+    HEAD; the replicas without the tag's lease read the holder's answer from the shared
+    store; every client gets the right digest."""
+    image = upstream.images["leased"]
+    start = upstream.hub.mark()
+    path = f"/v2/{image.repository}/manifests/{image.tag}"
+    upstream.proxy.delay(1.0, path_contains=path, method="GET", times=1)
+
+    async def everyone() -> list[dict[str, str]]:
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            return await asyncio.gather(
+                *(pull(client, replicas[i % 3].url, image) for i in range(12))
+            )
+
+    results = asyncio.run(everyone())
+    assert all(result == expected(image) for result in results)
+    assert len(tag_gets(upstream, start, image)) == 1, upstream.hub.requests(start)
+    heads = [r for r in upstream.hub.requests(start) if r.method == "HEAD" and path in r.path]
+    assert heads == []
+
+
+def test_replica_killed_while_asking_about_a_tag_hands_it_over(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    """Replica A holds the tag's lease and its upstream GET hangs; B and C wait for it. A is
+    killed: once its lease expires (lock_ttl) one of them asks upstream, and every client of
+    B and C gets the right manifest."""
+    image = upstream.images["orphan"]
+    path = f"/v2/{image.repository}/manifests/{image.tag}"
+    upstream.proxy.stall_after(0, 30.0, path_contains=path, method="GET", times=1)
+    first, survivors = replicas[0], replicas[1:]
+    proxy_start = upstream.proxy.mark()
+
+    def asked() -> list[str]:
+        return [
+            r.path
+            for r in upstream.proxy.requests(proxy_start)
+            if r.method == "GET" and path in r.path
+        ]
+
+    async def scenario() -> list[httpx.Response]:
+        followers = 2 * len(survivors)
+        all_sent = asyncio.Event()
+        sent: list[str] = []
+
+        async def note(request: httpx.Request) -> None:
+            sent.append(str(request.url))
+            if len(sent) == 1 + followers:
+                all_sent.set()
+
+        async with httpx.AsyncClient(
+            timeout=60, trust_env=False, event_hooks={"request": [note]}
+        ) as client:
+            doomed = asyncio.create_task(client.get(first.url + path))
+            deadline = time.monotonic() + 20
+            while not asked():  # A holds the lease and waits for the upstream
+                assert time.monotonic() < deadline, "A never asked upstream for the tag"
+                await asyncio.sleep(0.05)
+            waiting = [
+                asyncio.create_task(client.get(gateway.url + path, headers={"Accept": OCI_ACCEPT}))
+                for gateway in survivors
+                for _ in range(followers // len(survivors))
+            ]
+            await asyncio.wait_for(all_sent.wait(), 20)  # B and C are asked while A holds it
+            first.kill()
+            with pytest.raises(httpx.HTTPError):
+                await doomed
+            return await asyncio.gather(*waiting)
+
+    answers = asyncio.run(scenario())
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["docker-content-digest"] == image.digest
+        assert "sha256:" + hashlib.sha256(answer.content).hexdigest() == image.digest
+    assert len(asked()) == 2, asked()  # A's, hung, and the one replica's that took over
+
+
+def test_push_through_one_replica_reaches_the_others_memory_within_the_bound(
+    upstream: Upstream, replicas: list[GatewayProcess]
+) -> None:
+    """A group's hosted tag answered from memory on every replica moves through replica A:
+    B and C answer the new digest at the latest SHARED_TRUST after A's 201 (the shared
+    generation), and from memory again afterwards; never the old one after the bound."""
+    old, new = make_image("app", [b"old"]), make_image("app", [b"new"])
+    path = "/v2/dev/app/manifests/v1"
+    a, others = replicas[0], replicas[1:]
+
+    def push(image: Image) -> float:
+        with httpx.Client(base_url=a.url, trust_env=False, timeout=30) as client:
+            for digest, data in image.blobs.items():
+                posted = client.post(
+                    "/v2/dev/app/blobs/uploads/", params={"digest": digest}, content=data
+                )
+                assert posted.status_code == 201, posted.text
+            put = client.put(
+                path, content=image.manifest, headers={"Content-Type": image.media_type}
+            )
+            assert put.status_code == 201, put.text
+        return time.monotonic()
+
+    def remembered(gateway: GatewayProcess) -> int:
+        return sum(
+            1
+            for e in gateway.access_lines()
+            if e.get("message") == f"GET {path} 200" and e.get("cache") == "HOSTED"
+        )
+
+    push(old)
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while not all(remembered(g) for g in others):  # B and C answer from memory
+            assert time.monotonic() < deadline
+            for gateway in others:
+                got = client.get(gateway.url + path)
+                assert got.headers["docker-content-digest"] == old.digest
+        before = [remembered(g) for g in others]
+        acknowledged = push(new)
+        late: list[tuple[float, str]] = []
+        while True:
+            for gateway in others:
+                asked = time.monotonic() - acknowledged
+                got = client.get(gateway.url + path)
+                digest = got.headers["docker-content-digest"]
+                if asked >= SHARED_TRUST:
+                    late.append((asked, digest))
+            memory_again = all(remembered(g) > n for g, n in zip(others, before, strict=True))
+            if len(late) >= 20 and memory_again:
+                break
+            assert time.monotonic() - acknowledged < 60, (late[-5:], before)
+    assert {digest for _, digest in late} == {new.digest}, late

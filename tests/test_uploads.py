@@ -54,7 +54,10 @@ def held_elsewhere(path: Path) -> Iterator[None]:
 
 
 def files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != ".lock")
+    """The files under ``directory``, relative to it (lock files left out)."""
+    return sorted(
+        p.relative_to(directory) for p in directory.rglob("*") if p.is_file() and p.name != ".lock"
+    )
 
 
 # -- one request at a time per session, never waiting ------------------------------------

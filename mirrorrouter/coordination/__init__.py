@@ -6,6 +6,9 @@ store (the cache) and one Redis for coordination. ``Coordinator`` is what the re
 - **fill locks**: ``claim(upstream, digest)`` takes the cluster-wide lock on one blob's
   download (a ``Lease``), or returns None while another replica holds it; ``holder`` names
   that replica's ``advertise_url`` so followers stream the download from it (fill.py);
+- **tag leases**: ``claim_tag(upstream, repository, tag)``, the same kind of lock on asking
+  upstream about one tag: the holder asks and shares the answer (the tag record below, the
+  manifest in the shared store), the others wait for it (pullthrough.py);
 - **shared negative cache**: an upstream "not found" per (upstream, repository, reference),
   for the upstream's ``negative_ttl``;
 - **shared tag checks**: the last upstream confirmation of a tag, so a tag checked through
@@ -15,6 +18,8 @@ store (the cache) and one Redis for coordination. ``Coordinator`` is what the re
 - **housekeeping chores**: ``claim_chore`` takes the cluster-wide lease on a chore that one
   replica at a time runs (a hosted set's scheduled garbage collection), and the chore's
   record (``chore_record``, when it last ran and what it did) is kept for all to read.
+- **hosted generations**: a counter per hosted set that every push bumps, so memory
+  answers for the set stay certain on every replica (generation.py).
 
 ``LocalCoordinator`` is one replica on its own (the default): fill locks in memory, nothing
 else shared (the site's memory caches and the local breakers are the whole truth).
@@ -23,6 +28,7 @@ else shared (the site's memory caches and the local breakers are the whole truth
 
     P:fill:U@<digest>              "<token> <advertise_url>"  PX lock_ttl, renewed every
                                                               lock_ttl/3 by the holder
+    P:resolve:U/R:<tag>            "<token> <advertise_url>"  the same, for a tag lease
     P:tag:U/R:<tag>                JSON tag record            PX what is left of tag_ttl
     P:notfound:U/R:<reference>     JSON error                 PX negative_ttl
     P:circuit:U:<mirror>:failures  consecutive failures       PX FAILURE_WINDOW (INCR)
@@ -30,6 +36,8 @@ else shared (the site's memory caches and the local breakers are the whole truth
     P:upload:<id>                  the holder's advertise_url PX the hosted set's gc_grace
     P:chore:<chore>                "<token> <advertise_url>"  PX lock_ttl, renewed (a lease)
     P:chore:<chore>:record         JSON, the chore's last run PX what the chore asks
+    P:generation:<hosted set>      a counter (INCR; created   no expiry
+                                   at a random value)
 
 A lock is released by compare-and-delete (a Lua script), so a replica never deletes a lock
 it no longer holds; a holder that dies stops renewing and its lock expires after lock_ttl.
@@ -46,9 +54,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from mirrorrouter.breaker import SharedCircuit
 from mirrorrouter.cache import TagRecord
@@ -87,6 +95,11 @@ class Coordinator(Protocol):
     """What replicas share; every method fails open (see the module docstring)."""
 
     @property
+    def shared(self) -> bool:
+        """Whether anything is shared with other replicas (False: one replica alone)."""
+        ...
+
+    @property
     def lock_ttl(self) -> float: ...
 
     @property
@@ -99,6 +112,11 @@ class Coordinator(Protocol):
         ...
 
     async def holder(self, upstream: str, digest: Digest) -> Holder | None: ...
+
+    async def claim_tag(self, upstream: str, repository: str, tag: str) -> Lease | None:
+        """The cluster-wide lease on asking upstream about one tag; None while another holds
+        it (it shares the answer through ``put_tag``)."""
+        ...
 
     async def get_not_found(
         self, upstream: str, repository: str, reference: str
@@ -143,6 +161,15 @@ class Coordinator(Protocol):
 
     async def put_chore_record(self, chore: str, record: str, ttl: float) -> None: ...
 
+    async def bump_generation(self, hosted: str) -> None:
+        """A hosted set changed: move its shared generation (generation.py)."""
+        ...
+
+    async def generations(self, hosted: Sequence[str]) -> dict[str, int] | None:
+        """The shared generations of these hosted sets (0: never bumped); None when nothing
+        is shared or the answer could not be had."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -164,25 +191,32 @@ def open_coordinator(
 
 
 class LocalCoordinator:
-    """One replica alone: fill locks in this process's memory, nothing else shared."""
+    """One replica alone: fill locks and tag leases in this process's memory, nothing else
+    shared."""
+
+    shared = False
 
     def __init__(self, settings: CoordinationSettings | None = None) -> None:
         settings = settings or CoordinationSettings()
         self.lock_ttl = settings.lock_ttl
         self.advertise_url = settings.advertise_url
-        self._locks: dict[tuple[str, Digest], _LocalLease] = {}
-        self._chores: dict[str, _LocalLease] = {}
+        self._locks: dict[tuple[str, ...], _LocalLease] = {}
 
-    async def claim(self, upstream: str, digest: Digest) -> Lease | None:
-        key = (upstream, digest)
+    def _claim(self, key: tuple[str, ...]) -> Lease | None:
         if key in self._locks:
             return None
         lease = self._locks[key] = _LocalLease(self._locks, key)
         return lease
 
+    async def claim(self, upstream: str, digest: Digest) -> Lease | None:
+        return self._claim((upstream, str(digest)))
+
     async def holder(self, upstream: str, digest: Digest) -> Holder | None:
-        lease = self._locks.get((upstream, digest))
+        lease = self._locks.get((upstream, str(digest)))
         return None if lease is None else Holder(lease.token, self.advertise_url)
+
+    async def claim_tag(self, upstream: str, repository: str, tag: str) -> Lease | None:
+        return self._claim(("tag", upstream, repository, tag))
 
     async def get_not_found(
         self, upstream: str, repository: str, reference: str
@@ -214,10 +248,7 @@ class LocalCoordinator:
         return None
 
     async def claim_chore(self, chore: str) -> Lease | None:
-        if chore in self._chores:
-            return None
-        lease = self._chores[chore] = _LocalLease(self._chores, chore)
-        return lease
+        return self._claim(("chore", chore))
 
     async def chore_record(self, chore: str) -> str | None:
         return None  # one replica: the chore keeps its record in its own storage
@@ -225,12 +256,18 @@ class LocalCoordinator:
     async def put_chore_record(self, chore: str, record: str, ttl: float) -> None:
         return None
 
+    async def bump_generation(self, hosted: str) -> None:
+        return None  # one replica: the counter file is the whole truth
+
+    async def generations(self, hosted: Sequence[str]) -> dict[str, int] | None:
+        return None
+
     async def close(self) -> None:
         return None
 
 
 class _LocalLease:
-    def __init__(self, table: dict[Any, _LocalLease], key: object):
+    def __init__(self, table: dict[tuple[str, ...], _LocalLease], key: tuple[str, ...]):
         self.token = secrets.token_hex(16)
         self.lost = False
         self._table = table

@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -41,6 +41,12 @@ _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+# Move a generation. A counter Redis does not have (never bumped, or Redis restarted empty)
+# starts from a random value: a stamp remembered before a restart never matches again.
+_BUMP = """
+if redis.call('exists', KEYS[1]) == 0 then redis.call('set', KEYS[1], ARGV[1]) end
+return redis.call('incr', KEYS[1])
+"""
 # Count a failure; at the threshold open the circuit for everyone (NX: a window that is
 # already running keeps its end). Answers the count and what is left of the open window.
 _FAILURE = """
@@ -57,6 +63,8 @@ class _Unavailable(Exception):
 
 class RedisCoordinator:
     """Replicas sharing one Redis; fails open to ``LocalCoordinator`` behaviour.
+
+    Its leases (blob downloads, tag resolutions) are SET NX PX keys renewed while held.
 
     ``clock`` (monotonic seconds) times the outage backoff and the circuit views; ``sleep``
     paces lease renewal (it waits for real time: a lock's TTL runs in Redis).
@@ -81,6 +89,7 @@ class RedisCoordinator:
                 decode_responses=True,
             )
         self.redis = client
+        self.shared = True
         self.prefix = settings.key_prefix
         self.lock_ttl = settings.lock_ttl
         self.advertise_url = settings.advertise_url
@@ -94,6 +103,7 @@ class RedisCoordinator:
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._failure = client.register_script(_FAILURE)
+        self._bump = client.register_script(_BUMP)
 
     async def close(self) -> None:
         """Stop renewing leases still held (they expire), flush writes, disconnect."""
@@ -116,22 +126,26 @@ class RedisCoordinator:
     async def claim(self, upstream: str, digest: Digest) -> Lease | None:
         """SET NX PX lock_ttl; renewed in the background while held. Redis out: the local
         lock table decides (fail open)."""
-        key = self._fill_key(upstream, digest)
-        return await self._lease("claim", key, lambda: self.local.claim(upstream, digest))
+        try:
+            return await self._lease(self._fill_key(upstream, digest))
+        except _Unavailable:
+            return await self.local.claim(upstream, digest)
 
-    async def _lease(
-        self, what: str, key: str, fallback: Callable[[], Awaitable[Lease | None]]
-    ) -> Lease | None:
-        """Take the lease ``key`` (SET NX PX lock_ttl, renewed while held); None when
-        another holds it; ``fallback`` decides when Redis is out."""
+    async def claim_tag(self, upstream: str, repository: str, tag: str) -> Lease | None:
+        """The lease on resolving a tag, like ``claim``. Redis out: the local table decides."""
+        try:
+            return await self._lease(f"{self.prefix}:resolve:{upstream}/{repository}:{tag}")
+        except _Unavailable:
+            return await self.local.claim_tag(upstream, repository, tag)
+
+    async def _lease(self, key: str) -> RedisLease | None:
+        """SET NX PX lock_ttl of ``key`` (renewed while held); None while another holds it.
+        Raises ``_Unavailable`` when Redis could not answer."""
         token = secrets.token_hex(16)
         value = f"{token} {self.advertise_url or ''}"
-        try:
-            taken = await self._redis(
-                what, lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
-            )
-        except _Unavailable:
-            return await fallback()
+        taken = await self._redis(
+            "claim", lambda: self.redis.set(key, value, nx=True, px=_ms(self.lock_ttl))
+        )
         return RedisLease(self, key, token, value) if taken else None
 
     async def holder(self, upstream: str, digest: Digest) -> Holder | None:
@@ -227,8 +241,10 @@ class RedisCoordinator:
     async def claim_chore(self, chore: str) -> Lease | None:
         """A lease like a fill lock's (SET NX PX, renewed while held). Redis out: the local
         table decides, so each replica may run the chore once (fail open)."""
-        key = self._chore_key(chore)
-        return await self._lease("chore lease", key, lambda: self.local.claim_chore(chore))
+        try:
+            return await self._lease(self._chore_key(chore))
+        except _Unavailable:
+            return await self.local.claim_chore(chore)
 
     async def chore_record(self, chore: str) -> str | None:
         """None when Redis is out."""
@@ -237,6 +253,33 @@ class RedisCoordinator:
     async def put_chore_record(self, chore: str, record: str, ttl: float) -> None:
         """Dropped when Redis is out."""
         await self._put("chore record", f"{self._chore_key(chore)}:record", record, ttl)
+
+    # -- generations of hosted sets
+
+    def _generation_key(self, hosted: str) -> str:
+        return f"{self.prefix}:generation:{hosted}"
+
+    async def bump_generation(self, hosted: str) -> None:
+        """INCR; dropped when Redis is out (the other replicas then rely on the age limit
+        of what they remember, generation.SHARED_MAX_AGE)."""
+        keys, start = [self._generation_key(hosted)], secrets.randbits(48)
+        with contextlib.suppress(_Unavailable):
+            await self._redis("generation", lambda: self._bump(keys=keys, args=[start]))
+
+    async def generations(self, hosted: Sequence[str]) -> dict[str, int] | None:
+        """One MGET; None when Redis is out."""
+        keys = [self._generation_key(name) for name in hosted]
+        try:
+            values = await self._redis("generation", lambda: self.redis.mget(keys))
+        except _Unavailable:
+            return None
+        found = {}
+        for name, value in zip(hosted, values, strict=True):
+            try:
+                found[name] = int(value or 0)
+            except ValueError:
+                found[name] = -1  # unreadable: never equal to a counter we saw
+        return found
 
     # -- circuits
 

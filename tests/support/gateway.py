@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
 from tests.support.registry import free_port
 from tests.support.service import Service
+
+# A hosted set ``team`` placed before docker.io in the group ``dev`` (the Nexus-group and
+# Kind set-ups), routed by the prefix ``dev``: tables to add to a config with docker.io.
+# The team's own "app" is no docker.io library/app: it may be pushed whatever docker.io
+# says (the shadowing guard would otherwise ask docker.io first, and refuse when it cannot).
+HOSTED_FIRST_GROUP = """
+[hosted."team"]
+allow_shadow = ["app"]
+[groups."dev"]
+members = ["team", "docker.io"]
+[[routes]]
+prefix = "dev"
+group = "dev"
+"""
 
 
 class GatewayProcess(Service):
@@ -82,3 +97,15 @@ class GatewayProcess(Service):
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        """The JSON access lines written so far (``server.access_log = true``)."""
+        lines = []
+        for text in self.log().splitlines():
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("logger") == "mirrorrouter.access":
+                lines.append(entry)
+        return lines
