@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import httpx
 
-from mirrorrouter.answers import blob_size_from_headers
 from mirrorrouter.cache import BlobWriter, Claim, DigestMismatch
 from mirrorrouter.config import Capability
 from mirrorrouter.coordination import Coordinator, Holder, Lease, LocalCoordinator
@@ -38,6 +37,7 @@ from mirrorrouter.reference import Digest
 from mirrorrouter.singleflight import BlobFill
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import Timing
+from mirrorrouter.upstream.answers import blob_size_from_headers
 
 log = logging.getLogger("mirrorrouter.fill")
 

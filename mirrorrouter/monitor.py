@@ -11,7 +11,6 @@ from cachetools import TTLCache
 
 from mirrorrouter import __version__
 from mirrorrouter.access import AccessPolicy
-from mirrorrouter.breaker import CircuitState
 from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings, UpstreamSettings, redact_url
 from mirrorrouter.housekeeping import GcSchedule
@@ -24,6 +23,7 @@ from mirrorrouter.statuspage import (
     StatusSnapshot,
     UpstreamStatus,
 )
+from mirrorrouter.upstream.breaker import CircuitState
 
 
 class Monitor:

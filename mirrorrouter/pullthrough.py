@@ -26,7 +26,6 @@ from typing import Literal
 
 import httpx
 
-from mirrorrouter.breaker import CircuitBreaker
 from mirrorrouter.cache import (
     StoredManifest,
     TagRecord,
@@ -48,7 +47,8 @@ from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import REAL_TIME, Timing
-from mirrorrouter.upstream import FetchedManifest, ListAnswer, UpstreamClient
+from mirrorrouter.upstream.breaker import CircuitBreaker
+from mirrorrouter.upstream.client import FetchedManifest, ListAnswer, UpstreamClient
 
 log = logging.getLogger("mirrorrouter.pullthrough")
 

@@ -64,7 +64,7 @@ from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError, normalize_repository
 from mirrorrouter.singleflight import Coalescer
 from mirrorrouter.timing import REAL_TIME, Timing
-from mirrorrouter.upstream import UpstreamClient
+from mirrorrouter.upstream.client import UpstreamClient
 
 log = logging.getLogger("mirrorrouter.shadowing")
 

@@ -17,7 +17,7 @@ from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.singleflight import BlobFill, Coalescer
-from mirrorrouter.upstream import UpstreamClient
+from mirrorrouter.upstream.client import UpstreamClient
 
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
 TAG_MEMORY_ENTRIES = 100_000

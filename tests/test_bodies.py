@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirrorrouter.bodies import ERROR_BODY_LIMIT
 from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import Timing
-from mirrorrouter.upstream import UpstreamClient
+from mirrorrouter.upstream.bodies import ERROR_BODY_LIMIT
+from mirrorrouter.upstream.client import UpstreamClient
 from tests.support.fakeregistry import FakeRegistry
 from tests.support.inprocess import config, gateway
 

@@ -19,7 +19,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mirrorrouter.app import error_response
-from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
@@ -36,6 +35,7 @@ from mirrorrouter.peer import PEER_PATH, peer_blob
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import Timing
+from mirrorrouter.upstream.breaker import CircuitBreaker, CircuitState
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import Clock, uvicorn_in_loop
 from tests.support.redisserver import RedisServer

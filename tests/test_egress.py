@@ -13,7 +13,7 @@ import pytest
 from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.reference import ImageReference
-from mirrorrouter.upstream import UpstreamClient
+from mirrorrouter.upstream.client import UpstreamClient
 from tests.support.fakeregistry import make_image
 from tests.support.testca import issue
 

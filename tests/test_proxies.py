@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from mirrorrouter.config.model import redact_url as redact
-from mirrorrouter.proxies import ProxyEndpoint, ProxyRefused, ProxyRules
+from mirrorrouter.upstream.proxies import ProxyEndpoint, ProxyRefused, ProxyRules
 
 P = "http://proxy.corp:3128"  # HTTP_PROXY
 S = "http://secure.corp:3129"  # HTTPS_PROXY

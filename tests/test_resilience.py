@@ -14,18 +14,18 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from mirrorrouter.answers import RETRY_AFTER_CAP, retry_after_seconds
-from mirrorrouter.breaker import CircuitBreaker, CircuitState
 from mirrorrouter.cache.filesystem import FilesystemCache
 from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
-from mirrorrouter.hedging import HeaderLatency
 from mirrorrouter.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.retry import RetryPolicy
 from mirrorrouter.singleflight import FillFailed
 from mirrorrouter.timing import Timing
-from mirrorrouter.upstream import UpstreamClient
+from mirrorrouter.upstream.answers import RETRY_AFTER_CAP, retry_after_seconds
+from mirrorrouter.upstream.breaker import CircuitBreaker, CircuitState
+from mirrorrouter.upstream.client import UpstreamClient
+from mirrorrouter.upstream.hedging import HeaderLatency
+from mirrorrouter.upstream.retry import RetryPolicy
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import Clock, Gateway, config, gateway, until
 

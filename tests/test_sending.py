@@ -15,9 +15,9 @@ import pytest
 from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest
-from mirrorrouter.sending import MAX_HOPS
 from mirrorrouter.timing import Timing
-from mirrorrouter.upstream import ListAnswer, UpstreamClient
+from mirrorrouter.upstream.client import ListAnswer, UpstreamClient
+from mirrorrouter.upstream.sending import MAX_HOPS
 
 pytestmark = pytest.mark.anyio
 

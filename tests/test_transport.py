@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from mirrorrouter.config import parse_settings
-from mirrorrouter.proxies import ProxyRules
-from mirrorrouter.transport import AiohttpTransport, upstream_network
+from mirrorrouter.upstream.proxies import ProxyRules
+from mirrorrouter.upstream.transport import AiohttpTransport, upstream_network
 
 pytestmark = pytest.mark.anyio
 

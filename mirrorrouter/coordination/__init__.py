@@ -58,11 +58,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mirrorrouter.breaker import SharedCircuit
 from mirrorrouter.cache import TagRecord
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.reference import Digest
+from mirrorrouter.upstream.breaker import SharedCircuit
 
 log = logging.getLogger("mirrorrouter.coordination")
 

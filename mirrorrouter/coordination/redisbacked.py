@@ -16,13 +16,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from mirrorrouter.breaker import SharedCircuit
 from mirrorrouter.cache import TagRecord
 from mirrorrouter.cache.base import encode_tag_record, parse_tag_record
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Holder, Lease, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest
+from mirrorrouter.upstream.breaker import SharedCircuit
 
 log = logging.getLogger("mirrorrouter.coordination")
 

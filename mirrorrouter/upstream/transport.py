@@ -29,7 +29,7 @@ import aiohttp
 import httpx
 
 from mirrorrouter.config import TlsSettings, UpstreamSettings
-from mirrorrouter.proxies import NO_PROXIES, ProxyEndpoint, ProxyRefused, ProxyRules
+from mirrorrouter.upstream.proxies import NO_PROXIES, ProxyEndpoint, ProxyRefused, ProxyRules
 
 READ_BUFFER = 1024 * 1024
 

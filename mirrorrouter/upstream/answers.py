@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 
-from mirrorrouter.bodies import drain
 from mirrorrouter.config import Mirror, redact_url
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import CONTENT_DIGEST_HEADER
 from mirrorrouter.reference import Digest, ReferenceError
-from mirrorrouter.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
-from mirrorrouter.sending import from_elsewhere, shown
+from mirrorrouter.upstream.bodies import drain
+from mirrorrouter.upstream.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
+from mirrorrouter.upstream.sending import from_elsewhere, shown
 
 _REASONS = {401: "unauthorized", 403: "denied", 404: "not found", 429: "too many requests"}
 

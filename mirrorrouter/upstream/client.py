@@ -46,7 +46,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 
-from mirrorrouter.answers import (
+from mirrorrouter.config import Capability, Mirror, UpstreamSettings
+from mirrorrouter.errors import ErrorCode, NoHeadersInTime, RegistryError, UpstreamError
+from mirrorrouter.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, media_type_of
+from mirrorrouter.metrics import Metrics
+from mirrorrouter.reference import Digest, ImageReference
+from mirrorrouter.timing import REAL_TIME, Timing
+from mirrorrouter.upstream.answers import (
     Attempts,
     blob_size_from_headers,
     content_type_of,
@@ -55,19 +61,13 @@ from mirrorrouter.answers import (
     final,
     header_digest,
 )
-from mirrorrouter.auth import RegistryAuth
-from mirrorrouter.bodies import BodyRefused, drain, raw_chunks, read_capped
-from mirrorrouter.breaker import CircuitBreaker, CircuitState
-from mirrorrouter.config import Capability, Mirror, UpstreamSettings
-from mirrorrouter.errors import ErrorCode, NoHeadersInTime, RegistryError, UpstreamError
-from mirrorrouter.hedging import Entrant, HeaderLatency, Race
-from mirrorrouter.manifests import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, media_type_of
-from mirrorrouter.metrics import Metrics
-from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.retry import RetryPolicy
-from mirrorrouter.sending import RedirectRefused, Redirects, Sender, from_elsewhere
-from mirrorrouter.timing import REAL_TIME, Timing
-from mirrorrouter.transport import upstream_network
+from mirrorrouter.upstream.auth import RegistryAuth
+from mirrorrouter.upstream.bodies import BodyRefused, drain, raw_chunks, read_capped
+from mirrorrouter.upstream.breaker import CircuitBreaker, CircuitState
+from mirrorrouter.upstream.hedging import Entrant, HeaderLatency, Race
+from mirrorrouter.upstream.retry import RetryPolicy
+from mirrorrouter.upstream.sending import RedirectRefused, Redirects, Sender, from_elsewhere
+from mirrorrouter.upstream.transport import upstream_network
 
 if TYPE_CHECKING:
     from mirrorrouter.coordination import Coordinator

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from mirrorrouter.bodies import drain
+from mirrorrouter.upstream.bodies import drain
 
 MAX_HOPS = 5  # Docker Hub, ghcr.io, quay.io and registry.k8s.io need one
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

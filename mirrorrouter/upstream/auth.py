@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import httpx
 from cachetools import TLRUCache
 
-from mirrorrouter.bodies import BodyRefused, read_capped
 from mirrorrouter.config import Credentials
+from mirrorrouter.upstream.bodies import BodyRefused, read_capped
 
 DEFAULT_TOKEN_LIFETIME = 60.0
 MAX_TOKEN_BYTES = 1024 * 1024  # a JWT is a few KiB; a realm sending more is refused
