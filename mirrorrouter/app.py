@@ -20,13 +20,13 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from mirrorrouter.api.endpoints import ClientGone, Endpoints
+from mirrorrouter.api.statuspage import render_status
 from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.config import Settings, load_settings
-from mirrorrouter.endpoints import ClientGone, Endpoints
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
-from mirrorrouter.peer import PEER_PATH, peer_blob
-from mirrorrouter.statuspage import render_status
+from mirrorrouter.pull.peers import PEER_PATH, peer_blob
 from mirrorrouter.timing import REAL_TIME, Timing
 
 log = logging.getLogger("mirrorrouter")

@@ -29,9 +29,9 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from mirrorrouter.housekeeping import GcRun
+    from mirrorrouter.hosted.housekeeping import GcRun
+    from mirrorrouter.hosted.uploads import Swept
     from mirrorrouter.mapping import Resolution
-    from mirrorrouter.uploads import Swept
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.cli import main
+from mirrorrouter.cli.main import main
 from mirrorrouter.config import load_settings
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import Image

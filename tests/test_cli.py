@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.cli import main
+from mirrorrouter.cli.main import main
 from tests.test_reference import REFERENCE_TABLE as TABLE
 
 ROOT = Path(__file__).resolve().parent.parent

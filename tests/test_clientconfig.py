@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from mirrorrouter.cli import main
-from mirrorrouter.clientconfig import (
+from mirrorrouter.cli.clientconfig import (
     CLIENTS,
     ClientConfig,
     ClientConfigError,
@@ -23,6 +22,7 @@ from mirrorrouter.clientconfig import (
     generate,
     parse_mirror_url,
 )
+from mirrorrouter.cli.main import main
 from mirrorrouter.config import Settings, parse_settings
 
 yaml = pytest.importorskip("yaml")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.cli import main
+from mirrorrouter.cli.main import main
 from tests.support.redisserver import RedisServer
 from tests.support.seaweed import session_seaweed
 

@@ -31,8 +31,8 @@ from mirrorrouter.coordination.generation import (
 )
 from mirrorrouter.coordination.redisbacked import OUTAGE_BACKOFF, RedisCoordinator, RedisLease
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.peer import PEER_PATH, peer_blob
-from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.pull.peers import PEER_PATH, peer_blob
+from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import Timing
 from mirrorrouter.upstream.breaker import CircuitBreaker, CircuitState

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirrorrouter.cli import main as cli_main
+from mirrorrouter.cli.main import main as cli_main
 from mirrorrouter.config import Settings, load_settings
 from tests.support.service import LOOPBACK_ONLY_ENV
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirrorrouter.cli import main as cli_main
+from mirrorrouter.cli.main import main as cli_main
 from mirrorrouter.config import Settings, parse_settings
 from tests.test_deploy import CACHE_PATH, CONFIG_PATH, PORT, ROOT
 

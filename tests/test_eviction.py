@@ -15,9 +15,7 @@ import pytest
 
 from mirrorrouter.cache import FilesystemCache
 from mirrorrouter.cache.base import StoredManifest, TagRecord
-from mirrorrouter.config import ConfigError, Settings, parse_settings
-from mirrorrouter.config.reader import parse_size
-from mirrorrouter.eviction import (
+from mirrorrouter.cache.eviction import (
     LOCK_FILE,
     Evictor,
     PinsError,
@@ -25,6 +23,8 @@ from mirrorrouter.eviction import (
     format_size,
     load_pins,
 )
+from mirrorrouter.config import ConfigError, Settings, parse_settings
+from mirrorrouter.config.reader import parse_size
 from mirrorrouter.reference import Digest
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import (

@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from mirrorrouter.cache import StoredManifest, TagRecord
-from mirrorrouter.cli import main
+from mirrorrouter.cache.eviction import cache_areas
+from mirrorrouter.cli.main import main
 from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.eviction import cache_areas
-from mirrorrouter.hosted import HostedStore
+from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from mirrorrouter.api.statuspage import HostedStatus, StatusSnapshot, render_status
 from mirrorrouter.config import ConfigError, Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.coordination.redisbacked import RedisCoordinator
-from mirrorrouter.hosted import GcReport, HostedStore
-from mirrorrouter.hostedapi import HostedApi
-from mirrorrouter.housekeeping import GC_RETRY_AFTER_FAILURE, GcRun, GcSchedule
+from mirrorrouter.hosted.api import HostedApi
+from mirrorrouter.hosted.housekeeping import GC_RETRY_AFTER_FAILURE, GcRun, GcSchedule
+from mirrorrouter.hosted.store import GcReport, HostedStore
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest
-from mirrorrouter.statuspage import HostedStatus, StatusSnapshot, render_status
 from tests.support.fakeregistry import FakeRegistry
 from tests.support.inprocess import Clock, gateway
 from tests.support.redisserver import RedisServer

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from mirrorrouter import httpserver
 from mirrorrouter.config.model import ServerSettings
-from mirrorrouter.httpserver import ServerConfig, fit_descriptor_limit
+from mirrorrouter.server import httpserver
+from mirrorrouter.server.httpserver import ServerConfig, fit_descriptor_limit
 from tests.support.inprocess import uvicorn_in_loop
 from tests.support.registry import free_port
 

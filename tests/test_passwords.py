@@ -15,11 +15,11 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from mirrorrouter import passwords
-from mirrorrouter.clientauth import Authenticator, NotCached
+from mirrorrouter.access import passwords
+from mirrorrouter.access.clientauth import Authenticator, NotCached
+from mirrorrouter.access.passwords import LoginBackoff, PasswordChecker
 from mirrorrouter.config.model import AuthSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.passwords import LoginBackoff, PasswordChecker
 from tests.support.inprocess import Clock
 
 pytestmark = pytest.mark.anyio

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from mirrorrouter.config import load_settings
-from mirrorrouter.hosted import GcReport, HostedStore
+from mirrorrouter.hosted.store import GcReport, HostedStore
 from tests.support.clients import (
     ClientError,
     Containerd,

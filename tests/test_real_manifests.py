@@ -18,7 +18,7 @@ import pytest
 
 from mirrorrouter.cache import StoredManifest, TagRecord
 from mirrorrouter.config import load_settings
-from mirrorrouter.hosted import HostedStore
+from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.reference import Digest
 from tests.support.gateway import GatewayProcess
 

@@ -17,9 +17,9 @@ import pytest
 from mirrorrouter.cache.filesystem import FilesystemCache
 from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
-from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.pull.pullthrough import Pullthrough
+from mirrorrouter.pull.singleflight import FillFailed
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.singleflight import FillFailed
 from mirrorrouter.timing import Timing
 from mirrorrouter.upstream.answers import RETRY_AFTER_CAP, retry_after_seconds
 from mirrorrouter.upstream.breaker import CircuitBreaker, CircuitState

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from mirrorrouter.cli import main
+from mirrorrouter.cli.main import main
 from mirrorrouter.config import parse_settings
-from mirrorrouter.hosted import HostedStore
-from mirrorrouter.shadowing import shadowing_report
+from mirrorrouter.hosted.shadowing import shadowing_report
+from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway

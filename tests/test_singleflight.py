@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from mirrorrouter.config import parse_settings
-from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.pull.pullthrough import Pullthrough
+from mirrorrouter.pull.singleflight import Coalescer, FillFailed
 from mirrorrouter.reference import Digest
-from mirrorrouter.singleflight import Coalescer, FillFailed
 from tests.support.inprocess import until
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.statuspage import (
+from mirrorrouter.api.statuspage import (
     MirrorStatus,
     RecentPull,
     StatusSnapshot,

@@ -19,10 +19,10 @@ import pytest
 from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.config.model import DEFAULT_MAX_BLOB_SIZE
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted import HostedStore
-from mirrorrouter.housekeeping import Chore, Housekeeper, sweep_interval
+from mirrorrouter.hosted.housekeeping import Chore, Housekeeper, sweep_interval
+from mirrorrouter.hosted.store import HostedStore
+from mirrorrouter.hosted.uploads import UploadSessions
 from mirrorrouter.reference import Digest
-from mirrorrouter.uploads import UploadSessions
 from tests.support.fakeregistry import FakeRegistry, make_image, sha256
 from tests.support.inprocess import Clock, gateway
 from tests.test_hosted import hosted_config, push_image

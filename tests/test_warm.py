@@ -15,18 +15,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirrorrouter.cli import main
-from mirrorrouter.config import Settings, parse_settings
-from mirrorrouter.layout import REF_NAME, ExportReport, ImportReport, export_images, import_archive
-from mirrorrouter.manifests import PlatformSelector
-from mirrorrouter.pullthrough import Pullthrough
-from mirrorrouter.reference import Digest
-from mirrorrouter.timing import Timing
-from mirrorrouter.warm import (
+from mirrorrouter.cli.layout import (
+    REF_NAME,
+    ExportReport,
+    ImportReport,
+    export_images,
+    import_archive,
+)
+from mirrorrouter.cli.main import main
+from mirrorrouter.cli.warmer import (
     Warmer,
     WarmReport,
     read_image_list,
 )
+from mirrorrouter.config import Settings, parse_settings
+from mirrorrouter.manifests import PlatformSelector
+from mirrorrouter.pull.pullthrough import Pullthrough
+from mirrorrouter.reference import Digest
+from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import OCI_INDEX, FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import Clock, config, gateway
 

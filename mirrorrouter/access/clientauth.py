@@ -29,9 +29,9 @@ from pathlib import Path
 import jwt
 from cachetools import TTLCache
 
+from mirrorrouter.access.passwords import LoginBackoff, PasswordChecker
 from mirrorrouter.config import AuthSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.passwords import LoginBackoff, PasswordChecker
 
 TOKEN_ALGORITHM = "HS256"
 REFRESH_TTL = 30 * 86400.0

@@ -31,19 +31,19 @@ from typing import Literal, TypeAlias
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mirrorrouter.access import AccessPolicy
-from mirrorrouter.calls import Call
-from mirrorrouter.clientauth import Identity
+from mirrorrouter.access.clientauth import Identity
+from mirrorrouter.access.policy import AccessPolicy
+from mirrorrouter.api.calls import Call
+from mirrorrouter.api.responses import BlobResponse, RawResponse
 from mirrorrouter.config import Route
 from mirrorrouter.config.model import GroupSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hostedapi import index_response, tag_page
+from mirrorrouter.hosted.api import index_response, tag_page
 from mirrorrouter.manifests import Descriptor, referrers_in, referrers_index
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.oci import RequestKind
-from mirrorrouter.pullthrough import ManifestAnswer, Memory
+from mirrorrouter.pull.pullthrough import ManifestAnswer, Memory
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.responses import BlobResponse, RawResponse
 
 Answer: TypeAlias = Response | RawResponse | BlobResponse
 Serve: TypeAlias = Callable[[Call, Request], Awaitable[Answer]]

@@ -15,8 +15,8 @@ from mirrorrouter.cache import CacheBackend, StoredManifest, TagRecord
 from mirrorrouter.config import UpstreamSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import RegistryError
+from mirrorrouter.pull.singleflight import BlobFill, Coalescer
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.singleflight import BlobFill, Coalescer
 from mirrorrouter.upstream.client import UpstreamClient
 
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024

@@ -37,7 +37,7 @@ from mirrorrouter.cache.spool import try_flock
 
 if TYPE_CHECKING:
     from mirrorrouter.coordination import Coordinator
-    from mirrorrouter.hosted import HostedStore
+    from mirrorrouter.hosted.store import HostedStore
     from mirrorrouter.metrics import Metrics
 
 log = logging.getLogger("mirrorrouter.housekeeping")

@@ -27,7 +27,7 @@ from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest, ReferenceError
 
 if TYPE_CHECKING:
-    from mirrorrouter.pullthrough import Pullthrough
+    from mirrorrouter.pull.pullthrough import Pullthrough
 
 PEER_PATH = "/_mirrorrouter/peer/{upstream}/blobs/{digest}"
 LEASE_HEADER = "X-Mirrorrouter-Lease"

@@ -46,8 +46,9 @@ from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator
 from mirrorrouter.coordination.generation import Generation, Stamp
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.housekeeping import sweep_interval
-from mirrorrouter.limits import LimitExceeded, Meter, Usage, too_many_uploads
+from mirrorrouter.hosted.housekeeping import sweep_interval
+from mirrorrouter.hosted.limits import LimitExceeded, Meter, Usage, too_many_uploads
+from mirrorrouter.hosted.uploads import HeldSession, Swept, Upload, UploadSessions
 from mirrorrouter.manifests import (
     Descriptor,
     Index,
@@ -59,7 +60,6 @@ from mirrorrouter.manifests import (
     referrers_index,
 )
 from mirrorrouter.reference import Digest
-from mirrorrouter.uploads import HeldSession, Swept, Upload, UploadSessions
 
 # A pushed manifest larger than this is parsed and checked off the event loop: a hostile
 # 4 MiB document of a million empty lists takes half a second of CPU.

@@ -32,10 +32,10 @@ from mirrorrouter.config import Capability
 from mirrorrouter.coordination import Coordinator, Holder, Lease, LocalCoordinator
 from mirrorrouter.errors import RegistryError, UpstreamError
 from mirrorrouter.metrics import Metrics
-from mirrorrouter.peer import LEASE_HEADER, peer_url
+from mirrorrouter.pull.peers import LEASE_HEADER, peer_url
+from mirrorrouter.pull.singleflight import BlobFill
+from mirrorrouter.pull.site import UpstreamSite
 from mirrorrouter.reference import Digest
-from mirrorrouter.singleflight import BlobFill
-from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import Timing
 from mirrorrouter.upstream.answers import blob_size_from_headers
 

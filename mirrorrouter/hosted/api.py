@@ -35,15 +35,17 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.cache import StoredManifest
-from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.coordination.generation import SharedGenerations
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted import BlobFinder, HostedStore, StoredBlob
-from mirrorrouter.housekeeping import Chore, GcSchedule, Housekeeper, sweep_interval
+from mirrorrouter.hosted.housekeeping import Chore, GcSchedule, Housekeeper, sweep_interval
+from mirrorrouter.hosted.shadowing import Shadowing
+from mirrorrouter.hosted.store import BlobFinder, HostedStore, StoredBlob
+from mirrorrouter.hosted.uploads import Upload, upload_range
 from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, accepts, child_for_client
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import (
@@ -54,10 +56,8 @@ from mirrorrouter.oci import (
     OciRequest,
     RequestKind,
 )
-from mirrorrouter.pullthrough import ManifestAnswer, Memory
+from mirrorrouter.pull.pullthrough import ManifestAnswer, Memory
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
-from mirrorrouter.shadowing import Shadowing
-from mirrorrouter.uploads import Upload, upload_range
 
 log = logging.getLogger("mirrorrouter.hosted")
 

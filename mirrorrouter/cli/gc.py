@@ -24,11 +24,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 
+from mirrorrouter.cache.eviction import format_size
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.model import HostedSettings
-from mirrorrouter.eviction import format_size
-from mirrorrouter.hosted import GcReport, HostedStore
-from mirrorrouter.shadowing import Shadowed, shadowing_report
+from mirrorrouter.hosted.shadowing import Shadowed, shadowing_report
+from mirrorrouter.hosted.store import GcReport, HostedStore
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
 
@@ -62,7 +62,7 @@ def register(
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from mirrorrouter.cli import default_config_path  # cli.py imports this module
+    from mirrorrouter.cli.main import default_config_path  # cli.py imports this module
 
     settings = load_settings(args.config or default_config_path())
     names = [args.hosted] if args.hosted else list(settings.hosted)

@@ -37,6 +37,16 @@ from typing import IO, Any
 from rich.filesize import decimal as human_size
 
 from mirrorrouter.cache import DigestMismatch, StoredManifest, TagRecord
+from mirrorrouter.cli.warmer import (
+    DEFAULT_JOBS,
+    DEFAULT_PLATFORMS,
+    NoProgress,
+    Progress,
+    Warmer,
+    WarmError,
+    WarmReport,
+    read_cached,
+)
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.manifests import (
@@ -51,18 +61,8 @@ from mirrorrouter.manifests import (
     referenced_digests,
 )
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
-from mirrorrouter.warm import (
-    DEFAULT_JOBS,
-    DEFAULT_PLATFORMS,
-    NoProgress,
-    Progress,
-    Warmer,
-    WarmError,
-    WarmReport,
-    read_cached,
-)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"

@@ -15,9 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mirrorrouter.config import Settings, load_settings
-from mirrorrouter.config.reader import parse_size
-from mirrorrouter.eviction import (
+from mirrorrouter.cache.eviction import (
     EvictionReport,
     Evictor,
     Image,
@@ -31,6 +29,8 @@ from mirrorrouter.eviction import (
     load_pins,
     pins_path,
 )
+from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.config.reader import parse_size
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError, canonical_registry
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
@@ -398,7 +398,7 @@ def _unpin(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from mirrorrouter.cli import default_config_path  # cli.py imports this module
+    from mirrorrouter.cli.main import default_config_path  # cli.py imports this module
 
     return load_settings(args.config or default_config_path())
 

@@ -47,9 +47,9 @@ from mirrorrouter.manifests import (
     read_tolerant,
 )
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.pullthrough import CacheStatus, Pullthrough
+from mirrorrouter.pull.pullthrough import CacheStatus, Pullthrough
+from mirrorrouter.pull.singleflight import FillFailed
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError
-from mirrorrouter.singleflight import FillFailed
 from mirrorrouter.timing import REAL_TIME, Timing
 
 DEFAULT_JOBS = 4  # images warmed at once

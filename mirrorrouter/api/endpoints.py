@@ -18,22 +18,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Scope
 
 from mirrorrouter import logs
-from mirrorrouter.access import AccessPolicy
-from mirrorrouter.audit import AuditLog
+from mirrorrouter.access.audit import AuditLog
+from mirrorrouter.access.clientauth import Authenticator, Identity, NotCached
+from mirrorrouter.access.policy import AccessPolicy
+from mirrorrouter.api.calls import Call
+from mirrorrouter.api.groups import Answer, GroupApi
+from mirrorrouter.api.monitor import Monitor
+from mirrorrouter.api.responses import BlobResponse, RawResponse, parse_range
 from mirrorrouter.cache.base import CacheUnavailable
-from mirrorrouter.calls import Call
-from mirrorrouter.clientauth import Authenticator, Identity, NotCached
+from mirrorrouter.cache.eviction import Evictor
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.eviction import Evictor
-from mirrorrouter.groups import Answer, GroupApi
 from mirrorrouter.headers import challenge, parse_host
-from mirrorrouter.hostedapi import HOSTED, HostedApi, index_response, tag_page
+from mirrorrouter.hosted.api import HOSTED, HostedApi, index_response, tag_page
+from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.manifests import OCI_INDEX
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
-from mirrorrouter.monitor import Monitor
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -44,9 +46,13 @@ from mirrorrouter.oci import (
     RequestKind,
     parse_request,
 )
-from mirrorrouter.pullthrough import BlobAnswer, CacheStatus, ManifestAnswer, Memory, Pullthrough
-from mirrorrouter.responses import BlobResponse, RawResponse, parse_range
-from mirrorrouter.shadowing import Shadowing
+from mirrorrouter.pull.pullthrough import (
+    BlobAnswer,
+    CacheStatus,
+    ManifestAnswer,
+    Memory,
+    Pullthrough,
+)
 from mirrorrouter.timing import REAL_TIME, Timing
 
 CACHE_HEADER = "X-Cache"

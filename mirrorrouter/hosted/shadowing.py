@@ -51,18 +51,18 @@ from dataclasses import dataclass
 import httpx
 from cachetools import TTLCache
 
-from mirrorrouter.access import AccessPolicy
+from mirrorrouter.access.clientauth import Identity
+from mirrorrouter.access.policy import AccessPolicy
 from mirrorrouter.cache import CacheBackend, open_backend
-from mirrorrouter.clientauth import Identity
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.config.security import repository_matches
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted import BlobFinder, FoundBlob
+from mirrorrouter.hosted.store import BlobFinder, FoundBlob
 from mirrorrouter.mapping import Resolution, RouteKind
-from mirrorrouter.pullthrough import Pullthrough
+from mirrorrouter.pull.pullthrough import Pullthrough
+from mirrorrouter.pull.singleflight import Coalescer
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError, normalize_repository
-from mirrorrouter.singleflight import Coalescer
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream.client import UpstreamClient
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.limits import LimitExceeded
+from mirrorrouter.hosted.limits import LimitExceeded
 
 COPY_CHUNK = 4 * 1024 * 1024
 WRITE_BATCH = 1024 * 1024  # request chunks are gathered to this size per write to disk

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from mirrorrouter.clientauth import ANONYMOUS, Identity
+from mirrorrouter.access.clientauth import ANONYMOUS, Identity
 from mirrorrouter.config import Settings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.config.security import repository_matches

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from starlette.types import Scope
 
-from mirrorrouter.clientauth import Identity
+from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.mapping import Resolution
 from mirrorrouter.oci import OciRequest
 

@@ -34,7 +34,6 @@ from mirrorrouter.cache import (
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.coordination import Coordinator, Lease, open_coordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.fill import Filler
 from mirrorrouter.manifests import (
     INDEX_MEDIA_TYPES,
     accepts,
@@ -44,8 +43,9 @@ from mirrorrouter.manifests import (
     referrers_index,
 )
 from mirrorrouter.metrics import Metrics
+from mirrorrouter.pull.fill import Filler
+from mirrorrouter.pull.site import UpstreamSite
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.site import UpstreamSite
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream.breaker import CircuitBreaker
 from mirrorrouter.upstream.client import FetchedManifest, ListAnswer, UpstreamClient

@@ -10,19 +10,19 @@ from typing import Any
 from cachetools import TTLCache
 
 from mirrorrouter import __version__
-from mirrorrouter.access import AccessPolicy
-from mirrorrouter.clientauth import Identity
-from mirrorrouter.config import Settings, UpstreamSettings, redact_url
-from mirrorrouter.housekeeping import GcSchedule
-from mirrorrouter.metrics import Metrics
-from mirrorrouter.pullthrough import Pullthrough
-from mirrorrouter.statuspage import (
+from mirrorrouter.access.clientauth import Identity
+from mirrorrouter.access.policy import AccessPolicy
+from mirrorrouter.api.statuspage import (
     HostedStatus,
     MirrorStatus,
     RecentPull,
     StatusSnapshot,
     UpstreamStatus,
 )
+from mirrorrouter.config import Settings, UpstreamSettings, redact_url
+from mirrorrouter.hosted.housekeeping import GcSchedule
+from mirrorrouter.metrics import Metrics
+from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.upstream.breaker import CircuitState
 
 

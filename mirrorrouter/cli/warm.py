@@ -19,11 +19,8 @@ from pathlib import Path
 
 from rich.logging import RichHandler
 
-from mirrorrouter.config import Settings, load_settings
-from mirrorrouter.layout import ExportReport, ImportReport, export_images, import_archive
-from mirrorrouter.manifests import PlatformSelector
-from mirrorrouter.pullthrough import Pullthrough
-from mirrorrouter.warm import (
+from mirrorrouter.cli.layout import ExportReport, ImportReport, export_images, import_archive
+from mirrorrouter.cli.warmer import (
     DEFAULT_JOBS,
     Progress,
     RichProgress,
@@ -31,6 +28,9 @@ from mirrorrouter.warm import (
     read_image_list,
     warm_images,
 )
+from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.manifests import PlatformSelector
+from mirrorrouter.pull.pullthrough import Pullthrough
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
 
@@ -187,7 +187,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from mirrorrouter.cli import default_config_path  # cli imports this module
+    from mirrorrouter.cli.main import default_config_path  # cli imports this module
 
     return load_settings(args.config or default_config_path())
 

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirrorrouter import cachecli, hostedcli, warmcli
-from mirrorrouter.access import nobody_may_push
-from mirrorrouter.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
+from mirrorrouter.access.policy import nobody_may_push
+from mirrorrouter.cli import cache as cachecli
+from mirrorrouter.cli import gc as hostedcli
+from mirrorrouter.cli import warm as warmcli
+from mirrorrouter.cli.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
+from mirrorrouter.cli.connectivity import probe_all
 from mirrorrouter.config import (
     ConfigError,
     Settings,
@@ -26,12 +29,11 @@ from mirrorrouter.config import (
     redact_url,
 )
 from mirrorrouter.config.model import GroupSettings, Target
-from mirrorrouter.connectivity import probe_all
 from mirrorrouter.errors import RegistryError
+from mirrorrouter.hosted.shadowing import explain_group, shadow_warnings
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
 from mirrorrouter.reference import ImageReference, ReferenceError
-from mirrorrouter.shadowing import explain_group, shadow_warnings
 
 DEFAULT_CONFIG_PATHS = (Path("mirrors.toml"), Path("/etc/mirrorrouter/mirrors.toml"))
 
@@ -150,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> None:
-    from mirrorrouter import httpserver
+    from mirrorrouter.server import httpserver
 
     config = httpserver.ServerConfig(
         "mirrorrouter.app:app_from_environment",

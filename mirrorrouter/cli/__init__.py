@@ -1,0 +1,1 @@
+"""The ``mirrorrouter`` command (``main.py``) and its operator subcommands."""

@@ -1,0 +1,4 @@
+"""The HTTP server the gateway runs in (``httpserver.py``): uvicorn's httptools protocol with
+connection deadlines, a head-size cap, the connection limit and OCI answers of its own.
+It knows nothing of the app's routes: it serves any ASGI app.
+"""
