@@ -7,7 +7,6 @@ when it runs several workers (each worker reads the config named by MIRRORROUTER
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from mirrorrouter.api.endpoints import ClientGone, Endpoints
 from mirrorrouter.api.statuspage import render_status
 from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.config.discovery import find_config
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
 from mirrorrouter.pull.peers import PEER_PATH, peer_blob
@@ -31,7 +31,6 @@ from mirrorrouter.timing import REAL_TIME, Timing
 
 log = logging.getLogger("mirrorrouter")
 
-CONFIG_ENV = "MIRRORROUTER_CONFIG"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -171,5 +170,6 @@ def _peer(endpoints: Endpoints) -> Callable[[Request], Awaitable[Response]]:
 
 
 def app_from_environment() -> Gateway:
-    """Factory for ``uvicorn --factory``: reads the config file named by MIRRORROUTER_CONFIG."""
-    return create_app(load_settings(os.environ.get(CONFIG_ENV, "mirrors.toml")))
+    """Factory for ``uvicorn --factory``: reads the config file as every command finds it
+    (config/discovery.py; ``serve`` names it in $MIRRORROUTER_CONFIG for its workers)."""
+    return create_app(load_settings(find_config()))

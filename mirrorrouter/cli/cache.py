@@ -30,6 +30,7 @@ from mirrorrouter.cache.eviction import (
     pins_path,
 )
 from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.config.discovery import find_config
 from mirrorrouter.config.reader import parse_size
 from mirrorrouter.reference import Digest, ImageReference, ReferenceError, canonical_registry
 
@@ -398,9 +399,7 @@ def _unpin(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from mirrorrouter.cli.main import default_config_path  # cli.py imports this module
-
-    return load_settings(args.config or default_config_path())
+    return load_settings(find_config(args.config))
 
 
 def _upstream(settings: Settings, name: str | None) -> str | None:

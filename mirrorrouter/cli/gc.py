@@ -26,6 +26,7 @@ from dataclasses import asdict
 
 from mirrorrouter.cache.eviction import format_size
 from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.config.discovery import find_config
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.hosted.shadowing import Shadowed, shadowing_report
 from mirrorrouter.hosted.store import GcReport, HostedStore
@@ -62,9 +63,7 @@ def register(
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from mirrorrouter.cli.main import default_config_path  # cli.py imports this module
-
-    settings = load_settings(args.config or default_config_path())
+    settings = load_settings(find_config(args.config))
     names = [args.hosted] if args.hosted else list(settings.hosted)
     unknown = [n for n in names if n not in settings.hosted]
     if not names or unknown:

@@ -28,22 +28,13 @@ from mirrorrouter.config import (
     load_settings,
     redact_url,
 )
+from mirrorrouter.config.discovery import CONFIG_ENV, find_config
 from mirrorrouter.config.model import GroupSettings, Target
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.hosted.shadowing import explain_group, shadow_warnings
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
 from mirrorrouter.reference import ImageReference, ReferenceError
-
-DEFAULT_CONFIG_PATHS = (Path("mirrors.toml"), Path("/etc/mirrorrouter/mirrors.toml"))
-
-
-def default_config_path() -> Path:
-    """$MIRRORROUTER_CONFIG, else ./mirrors.toml, else /etc/mirrorrouter/mirrors.toml."""
-    from_env = os.environ.get("MIRRORROUTER_CONFIG")
-    if from_env:
-        return Path(from_env)
-    return next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), DEFAULT_CONFIG_PATHS[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,10 +123,10 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    path = (args.config or default_config_path()).resolve()
+    path = find_config(args.config).resolve()
     settings = load_settings(path)  # fail here, with the clear message, not in a worker
     _warn(settings)
-    os.environ["MIRRORROUTER_CONFIG"] = str(path)
+    os.environ[CONFIG_ENV] = str(path)
     workers = args.workers or settings.server.workers
     metrics_dir = None
     if workers > 1:
@@ -274,7 +265,7 @@ def _mirrors(target: Target) -> list[dict[str, Any]]:
 
 
 def _resolve(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config or default_config_path())
+    settings = load_settings(find_config(args.config))
     verdicts = resolve_images(settings, args.images)
     if args.json:
         print(json.dumps([_verdict_json(v) for v in verdicts], indent=2))
@@ -306,7 +297,7 @@ def _verdict_json(verdict: _Verdict) -> dict[str, Any]:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    path = args.file or default_config_path()
+    path = find_config(args.file)
     settings = load_settings(path)
     print(f"{path}: OK")
     for upstream in settings.upstreams.values():
@@ -349,7 +340,7 @@ def _warn(settings: Settings) -> None:
 
 
 def _client_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config or default_config_path())
+    settings = load_settings(find_config(args.config))
     output_dir: Path | None = args.output_dir
     # Kind mounts the nodes' hosts.toml files from the host: from where --output-dir puts them.
     kind_hosts_dir = KIND_HOSTS_DIR if output_dir is None else str(output_dir.resolve() / "certs.d")
@@ -369,7 +360,7 @@ def _client_config(args: argparse.Namespace) -> int:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config or default_config_path())
+    settings = load_settings(find_config(args.config))
     url = health_url(settings)
     # Straight to loopback: a proxy from the environment (HTTP_PROXY) must not carry it.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -29,6 +29,7 @@ from mirrorrouter.cli.warmer import (
     warm_images,
 )
 from mirrorrouter.config import Settings, load_settings
+from mirrorrouter.config.discovery import find_config
 from mirrorrouter.manifests import PlatformSelector
 from mirrorrouter.pull.pullthrough import Pullthrough
 
@@ -187,9 +188,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from mirrorrouter.cli.main import default_config_path  # cli imports this module
-
-    return load_settings(args.config or default_config_path())
+    return load_settings(find_config(args.config))
 
 
 def _images(args: argparse.Namespace) -> list[str]:
