@@ -19,10 +19,10 @@ from redis.backoff import NoBackoff
 from mirrorrouter.cache import TagRecord
 from mirrorrouter.cache.base import encode_tag_record, parse_tag_record
 from mirrorrouter.config.model import CoordinationSettings
-from mirrorrouter.coordination import Holder, Lease, LocalCoordinator
+from mirrorrouter.coordination.base import Holder, Lease, SharedCircuit
+from mirrorrouter.coordination.local import LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest
-from mirrorrouter.upstream.breaker import SharedCircuit
 
 log = logging.getLogger("mirrorrouter.coordination")
 

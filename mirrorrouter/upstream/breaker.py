@@ -21,7 +21,8 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+
+from mirrorrouter.coordination.base import SharedCircuit
 
 log = logging.getLogger("mirrorrouter.breaker")
 
@@ -30,34 +31,6 @@ class CircuitState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half-open"
-
-
-class SharedCircuit(Protocol):
-    """A mirror's circuit as every replica sees it (coordination.py keeps it in Redis).
-
-    Reads answer from the view of the last ``refresh``; writes go out in the background;
-    nothing here raises (when the shared store is out, the local breaker decides alone).
-    """
-
-    def open_for(self) -> float:
-        """Seconds the shared open window still runs, as last seen (0: not open)."""
-        ...
-
-    async def refresh(self) -> None:
-        """Fetch the shared view."""
-        ...
-
-    def failure(self) -> None:
-        """Count a failure; at the threshold the circuit opens for every replica."""
-        ...
-
-    def opened(self) -> None:
-        """This process opened the circuit (a failed probe, or its own count)."""
-        ...
-
-    def success(self) -> None:
-        """A healthy answer: reset the shared count and close the shared circuit."""
-        ...
 
 
 class CircuitBreaker:
