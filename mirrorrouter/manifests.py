@@ -43,6 +43,9 @@ MANIFEST_MEDIA_TYPES = frozenset({*MANIFEST_ACCEPT, DOCKER_MANIFEST_V1, DOCKER_M
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_NESTING = 32  # JSON depth a pushed manifest may have; real ones stay under 6
 MAX_INDEX_DEPTH = 2  # an index of indexes is followed; deeper is refused
+# A manifest larger than this is parsed off the event loop: a hostile 4 MiB document of a
+# million empty lists takes half a second of CPU.
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 class ManifestContent(Protocol):

@@ -17,7 +17,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,13 +29,34 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from mirrorrouter.hosted.housekeeping import GcRun
-    from mirrorrouter.hosted.uploads import Swept
     from mirrorrouter.mapping import Resolution
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 RECENT_PULLS = 50
+
+
+class GcRun(Protocol):
+    """A garbage collection of a hosted set as it is counted (hosted/housekeeping.py's
+    record of a run has these fields)."""
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def blobs(self) -> int: ...
+
+    @property
+    def manifests(self) -> int: ...
+
+    @property
+    def uploads(self) -> int: ...
+
+    @property
+    def freed(self) -> int: ...
 
 
 @dataclass
@@ -281,9 +302,10 @@ class Metrics:
         """The last garbage collection of a hosted set, as its record says (any worker)."""
         self.gc_last_run.labels(hosted).set(run.started)
 
-    def upload_sweep(self, hosted: str, swept: Swept) -> None:
+    def upload_sweep(self, hosted: str, sessions: int) -> None:
+        """A sweep of abandoned upload sessions ran and removed ``sessions``."""
         self.upload_sweeps.labels(hosted).inc()
-        self.uploads_swept.labels(hosted).inc(swept.sessions)
+        self.uploads_swept.labels(hosted).inc(sessions)
 
     # ------------------------------------------------------------------ exposition
 

@@ -20,8 +20,9 @@ from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.coordination.redisbacked import RedisCoordinator
 from mirrorrouter.hosted.api import HostedApi
-from mirrorrouter.hosted.housekeeping import GC_RETRY_AFTER_FAILURE, GcRun, GcSchedule
-from mirrorrouter.hosted.store import GcReport, HostedStore
+from mirrorrouter.hosted.gc import GcReport
+from mirrorrouter.hosted.schedule import GC_RETRY_AFTER_FAILURE, GcRun, GcSchedule
+from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest
 from tests.support.fakeregistry import FakeRegistry

@@ -29,7 +29,8 @@ import httpx
 import pytest
 
 from mirrorrouter.config import load_settings
-from mirrorrouter.hosted.store import GcReport, HostedStore
+from mirrorrouter.hosted.gc import GcReport
+from mirrorrouter.hosted.store import HostedStore
 from tests.support.clients import (
     ClientError,
     Containerd,

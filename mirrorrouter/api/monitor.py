@@ -20,7 +20,7 @@ from mirrorrouter.api.statuspage import (
     UpstreamStatus,
 )
 from mirrorrouter.config import Settings, UpstreamSettings, redact_url
-from mirrorrouter.hosted.housekeeping import GcSchedule
+from mirrorrouter.hosted.schedule import GcSchedule
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.upstream.breaker import CircuitState

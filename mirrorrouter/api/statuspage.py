@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mirrorrouter.hosted.housekeeping import GcRun
+    from mirrorrouter.hosted.schedule import GcRun
 
 REFRESH_SECONDS = 10
 SHORT_DIGEST = 12  # hex digits of a digest shown in the table (the full one in its title)

@@ -28,8 +28,9 @@ from mirrorrouter.cache.eviction import format_size
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.config.model import HostedSettings
+from mirrorrouter.hosted.gc import GcReport
 from mirrorrouter.hosted.shadowing import Shadowed, shadowing_report
-from mirrorrouter.hosted.store import GcReport, HostedStore
+from mirrorrouter.hosted.store import HostedStore
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
 

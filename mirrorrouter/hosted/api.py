@@ -42,7 +42,8 @@ from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.coordination.generation import SharedGenerations
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted.housekeeping import Chore, GcSchedule, Housekeeper, sweep_interval
+from mirrorrouter.hosted.housekeeping import Chore, Housekeeper, sweep_interval
+from mirrorrouter.hosted.schedule import GcSchedule
 from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.hosted.store import BlobFinder, HostedStore, StoredBlob
 from mirrorrouter.hosted.uploads import Upload, upload_range
@@ -434,7 +435,7 @@ def _sweep(store: HostedStore, metrics: Metrics | None) -> Callable[[], Awaitabl
     async def sweep() -> None:
         swept = await store.housekeep()
         if metrics is not None:
-            metrics.upload_sweep(store.settings.name, swept)
+            metrics.upload_sweep(store.settings.name, swept.sessions)
         if swept.sessions:
             log.info(
                 "hosted %s: swept %d upload sessions idle longer than %.0fs (%d bytes)",

@@ -18,8 +18,8 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
 - **referrers** are the repository's manifests whose ``subject`` names a digest;
 - **garbage collection** keeps every manifest linked into a repository, and everything
   those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
-  blob pushed just before its manifest is never collected in between). The server runs it
-  every ``gc_interval``, once across its workers and replicas (housekeeping.py's
+  blob pushed just before its manifest is never collected in between; gc.py). The server
+  runs it every ``gc_interval``, once across its workers and replicas (schedule.py's
   ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
 - **housekeeping** (``housekeep``, run by the server every ``sweep_interval``): upload
   sessions idle longer than ``upload_ttl`` are swept, and the quota's running total is
@@ -41,29 +41,27 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from mirrorrouter.cache import CacheBackend, DigestMismatch, StoredManifest, TagRecord, open_backend
-from mirrorrouter.cache.base import Inventory, Removal, StoredObject
+from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator
 from mirrorrouter.coordination.generation import Generation, Stamp
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.hosted.gc import GarbageCollector, GcReport
 from mirrorrouter.hosted.housekeeping import sweep_interval
 from mirrorrouter.hosted.limits import LimitExceeded, Meter, Usage, too_many_uploads
 from mirrorrouter.hosted.uploads import HeldSession, Swept, Upload, UploadSessions
 from mirrorrouter.manifests import (
+    INLINE_PARSE_BYTES,
     Descriptor,
     Index,
     Parsed,
     as_referrer,
     parse_strict,
     read_tolerant,
-    referenced_digests,
     referrers_index,
 )
 from mirrorrouter.reference import Digest
 
-# A pushed manifest larger than this is parsed and checked off the event loop: a hostile
-# 4 MiB document of a million empty lists takes half a second of CPU.
-INLINE_PARSE_BYTES = 64 * 1024
 KNOWN_MEMORY_BYTES = 64 * 1024 * 1024  # manifests (and absences) remembered, with a generation
 
 
@@ -90,15 +88,6 @@ BlobFinder = Callable[[Digest], Awaitable[FoundBlob | None]]
 class PushedManifest:
     digest: Digest
     subject: Digest | None  # the manifest's ``subject``: answered as ``OCI-Subject``
-
-
-@dataclass(frozen=True, slots=True)
-class GcReport:
-    blobs: int  # removed
-    manifests: int
-    freed: int  # bytes
-    uploads: int  # abandoned upload sessions removed
-    kept: int  # blobs and manifests still referenced (or too young)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +131,14 @@ class HostedStore:
             settings.storage.directory,
             shared_storage=settings.storage.backend != "filesystem",
             coordinator=coordinator,
+        )
+        self._collector = GarbageCollector(
+            settings,
+            self.storage,
+            self.sessions,
+            self.generation,
+            clock=clock,
+            recount=self.count_usage,
         )
         self._known: LRUCache[tuple[str, Digest | str], KnownManifest] = LRUCache(
             maxsize=KNOWN_MEMORY_BYTES,
@@ -528,86 +525,8 @@ class HostedStore:
 
     async def collect_garbage(self, *, dry_run: bool = False) -> GcReport:
         """Remove blobs and manifests no linked manifest reaches, older than ``gc_grace``,
-        and upload sessions idle longer than ``upload_ttl`` that no request holds.
-
-        It walks the whole set, so it keeps off the event loop: the inventory, the sums over
-        it and the removal run in threads (taking no lock that waits), and each manifest is
-        read with an await, so requests are served between them."""
-        inventory = await self.storage.inventory()
-        live = await self._reachable(inventory)
-        horizon = self.clock() - self.settings.gc_grace
-        dead, links = await asyncio.to_thread(_garbage, inventory, live, horizon)
-        kept = len(inventory.blobs) + len(inventory.manifests) - len(dead)
-        idle = self.clock() - self.settings.upload_ttl
-        swept = await asyncio.to_thread(self.sessions.sweep, idle, dry_run=dry_run)
-        sessions = swept.sessions
-        if dry_run:
-            blobs = sum(1 for d in dead if d in inventory.blobs)
-            freed = sum(o.size for o in dead.values())
-            return GcReport(blobs, len(dead) - blobs, freed, sessions, kept)
-        try:
-            removed = await self.storage.remove(Removal(frozenset(dead), links=links))
-            if removed.in_use:  # all or nothing: collect the rest, leave the busy ones for later
-                rest = frozenset(dead) - removed.in_use
-                links = tuple(link for link in links if link[1] in rest)
-                removed = await self.storage.remove(Removal(rest, links=links))
-        finally:
-            if dead:
-                await self.generation.bump()
-        await self.count_usage()
-        blobs = sum(1 for d in removed.removed if d in inventory.blobs)
-        return GcReport(
-            blobs,
-            len(removed.removed) - blobs,
-            removed.freed,
-            sessions,
-            kept + len(dead) - len(removed.removed),
-        )
-
-    async def _reachable(self, inventory: Inventory) -> set[Digest]:
-        """Every manifest linked into a repository, and everything those reference,
-        transitively (an index's child manifests, configs, layers)."""
-        manifests = inventory.manifests
-        live: set[Digest] = set()
-        pending = [d for linked in inventory.links.values() for d in linked if d in manifests]
-        while pending:
-            digest = pending.pop()
-            if digest in live:
-                continue
-            live.add(digest)
-            stored = await self.storage.peek_manifest(digest)
-            if stored is None:
-                continue
-            if len(stored.data) > INLINE_PARSE_BYTES:
-                children = await asyncio.to_thread(referenced_digests, stored)
-            else:
-                children = referenced_digests(stored)
-            for child in children:
-                if child in manifests:
-                    pending.append(child)
-                else:
-                    live.add(child)
-        return live
-
-
-def _garbage(
-    inventory: Inventory, live: set[Digest], horizon: float
-) -> tuple[dict[Digest, StoredObject], tuple[tuple[str, Digest], ...]]:
-    """What garbage collection removes: the blobs and manifests not ``live`` last touched
-    before ``horizon``, and the repository links naming them."""
-    dead = {
-        digest: obj
-        for table in (inventory.blobs, inventory.manifests)
-        for digest, obj in table.items()
-        if digest not in live and obj.accessed < horizon
-    }
-    links = tuple(
-        (repository, digest)
-        for repository, linked in inventory.links.items()
-        for digest in linked
-        if digest in dead
-    )
-    return dead, links
+        and upload sessions idle longer than ``upload_ttl`` that no request holds (gc.py)."""
+        return await self._collector.collect(dry_run=dry_run)
 
 
 def _manifest_unknown(repository: str, reference: str) -> RegistryError:
