@@ -20,13 +20,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mirrorrouter.api.endpoints import ClientGone, Endpoints
+from mirrorrouter.api.peer import peer_blob
 from mirrorrouter.api.statuspage import render_status
 from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
-from mirrorrouter.pull.peers import PEER_PATH, peer_blob
+from mirrorrouter.pull.peers import PEER_PATH
 from mirrorrouter.timing import REAL_TIME, Timing
 
 log = logging.getLogger("mirrorrouter")

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mirrorrouter.api.peer import peer_blob
 from mirrorrouter.app import error_response
 from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
@@ -31,7 +32,7 @@ from mirrorrouter.coordination.generation import (
 )
 from mirrorrouter.coordination.redisbacked import OUTAGE_BACKOFF, RedisCoordinator, RedisLease
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.pull.peers import PEER_PATH, peer_blob
+from mirrorrouter.pull.peers import PEER_PATH
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import Timing

@@ -21,6 +21,7 @@ is waited for instead: its committed blob, or the lease's expiry.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -116,7 +117,29 @@ class Filler:
         if self._peer_client is not None:
             await self._peer_client.aclose()
 
-    def start(self, site: UpstreamSite, repository: str, digest: Digest) -> BlobFill:
+    def join_or_start(self, site: UpstreamSite, repository: str, digest: Digest) -> BlobFill:
+        """The fill of the blob in progress, with one more follower; or, when there is
+        none, a new fill whose download task starts now. Readers only read what this
+        returns: a fill is changed by this object alone."""
+        fill = site.fills.get(digest)
+        if fill is None:
+            return self._start(site, repository, digest)
+        fill.followers += 1
+        self.metrics.followers.labels(site.settings.name).inc()
+        return fill
+
+    def leased(self, site: UpstreamSite, digest: Digest, token: str) -> BlobFill | None:
+        """The fill another replica may follow (the peer endpoint): this replica's download
+        of the blob under the cluster-wide lease ``token``; None when there is none (done,
+        failed, never started) or it is held under another token."""
+        fill = site.fills.get(digest)
+        if fill is None or fill.lease_token is None:
+            return None
+        if not hmac.compare_digest(fill.lease_token.encode(), token.encode()):
+            return None
+        return fill
+
+    def _start(self, site: UpstreamSite, repository: str, digest: Digest) -> BlobFill:
         """Register a fill for the blob and start its download task."""
         fill = BlobFill(digest, repository)
         site.fills[digest] = fill
@@ -439,5 +462,5 @@ class Filler:
             for name in fill.mirrors:
                 self.metrics.failovers.labels(site.settings.name, name).inc()
             # Readers waiting for the verified blob (small ones) follow the new fill.
-            fill.replaced_by = self.start(site, fill.repository, fill.digest)
+            fill.replaced_by = self._start(site, fill.repository, fill.digest)
         fill.fail(error)

@@ -44,6 +44,7 @@ from mirrorrouter.manifests import (
 )
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pull.fill import Filler
+from mirrorrouter.pull.singleflight import BlobFill
 from mirrorrouter.pull.site import UpstreamSite
 from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -454,14 +455,9 @@ class Pullthrough:
         if size is not None:
             await self._check_visible(site, repository, digest)
             return BlobAnswer(size, CacheStatus.HIT, upstream.name, _stored(site, digest, size))
-        fill = site.fills.get(digest)
-        if fill is None:
-            fill = self.filler.start(site, repository, digest)
-        else:
-            fill.followers += 1
-            self.metrics.followers.labels(upstream.name).inc()
-            if fill.repository != repository:
-                await self._check_visible(site, repository, digest)
+        fill = self.filler.join_or_start(site, repository, digest)
+        if fill.repository != repository:  # joined another repository's download
+            await self._check_visible(site, repository, digest)
         fill = await fill.begun()
         small = fill.size is not None and fill.size <= site.settings.policy.verify_before_send
         if body and small:
@@ -474,6 +470,13 @@ class Pullthrough:
             stream = _stored(site, digest, fill.size)  # verified: served like a hit
             return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, stream, fill.mirror)
         return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read, fill.mirror)
+
+    async def leased_fill(
+        self, upstream: UpstreamSettings, digest: Digest, token: str
+    ) -> BlobFill | None:
+        """This replica's download of a blob under the lease ``token``, for the replica
+        following it (api/peer.py); None when there is none."""
+        return self.filler.leased(await self.site(upstream), digest, token)
 
     async def _check_visible(self, site: UpstreamSite, repository: str, digest: Digest) -> None:
         if await site.is_linked(repository, digest):

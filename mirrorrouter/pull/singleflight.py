@@ -33,7 +33,11 @@ class FillFailed(Exception):
 
 
 class BlobFill:
-    """The state of one blob download, shared by every reader of that blob."""
+    """The state of one blob download, shared by every reader of that blob.
+
+    Changed by its owner alone, the ``Filler`` (fill.py), which starts or joins it, runs
+    its download (the filling task's side below) and finds it for a following replica;
+    readers, the pull-through and the peer endpoint, only read it."""
 
     def __init__(self, digest: Digest, repository: str) -> None:
         self.digest = digest

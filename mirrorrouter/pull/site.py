@@ -42,7 +42,7 @@ class UpstreamSite:
         self.cache = cache
         self.clock = clock  # wall clock: tag records are dated with it
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
-        self.fills: dict[Digest, BlobFill] = {}
+        self.fills: dict[Digest, BlobFill] = {}  # in progress; the Filler's alone to change
         self.coalescer = Coalescer()
         self.manifests: LRUCache[Digest, StoredManifest] = LRUCache(
             maxsize=MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 200
