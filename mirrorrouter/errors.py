@@ -11,14 +11,21 @@ Exception tree::
                            mirror hangs or drowns, so the next one is asked at once
                            (never this one again within the request).
 
-Config errors live in config.py (ConfigError) because they never reach HTTP.
+Config errors live in config/ (ConfigError) because they never reach HTTP. A bad name, tag
+or digest raises ``reference.InvalidReference`` (a ValueError: the grammar knows nothing of
+HTTP); ``valid_or`` is the one place it becomes the client's error.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mirrorrouter.reference import InvalidReference
+
+T = TypeVar("T")
 
 
 class ErrorCode(enum.Enum):
@@ -141,3 +148,13 @@ class NoHeadersInTime(UpstreamError):
 
     def __init__(self, message: str, *, mirror: str) -> None:
         super().__init__(message, mirror=mirror, is_temporary=True)
+
+
+def valid_or(code: ErrorCode, parse: Callable[[], T], *, why: str = "") -> T:
+    """What ``parse()`` returns; an ``InvalidReference`` it raises is answered as ``code``
+    with its message (and ``why`` after it): the one translation of a bad name, tag or
+    digest into the client's error."""
+    try:
+        return parse()
+    except InvalidReference as exc:
+        raise RegistryError(code, f"{exc}{why}") from exc

@@ -24,7 +24,7 @@ from itertools import accumulate
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.reference import Digest, InvalidReference
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -350,7 +350,7 @@ class _Type(NamedTuple):
 def _is_digest(value: Any) -> bool:
     try:
         Digest.parse(value)
-    except ReferenceError:
+    except InvalidReference:
         return False
     return True
 

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 from mirrorrouter.config import Route, Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings, Target
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
 from mirrorrouter.oci import OciRequest
 from mirrorrouter.reference import (
     ImageReference,
-    ReferenceError,
     looks_like_registry,
     normalize_repository,
     validate_registry,
@@ -209,14 +208,8 @@ class Mapper:
 def _repository(target: Target, repository: str) -> str:
     """The repository path within a target: validated; docker.io one-component names get
     ``library/`` (a group keeps the name as written: each member normalizes it)."""
-    try:
-        return normalize_repository(target.name, repository)
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+    return valid_or(ErrorCode.NAME_INVALID, lambda: normalize_repository(target.name, repository))
 
 
 def _canonical(host: str) -> str:
-    try:
-        return validate_registry(host)
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+    return valid_or(ErrorCode.NAME_INVALID, lambda: validate_registry(host))

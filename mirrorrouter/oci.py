@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
 from mirrorrouter.headers import parse_host
-from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, ReferenceError, validate_tag
+from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, validate_tag
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
@@ -201,28 +201,17 @@ _NOT_THERE = {
     RequestKind.BLOB: ErrorCode.BLOB_UNKNOWN,
     RequestKind.REFERRERS: ErrorCode.MANIFEST_UNKNOWN,  # the subject manifest
 }
-
-
-def _invalid_reference(
-    kind: RequestKind, method: str, bad_request: ErrorCode, exc: ReferenceError
-) -> RegistryError:
-    if method in _PULL_METHODS:
-        return RegistryError(_NOT_THERE[kind], f"{exc}: no such reference can exist")
-    return RegistryError(bad_request, str(exc))
+_CANNOT_EXIST = ": no such reference can exist"
 
 
 def _parse_digest(text: str, kind: RequestKind, method: str) -> Digest:
-    try:
-        return Digest.parse(text)
-    except ReferenceError as exc:
-        raise _invalid_reference(kind, method, ErrorCode.DIGEST_INVALID, exc) from exc
+    if method in _PULL_METHODS:
+        return valid_or(_NOT_THERE[kind], lambda: Digest.parse(text), why=_CANNOT_EXIST)
+    return valid_or(ErrorCode.DIGEST_INVALID, lambda: Digest.parse(text))
 
 
 def _parse_tag(text: str, method: str) -> str:
-    try:
-        return validate_tag(text)
-    except ReferenceError as exc:
-        # The spec has no TAG_INVALID: a manifest PUT to a bad tag is MANIFEST_INVALID.
-        raise _invalid_reference(
-            RequestKind.MANIFEST, method, ErrorCode.MANIFEST_INVALID, exc
-        ) from exc
+    if method in _PULL_METHODS:
+        return valid_or(ErrorCode.MANIFEST_UNKNOWN, lambda: validate_tag(text), why=_CANNOT_EXIST)
+    # The spec has no TAG_INVALID: a manifest PUT to a bad tag is MANIFEST_INVALID.
+    return valid_or(ErrorCode.MANIFEST_INVALID, lambda: validate_tag(text))

@@ -8,10 +8,10 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
 from mirrorrouter.pull.peers import LEASE_HEADER
 from mirrorrouter.pull.pullthrough import Pullthrough
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.reference import Digest
 
 _RANGE_FROM = re.compile(r"bytes=(\d+)-")
 
@@ -22,10 +22,8 @@ async def peer_blob(pull: Pullthrough, request: Request) -> Response:
     upstream = pull.settings.upstreams.get(name)
     token = request.headers.get(LEASE_HEADER, "")
     not_here = RegistryError(ErrorCode.BLOB_UNKNOWN, "no download of that blob under that lease")
-    try:
-        digest = Digest.parse(str(request.path_params.get("digest", "")))
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
+    text = str(request.path_params.get("digest", ""))
+    digest = valid_or(ErrorCode.DIGEST_INVALID, lambda: Digest.parse(text))
     if upstream is None or not token:
         raise not_here
     fill = await pull.leased_fill(upstream, digest, token)

@@ -96,7 +96,7 @@ from mirrorrouter.cache.copies import LocalCopies
 from mirrorrouter.cache.spool import SharedState, SpoolArea, SpoolWriter
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.reference import Digest, InvalidReference
 
 if TYPE_CHECKING:
     from obstore import ObjectMeta
@@ -643,7 +643,7 @@ def _digest(parts: list[str]) -> Digest | None:
         return None
     try:
         return Digest.parse(f"{parts[0]}:{parts[1]}")
-    except ReferenceError:
+    except InvalidReference:
         return None
 
 

@@ -32,7 +32,7 @@ from mirrorrouter.cache.eviction import (
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.config.reader import parse_size
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError, canonical_registry
+from mirrorrouter.reference import Digest, ImageReference, InvalidReference, canonical_registry
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
 LOCK_WAIT_SECONDS = 30.0  # how long prune waits for another process's eviction round
@@ -421,7 +421,7 @@ def _pattern(text: str) -> str | None:
     if not any(c in text for c in "*?["):
         try:
             return str(ImageReference.parse(text))
-        except ReferenceError as exc:
+        except InvalidReference as exc:
             _fail(f"not an image name or pattern: {exc}", 2)
             return None
     problem = check_pin(text)

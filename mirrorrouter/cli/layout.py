@@ -62,7 +62,7 @@ from mirrorrouter.manifests import (
 )
 from mirrorrouter.mapping import Mapper
 from mirrorrouter.pull.pullthrough import Pullthrough
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.reference import Digest, ImageReference, InvalidReference
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"
@@ -371,7 +371,7 @@ class _Walk:
         try:
             ref = ImageReference.parse(name)
             resolution = self.mapper.resolve_image(ref)
-        except ReferenceError as exc:
+        except InvalidReference as exc:
             self.problem(f"{name}: {exc}")
             return
         except RegistryError as exc:

@@ -34,7 +34,7 @@ from mirrorrouter.errors import RegistryError
 from mirrorrouter.hosted.shadowing import explain_group, shadow_warnings
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
-from mirrorrouter.reference import ImageReference, ReferenceError
+from mirrorrouter.reference import ImageReference, InvalidReference
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,7 +206,7 @@ def resolve_images(settings: Settings, images: Sequence[str]) -> list[_Verdict]:
     for image in images:
         try:
             ref = ImageReference.parse(image)
-        except ReferenceError as exc:
+        except InvalidReference as exc:
             verdicts.append(_Verdict(image, None, None, None, [], [], str(exc)))
             continue
         try:

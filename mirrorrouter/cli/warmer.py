@@ -49,7 +49,7 @@ from mirrorrouter.manifests import (
 from mirrorrouter.mapping import Mapper
 from mirrorrouter.pull.pullthrough import CacheStatus, Pullthrough
 from mirrorrouter.pull.singleflight import FillFailed
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.reference import Digest, ImageReference, InvalidReference
 from mirrorrouter.timing import REAL_TIME, Timing
 
 DEFAULT_JOBS = 4  # images warmed at once
@@ -326,7 +326,7 @@ class Warmer:
         try:
             try:
                 ref = ImageReference.parse(image)
-            except ReferenceError as exc:
+            except InvalidReference as exc:
                 raise WarmError(f"invalid name: {exc}") from exc
             resolution = self.mapper.resolve_image(ref)
             result.reference, result.upstream = resolution.reference, resolution.upstream

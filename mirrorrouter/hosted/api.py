@@ -41,7 +41,7 @@ from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.coordination.generation import SharedGenerations
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
 from mirrorrouter.hosted.housekeeping import Chore, Housekeeper, sweep_interval
 from mirrorrouter.hosted.schedule import GcSchedule
 from mirrorrouter.hosted.shadowing import Shadowing
@@ -58,7 +58,7 @@ from mirrorrouter.oci import (
     RequestKind,
 )
 from mirrorrouter.pull.pullthrough import ManifestAnswer, Memory
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.reference import Digest, ImageReference
 
 log = logging.getLogger("mirrorrouter.hosted")
 
@@ -476,7 +476,4 @@ def _digest_param(oci: OciRequest, *, required: bool) -> Digest | None:
 
 
 def _parse_digest(value: str) -> Digest:
-    try:
-        return Digest.parse(value)
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
+    return valid_or(ErrorCode.DIGEST_INVALID, lambda: Digest.parse(value))

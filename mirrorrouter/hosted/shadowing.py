@@ -62,7 +62,7 @@ from mirrorrouter.hosted.store import BlobFinder, FoundBlob
 from mirrorrouter.mapping import Resolution, RouteKind
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.pull.singleflight import Coalescer
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError, normalize_repository
+from mirrorrouter.reference import Digest, ImageReference, InvalidReference, normalize_repository
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream.client import UpstreamClient
 
@@ -107,7 +107,7 @@ def exposures(settings: Settings, hosted: HostedSettings, repository: str) -> li
             upstream = settings.upstreams[name]
             try:
                 theirs = normalize_repository(upstream.name, repository)
-            except ReferenceError:
+            except InvalidReference:
                 continue  # a name the upstream cannot have (too long with its registry)
             names = (repository, theirs)  # a pattern may name either
             allowed_by = next(
@@ -383,7 +383,7 @@ class Shadowing:
                     continue
                 try:
                     theirs = normalize_repository(upstream.name, repository)
-                except ReferenceError:
+                except InvalidReference:
                     continue
                 ref = ImageReference(upstream.name, theirs)
                 resolution = Resolution(ref, upstream, RouteKind.REGISTRY, group=group)

@@ -18,7 +18,7 @@ import httpx
 from mirrorrouter.config import Mirror, redact_url
 from mirrorrouter.errors import ErrorCode, RegistryError, UpstreamError
 from mirrorrouter.oci import CONTENT_DIGEST_HEADER
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.reference import Digest, InvalidReference
 from mirrorrouter.upstream.bodies import drain
 from mirrorrouter.upstream.retry import TEMPORARY_CODES, TEMPORARY_STATUSES
 from mirrorrouter.upstream.sending import from_elsewhere, shown
@@ -125,7 +125,7 @@ def header_digest(headers: httpx.Headers) -> Digest | None:
         return None
     try:
         return Digest.parse(value.strip())
-    except ReferenceError:
+    except InvalidReference:
         return None
 
 
