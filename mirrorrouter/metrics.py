@@ -28,6 +28,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from mirrorrouter.oci import CacheResult
+
 if TYPE_CHECKING:
     from mirrorrouter.mapping import Resolution
 
@@ -77,7 +79,7 @@ class Pull:
     reference: str
     digest: str
     upstream: str
-    cache: str
+    cache: CacheResult
     bytes: int
     resolution: Resolution  # what was pulled, for the access check of who may see it
 
@@ -252,16 +254,16 @@ class Metrics:
             )
         child.inc()
 
-    def cache_result(self, upstream: str, kind: str, result: str) -> None:
+    def cache_result(self, upstream: str, kind: str, result: CacheResult) -> None:
         key = (upstream, kind, result)
         child = self._cache_children.get(key)
         if child is None:
             child = self._cache_children[key] = self.cache_results.labels(upstream, kind, result)
         child.inc()
         tally = self.tallies.of(upstream)
-        if result == "HIT":
+        if result == CacheResult.HIT:
             tally.hits += 1
-        elif result == "STALE":
+        elif result == CacheResult.STALE:
             tally.stale += 1
         else:
             tally.misses += 1

@@ -25,6 +25,19 @@ API_VERSION = "registry/2.0"
 CONTENT_DIGEST_HEADER = "Docker-Content-Digest"
 NAMESPACE_HEADER = "OCI-Namespace"
 FILTERS_APPLIED_HEADER = "OCI-Filters-Applied"
+# The gateway's own answer headers: how the content was served, and by which target.
+CACHE_HEADER = "X-Cache"
+UPSTREAM_HEADER = "X-Upstream"
+
+
+class CacheResult(enum.StrEnum):
+    """How a pull was served: the ``X-Cache`` value, the cache-result label of the metrics,
+    the audit log's and the status page's word for it."""
+
+    HIT = "HIT"  # from the cache
+    MISS = "MISS"  # fetched upstream (and cached)
+    STALE = "STALE"  # the last known answer, served because every mirror failed
+    HOSTED = "HOSTED"  # hosted content: not a cache, the only copy
 
 
 class RequestKind(enum.Enum):

@@ -31,7 +31,7 @@ from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.headers import challenge, parse_host
-from mirrorrouter.hosted.api import HOSTED, HostedApi, index_response, tag_page
+from mirrorrouter.hosted.api import HostedApi, index_response, tag_page
 from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.manifests import OCI_INDEX
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
@@ -39,24 +39,23 @@ from mirrorrouter.metrics import Metrics, Pull
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
+    CACHE_HEADER,
     CONTENT_DIGEST_HEADER,
     FILTERS_APPLIED_HEADER,
     NAMESPACE_HEADER,
+    UPSTREAM_HEADER,
+    CacheResult,
     OciRequest,
     RequestKind,
     parse_request,
 )
 from mirrorrouter.pull.pullthrough import (
     BlobAnswer,
-    CacheStatus,
     ManifestAnswer,
     Memory,
     Pullthrough,
 )
 from mirrorrouter.timing import REAL_TIME, Timing
-
-CACHE_HEADER = "X-Cache"
-UPSTREAM_HEADER = "X-Upstream"
 
 # The answer to a request whose body ended early (499: nginx's "client closed request"),
 # rendered only for the access log: the client is gone.
@@ -288,12 +287,14 @@ class Endpoints:
             if hosted is None:
                 return await self.manifest(call)
             stored = await self.hosted.manifest(hosted, ref, oci.accept)
-            return self._manifest_response(call, ManifestAnswer(stored, HOSTED, hosted.name))
+            return self._manifest_response(
+                call, ManifestAnswer(stored, CacheResult.HOSTED, hosted.name)
+            )
         if oci.kind is RequestKind.BLOB:
             if hosted is None:
                 return await self.blob(call)
             blob = await self.hosted.blob(hosted, ref)
-            answer = BlobAnswer(blob.size, HOSTED, hosted.name, blob.stream)
+            answer = BlobAnswer(blob.size, CacheResult.HOSTED, hosted.name, blob.stream)
             return self._blob_response(call, answer)
         if oci.kind is RequestKind.TAGS:
             if hosted is None:
@@ -416,7 +417,7 @@ class Endpoints:
             CACHE_HEADER: answer.cache,
         }
         raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-        if answer.cache != HOSTED:
+        if answer.cache is not CacheResult.HOSTED:
             self.metrics.cache_result(answer.upstream, "manifest", answer.cache)
         if call.oci.method == "HEAD":
             return RawResponse(200, raw, b"")
@@ -431,7 +432,7 @@ class Endpoints:
         upstream, repository = call.resolution.upstream, call.resolution.reference.repository
         get = call.oci.method == "GET"
         answer = await self.pull.blob(upstream, repository, digest, body=get)
-        if answer.cache == CacheStatus.HIT and get:
+        if answer.cache == CacheResult.HIT and get:
             url = await self.pull.blob_redirect(upstream, digest)
             if url is not None:
                 self.metrics.cache_result(upstream.name, "blob", answer.cache)
@@ -455,7 +456,7 @@ class Endpoints:
             CACHE_HEADER: answer.cache,
         }
 
-        if answer.cache != HOSTED:
+        if answer.cache is not CacheResult.HOSTED:
             self.metrics.cache_result(upstream, "blob", answer.cache)
 
         started = time.perf_counter()
@@ -463,7 +464,7 @@ class Endpoints:
         status = 206 if byte_range else 200
 
         def sent(count: int) -> None:
-            if answer.cache == CacheStatus.HIT:
+            if answer.cache == CacheResult.HIT:
                 self.metrics.served_from_cache(upstream, count)
             if call.oci.method == "GET":
                 self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
@@ -488,7 +489,7 @@ class Endpoints:
         )
 
     def _record_pull(
-        self, call: Call, digest: str, mirror: str | None, cache: str, size: int
+        self, call: Call, digest: str, mirror: str | None, cache: CacheResult, size: int
     ) -> None:
         """A manifest or blob GET answered: the audit log and the status page's recent pulls."""
         user = call.identity.name if call.identity else "anonymous"
@@ -515,7 +516,7 @@ class Endpoints:
         query = {k: v for k, v in oci.query if k in ("n", "last")}
         repository = call.resolution.reference.repository
         upstream = await self.pull.tags(call.resolution.upstream, repository, query)
-        headers = {**self._common_headers(oci, call.resolution), CACHE_HEADER: "MISS"}
+        headers = {**self._common_headers(oci, call.resolution), CACHE_HEADER: CacheResult.MISS}
         link = upstream.headers.get("link")
         if link:
             headers["Link"] = client_link(link, oci)
@@ -547,7 +548,7 @@ class Endpoints:
         identity: Identity | None,
         resolution: Resolution | None,
         *,
-        cache: str | None = None,
+        cache: CacheResult | None = None,
         mirror: str | None = None,
         size: int = 0,
     ) -> None:

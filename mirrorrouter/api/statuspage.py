@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from mirrorrouter.oci import CacheResult
+
 if TYPE_CHECKING:
     from mirrorrouter.hosted.schedule import GcRun
 
@@ -27,7 +29,11 @@ SHORT_DIGEST = 12  # hex digits of a digest shown in the table (the full one in 
 # Circuit states as breaker.CircuitState values; any other text is shown as it is.
 CIRCUIT_CLASSES = {"closed": "ok", "half-open": "warn", "open": "bad"}
 # X-Cache results.
-CACHE_CLASSES = {"HIT": "ok", "STALE": "warn", "MISS": "info"}
+CACHE_CLASSES: dict[str, str] = {
+    CacheResult.HIT: "ok",
+    CacheResult.STALE: "warn",
+    CacheResult.MISS: "info",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ class RecentPull:
     reference: str  # the canonical name with its tag or digest
     digest: str  # "" when not known
     upstream: str
-    cache: str  # X-Cache: "HIT", "MISS" or "STALE"
+    cache: str  # X-Cache (oci.CacheResult): "HIT", "MISS" or "STALE"
     bytes: int
 
 

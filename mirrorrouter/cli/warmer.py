@@ -47,7 +47,8 @@ from mirrorrouter.manifests import (
     read_tolerant,
 )
 from mirrorrouter.mapping import Mapper
-from mirrorrouter.pull.pullthrough import CacheStatus, Pullthrough
+from mirrorrouter.oci import CacheResult
+from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.pull.singleflight import FillFailed
 from mirrorrouter.reference import Digest, ImageReference, InvalidReference
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -387,11 +388,11 @@ class Warmer:
             result.manifests_cached += 1
             return stored
         answer = await self.pull.manifest(upstream, ref)
-        if answer.cache == CacheStatus.MISS:
+        if answer.cache == CacheResult.MISS:
             result.manifests_fetched += 1
         else:
             result.manifests_cached += 1
-            result.stale = result.stale or answer.cache == CacheStatus.STALE
+            result.stale = result.stale or answer.cache == CacheResult.STALE
         return answer.manifest
 
     async def _blobs(self, result: ImageResult, upstream: UpstreamSettings, task: int) -> None:
@@ -467,7 +468,7 @@ class Warmer:
             on_bytes(0)
             try:
                 answer = await self.pull.blob(upstream, repository, digest)
-                if answer.cache == CacheStatus.HIT:
+                if answer.cache == CacheResult.HIT:
                     return _BlobOutcome(False, answer.size or size or 0)
                 received = 0
                 async for chunk in answer.stream(0, None):

@@ -54,6 +54,7 @@ from mirrorrouter.oci import (
     API_VERSION_HEADER,
     CONTENT_DIGEST_HEADER,
     FILTERS_APPLIED_HEADER,
+    CacheResult,
     OciRequest,
     RequestKind,
 )
@@ -62,7 +63,6 @@ from mirrorrouter.reference import Digest, ImageReference
 
 log = logging.getLogger("mirrorrouter.hosted")
 
-HOSTED = "HOSTED"  # the X-Cache value of hosted content: not a cache, the only copy
 SUBJECT_HEADER = "OCI-Subject"
 FORWARDED_HEADER = "X-Mirrorrouter-Forwarded"  # a request another replica passed on
 FORWARD_TIMEOUT = httpx.Timeout(300.0, connect=5.0)  # a chunk may be large
@@ -174,7 +174,7 @@ class HostedApi:
             return Memory.MISSING
         if not accepts(accept, known.manifest.media_type):
             return None
-        return ManifestAnswer(known.manifest, HOSTED, hosted.name)
+        return ManifestAnswer(known.manifest, CacheResult.HOSTED, hosted.name)
 
     async def blob(self, hosted: HostedSettings, ref: ImageReference) -> StoredBlob:
         assert ref.digest is not None

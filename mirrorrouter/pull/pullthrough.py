@@ -43,6 +43,7 @@ from mirrorrouter.manifests import (
     referrers_index,
 )
 from mirrorrouter.metrics import Metrics
+from mirrorrouter.oci import CacheResult
 from mirrorrouter.pull.fill import Filler
 from mirrorrouter.pull.singleflight import BlobFill
 from mirrorrouter.pull.site import UpstreamSite
@@ -57,12 +58,6 @@ REDIRECT_SECONDS = 600.0  # how long a presigned blob URL handed to a client sta
 TAG_LEASE_POLL = 0.05  # seconds between looks at what the replica asking about a tag shared
 
 
-class CacheStatus:
-    HIT = "HIT"
-    MISS = "MISS"
-    STALE = "STALE"  # the last known answer, served because every mirror failed
-
-
 class Memory(enum.Enum):
     """What memory alone may say of a member of a group besides an answer."""
 
@@ -72,7 +67,7 @@ class Memory(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class ManifestAnswer:
     manifest: StoredManifest
-    cache: str
+    cache: CacheResult
     upstream: str
     mirror: str | None = None  # the mirror that served a miss
 
@@ -82,7 +77,7 @@ class BlobAnswer:
     """A blob to serve: from the cache, or from a fill in progress."""
 
     size: int | None
-    cache: str
+    cache: CacheResult
     upstream: str
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
     mirror: str | None = None  # the mirror a miss comes from
@@ -197,7 +192,7 @@ class Pullthrough:
         if stored is None or not accepts(accept, stored.media_type):
             return None
         site.cache.touch(stored.digest)  # a memory hit is an access too (eviction is LRU)
-        return ManifestAnswer(stored, CacheStatus.HIT, upstream.name)
+        return ManifestAnswer(stored, CacheResult.HIT, upstream.name)
 
     def remembered(
         self, upstream: UpstreamSettings, ref: ImageReference, accept: tuple[str, ...]
@@ -221,10 +216,10 @@ class Pullthrough:
     ) -> ManifestAnswer:
         stored = await site.get_manifest(digest)
         if stored is not None and await site.is_linked(ref.repository, digest):
-            return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+            return ManifestAnswer(stored, CacheResult.HIT, site.settings.name)
         fetched = await self._fetch(site, ref)
         stored = await self._store_manifest(site, ref.repository, fetched)
-        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name, fetched.mirror)
+        return ManifestAnswer(stored, CacheResult.MISS, site.settings.name, fetched.mirror)
 
     async def _manifest_by_tag(self, site: UpstreamSite, ref: ImageReference) -> ManifestAnswer:
         assert ref.tag is not None
@@ -235,7 +230,7 @@ class Pullthrough:
             if shared is not None and shared[1] is not None:
                 record, stored = shared
         if record is not None and stored is not None and self._fresh(site, record):
-            return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+            return ManifestAnswer(stored, CacheResult.HIT, site.settings.name)
         # Upstream must be asked: once for every caller here (coalesced), and once in the
         # cluster (the tag lease).
         return await site.coalescer.run(
@@ -291,7 +286,7 @@ class Pullthrough:
                 stored = shared[1]
                 if stored is None:
                     return None  # the manifest is not in this replica's cache: ask for it
-                return ManifestAnswer(stored, CacheStatus.HIT, upstream)
+                return ManifestAnswer(stored, CacheResult.HIT, upstream)
             if lease is not None:
                 return lease
             missing = await site.known_not_found(ref.repository, ref.tag)
@@ -320,7 +315,7 @@ class Pullthrough:
         if record is not None and stored is not None:
             try:
                 if await self._still_current(site, ref, record):
-                    return ManifestAnswer(stored, CacheStatus.HIT, site.settings.name)
+                    return ManifestAnswer(stored, CacheResult.HIT, site.settings.name)
             except RegistryError as error:
                 return self._stale_or_raise(site, record, stored, error)
         try:
@@ -335,7 +330,7 @@ class Pullthrough:
             ref.tag,
             TagRecord(stored.digest, stored.media_type, len(stored.data), self.clock()),
         )
-        return ManifestAnswer(stored, CacheStatus.MISS, site.settings.name, fetched.mirror)
+        return ManifestAnswer(stored, CacheResult.MISS, site.settings.name, fetched.mirror)
 
     def _fresh(self, site: UpstreamSite, record: TagRecord) -> bool:
         return self.clock() - record.checked_at < site.settings.policy.tag_ttl
@@ -417,7 +412,7 @@ class Pullthrough:
             site.settings.name,
             error.message,
         )
-        return ManifestAnswer(stored, CacheStatus.STALE, site.settings.name)
+        return ManifestAnswer(stored, CacheResult.STALE, site.settings.name)
 
     async def _store_manifest(
         self, site: UpstreamSite, repository: str, fetched: FetchedManifest
@@ -454,7 +449,7 @@ class Pullthrough:
         size = await site.cache.blob_size(digest)
         if size is not None:
             await self._check_visible(site, repository, digest)
-            return BlobAnswer(size, CacheStatus.HIT, upstream.name, _stored(site, digest, size))
+            return BlobAnswer(size, CacheResult.HIT, upstream.name, _stored(site, digest, size))
         fill = self.filler.join_or_start(site, repository, digest)
         if fill.repository != repository:  # joined another repository's download
             await self._check_visible(site, repository, digest)
@@ -468,8 +463,8 @@ class Pullthrough:
             raise RegistryError(ErrorCode.UNAVAILABLE, f"fetching {digest} failed: {fill.error}")
         if fill.done and fill.size is not None:
             stream = _stored(site, digest, fill.size)  # verified: served like a hit
-            return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, stream, fill.mirror)
-        return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read, fill.mirror)
+            return BlobAnswer(fill.size, CacheResult.MISS, upstream.name, stream, fill.mirror)
+        return BlobAnswer(fill.size, CacheResult.MISS, upstream.name, fill.read, fill.mirror)
 
     async def leased_fill(
         self, upstream: UpstreamSettings, digest: Digest, token: str
