@@ -20,12 +20,11 @@ from mirrorrouter.cache.eviction import (
     Evictor,
     PinsError,
     change_runtime_pins,
-    format_size,
     load_pins,
 )
 from mirrorrouter.config import ConfigError, Settings, parse_settings
-from mirrorrouter.config.reader import parse_size
 from mirrorrouter.reference import Digest
+from mirrorrouter.sizes import format_size, parse_size
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import (
     OCI_INDEX,

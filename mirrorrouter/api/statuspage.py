@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from mirrorrouter.oci import CacheResult
+from mirrorrouter.sizes import format_size
 
 if TYPE_CHECKING:
     from mirrorrouter.hosted.schedule import GcRun
@@ -347,13 +348,7 @@ def _count(n: int) -> str:
 
 def _bytes(n: int) -> str:
     """``1.5 GiB``, with the exact count in the title."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            text = f"{n:,} B" if unit == "B" else f"{size:.1f} {unit}"
-            return f'<span title="{n:,} bytes">{text}</span>'
-        size /= 1024
-    raise AssertionError("unreachable")
+    return f'<span title="{n:,} bytes">{format_size(n, bytes_as="{:,} B")}</span>'
 
 
 def _ratio(ratio: float | None) -> str:

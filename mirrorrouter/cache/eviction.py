@@ -39,7 +39,6 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from mirrorrouter.cache import CacheBackend, open_backend
@@ -663,23 +662,3 @@ def _arrange(survey: Survey) -> None:
                 )
             )
     survey.images = images
-
-
-# --------------------------------------------------------------------------- display
-
-
-def format_size(size: int) -> str:
-    """``1536`` -> ``1.5 KiB``: binary units, one decimal."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_time(seconds: float) -> str:
-    """Wall-clock seconds as UTC, to the second; ``-`` for none."""
-    if seconds <= 0:
-        return "-"
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from mirrorrouter.cache.eviction import (
@@ -24,15 +24,14 @@ from mirrorrouter.cache.eviction import (
     Survey,
     change_runtime_pins,
     check_pin,
-    format_size,
-    format_time,
     load_pins,
     pins_path,
 )
+from mirrorrouter.cli.formatting import format_time, print_table, short_digest
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
-from mirrorrouter.config.reader import parse_size
 from mirrorrouter.reference import Digest, ImageReference, InvalidReference, canonical_registry
+from mirrorrouter.sizes import format_size, parse_size
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
 LOCK_WAIT_SECONDS = 30.0  # how long prune waits for another process's eviction round
@@ -128,14 +127,14 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     if rows:
         header = ("UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "SIZE", "LAST ACCESS", "CONTENT")
-        _print_table(
+        print_table(
             (*header, "PINNED"),
             [
                 (
                     r["upstream"],
                     r["repository"],
                     r["tag"] or "-",
-                    _short(r["digest"]),
+                    short_digest(r["digest"]),
                     format_size(r["size"]) if r["content"] != "missing" else "-",
                     format_time(r["accessed"]),
                     r["content"],
@@ -266,7 +265,7 @@ def _du(args: argparse.Namespace) -> int:
             *_against(total["bytes"], total["limit"]),
         )
     )
-    _print_table((*header, "LIMIT", "USE"), rows)
+    print_table((*header, "LIMIT", "USE"), rows)
     return 0
 
 
@@ -340,9 +339,9 @@ def _print_report(report: EvictionReport, upstream: str | None) -> None:
 
 def _what(image: Image) -> str:
     if not image.is_manifest:
-        return f"blob {_short(str(image.root))}"
+        return f"blob {short_digest(str(image.root))}"
     tags = ", ".join(f"{r}:{t}" for r, t in image.tags) or "untagged"
-    return f"{tags} {_short(str(image.root))}"
+    return f"{tags} {short_digest(str(image.root))}"
 
 
 def _pin(args: argparse.Namespace) -> int:
@@ -440,18 +439,6 @@ def _size(text: str) -> int:
     return size
 
 
-def _short(digest: str) -> str:
-    algorithm, _, hexpart = digest.partition(":")
-    return f"{algorithm}:{hexpart[:12]}"
-
-
 def _fail(message: str, code: int) -> int:
     print(f"mirrorrouter: cache: {message}", file=sys.stderr)
     return code
-
-
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]).rstrip())

@@ -24,13 +24,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 
-from mirrorrouter.cache.eviction import format_size
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.hosted.gc import GcReport
 from mirrorrouter.hosted.shadowing import Shadowed, shadowing_report
 from mirrorrouter.hosted.store import HostedStore
+from mirrorrouter.sizes import format_size
 
 ConfigOption = Callable[[argparse.ArgumentParser], None]
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rich.filesize import decimal as human_size
-
 from mirrorrouter.cache import DigestMismatch, StoredManifest, TagRecord
+from mirrorrouter.cli.formatting import size_in_words
 from mirrorrouter.cli.warmer import (
     DEFAULT_JOBS,
     DEFAULT_PLATFORMS,
@@ -98,7 +97,7 @@ class ExportReport:
             lines.insert(
                 0,
                 f"wrote {self.output}: {len(self.warm.results)} images, {self.manifests}"
-                f" manifests, {self.blobs} blobs ({human_size(self.bytes)})",
+                f" manifests, {self.blobs} blobs ({size_in_words(self.bytes)})",
             )
         else:
             reason = self.error or "an image failed"
@@ -272,7 +271,7 @@ class ImportReport:
         lines = [
             f"imported {len(self.images)} images from {self.archive} into the cache of"
             f" {', '.join(self.upstreams)}",
-            f"  blobs: {self.blobs_written} written ({human_size(self.bytes_written)}),"
+            f"  blobs: {self.blobs_written} written ({size_in_words(self.bytes_written)}),"
             f" {self.blobs_cached} already cached",
             f"  manifests: {self.manifests_written} written, {self.manifests_cached} already"
             f" cached; tags: {self.tags}",

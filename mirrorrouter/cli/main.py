@@ -21,6 +21,7 @@ from mirrorrouter.cli import gc as hostedcli
 from mirrorrouter.cli import warm as warmcli
 from mirrorrouter.cli.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.cli.connectivity import probe_all
+from mirrorrouter.cli.formatting import print_table
 from mirrorrouter.config import (
     ConfigError,
     Settings,
@@ -272,10 +273,7 @@ def _resolve(args: argparse.Namespace) -> int:
     else:
         header = ("IMAGE NAME", "CANONICAL NAME", "REGISTRY ADDRESS", "ROUTE")
         rows = [(v.image, v.canonical or "-", v.address or "-", v.route_text) for v in verdicts]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-        for row in [header, *rows]:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-            print("  ".join([*cells, row[3]]))
+        print_table(header, rows)
     # "Not routed" is an answer; only a name that does not parse is a usage error.
     return 1 if any(v.canonical is None for v in verdicts) else 0
 

@@ -23,7 +23,6 @@ from typing import Protocol, TextIO
 
 import httpx
 from rich.console import Console
-from rich.filesize import decimal as human_size
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -35,6 +34,7 @@ from rich.progress import (
 from rich.progress import Progress as RichBar
 
 from mirrorrouter.cache import DigestMismatch, StoredManifest
+from mirrorrouter.cli.formatting import size_in_words
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.errors import RegistryError, UpstreamError
 from mirrorrouter.manifests import (
@@ -123,7 +123,7 @@ class PlainProgress:
         return task
 
     def plan(self, task: int, total_bytes: int, total_items: int, unit: str) -> None:
-        self._print(f"{self._labels[task]}: {total_items} {unit}, {human_size(total_bytes)}")
+        self._print(f"{self._labels[task]}: {total_items} {unit}, {size_in_words(total_bytes)}")
 
     def update(self, task: int, done_bytes: int, done_items: int) -> None:
         pass
@@ -147,7 +147,7 @@ class RichProgress:
         self._bar = RichBar(
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
+            DownloadColumn(binary_units=True),  # KiB, MiB: as sizes.format_size writes them
             TextColumn("{task.fields[items]}"),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
@@ -241,8 +241,8 @@ class ImageResult:
         blobs = self.blobs_fetched + self.blobs_cached
         text = (
             f"ok      {self.name}  {self.top.digest}  {blobs} blobs: {self.blobs_fetched} fetched"
-            f" ({human_size(self.bytes_fetched)}), {self.blobs_cached} cached"
-            f" ({human_size(self.bytes_cached)})"
+            f" ({size_in_words(self.bytes_fetched)}), {self.blobs_cached} cached"
+            f" ({size_in_words(self.bytes_cached)})"
         )
         if self.platforms:
             text += f"  [{', '.join(self.platforms)}]"
@@ -274,9 +274,9 @@ class WarmReport:
             f"  manifests: {self.total('manifests_fetched')} fetched,"
             f" {self.total('manifests_cached')} already cached",
             f"  blobs (layers and configs): {self.total('blobs_fetched')} fetched"
-            f" ({human_size(self.total('bytes_fetched'))}),"
+            f" ({size_in_words(self.total('bytes_fetched'))}),"
             f" {self.total('blobs_cached')} already cached"
-            f" ({human_size(self.total('bytes_cached'))})",
+            f" ({size_in_words(self.total('bytes_cached'))})",
         ]
         lines += [r.line() for r in self.results]
         return lines
@@ -343,7 +343,7 @@ class Warmer:
             self.progress.end(
                 task,
                 True,
-                f"{result.blobs_fetched} blobs fetched ({human_size(result.bytes_fetched)}),"
+                f"{result.blobs_fetched} blobs fetched ({size_in_words(result.bytes_fetched)}),"
                 f" {result.blobs_cached} cached",
             )
         else:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from mirrorrouter.cache.eviction import format_size
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.sizes import format_size
 
 
 class LimitExceeded(RegistryError):

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from mirrorrouter.sizes import format_limit
+
 ERROR_BODY_LIMIT = 64 * 1024
 
 
@@ -50,7 +52,7 @@ async def read_capped(response: httpx.Response, limit: int) -> bytes:
     """
     declared = response.headers.get("content-length", "").strip()
     if declared.isdecimal() and int(declared) > limit:
-        raise BodyRefused(f"of {declared} bytes is over the {_size(limit)} limit")
+        raise BodyRefused(f"of {declared} bytes is over the {format_limit(limit)} limit")
     encoding = encoding_of(response)
     if encoding is not None:
         raise BodyRefused(f"is compressed ({encoding}), which was not asked for")
@@ -58,15 +60,8 @@ async def read_capped(response: httpx.Response, limit: int) -> bytes:
     async for chunk in raw_chunks(response):
         data += chunk
         if len(data) > limit:
-            raise BodyRefused(f"is over the {_size(limit)} limit")
+            raise BodyRefused(f"is over the {format_limit(limit)} limit")
     return bytes(data)
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
-        if count % scale == 0:
-            return f"{count // scale} {unit}"
-    return f"{count} bytes"
 
 
 async def drain(response: httpx.Response) -> bytes:
