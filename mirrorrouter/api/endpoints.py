@@ -49,12 +49,8 @@ from mirrorrouter.oci import (
     RequestKind,
     parse_request,
 )
-from mirrorrouter.pull.pullthrough import (
-    BlobAnswer,
-    ManifestAnswer,
-    Memory,
-    Pullthrough,
-)
+from mirrorrouter.pull.pullthrough import Pullthrough
+from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory
 from mirrorrouter.timing import REAL_TIME, Timing
 
 # The answer to a request whose body ended early (499: nginx's "client closed request"),

@@ -42,8 +42,8 @@ from mirrorrouter.hosted.api import index_response, tag_page
 from mirrorrouter.manifests import Descriptor, referrers_in, referrers_index
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.oci import RequestKind
-from mirrorrouter.pull.pullthrough import ManifestAnswer, Memory
 from mirrorrouter.reference import Digest, ImageReference
+from mirrorrouter.served import ManifestAnswer, Memory
 
 Answer: TypeAlias = Response | RawResponse | BlobResponse
 Serve: TypeAlias = Callable[[Call, Request], Awaitable[Answer]]

@@ -58,8 +58,8 @@ from mirrorrouter.oci import (
     OciRequest,
     RequestKind,
 )
-from mirrorrouter.pull.pullthrough import ManifestAnswer, Memory
 from mirrorrouter.reference import Digest, ImageReference
+from mirrorrouter.served import ManifestAnswer, Memory
 
 log = logging.getLogger("mirrorrouter.hosted")
 

@@ -18,10 +18,8 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import httpx
@@ -48,6 +46,7 @@ from mirrorrouter.pull.fill import Filler
 from mirrorrouter.pull.singleflight import BlobFill
 from mirrorrouter.pull.site import UpstreamSite
 from mirrorrouter.reference import Digest, ImageReference
+from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream.breaker import CircuitBreaker
 from mirrorrouter.upstream.client import FetchedManifest, ListAnswer, UpstreamClient
@@ -56,31 +55,6 @@ log = logging.getLogger("mirrorrouter.pullthrough")
 
 REDIRECT_SECONDS = 600.0  # how long a presigned blob URL handed to a client stays valid
 TAG_LEASE_POLL = 0.05  # seconds between looks at what the replica asking about a tag shared
-
-
-class Memory(enum.Enum):
-    """What memory alone may say of a member of a group besides an answer."""
-
-    MISSING = "missing"  # for certain, the member does not have the reference
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestAnswer:
-    manifest: StoredManifest
-    cache: CacheResult
-    upstream: str
-    mirror: str | None = None  # the mirror that served a miss
-
-
-@dataclass(frozen=True, slots=True)
-class BlobAnswer:
-    """A blob to serve: from the cache, or from a fill in progress."""
-
-    size: int | None
-    cache: CacheResult
-    upstream: str
-    stream: Callable[[int, int | None], AsyncIterator[bytes]]
-    mirror: str | None = None  # the mirror a miss comes from
 
 
 class Pullthrough:
