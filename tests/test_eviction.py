@@ -834,7 +834,7 @@ async def test_eviction_beside_a_pull_in_flight(tmp_path: Path, fake: FakeRegist
         )
         await held[0].paused.wait()
 
-        evictor = gw.app.endpoints.evictor  # the gateway's own, so rounds never overlap
+        evictor = gw.app.services.evictor  # the gateway's own, so rounds never overlap
         await evictor.wait_idle()
         report = await evictor.enforce()
         assert [e.image.root for e in report.evicted] == [Digest.parse(old.digest)]
@@ -879,7 +879,7 @@ async def test_gateway_pins_survive_a_round(tmp_path: Path, fake: FakeRegistry) 
         set_access(directory, old, 1000.0)
         set_access(directory, mid, 2000.0)
         # The round (or the one mid's commit woke) evicts: never the pinned old, so mid goes.
-        evictor = gw.app.endpoints.evictor
+        evictor = gw.app.services.evictor
         await evictor.wait_idle()
         await evictor.enforce()
         inventory = await FilesystemCache(directory).inventory()

@@ -481,7 +481,7 @@ async def test_garbage_collection_keeps_what_manifests_reference(
         started = await gw.client.post("/v2/team/app/blobs/uploads/")  # abandoned
         assert started.status_code == 202
         await gw.client.delete(f"/v2/team/app/manifests/{dropped.digest}")
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         young = await store.collect_garbage()
         assert (young.blobs, young.manifests, young.uploads) == (0, 0, 0)  # within gc_grace
         gw.clock.now += 2 * 3600
@@ -644,9 +644,9 @@ async def test_hosted_content_is_never_an_eviction_area(tmp_path: Path, fake: Fa
     image = make_image("app", [b"pushed, never evicted"])
     async with gateway(tmp_path, fake, text) as gw:
         assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
-        areas = cache_areas(gw.app.endpoints.settings)
+        areas = cache_areas(gw.app.services.settings)
         assert {a.name for a in areas} == {"docker.io", "quay.io"}
-        await gw.app.endpoints.evictor.enforce()
+        await gw.app.services.evictor.enforce()
         assert (await gw.client.get("/v2/team/app/manifests/v1")).content == image.manifest
 
 
@@ -720,7 +720,7 @@ async def test_hostile_manifests_are_refused_naming_the_field(
                 assert error["detail"]["field"] == field
                 assert error["message"].startswith(f"{field}: ")
         assert (await gw.client.get("/v2/team/app/manifests/v1")).status_code == 404
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         assert (await store.storage.inventory()).manifests == {}
         put = await push_image(gw.client, "/v2/team/app", image)  # the good one still goes in
         assert put.status_code == 201, put.text
@@ -753,7 +753,7 @@ async def test_malformed_manifests_already_stored_are_tolerated(
         assert (await push_image(gw.client, "/v2/team/app", image)).status_code == 201
         for data in dropped.blobs.values():
             assert (await push_blob(gw.client, "/v2/team/app", data)).status_code == 201
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         null_layers = json.dumps({**good, "layers": None}).encode()
         await _store_raw(store, "app", null_layers, OCI_MANIFEST, "null-layers")
         string_platform = json.dumps(

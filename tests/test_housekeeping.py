@@ -267,13 +267,13 @@ async def test_metrics_and_status_page_show_the_last_run(
         page = Page((await gw.client.get("/_/")).text).visible
         assert "team | 1h 0m | never" in page
         gw.clock.now += 120  # past gc_grace
-        run = await gw.app.endpoints.hosted.gc["team"].tick()
+        run = await gw.app.services.hosted.gc["team"].tick()
         assert run is not None and run.blobs == 1
         metrics = (await gw.client.get("/metrics")).text
         assert 'mirrorrouter_gc_runs_total{hosted="team",outcome="ok"} 1.0' in metrics
         assert 'mirrorrouter_gc_removed_total{hosted="team",kind="blob"} 1.0' in metrics
         assert f'mirrorrouter_gc_freed_bytes_total{{hosted="team"}} {float(len(data))}' in metrics
-        registry = gw.app.endpoints.metrics.registry
+        registry = gw.app.services.metrics.registry
         last = registry.get_sample_value(
             "mirrorrouter_gc_last_run_timestamp_seconds", {"hosted": "team"}
         )

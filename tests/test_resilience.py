@@ -882,7 +882,7 @@ class FakeMirrors:
 
 def gateway_count(gw: Gateway, name: str, mirror: str) -> float:
     labels = {"upstream": "docker.io", "mirror": mirror}
-    return gw.app.endpoints.metrics.registry.get_sample_value(name, labels) or 0.0
+    return gw.app.services.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def blob_file(gw: Gateway, digest: str) -> Path:
@@ -992,7 +992,7 @@ async def test_a_mirror_announcing_another_size_is_that_mirrors_failure(tmp_path
     async with mirrors.gateway(tmp_path) as gw:
         response = await gw.client.get(mirrors.path)
         assert response.status_code == 200 and response.content == LARGE
-        breakers = gw.app.endpoints.pull.breakers(gw.app.endpoints.settings.upstreams["docker.io"])
+        breakers = gw.app.services.pull.breakers(gw.app.services.settings.upstreams["docker.io"])
     assert (mirrors.gets(0), mirrors.gets(1)) == (2, 1)
     assert mirrors.fakes[0].ranges == [(mirrors.path, f"bytes={MIB}-")]
     assert breakers[1].failures == 1
@@ -1006,7 +1006,7 @@ async def test_corrupt_small_blob_costs_the_client_nothing(tmp_path: Path) -> No
     async with mirrors.gateway(tmp_path) as gw:
         response = await gw.client.get(mirrors.path)
         failovers = gateway_count(gw, "mirrorrouter_failovers_total", "m0.test")
-        breakers = gw.app.endpoints.pull.breakers(gw.app.endpoints.settings.upstreams["docker.io"])
+        breakers = gw.app.services.pull.breakers(gw.app.services.settings.upstreams["docker.io"])
     assert response.status_code == 200 and response.content == SMALL
     assert response.headers["content-length"] == str(len(SMALL))
     assert (mirrors.gets(0), mirrors.gets(1)) == (1, 1)
@@ -1021,7 +1021,7 @@ async def test_clients_waiting_for_a_small_blob_follow_its_refill(tmp_path: Path
     mirrors.fakes[0].corrupt.add(mirrors.digest)
     hold = mirrors.hold[0] = asyncio.Event()
     async with mirrors.gateway(tmp_path) as gw:
-        site = await gw.app.endpoints.pull.site(gw.app.endpoints.settings.upstreams["docker.io"])
+        site = await gw.app.services.pull.site(gw.app.services.settings.upstreams["docker.io"])
         tasks = [asyncio.create_task(gw.client.get(mirrors.path)) for _ in range(4)]
         digest = Digest.parse(mirrors.digest)
 

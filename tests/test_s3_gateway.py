@@ -112,7 +112,7 @@ async def test_cache_bounds_evict_from_the_bucket(tmp_path: Path, fake: FakeRegi
         for digest in image.blobs:
             assert (await gw.client.get(f"/v2/library/alpine/blobs/{digest}")).status_code == 200
         assert (await gw.client.get("/v2/library/alpine/manifests/3")).status_code == 200
-        report = await gw.app.endpoints.evictor.enforce(to=1)
+        report = await gw.app.services.evictor.enforce(to=1)
         assert report.freed > 0 and not report.shortfalls
         again = await gw.client.get(f"/v2/library/alpine/blobs/{next(iter(image.blobs))}")
         assert again.headers["x-cache"] == "MISS"

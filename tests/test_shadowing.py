@@ -93,7 +93,7 @@ async def test_push_into_a_name_a_later_upstream_has_is_denied(
         assert (await gw.client.get("/v2/team/alpine/tags/list")).status_code == 404
         pulled = await gw.client.get("/v2/alpine/manifests/3.19")
         assert pulled.content == image.manifest  # still docker.io's
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         assert (await store.storage.inventory()).blobs == {}
 
 
@@ -289,7 +289,7 @@ async def test_shared_layers_are_copied_in_from_the_upstream(
         assert fake.count("GET", f"/blobs/{sha256(BASE)}") == 1  # the HEAD's fill, reused
         team = await gw.client.get(f"/v2/team/alpine/blobs/{sha256(BASE)}")
         assert team.status_code == 200 and team.content == BASE
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         stored = set((await store.storage.inventory()).blobs)
         assert {str(d) for d in stored} == set(mine.blobs)  # not alpine's second layer
     shutil.rmtree(tmp_path / "cache" / "docker.io")
@@ -321,7 +321,7 @@ async def test_copies_are_bounded_by_the_sets_limits(tmp_path: Path, fake: FakeR
             assert error["code"] == code
             if code == "DENIED":
                 assert "hosted set 'team' is over its quota" in str(error["message"])
-            store = gw.app.endpoints.hosted.stores["team"]
+            store = gw.app.services.hosted.stores["team"]
             assert sha256(BASE) not in {str(d) for d in (await store.storage.inventory()).blobs}
             assert (await gw.client.get("/v2/team/alpine/manifests/patched")).status_code == 404
 
@@ -475,7 +475,7 @@ async def test_gc_dry_run_lists_hosted_repositories_that_shadow_an_upstream(
         for name in ("alpine", "app"):
             put = await push_image(gw.client, f"/v2/{name}", make_image(name, [name.encode()]))
             assert put.status_code == 201, put.text
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         for name in ("busybox", "redis"):  # as an older version let them in
             await _store_raw(store, name, make_image(name, [b"old"]).manifest, OCI_MANIFEST, "1")
     config = tmp_path / "mirrors.toml"

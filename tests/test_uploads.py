@@ -228,7 +228,7 @@ async def test_gc_sweeps_uploads_by_upload_ttl(tmp_path: Path, fake: FakeRegistr
     async with gateway(tmp_path, fake, hosted_config(tmp_path, hosted=keys)) as gw:
         started = await gw.client.post("/v2/team/app/blobs/uploads/")
         assert started.status_code == 202
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         gw.clock.now += 301
         report = await store.collect_garbage()
         assert report.uploads == 1
@@ -288,7 +288,7 @@ async def test_quota_refuses_pushes_naming_the_set(tmp_path: Path, fake: FakeReg
     async with gateway(tmp_path, fake, hosted_config(tmp_path, hosted=keys)) as gw:
         image = make_image("app", [os.urandom(60 * KIB)])
         assert (await push_image(gw.client, "/v2/team/app", image, "v1")).status_code == 201
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         used = store.usage.total
         assert used == sum(len(b) for b in image.blobs.values()) + len(image.manifest)
 
@@ -346,9 +346,9 @@ async def test_usage_is_counted_from_storage_at_start(tmp_path: Path, fake: Fake
         await push_image(gw.client, "/v2/team/app", image, "v1")
         started = await gw.client.post("/v2/team/app/blobs/uploads/")
         await gw.client.patch(started.headers["location"], content=b"p" * 777)
-        before = gw.app.endpoints.hosted.stores["team"].usage.total
+        before = gw.app.services.hosted.stores["team"].usage.total
     async with gateway(tmp_path, fake, hosted_config(tmp_path, hosted=keys)) as gw:
-        store = gw.app.endpoints.hosted.stores["team"]
+        store = gw.app.services.hosted.stores["team"]
         # As stored, a manifest also carries its media type: a few bytes more.
         assert before <= store.usage.total < before + 100
         before = store.usage.total

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import parse_qsl
 
-import httpx
 import jwt
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -23,16 +19,13 @@ from mirrorrouter.access.clientauth import Authenticator, Identity, NotCached
 from mirrorrouter.access.policy import AccessPolicy
 from mirrorrouter.api.calls import Call
 from mirrorrouter.api.groups import Answer, GroupApi
-from mirrorrouter.api.monitor import Monitor
 from mirrorrouter.api.responses import BlobResponse, RawResponse, parse_range
 from mirrorrouter.cache.base import CacheUnavailable
-from mirrorrouter.cache.eviction import Evictor
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.headers import challenge, parse_host
 from mirrorrouter.hosted.api import HostedApi, index_response, tag_page
-from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.manifests import OCI_INDEX
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.metrics import Metrics, Pull
@@ -51,7 +44,6 @@ from mirrorrouter.oci import (
 )
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory
-from mirrorrouter.timing import REAL_TIME, Timing
 
 # The answer to a request whose body ended early (499: nginx's "client closed request"),
 # rendered only for the access log: the client is gone.
@@ -104,49 +96,24 @@ class Endpoints:
         self,
         settings: Settings,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        timing: Timing = REAL_TIME,
+        mapper: Mapper,
+        metrics: Metrics,
+        pull: Pullthrough,
+        auth: Authenticator | None,
+        access: AccessPolicy,
+        audit: AuditLog,
+        hosted: HostedApi,
     ) -> None:
+        """Everything long-lived comes built (app.py builds the object graph once)."""
         self.settings = settings
-        self.mapper = Mapper(settings)
-        self.metrics = Metrics()
-        self.pull = Pullthrough(settings, transport=transport, timing=timing, metrics=self.metrics)
-        self.auth = (
-            Authenticator(settings.auth, clock=timing.wall, monotonic=timing.monotonic)
-            if settings.auth
-            else None
-        )
-        self.access = AccessPolicy(settings)
-        self.audit = AuditLog(settings.audit.file)
-        # The evictor keeps the injected clocks but waits on the real sleep: its interval is
-        # a background cadence, and tests inject a sleep that returns at once (for retries).
-        self.evictor = Evictor(settings, timing=replace(timing, sleep=asyncio.sleep))
-        self.pull.filler.on_commit = self.evictor.committed
-        self.shadowing = Shadowing(settings, self.access, self.pull, clock=timing.monotonic)
-        self.hosted = HostedApi(
-            settings,
-            clock=timing.wall,
-            coordinator=self.pull.coordinator,
-            shadowing=self.shadowing,
-            metrics=self.metrics,
-        )
+        self.mapper = mapper
+        self.metrics = metrics
+        self.pull = pull
+        self.auth = auth
+        self.access = access
+        self.audit = audit
+        self.hosted = hosted
         self.groups = GroupApi(self.mapper, self.access, self._serve)
-        self.monitor = Monitor(settings, self.pull, self.metrics, self.access, self.hosted.gc)
-
-    @asynccontextmanager
-    async def lifespan(self, app: Any) -> AsyncIterator[None]:
-        await self.pull.start()
-        await self.hosted.start()
-        self.evictor.start()  # a round now, then one a minute, and when a commit crosses a limit
-        try:
-            yield
-        finally:
-            await self.evictor.stop()
-            await self.pull.close()
-            await self.hosted.close()
-            self.audit.close()
-            if self.auth is not None:
-                self.auth.close()
 
     def _admit(
         self, scope: Scope, oci: OciRequest, resolution: Resolution, identity: Identity | None

@@ -19,6 +19,7 @@ from mirrorrouter.api.statuspage import (
     StatusSnapshot,
     UpstreamStatus,
 )
+from mirrorrouter.cache import Caches
 from mirrorrouter.config import Settings, UpstreamSettings, redact_url
 from mirrorrouter.hosted.schedule import GcSchedule
 from mirrorrouter.metrics import Metrics
@@ -35,10 +36,12 @@ class Monitor:
         pull: Pullthrough,
         metrics: Metrics,
         access: AccessPolicy,
+        caches: Caches,
         gc: Mapping[str, GcSchedule] | None = None,
     ) -> None:
         self.settings = settings
         self.pull = pull
+        self.caches = caches
         self.metrics = metrics
         self.access = access
         self.gc = gc or {}
@@ -107,7 +110,7 @@ class Monitor:
         every 30 s."""
         known = self._usage.get(upstream.name)
         if known is None:
-            inventory = await (await self.pull.site(upstream)).cache.inventory()
+            inventory = await self.caches.get(upstream.cache).inventory()
             known = (inventory.stored_bytes, len(inventory.blobs) + len(inventory.manifests))
             self._usage[upstream.name] = known
             self.metrics.cache_bytes.labels(upstream.name).set(known[0])

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirrorrouter.cache import CacheBackend, open_backend
+from mirrorrouter.cache import CacheBackend, Caches
 from mirrorrouter.cache.base import Inventory, Removal, Removed
 from mirrorrouter.config import CacheSettings, Settings
 from mirrorrouter.config.model import pin_pattern_problem
@@ -293,13 +293,15 @@ class Evictor:
         self,
         settings: Settings,
         *,
+        caches: Caches | None = None,
         timing: Timing = REAL_TIME,
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
+        """``caches``: the open backends it shares with the pull-through (None: its own)."""
         self.settings = settings
+        self.caches = caches or Caches()
         self.timing = timing
         self.interval = interval
-        self._backends: dict[str, CacheBackend] = {}
         self._references: dict[Digest, tuple[Digest, ...]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -321,12 +323,7 @@ class Evictor:
         return cache_areas(self.settings)
 
     def _backend(self, area: CacheArea) -> CacheBackend:
-        key = os.path.abspath(area.directory)
-        backend = self._backends.get(key)
-        if backend is None:
-            settings = area.cache or CacheSettings("filesystem", area.directory)
-            backend = self._backends[key] = open_backend(settings)
-        return backend
+        return self.caches.get(area.cache or CacheSettings("filesystem", area.directory))
 
     # -- the background task
 

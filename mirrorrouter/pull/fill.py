@@ -99,6 +99,7 @@ class Filler:
         timing: Timing,
         *,
         coordinator: Coordinator | None = None,
+        on_commit: Callable[[str, int], None] | None = None,
         peer_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.metrics = metrics
@@ -106,7 +107,7 @@ class Filler:
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self.tasks: set[asyncio.Task[None]] = set()
         # Told (upstream, bytes) after each blob commit: the evictor keeps caches in bounds.
-        self.on_commit: Callable[[str, int], None] | None = None
+        self.on_commit = on_commit
         self._peer_transport = peer_transport
         self._peer_client: httpx.AsyncClient | None = None
 

@@ -24,11 +24,7 @@ from typing import Literal
 
 import httpx
 
-from mirrorrouter.cache import (
-    StoredManifest,
-    TagRecord,
-    open_backend,
-)
+from mirrorrouter.cache import Caches, StoredManifest, TagRecord
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.coordination import Coordinator, Lease, open_coordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
@@ -68,10 +64,14 @@ class Pullthrough:
         transport: httpx.AsyncBaseTransport | None = None,
         metrics: Metrics | None = None,
         coordinator: Coordinator | None = None,
+        caches: Caches | None = None,
+        on_commit: Callable[[str, int], None] | None = None,
         peer_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """``coordinator`` is what replicas share; None: the one ``settings.coordination``
-        names (a ``LocalCoordinator`` unless it says redis), closed with this object.
+        names (a ``LocalCoordinator`` unless it says redis). ``caches`` holds the open
+        cache backends; None: a ``Caches`` of its own. What this object made, it closes.
+        ``on_commit`` is told (upstream, bytes) after each blob commit (the evictor);
         ``peer_transport`` replaces the network to other replicas (tests)."""
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -84,9 +84,15 @@ class Pullthrough:
         self.coordinator = coordinator or open_coordinator(
             settings.coordination, clock=timing.monotonic
         )
+        self._owns_caches = caches is None
+        self.caches = caches or Caches()
         # The blob downloads (fill.py)
         self.filler = Filler(
-            self.metrics, timing, coordinator=self.coordinator, peer_transport=peer_transport
+            self.metrics,
+            timing,
+            coordinator=self.coordinator,
+            on_commit=on_commit,
+            peer_transport=peer_transport,
         )
 
     async def start(self) -> None:
@@ -98,7 +104,8 @@ class Pullthrough:
         await self.filler.close()
         for site in self._sites.values():
             await site.client.aclose()
-            await site.cache.close()
+        if self._owns_caches:
+            await self.caches.close()
         if self._owns_coordinator:
             await self.coordinator.close()
 
@@ -114,8 +121,7 @@ class Pullthrough:
         async with self._site_lock:
             site = self._sites.get(upstream.name)
             if site is None:
-                cache = open_backend(upstream.cache)
-                await cache.open()
+                cache = await self.caches.opened(upstream.cache)
                 client = UpstreamClient(
                     upstream,
                     transport=self._transport,
