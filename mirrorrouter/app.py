@@ -1,6 +1,7 @@
 """The ASGI application: ``create_app(settings)`` builds the gateway's object graph once
 (``Services``: every long-lived object, passed to whoever uses it), its routes, its
-lifespan, and the one place an error becomes an answer (``error_response``).
+lifespan, and the one error exit: every exception a request raises reaches the handlers
+installed here (api/failures.py), which write the OCI JSON envelope.
 
 Nothing happens at import time; ``app_from_environment`` is the factory uvicorn imports
 when it runs several workers (each worker reads the config named by MIRRORROUTER_CONFIG).
@@ -18,8 +19,7 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -27,22 +27,25 @@ from starlette.types import Receive, Scope, Send
 from mirrorrouter.access.audit import AuditLog
 from mirrorrouter.access.clientauth import Authenticator
 from mirrorrouter.access.policy import AccessPolicy
-from mirrorrouter.api.endpoints import ClientGone, Endpoints
+from mirrorrouter.api.accesslog import AccessLog
+from mirrorrouter.api.endpoints import Endpoints
+from mirrorrouter.api.failures import EXCEPTION_HANDLERS
+from mirrorrouter.api.groups import GroupApi
+from mirrorrouter.api.login import Logins
 from mirrorrouter.api.monitor import Monitor
 from mirrorrouter.api.peer import peer_blob
+from mirrorrouter.api.rendering import Renderer
 from mirrorrouter.api.statuspage import render_status
+from mirrorrouter.api.targets import Targets
 from mirrorrouter.cache import Caches
-from mirrorrouter.cache.base import CacheUnavailable
 from mirrorrouter.cache.eviction import Evictor
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.coordination import Coordinator, open_coordinator
-from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted.api import HostedApi
 from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.mapping import Mapper
 from mirrorrouter.metrics import Metrics
-from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
 from mirrorrouter.pull.peers import PEER_PATH
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -50,41 +53,6 @@ from mirrorrouter.timing import REAL_TIME, Timing
 log = logging.getLogger("mirrorrouter")
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-def error_response(error: RegistryError) -> Response:
-    """The one place an error becomes an HTTP answer: the OCI JSON envelope."""
-    headers = {API_VERSION_HEADER: API_VERSION, **error.headers}
-    return Response(error.body(), error.status, headers, media_type="application/json")
-
-
-async def _registry_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RegistryError)
-    return error_response(exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = ErrorCode.METHOD_NOT_ALLOWED if exc.status_code == 405 else ErrorCode.NOT_FOUND
-    return error_response(RegistryError(code, str(exc.detail), status=exc.status_code))
-
-
-async def _cache_unavailable(request: Request, exc: Exception) -> Response:
-    """The cache's storage is down: a 503 the client retries, not a 500."""
-    log.error("%s %s: %s", request.method, request.url.path, exc)
-    return error_response(RegistryError(ErrorCode.UNAVAILABLE, f"the cache is unreachable: {exc}"))
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    """The request body ended early: the client closed the connection, or the server gave
-    up waiting for it (``server.body_timeout``). Nobody reads this answer; no traceback."""
-    log.debug("%s %s: the request body ended early", request.method, request.url.path)
-    return error_response(ClientGone)
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(RegistryError(ErrorCode.UNKNOWN, "internal error; see the mirror's log"))
 
 
 @dataclass
@@ -105,6 +73,9 @@ class Services:
     shadowing: Shadowing
     hosted: HostedApi
     monitor: Monitor
+    logins: Logins
+    targets: Targets
+    groups: GroupApi
     endpoints: Endpoints
 
     @asynccontextmanager
@@ -161,15 +132,20 @@ def build_services(
         settings, clock=timing.wall, coordinator=coordinator, shadowing=shadowing, metrics=metrics
     )
     monitor = Monitor(settings, pull, metrics, access, caches, hosted.gc)
+    access_log = AccessLog(settings.server.access_log)
+    logins = Logins(auth, access, access_log)
+    targets = Targets(pull, hosted)
+    groups = GroupApi(mapper, access, targets)
     endpoints = Endpoints(
-        settings,
         mapper=mapper,
         metrics=metrics,
-        pull=pull,
-        auth=auth,
         access=access,
-        audit=audit,
+        logins=logins,
+        targets=targets,
+        groups=groups,
         hosted=hosted,
+        renderer=Renderer(metrics, audit, access_log),
+        access_log=access_log,
     )
     return Services(
         settings,
@@ -185,6 +161,9 @@ def build_services(
         shadowing,
         hosted,
         monitor,
+        logins,
+        targets,
+        groups,
         endpoints,
     )
 
@@ -224,7 +203,7 @@ def create_app(
     or an ASGITransport around a fake registry); ``timing`` replaces clocks and sleep.
     """
     services = build_services(settings, transport=transport, timing=timing or REAL_TIME)
-    endpoints, monitor = services.endpoints, services.monitor
+    endpoints, logins, monitor = services.endpoints, services.logins, services.monitor
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -234,22 +213,16 @@ def create_app(
     app = Gateway(
         services,
         routes=[
-            Route("/auth/token", endpoints.token, methods=["GET", "POST"]),
-            Route("/metrics", _metrics(endpoints, monitor), methods=["GET"]),
+            Route("/auth/token", logins.token, methods=["GET", "POST"]),
+            Route("/metrics", _metrics(logins, monitor), methods=["GET"]),
             Route("/healthz", _healthz, methods=["GET", "HEAD"]),
             Route("/readyz", _readyz(monitor), methods=["GET", "HEAD"]),
-            Route("/_/", _status(endpoints, monitor), methods=["GET", "HEAD"]),
+            Route("/_/", _status(logins, monitor), methods=["GET", "HEAD"]),
             Route("/", _to_status, methods=["GET", "HEAD"]),
             Route(PEER_PATH, _peer(services.pull), methods=["GET"]),
             Route("/{path:path}", endpoints.dispatch, methods=ALL_METHODS),
         ],
-        exception_handlers={
-            RegistryError: _registry_error,
-            CacheUnavailable: _cache_unavailable,
-            ClientDisconnect: _client_gone,
-            HTTPException: _http_error,
-            Exception: _unexpected_error,
-        },
+        exception_handlers=EXCEPTION_HANDLERS,  # the one error exit (api/failures.py)
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -270,9 +243,9 @@ def _readyz(monitor: Monitor) -> Callable[[Request], Awaitable[Response]]:
     return readyz
 
 
-def _status(endpoints: Endpoints, monitor: Monitor) -> Callable[[Request], Awaitable[Response]]:
+def _status(logins: Logins, monitor: Monitor) -> Callable[[Request], Awaitable[Response]]:
     async def status(request: Request) -> Response:
-        viewer = await endpoints.monitoring_viewer(request, "the status page")
+        viewer = await logins.monitoring_viewer(request, "the status page")
         return HTMLResponse(render_status(await monitor.status(viewer)))
 
     return status
@@ -283,9 +256,9 @@ async def _to_status(request: Request) -> Response:
     return RedirectResponse("/_/", status_code=307)
 
 
-def _metrics(endpoints: Endpoints, monitor: Monitor) -> Callable[[Request], Awaitable[Response]]:
+def _metrics(logins: Logins, monitor: Monitor) -> Callable[[Request], Awaitable[Response]]:
     async def metrics(request: Request) -> Response:
-        await endpoints.monitoring_viewer(request, "/metrics")
+        await logins.monitoring_viewer(request, "/metrics")
         return Response(await monitor.metrics_page(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics

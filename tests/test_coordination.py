@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mirrorrouter.api.failures import error_response
 from mirrorrouter.api.peer import peer_blob
-from mirrorrouter.app import error_response
 from mirrorrouter.cache import FilesystemCache, TagRecord
 from mirrorrouter.config import Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings

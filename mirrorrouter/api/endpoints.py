@@ -1,119 +1,66 @@
-"""HTTP endpoints of the distribution API: parse once, route, dispatch by request kind."""
+"""HTTP endpoints of the distribution API: parse once, route, identify, admit, ask the target
+(an upstream, a hosted set, or a group's members) and answer.
+
+Every request is parsed once (``calls.parse_scope``), routed by the mapper, identified
+(``login.py``) and admitted by the one access check; then ``Targets`` (or ``GroupApi`` for
+a group) answers it in typed values, which ``Renderer`` writes. Every answer, refusals
+before routing included, gets an access line.
+"""
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import replace
-from typing import Literal
-from urllib.parse import parse_qsl
 
-import jwt
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
-from mirrorrouter import logs
-from mirrorrouter.access.audit import AuditLog
-from mirrorrouter.access.clientauth import Authenticator, Identity, NotCached
+from mirrorrouter.access.clientauth import Identity, NotCached
 from mirrorrouter.access.policy import AccessPolicy
-from mirrorrouter.api.calls import Call
-from mirrorrouter.api.groups import Answer, GroupApi
-from mirrorrouter.api.responses import BlobResponse, RawResponse, parse_range
-from mirrorrouter.cache.base import CacheUnavailable
-from mirrorrouter.config import Settings, UpstreamSettings
+from mirrorrouter.api.accesslog import AccessLog
+from mirrorrouter.api.calls import Call, client_address, parse_scope
+from mirrorrouter.api.failures import answer_status
+from mirrorrouter.api.groups import GroupApi
+from mirrorrouter.api.login import Logins
+from mirrorrouter.api.rendering import Answer, Renderer, common_headers
+from mirrorrouter.api.responses import BlobResponse, RawResponse
+from mirrorrouter.api.targets import Targets
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.headers import challenge, parse_host
-from mirrorrouter.hosted.api import HostedApi, index_response, tag_page
-from mirrorrouter.manifests import OCI_INDEX
-from mirrorrouter.mapping import Mapper, Resolution, RouteKind
-from mirrorrouter.metrics import Metrics, Pull
-from mirrorrouter.oci import (
-    API_VERSION,
-    API_VERSION_HEADER,
-    CACHE_HEADER,
-    CONTENT_DIGEST_HEADER,
-    FILTERS_APPLIED_HEADER,
-    NAMESPACE_HEADER,
-    UPSTREAM_HEADER,
-    CacheResult,
-    OciRequest,
-    RequestKind,
-    parse_request,
-)
-from mirrorrouter.pull.pullthrough import Pullthrough
-from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory
-
-# The answer to a request whose body ended early (499: nginx's "client closed request"),
-# rendered only for the access log: the client is gone.
-ClientGone = RegistryError(
-    ErrorCode.SIZE_INVALID, "the request body ended before its Content-Length", status=499
-)
-
-
-def answer_status(exc: Exception) -> int:
-    """The status app.py's handlers answer ``exc`` with (for the access line)."""
-    if isinstance(exc, RegistryError):
-        return exc.status
-    if isinstance(exc, ClientDisconnect):
-        return ClientGone.status
-    if isinstance(exc, CacheUnavailable):
-        return ErrorCode.UNAVAILABLE.status
-    return ErrorCode.UNKNOWN.status
-
-
-def parse_scope(scope: Scope) -> OciRequest:
-    """The one parse of an ASGI request into an ``OciRequest`` (both the fast path and the
-    Starlette handlers use it)."""
-    host: str | None = None
-    range_header = ""
-    accept: list[str] = []
-    for name, value in scope["headers"]:
-        if name == b"host":
-            if host is not None:  # RFC 9110 7.2: a request with two is answered 400
-                raise RegistryError(ErrorCode.NAME_INVALID, "more than one Host header")
-            host = value.decode("latin-1")
-        elif name == b"accept":
-            accept.append(value.decode("latin-1"))
-        elif name == b"range":
-            range_header = value.decode("latin-1")
-    query = scope.get("query_string", b"")
-    return parse_request(
-        scope["method"],
-        scope["path"],
-        query=parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else (),
-        host=host or "",
-        range_header=range_header or None,
-        accept=accept,
-    )
+from mirrorrouter.hosted.api import HostedApi
+from mirrorrouter.mapping import Mapper, Resolution
+from mirrorrouter.metrics import Metrics
+from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER, OciRequest, RequestKind
+from mirrorrouter.served import Memory
 
 
 class Endpoints:
-    """The request handlers, bound to one configuration."""
+    """The request handlers of the distribution API."""
 
     def __init__(
         self,
-        settings: Settings,
         *,
         mapper: Mapper,
         metrics: Metrics,
-        pull: Pullthrough,
-        auth: Authenticator | None,
         access: AccessPolicy,
-        audit: AuditLog,
+        logins: Logins,
+        targets: Targets,
+        groups: GroupApi,
         hosted: HostedApi,
+        renderer: Renderer,
+        access_log: AccessLog,
     ) -> None:
-        """Everything long-lived comes built (app.py builds the object graph once)."""
-        self.settings = settings
+        """Everything comes built (app.py builds the object graph once)."""
         self.mapper = mapper
         self.metrics = metrics
-        self.pull = pull
-        self.auth = auth
         self.access = access
-        self.audit = audit
+        self.logins = logins
+        self.targets = targets
+        self.groups = groups
         self.hosted = hosted
-        self.groups = GroupApi(self.mapper, self.access, self._serve)
+        self.render = renderer
+        self.access_log = access_log
 
     def _admit(
         self, scope: Scope, oci: OciRequest, resolution: Resolution, identity: Identity | None
@@ -136,24 +83,21 @@ class Endpoints:
             if oci.kind is not RequestKind.MANIFEST:
                 return None
             resolution = self.mapper.resolve(oci)
-            # A password that is not among the pairs proven good needs a bcrypt check: that
-            # never runs here, on the event loop; the full path does it in its own threads.
-            authorization = _header(scope, b"authorization")
-            identity = self.auth.cached_identity(authorization) if self.auth else None
+            identity = self.logins.cached_identity(scope)
             call = self._admit(scope, oci, resolution, identity)
             if isinstance(resolution.target, GroupSettings):
-                found = self.groups.memory_manifest(call, self._remembered)
+                found = self.groups.memory_manifest(call)
             else:
-                answer = self._remembered(resolution, oci.accept)
+                answer = self.targets.remembered(resolution, oci.accept)
                 found = None if answer is None or answer is Memory.MISSING else (call, answer)
         except (RegistryError, NotCached):
             return None
         if found is None:
             return None
         member, answer = found
-        response = self._manifest_response(member, answer)
+        response = self.render.manifest(member, answer)
         self._count(oci, resolution, response.status_code)
-        self._log_access(
+        self.access_log.line(
             scope,
             response.status_code,
             started,
@@ -163,17 +107,6 @@ class Endpoints:
             size=len(response.body),
         )
         return response
-
-    def _remembered(
-        self, resolution: Resolution, accept: tuple[str, ...]
-    ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
-        """What memory alone says of an upstream's or a hosted set's manifest (None: the full
-        path must decide)."""
-        target, ref = resolution.target, resolution.reference
-        if isinstance(target, HostedSettings):
-            return self.hosted.memory_manifest(target, ref, accept)
-        assert isinstance(target, UpstreamSettings)
-        return self.pull.remembered(target, ref, accept)
 
     async def dispatch(self, request: Request) -> Response | ASGIApp:
         """Parse, route, identify, admit and serve one distribution API request; every
@@ -189,7 +122,7 @@ class Endpoints:
             if oci.kind is not RequestKind.BASE:
                 resolution = self.mapper.resolve(oci)
             try:
-                identity = await self.identify(scope)
+                identity = await self.logins.identify(scope)
                 if resolution is None:
                     response: Answer = self.base(scope, oci, identity)
                 else:
@@ -210,7 +143,7 @@ class Endpoints:
             if oci is not None and resolution is not None:
                 self._count(oci, resolution, status)
             if not logged_later:
-                self._log_access(scope, status, started, identity, resolution, size=size)
+                self.access_log.line(scope, status, started, identity, resolution, size=size)
 
     def _count(self, oci: OciRequest, resolution: Resolution, status: int) -> None:
         route = resolution.route.label if resolution.route else resolution.via.value
@@ -226,50 +159,45 @@ class Endpoints:
         else:
             route, headers, name = (
                 resolution.describe,
-                self._common_headers(oci, resolution),
+                common_headers(oci, resolution),
                 oci.name,
             )
         if error.code is ErrorCode.UNAUTHORIZED:
-            headers["WWW-Authenticate"] = self._challenge(scope, name, push=oci.is_write)
+            headers["WWW-Authenticate"] = self.logins.challenge(scope, name, push=oci.is_write)
         return error.with_context(route, headers)
 
     async def _serve(self, call: Call, request: Request) -> Answer:
-        """Answer an admitted call from its target: an upstream, a hosted set or a group."""
-        oci, target = call.oci, call.resolution.target
-        if isinstance(target, GroupSettings):
-            return await self.groups.serve(call, request)
-        hosted = target if isinstance(target, HostedSettings) else None
-        ref = call.resolution.reference
+        """Answer an admitted call from its target: an upstream, a hosted set, or a group's
+        members (each asked the same typed way)."""
+        oci = call.oci
+        group = isinstance(call.resolution.target, GroupSettings)
         if oci.is_write:
-            assert hosted is not None  # access.check refuses pushes to anything else
-            mount_from = self._mount_from(call)
-            return await self.hosted.write(hosted, ref, oci, request, mount_from, call.identity)
-        if oci.method not in ("GET", "HEAD"):
-            raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} is not supported here")
+            return await self._push(self.groups.writer(call) if group else call, request)
         if oci.kind is RequestKind.MANIFEST:
-            if hosted is None:
-                return await self.manifest(call)
-            stored = await self.hosted.manifest(hosted, ref, oci.accept)
-            return self._manifest_response(
-                call, ManifestAnswer(stored, CacheResult.HOSTED, hosted.name)
-            )
+            if group:
+                member, manifest = await self.groups.manifest(call)
+                return self.render.manifest(member, manifest)
+            return self.render.manifest(call, await self.targets.manifest(call))
         if oci.kind is RequestKind.BLOB:
-            if hosted is None:
-                return await self.blob(call)
-            blob = await self.hosted.blob(hosted, ref)
-            answer = BlobAnswer(blob.size, CacheResult.HOSTED, hosted.name, blob.stream)
-            return self._blob_response(call, answer)
+            if group:
+                member, blob = await self.groups.blob(call)
+                return self.render.blob(member, blob)
+            return self.render.blob(call, await self.targets.blob(call))
         if oci.kind is RequestKind.TAGS:
-            if hosted is None:
-                return await self.tags(call)
-            return tag_page(oci.name, await self.hosted.tags(hosted, ref), oci)
+            tags = await (self.groups.tags(call) if group else self.targets.tags(call))
+            return self.render.tags(call, tags)
         if oci.kind is RequestKind.REFERRERS:
-            if hosted is None:
-                return await self.referrers(call)
-            artifact_type = oci.query_value("artifactType")
-            body = await self.hosted.referrers(hosted, ref, artifact_type)
-            return index_response(body, oci, bool(artifact_type))
+            ask = self.groups.referrers if group else self.targets.referrers
+            return self.render.referrers(call, await ask(call))
         raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.kind.value} is not supported")
+
+    async def _push(self, call: Call, request: Request) -> Response:
+        """A push (uploads, manifest PUT, DELETE) to the hosted set the call resolved to."""
+        hosted = call.resolution.target
+        assert isinstance(hosted, HostedSettings)  # access.check refuses pushes elsewhere
+        mount_from = self._mount_from(call)
+        ref = call.resolution.reference
+        return await self.hosted.write(hosted, ref, call.oci, request, mount_from, call.identity)
 
     def _mount_from(self, call: Call) -> str | None:
         """The repository of the same hosted set a ``?mount=&from=`` names, routed the way
@@ -291,296 +219,12 @@ class Endpoints:
             return None
         return resolution.reference.repository
 
-    async def identify(self, scope: Scope) -> Identity | None:
-        """Who is asking (None: no credentials, or client authentication is off); wrong
-        credentials raise ``UNAUTHORIZED``, failed logins back off (passwords.py)."""
-        if self.auth is None:
-            return None
-        return await self.auth.identify(_header(scope, b"authorization"), client_ip(scope))
-
     def base(self, scope: Scope, oci: OciRequest, identity: Identity | None) -> Response:
         if oci.method not in ("GET", "HEAD"):
             raise RegistryError(ErrorCode.UNSUPPORTED, f"{oci.method} /v2/ is not supported")
-        if self.auth is not None and identity is None:
+        if self.logins.auth is not None and identity is None:
             # Clients log in (and get anonymous tokens) from the challenge on /v2/.
-            raise self.auth.unauthorized("authentication required")
+            raise self.logins.auth.unauthorized("authentication required")
         return Response(
             b"{}", 200, {API_VERSION_HEADER: API_VERSION}, media_type="application/json"
         )
-
-    async def token(self, request: Request) -> Response:
-        """The token realm (``docker login``, ``podman login``, containerd credentials)."""
-        if self.auth is None:
-            raise RegistryError(ErrorCode.NOT_FOUND, "client authentication is off here")
-        started = time.perf_counter()
-        status, identity, size = 500, None, 0
-        try:
-            answer = await self._issue(request, self.auth)
-            user = _token_subject(answer)
-            identity = Identity(user) if user else None
-            response = JSONResponse(answer, headers={"Cache-Control": "no-store"})
-            status, size = response.status_code, len(response.body)
-            return response
-        except Exception as exc:
-            status = answer_status(exc)
-            raise
-        finally:
-            self._log_access(request.scope, status, started, identity, None, size=size)
-
-    async def _issue(self, request: Request, auth: Authenticator) -> dict[str, object]:
-        client = client_ip(request.scope)
-        try:
-            if request.method == "POST":
-                form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
-                return await auth.issue(authorization=None, form=form, client=client)
-            authorization = request.headers.get("authorization")
-            return await auth.issue(authorization=authorization, client=client)
-        except RegistryError as error:
-            raise error.with_context("token realm", self._login_headers(error)) from error
-
-    async def monitoring_viewer(self, request: Request, surface: str) -> Identity | None:
-        """Who reads the status page or /metrics (``surface``), once ``auth.monitoring``
-        admits them; 401 with a Basic challenge (a browser's login box, Prometheus'
-        ``basic_auth``) for an anonymous client it does not admit, 403 for a user."""
-        try:
-            identity = await self.identify(request.scope)
-            self.access.check_monitoring(identity, surface)
-        except RegistryError as error:
-            raise error.with_context(surface, self._login_headers(error)) from error
-        return identity
-
-    def _login_headers(self, error: RegistryError) -> dict[str, str]:
-        """A refused login outside the registry API asks for Basic credentials."""
-        if error.code is not ErrorCode.UNAUTHORIZED or self.auth is None:
-            return {}
-        return {"WWW-Authenticate": challenge("Basic", realm=self.auth.settings.service)}
-
-    def _challenge(self, scope: Scope, name: str, *, push: bool = False) -> str:
-        assert self.auth is not None
-        realm = self.auth.settings.realm
-        if realm is None:
-            realm = f"{scope.get('scheme', 'http')}://{_authority(scope)}/auth/token"
-        actions = "pull,push" if push else "pull"
-        return self.auth.challenge(realm, f"repository:{name}:{actions}" if name else None)
-
-    async def manifest(self, call: Call) -> RawResponse:
-        reference = call.resolution.reference
-        answer = await self.pull.manifest_for_client(
-            call.resolution.upstream, reference, call.oci.accept
-        )
-        return self._manifest_response(call, answer)
-
-    def _manifest_response(self, call: Call, answer: ManifestAnswer) -> RawResponse:
-        manifest = answer.manifest
-        headers = {
-            **self._common_headers(call.oci, call.resolution),
-            "content-type": manifest.media_type,
-            "content-length": str(len(manifest.data)),
-            CONTENT_DIGEST_HEADER: str(manifest.digest),
-            CACHE_HEADER: answer.cache,
-        }
-        raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-        if answer.cache is not CacheResult.HOSTED:
-            self.metrics.cache_result(answer.upstream, "manifest", answer.cache)
-        if call.oci.method == "HEAD":
-            return RawResponse(200, raw, b"")
-        self._record_pull(
-            call, str(manifest.digest), answer.mirror, answer.cache, len(manifest.data)
-        )
-        return RawResponse(200, raw, manifest.data)
-
-    async def blob(self, call: Call) -> BlobResponse | Response:
-        digest = call.resolution.reference.digest
-        assert digest is not None
-        upstream, repository = call.resolution.upstream, call.resolution.reference.repository
-        get = call.oci.method == "GET"
-        answer = await self.pull.blob(upstream, repository, digest, body=get)
-        if answer.cache == CacheResult.HIT and get:
-            url = await self.pull.blob_redirect(upstream, digest)
-            if url is not None:
-                self.metrics.cache_result(upstream.name, "blob", answer.cache)
-                self._record_pull(call, str(digest), None, answer.cache, 0)
-                headers = {
-                    **self._common_headers(call.oci, call.resolution),
-                    CONTENT_DIGEST_HEADER: str(digest),
-                    CACHE_HEADER: answer.cache,
-                    "Location": url,
-                }
-                return Response(b"", 307, headers)
-        return self._blob_response(call, answer)
-
-    def _blob_response(self, call: Call, answer: BlobAnswer) -> BlobResponse:
-        digest = call.resolution.reference.digest
-        upstream = answer.upstream
-        headers = {
-            **self._common_headers(call.oci, call.resolution),
-            "Content-Type": "application/octet-stream",
-            CONTENT_DIGEST_HEADER: str(digest),
-            CACHE_HEADER: answer.cache,
-        }
-
-        if answer.cache is not CacheResult.HOSTED:
-            self.metrics.cache_result(upstream, "blob", answer.cache)
-
-        started = time.perf_counter()
-        byte_range = parse_range(call.oci.range, answer.size)
-        status = 206 if byte_range else 200
-
-        def sent(count: int) -> None:
-            if answer.cache == CacheResult.HIT:
-                self.metrics.served_from_cache(upstream, count)
-            if call.oci.method == "GET":
-                self._record_pull(call, str(digest), answer.mirror, answer.cache, count)
-            self._log_access(
-                call.scope,
-                status,
-                started,
-                call.identity,
-                call.resolution,
-                cache=answer.cache,
-                mirror=answer.mirror,
-                size=count,
-            )
-
-        return BlobResponse(
-            answer.stream,
-            size=answer.size,
-            byte_range=byte_range,
-            headers=headers,
-            head=call.oci.method == "HEAD",
-            on_sent=sent,
-        )
-
-    def _record_pull(
-        self, call: Call, digest: str, mirror: str | None, cache: CacheResult, size: int
-    ) -> None:
-        """A manifest or blob GET answered: the audit log and the status page's recent pulls."""
-        user = call.identity.name if call.identity else "anonymous"
-        reference = str(call.resolution.reference)
-        upstream = call.resolution.target.name
-        self.metrics.pulled(
-            Pull(time.time(), user, reference, digest, upstream, cache, size, call.resolution)
-        )
-        if not self.audit.enabled:
-            return
-        self.audit.record(
-            client=call.client,
-            user=user,
-            reference=reference,
-            digest=digest,
-            upstream=upstream,
-            mirror=mirror,
-            cache=cache,
-            bytes=size,
-        )
-
-    async def tags(self, call: Call) -> Response:
-        oci = call.oci
-        query = {k: v for k, v in oci.query if k in ("n", "last")}
-        repository = call.resolution.reference.repository
-        upstream = await self.pull.tags(call.resolution.upstream, repository, query)
-        headers = {**self._common_headers(oci, call.resolution), CACHE_HEADER: CacheResult.MISS}
-        link = upstream.headers.get("link")
-        if link:
-            headers["Link"] = client_link(link, oci)
-        body = b"" if oci.method == "HEAD" else upstream.data
-        return Response(body, 200, headers, media_type="application/json")
-
-    async def referrers(self, call: Call) -> Response:
-        oci = call.oci
-        artifact_type = oci.query_value("artifactType")
-        body, filtered = await self.pull.referrers(
-            call.resolution.upstream, call.resolution.reference, artifact_type
-        )
-        headers = {**self._common_headers(oci, call.resolution), "Content-Type": OCI_INDEX}
-        if filtered:
-            headers[FILTERS_APPLIED_HEADER] = "artifactType"
-        return Response(b"" if oci.method == "HEAD" else body, 200, headers)
-
-    def _common_headers(self, oci: OciRequest, resolution: Resolution) -> dict[str, str]:
-        headers = {API_VERSION_HEADER: API_VERSION, UPSTREAM_HEADER: resolution.target.name}
-        if resolution.via is RouteKind.NAMESPACE and oci.ns:
-            headers[NAMESPACE_HEADER] = oci.ns
-        return headers
-
-    def _log_access(
-        self,
-        scope: Scope | None,
-        status: int,
-        started: float,
-        identity: Identity | None,
-        resolution: Resolution | None,
-        *,
-        cache: CacheResult | None = None,
-        mirror: str | None = None,
-        size: int = 0,
-    ) -> None:
-        """One structured access line, when ``server.access_log`` is on: always the client
-        address and the user (``anonymous`` when none was established)."""
-        if not self.settings.server.access_log or scope is None:
-            return
-        query = scope.get("query_string", b"")
-        path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
-        route = upstream = None
-        if resolution is not None:
-            route = resolution.route.label if resolution.route else resolution.via.value
-            upstream = resolution.target.name
-        logs.access(
-            scope["method"],
-            path,
-            status,
-            request_id=secrets.token_hex(8),
-            client=client_address(scope) or None,
-            user=identity.name if identity else "anonymous",
-            route=route,
-            upstream=upstream,
-            mirror=mirror,
-            cache=cache,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            bytes=size,
-        )
-
-
-def client_ip(scope: Scope) -> str:
-    """The client's IP address (failed logins back off by it); "" when the server has none."""
-    client = scope.get("client")
-    return str(client[0]) if client else ""
-
-
-def client_address(scope: Scope) -> str:
-    """``ip:port`` of the client ("" when the server does not say)."""
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else ""
-
-
-def _authority(scope: Scope) -> str:
-    """The request's validated ``host[:port]`` (``parse_scope`` refused any other), for
-    URLs that send the client back here."""
-    try:
-        return str(parse_host(_header(scope, b"host") or ""))
-    except ValueError:
-        return "localhost"
-
-
-def _token_subject(answer: dict[str, object]) -> str | None:
-    """The user a token the realm just issued names (None: anonymous)."""
-    claims = jwt.decode(str(answer["token"]), options={"verify_signature": False})
-    return str(claims.get("sub") or "") or None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def client_link(link: str, oci: OciRequest) -> str:
-    """Rewrite an upstream ``Link: </v2/<upstream name>/tags/list?..>`` to the client's name.
-
-    The client must be able to follow it through the same route: same prefix, same name,
-    same ``ns``.
-    """
-    target, _, rest = link.partition(">")
-    query = dict(parse_qsl(target.lstrip(" <").partition("?")[2]))
-    return f"<{oci.client_url('tags/list', query)}>{rest}"

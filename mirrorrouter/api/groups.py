@@ -9,6 +9,11 @@
 - A push goes to the group's one ``writable`` hosted member.
 - Access rules are the members': the group asks each member with the client's identity.
 
+Members are asked through the same typed calls the endpoints make of any target
+(``Targets``: a ``ManifestAnswer``, a ``BlobAnswer``, a ``TagList``, ``Referrers``); the
+answering member's call comes back with its answer, so the answer is written as that
+member's.
+
 When no member has the reference, the answer is the most useful failure: a member that was
 unreachable or throttling (503/429: the content may well be there, so clients retry), then
 a login prompt, then a refusal, then "not found".
@@ -23,35 +28,24 @@ its current generation; an upstream's linked digest or tag within tag_ttl).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Literal, TypeAlias
-
-from starlette.requests import Request
-from starlette.responses import Response
+from typing import TypeAlias, TypeVar
 
 from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.access.policy import AccessPolicy
 from mirrorrouter.api.calls import Call
-from mirrorrouter.api.responses import BlobResponse, RawResponse
+from mirrorrouter.api.targets import Targets
 from mirrorrouter.config import Route
 from mirrorrouter.config.model import GroupSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted.api import index_response, tag_page
-from mirrorrouter.manifests import Descriptor, referrers_in, referrers_index
+from mirrorrouter.manifests import Descriptor, referrers_index
 from mirrorrouter.mapping import Mapper, Resolution, RouteKind
 from mirrorrouter.oci import RequestKind
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.served import ManifestAnswer, Memory
+from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory, Referrers, TagList
 
-Answer: TypeAlias = Response | RawResponse | BlobResponse
-Serve: TypeAlias = Callable[[Call, Request], Awaitable[Answer]]
-# What memory says of a member's manifest (as resolved for it, for a client accepting these
-# media types): an answer, MISSING for certain, or None: memory cannot say.
-Remembered: TypeAlias = Callable[
-    [Resolution, tuple[str, ...]], ManifestAnswer | Literal[Memory.MISSING] | None
-]
+T = TypeVar("T")
 
 # A member answering one of these does not have the reference (for this client): next.
 MEMBER_MISSES = frozenset(
@@ -81,39 +75,48 @@ _PREFERENCE = (
 class GroupApi:
     """Answers requests whose route leads to a group, by asking its members."""
 
-    def __init__(self, mapper: Mapper, access: AccessPolicy, serve: Serve) -> None:
+    def __init__(self, mapper: Mapper, access: AccessPolicy, targets: Targets) -> None:
         self.mapper = mapper
         self.access = access
-        self._serve = serve  # answers a member's call (an upstream or a hosted set)
+        self.targets = targets  # asks a member (an upstream or a hosted set)
         self._plans: dict[PlanKey, tuple[Resolution | RegistryError, ...]] = {}
 
-    async def serve(self, call: Call, request: Request) -> Answer:
+    # ------------------------------------------------------------------ the first member
+
+    async def manifest(self, call: Call) -> tuple[Call, ManifestAnswer]:
+        """The first member's manifest, with the member's call."""
+        return await self._first(call, self.targets.manifest)
+
+    async def blob(self, call: Call) -> tuple[Call, BlobAnswer]:
+        """The first member's blob, with the member's call."""
+        return await self._first(call, self.targets.blob)
+
+    def writer(self, call: Call) -> Call:
+        """The call as the group's writable member takes a push."""
         group = call.resolution.target
         assert isinstance(group, GroupSettings)
-        if call.oci.is_write:
-            if group.writable is None:
-                raise RegistryError(
-                    ErrorCode.UNSUPPORTED,
-                    f"group {group.name} has no hosted member to push to",
-                )
-            return await self._serve(self._member(call, group.writable, push=True), request)
-        if call.oci.kind is RequestKind.TAGS:
-            return await self._tags(call, request, group)
-        if call.oci.kind is RequestKind.REFERRERS:
-            return await self._referrers(call, request, group)
+        if group.writable is None:
+            raise RegistryError(
+                ErrorCode.UNSUPPORTED,
+                f"group {group.name} has no hosted member to push to",
+            )
+        return self._member(call, group.writable, push=True)
+
+    async def _first(self, call: Call, ask: Callable[[Call], Awaitable[T]]) -> tuple[Call, T]:
+        group = call.resolution.target
+        assert isinstance(group, GroupSettings)
         misses: dict[str, RegistryError] = {}
         for name in group.members:
             try:
-                return await self._serve(self._member(call, name), request)
+                member = self._member(call, name)
+                return member, await ask(member)
             except RegistryError as error:
                 if error.code not in MEMBER_MISSES:
                     raise
                 misses[name] = error
         raise _no_member_has(group, call, misses)
 
-    def memory_manifest(
-        self, call: Call, remembered: Remembered
-    ) -> tuple[Call, ManifestAnswer] | None:
+    def memory_manifest(self, call: Call) -> tuple[Call, ManifestAnswer] | None:
         """The group's manifest answer from memory alone, with the member call that gives
         it; None when memory is not certain of it (the full path then asks the members)."""
         accept = call.oci.accept
@@ -122,7 +125,7 @@ class GroupApi:
                 if member.code in MEMBER_MISSES:
                     continue  # refused or not a name there: the full path passes on too
                 return None
-            found = remembered(member, accept)
+            found = self.targets.remembered(member, accept)
             if found is None:
                 return None
             if found is Memory.MISSING:
@@ -161,51 +164,50 @@ class GroupApi:
         self.access.check(call.identity, resolution, push=push)
         return resolution
 
-    async def _bodies(self, call: Call, request: Request, group: GroupSettings) -> list[bytes]:
+    # ------------------------------------------------------------------ unions
+
+    async def tags(self, call: Call) -> TagList:
+        """The union of the members' tags (paginated by the gateway)."""
+        tags: set[str] = set()
+        for answer in await self._each(call, self.targets.tags):
+            tags.update(answer.names())
+        return TagList(tuple(sorted(tags)))
+
+    async def referrers(self, call: Call) -> Referrers:
+        """The union of the members' referrers, one descriptor per digest."""
+        seen: dict[Digest, Descriptor] = {}
+        for answer in await self._each(call, self.targets.referrers):
+            for descriptor in answer.descriptors():
+                seen.setdefault(descriptor.digest, descriptor)
+        filtered = bool(call.oci.query_value("artifactType"))
+        listed = tuple(seen.values())
+        return Referrers(referrers_index(listed), filtered, listed)
+
+    async def _each(self, call: Call, ask: Callable[[Call], Awaitable[T]]) -> list[T]:
         """Every member's answer to a GET of the same endpoint (for the unions)."""
+        group = call.resolution.target
+        assert isinstance(group, GroupSettings)
         # Pagination and HEAD are the group's: members are asked for everything.
         oci = replace(
             call.oci,
             method="GET",
             query=tuple((k, v) for k, v in call.oci.query if k not in ("n", "last")),
         )
-        bodies, misses = [], {}
+        answers, misses = [], {}
         for name in group.members:
             try:
                 member = self._member(replace(call, oci=oci), name)
-                response = await self._serve(member, request)
+                answers.append(await ask(member))
             except RegistryError as error:
                 if error.code not in MEMBER_MISSES:
                     raise
                 misses[name] = error
-                continue
-            assert isinstance(response, Response)
-            bodies.append(bytes(response.body))
-        if not bodies:
+        if not answers:
             raise _no_member_has(group, call, misses)
         prompt = _login_first(group, call, misses)
         if prompt is not None:
             raise prompt
-        return bodies
-
-    async def _tags(self, call: Call, request: Request, group: GroupSettings) -> Answer:
-        tags: set[str] = set()
-        for data in await self._bodies(call, request, group):
-            try:
-                body = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(body, dict) and isinstance(body.get("tags"), list):
-                tags.update(t for t in body["tags"] if isinstance(t, str))
-        return tag_page(call.oci.name, sorted(tags), call.oci)
-
-    async def _referrers(self, call: Call, request: Request, group: GroupSettings) -> Answer:
-        seen: dict[Digest, Descriptor] = {}
-        for data in await self._bodies(call, request, group):
-            for descriptor in referrers_in(data):
-                seen.setdefault(descriptor.digest, descriptor)
-        filtered = bool(call.oci.query_value("artifactType"))
-        return index_response(referrers_index(seen.values()), call.oci, filtered)
+        return answers
 
 
 def _login_first(

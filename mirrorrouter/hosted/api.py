@@ -25,7 +25,6 @@ same ``ns``, so a client behind any routing dialect follows it back to the same 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,13 +46,12 @@ from mirrorrouter.hosted.schedule import GcSchedule
 from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.hosted.store import BlobFinder, HostedStore, StoredBlob
 from mirrorrouter.hosted.uploads import Upload, upload_range
-from mirrorrouter.manifests import MAX_MANIFEST_BYTES, OCI_INDEX, accepts, child_for_client
+from mirrorrouter.manifests import MAX_MANIFEST_BYTES, Descriptor, accepts, child_for_client
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
     CONTENT_DIGEST_HEADER,
-    FILTERS_APPLIED_HEADER,
     CacheResult,
     OciRequest,
     RequestKind,
@@ -185,7 +183,7 @@ class HostedApi:
 
     async def referrers(
         self, hosted: HostedSettings, ref: ImageReference, artifact_type: str | None
-    ) -> bytes:
+    ) -> list[Descriptor]:
         assert ref.digest is not None
         return await self.store(hosted).referrers(ref.repository, ref.digest, artifact_type)
 
@@ -365,38 +363,6 @@ class HostedApi:
         return _empty(
             201, {"Location": oci.client_url(f"blobs/{digest}"), CONTENT_DIGEST_HEADER: str(digest)}
         )
-
-
-def tag_page(name: str, tags: list[str], oci: OciRequest) -> Response:
-    """A ``tags/list`` answer paginated here (``n``, ``last``), with the ``Link`` to the
-    next page written as the client addressed us."""
-    last = oci.query_value("last")
-    ordered = sorted(set(tags))
-    if last:
-        ordered = [t for t in ordered if t > last]
-    headers = {API_VERSION_HEADER: API_VERSION}
-    n_text = oci.query_value("n")
-    if n_text:
-        try:
-            n = int(n_text)
-        except ValueError:
-            raise RegistryError(ErrorCode.UNSUPPORTED, f"n={n_text!r} is not a number") from None
-        if n < 0:
-            raise RegistryError(ErrorCode.UNSUPPORTED, f"n={n} is negative")
-        if len(ordered) > n:
-            ordered = ordered[:n]
-            if ordered:
-                query = {"n": str(n), "last": ordered[-1]}
-                headers["Link"] = f'<{oci.client_url("tags/list", query)}>; rel="next"'
-    body = b"" if oci.method == "HEAD" else json.dumps({"name": name, "tags": ordered}).encode()
-    return Response(body, 200, headers, media_type="application/json")
-
-
-def index_response(body: bytes, oci: OciRequest, filtered: bool) -> Response:
-    headers = {API_VERSION_HEADER: API_VERSION, "Content-Type": OCI_INDEX}
-    if filtered:
-        headers[FILTERS_APPLIED_HEADER] = "artifactType"
-    return Response(b"" if oci.method == "HEAD" else body, 200, headers)
 
 
 def _empty(status: int, headers: dict[str, str] | None = None) -> Response:

@@ -58,7 +58,6 @@ from mirrorrouter.manifests import (
     as_referrer,
     parse_strict,
     read_tolerant,
-    referrers_index,
 )
 from mirrorrouter.reference import Digest
 
@@ -222,8 +221,10 @@ class HostedStore:
         inventory = await self.storage.inventory()
         return sorted({*inventory.links, *(repository for repository, _ in inventory.tags)})
 
-    async def referrers(self, repository: str, digest: Digest, artifact_type: str | None) -> bytes:
-        """The OCI index of the repository's manifests whose subject is ``digest``."""
+    async def referrers(
+        self, repository: str, digest: Digest, artifact_type: str | None
+    ) -> list[Descriptor]:
+        """The repository's manifests whose subject is ``digest``, as an OCI index lists them."""
         descriptors = []
         for candidate in sorted(await self.storage.linked(repository), key=str):
             referrer = await self._referrer(candidate)
@@ -232,7 +233,7 @@ class HostedStore:
             if artifact_type and referrer.descriptor.artifact_type != artifact_type:
                 continue
             descriptors.append(referrer.descriptor)
-        return referrers_index(descriptors)
+        return descriptors
 
     async def _referrer(self, digest: Digest) -> _Referrer | None:
         """The manifest as a referrer; None when it has no subject (or is unreadable)."""
