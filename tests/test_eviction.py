@@ -15,13 +15,8 @@ import pytest
 
 from mirrorrouter.cache import FilesystemCache
 from mirrorrouter.cache.base import StoredManifest, TagRecord
-from mirrorrouter.cache.eviction import (
-    LOCK_FILE,
-    Evictor,
-    PinsError,
-    change_runtime_pins,
-    load_pins,
-)
+from mirrorrouter.cache.eviction import LOCK_FILE, Evictor
+from mirrorrouter.cache.pins import PinsError, change_runtime_pins, load_pins
 from mirrorrouter.config import ConfigError, Settings, parse_settings
 from mirrorrouter.reference import Digest
 from mirrorrouter.sizes import format_size, parse_size

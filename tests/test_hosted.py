@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from mirrorrouter.cache import StoredManifest, TagRecord
-from mirrorrouter.cache.eviction import cache_areas
+from mirrorrouter.cache.images import cache_areas
 from mirrorrouter.cli.main import main
 from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError

@@ -1,23 +1,11 @@
 """Cache bounds: size limits per upstream cache and for all caches together, enforced by
-evicting whole images, least recently accessed first.
+evicting whole images (images.py), least recently accessed first.
 
 - **What is counted**: the bytes of committed blobs and manifests, plus downloads in
   progress (at their announced size, so room is made for a blob while it arrives). Tag
   records and links are a few bytes each and are not counted.
-- **What is evicted together**: an *image*, the unit of eviction, is a top-level manifest
-  (one no other cached manifest references: an image manifest or an index) with every
-  manifest and blob it reaches (an index's child manifests, their config and layers). Its
-  manifests, its tag records and the blobs no other remaining image references go
-  together, so a kept manifest is never stripped of its blobs by eviction. A blob that no
-  cached manifest references (its manifest was never cached, or was removed by hand) is
-  an image of its own. A manifest can still lack blobs it never had (a client pulled one
-  platform of an index); a pull then fetches them upstream like any miss.
-- **Last access** of an image: the latest access of its manifests and of the blobs only it
-  references (a base layer shared with a busy image does not keep an idle image alive).
-- **Pins** (``[cache] pins`` and the runtime pins of ``mirrorrouter cache pin``, kept in
-  ``<cache directory>/pins.json``): glob patterns over canonical ``name:tag`` (and
-  ``name@digest`` for a manifest by digest). A pinned image is never evicted, nor is
-  anything it reaches, also when another image shares it; a pinned image stays complete.
+- **What is evicted together**: an image with what only it reaches; never a pinned one
+  (pins.py), nor anything a pin reaches.
 - **In use**: an image with a blob being read, written or held is skipped whole.
 - **Order**: each upstream cache over its own ``max_size`` first, then all caches together
   over ``[cache] max_size``, oldest image first.
@@ -31,21 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import fnmatch
-import json
 import logging
 import os
-import re
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mirrorrouter.cache import CacheBackend, Caches
-from mirrorrouter.cache.base import Inventory, Removal, Removed
+from mirrorrouter.cache.base import Removal, Removed
+from mirrorrouter.cache.images import CacheArea, Image, Survey, cache_areas, stored_bytes, survey_of
+from mirrorrouter.cache.pins import Pins, PinsError, load_pins
 from mirrorrouter.config import CacheSettings, Settings
-from mirrorrouter.config.model import pin_pattern_problem
-from mirrorrouter.errors import MirrorRouterError
 from mirrorrouter.manifests import referenced_digests
 from mirrorrouter.reference import Digest
 from mirrorrouter.timing import REAL_TIME, Timing
@@ -53,187 +36,8 @@ from mirrorrouter.timing import REAL_TIME, Timing
 log = logging.getLogger("mirrorrouter.eviction")
 
 DEFAULT_INTERVAL = 60.0  # seconds between two rounds of the background task
-PINS_FILE = "pins.json"
 LOCK_FILE = ".evict.lock"
 LOCK_POLL_SECONDS = 0.1
-
-
-class PinsError(MirrorRouterError):
-    """The runtime pins file cannot be read or written; nothing is evicted meanwhile."""
-
-
-# --------------------------------------------------------------------------- pins
-
-
-@dataclass(frozen=True, slots=True)
-class Pins:
-    """Pin patterns from the config and from ``pins.json``."""
-
-    config: tuple[str, ...] = ()
-    runtime: tuple[str, ...] = ()
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return self.config + tuple(p for p in self.runtime if p not in self.config)
-
-    def match_tag(self, name: str, tag: str) -> str | None:
-        """The first pattern pinning ``name:tag``, or None."""
-        return self._match(f"{name}:{tag}")
-
-    def match_digest(self, name: str, digest: Digest) -> str | None:
-        """The first pattern pinning ``name@digest``, or None."""
-        return self._match(f"{name}@{digest}")
-
-    def _match(self, text: str) -> str | None:
-        return next((p for p in self.patterns if fnmatch.fnmatchcase(text, p)), None)
-
-
-def pins_path(settings: Settings) -> Path:
-    return settings.cache.directory / PINS_FILE
-
-
-def load_pins(settings: Settings) -> Pins:
-    """Config pins and the runtime pins; raises ``PinsError`` for an unreadable pins.json."""
-    return Pins(settings.cache.pins, tuple(_read_runtime_pins(pins_path(settings))))
-
-
-def _read_runtime_pins(path: Path) -> list[str]:
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        raise PinsError(f"{path}: cannot read the runtime pins: {exc}") from exc
-    pins = data.get("pins") if isinstance(data, dict) else None
-    if not isinstance(pins, list) or not all(isinstance(p, str) for p in pins):
-        raise PinsError(f'{path}: expected {{"pins": [patterns]}}')
-    return pins
-
-
-def change_runtime_pins(
-    settings: Settings, *, add: str | None = None, remove: str | None = None
-) -> bool:
-    """Add or remove one runtime pin; False when there was nothing to change."""
-    path = pins_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(path.with_name(PINS_FILE + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # pin and unpin may run at once
-        pins = _read_runtime_pins(path)
-        if add is not None and add not in pins:
-            pins.append(add)
-        elif remove is not None and remove in pins:
-            pins.remove(remove)
-        else:
-            return False
-        temp = path.with_name(f".{PINS_FILE}.{os.getpid()}")
-        temp.write_text(json.dumps({"pins": pins}, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-        return True
-    finally:
-        os.close(lock)
-
-
-def check_pin(pattern: str) -> str | None:
-    """What is wrong with a pin pattern, or None (see config.model.pin_pattern_problem)."""
-    problem = pin_pattern_problem(pattern)
-    return None if problem is None else f"expected {problem}"
-
-
-# --------------------------------------------------------------------------- the areas
-
-
-@dataclass(frozen=True, slots=True)
-class CacheArea:
-    """One upstream's cache directory as eviction sees it."""
-
-    name: str  # the upstream's registry name
-    directory: Path
-    max_size: int | None
-    configured: bool  # False: found on disk (a registry admitted by allow_unconfigured)
-    cache: CacheSettings | None = None  # how to open it; None: a filesystem cache there
-
-
-def cache_areas(settings: Settings) -> list[CacheArea]:
-    """Every configured upstream's cache, and caches of unconfigured registries on disk.
-
-    Hosted repository sets are never areas: they are the only copy of what was pushed,
-    wherever their directory is.
-    """
-    areas = [
-        CacheArea(u.name, u.cache.directory, u.cache.max_size, True, u.cache)
-        for u in settings.upstreams.values()
-    ]
-    known = {os.path.abspath(a.directory) for a in areas}
-    known |= {os.path.abspath(h.storage.directory) for h in settings.hosted.values()}
-    with contextlib.suppress(OSError):
-        for entry in sorted(settings.cache.directory.iterdir()):
-            if (
-                entry.is_dir()
-                and not entry.name.startswith("_")  # _hosted/: hosted sets by default
-                and os.path.abspath(entry) not in known
-                and (entry / "blobs").is_dir()
-            ):
-                areas.append(CacheArea(_registry_of(entry.name), entry, None, False))
-    return areas
-
-
-def _registry_of(dirname: str) -> str:
-    """The registry name of a cache directory (``cache_dirname`` turned ``:`` into ``_``)."""
-    match = re.fullmatch(r"(.+)_(\d+)", dirname)
-    return f"{match[1]}:{match[2]}" if match else dirname
-
-
-# --------------------------------------------------------------------------- images
-
-
-@dataclass(slots=True)
-class Image:
-    """The unit of eviction: a top-level manifest with what it reaches, or a loose blob."""
-
-    root: Digest
-    is_manifest: bool
-    members: frozenset[Digest]  # the stored manifests and blobs it reaches (root included)
-    size: int  # bytes of its members, shared ones included
-    accessed: float
-    complete: bool  # every digest it references is stored
-    pinned_by: str | None = None
-    tags: tuple[tuple[str, str], ...] = ()  # (repository, tag) naming the root
-    evicted: bool = False
-
-
-@dataclass(slots=True)
-class Survey:
-    """One cache's content arranged into images, with its pins."""
-
-    area: CacheArea
-    inventory: Inventory
-    references: dict[Digest, tuple[Digest, ...]]  # per stored manifest
-    images: list[Image]
-    pinned: dict[Digest, str]  # every digest a pin reaches -> the pattern
-    owners: Counter[Digest]  # how many images (not evicted) reach each digest
-    usage: int  # stored bytes + in flight, kept current as images go
-
-    def reach(self, digest: Digest) -> set[Digest]:
-        """``digest`` and everything reachable from it through stored manifests."""
-        seen: set[Digest] = set()
-        stack = [digest]
-        while stack:
-            current = stack.pop()
-            if current in seen:
-                continue
-            seen.add(current)
-            stack.extend(self.references.get(current, ()))
-        return seen
-
-    def describe(self, digest: Digest) -> tuple[int, float, bool]:
-        """Stored bytes, last access and completeness of what ``digest`` reaches."""
-        inventory = self.inventory
-        reached = self.reach(digest)
-        stored = [inventory.manifests.get(d) or inventory.blobs.get(d) for d in reached]
-        objects = [o for o in stored if o is not None]
-        accessed = max((o.accessed for o in objects), default=0.0)
-        return sum(o.size for o in objects), accessed, len(objects) == len(reached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,9 +79,6 @@ class EvictionReport:
     def ok(self) -> bool:
         """Every limit in scope is met (or would be, for a dry run)."""
         return not self.busy and not self.shortfalls
-
-
-# --------------------------------------------------------------------------- the evictor
 
 
 class Evictor:
@@ -501,7 +302,9 @@ class Evictor:
         if dry_run:
             busy = frozenset(d for d in owned if d in inventory.blobs and backend.in_use(d))
             result = (
-                Removed(frozenset(), 0, busy) if busy else Removed(owned, _bytes(survey, owned))
+                Removed(frozenset(), 0, busy)
+                if busy
+                else Removed(owned, stored_bytes(survey, owned))
             )
         else:
             result = await backend.remove(removal)
@@ -550,11 +353,7 @@ class Evictor:
                 known = tuple(referenced_digests(stored)) if stored is not None else ()
                 self._references[digest] = known  # content by digest never changes
             references[digest] = known
-        survey = Survey(area, inventory, references, [], {}, Counter(), 0)
-        survey.usage = inventory.stored_bytes + inventory.in_flight
-        _pin(survey, pins)
-        _arrange(survey)
-        return survey
+        return survey_of(area, inventory, references, pins)
 
     # -- the lock among processes
 
@@ -579,83 +378,3 @@ class Evictor:
         except BlockingIOError:
             return False
         return True
-
-
-def _bytes(survey: Survey, digests: frozenset[Digest]) -> int:
-    inventory = survey.inventory
-    return sum(
-        o.size
-        for d in digests
-        for o in (inventory.blobs.get(d), inventory.manifests.get(d))
-        if o is not None
-    )
-
-
-def _pin(survey: Survey, pins: Pins) -> None:
-    """Mark everything a pinned tag (or pinned digest) reaches."""
-    registry = survey.area.name
-    inventory = survey.inventory
-    for (repository, tag), record in inventory.tags.items():
-        pattern = pins.match_tag(f"{registry}/{repository}", tag)
-        if pattern is not None:
-            for digest in survey.reach(record.digest):
-                survey.pinned.setdefault(digest, pattern)
-    if not any("@" in p for p in pins.patterns):
-        return
-    for repository, linked in inventory.links.items():
-        for digest in linked:
-            if digest in inventory.manifests:
-                pattern = pins.match_digest(f"{registry}/{repository}", digest)
-                if pattern is not None:
-                    for reached in survey.reach(digest):
-                        survey.pinned.setdefault(reached, pattern)
-
-
-def _arrange(survey: Survey) -> None:
-    """Group the stored content into images and count who reaches what."""
-    inventory = survey.inventory
-    children = {d for refs in survey.references.values() for d in refs}
-    images: list[Image] = []
-    for digest in inventory.manifests:
-        if digest in children:
-            continue
-        reached = survey.reach(digest)
-        members = frozenset(d for d in reached if d in inventory.manifests or d in inventory.blobs)
-        survey.owners.update(members)
-        images.append(
-            Image(
-                digest,
-                True,
-                members,
-                _bytes(survey, members),
-                0.0,
-                complete=len(members) == len(reached),
-                pinned_by=survey.pinned.get(digest),
-            )
-        )
-    for image in images:
-        # A manifest is in every image that reaches it; a shared blob does not count, or a
-        # busy image's base layer would keep every idle image over it alive.
-        times = [
-            o.accessed
-            for d in image.members
-            for o in (inventory.manifests.get(d), inventory.blobs.get(d))
-            if o is not None and (d in inventory.manifests or survey.owners[d] == 1)
-        ]
-        image.accessed = max(times, default=0.0)
-        image.tags = tuple(sorted(k for k, r in inventory.tags.items() if r.digest == image.root))
-    for digest, stored in inventory.blobs.items():
-        if survey.owners[digest] == 0:
-            survey.owners[digest] = 1
-            images.append(
-                Image(
-                    digest,
-                    False,
-                    frozenset({digest}),
-                    stored.size,
-                    stored.accessed,
-                    complete=True,
-                    pinned_by=survey.pinned.get(digest),
-                )
-            )
-    survey.images = images

@@ -15,13 +15,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mirrorrouter.cache.eviction import (
-    EvictionReport,
-    Evictor,
-    Image,
+from mirrorrouter.cache.eviction import EvictionReport, Evictor
+from mirrorrouter.cache.images import Image, Survey
+from mirrorrouter.cache.pins import (
     Pins,
     PinsError,
-    Survey,
     change_runtime_pins,
     check_pin,
     load_pins,
