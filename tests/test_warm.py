@@ -15,13 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirrorrouter.cli.layout import (
-    REF_NAME,
-    ExportReport,
-    ImportReport,
-    export_images,
-    import_archive,
-)
+from mirrorrouter.cli.exporter import ExportReport, export_images
+from mirrorrouter.cli.importer import ImportReport, import_archive
+from mirrorrouter.cli.layout import REF_NAME
 from mirrorrouter.cli.main import main
 from mirrorrouter.cli.warmer import (
     Warmer,

@@ -19,15 +19,10 @@ from pathlib import Path
 
 from rich.logging import RichHandler
 
-from mirrorrouter.cli.layout import ExportReport, ImportReport, export_images, import_archive
-from mirrorrouter.cli.warmer import (
-    DEFAULT_JOBS,
-    Progress,
-    RichProgress,
-    make_progress,
-    read_image_list,
-    warm_images,
-)
+from mirrorrouter.cli.exporter import ExportReport, export_images
+from mirrorrouter.cli.importer import ImportReport, import_archive
+from mirrorrouter.cli.progress import Progress, RichProgress, make_progress
+from mirrorrouter.cli.warmer import DEFAULT_JOBS, read_image_list, warm_images
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.manifests import PlatformSelector
