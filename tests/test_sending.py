@@ -16,7 +16,8 @@ from mirrorrouter.config import parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest
 from mirrorrouter.timing import Timing
-from mirrorrouter.upstream.client import ListAnswer, UpstreamClient
+from mirrorrouter.upstream.client import UpstreamClient
+from mirrorrouter.upstream.results import ListAnswer
 from mirrorrouter.upstream.sending import MAX_HOPS
 
 pytestmark = pytest.mark.anyio

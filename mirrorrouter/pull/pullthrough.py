@@ -45,7 +45,8 @@ from mirrorrouter.reference import Digest, ImageReference
 from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory
 from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream.breaker import CircuitBreaker
-from mirrorrouter.upstream.client import FetchedManifest, ListAnswer, UpstreamClient
+from mirrorrouter.upstream.client import UpstreamClient
+from mirrorrouter.upstream.results import FetchedManifest, ListAnswer
 
 log = logging.getLogger("mirrorrouter.pullthrough")
 
