@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from mirrorrouter.cli.main import main
+from mirrorrouter.cli.shadows import shadowing_report
 from mirrorrouter.config import parse_settings
-from mirrorrouter.hosted.shadowing import shadowing_report
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256

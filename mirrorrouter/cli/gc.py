@@ -24,11 +24,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 
+from mirrorrouter.cli.shadows import Shadowed, shadowing_report
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.hosted.gc import GcReport
-from mirrorrouter.hosted.shadowing import Shadowed, shadowing_report
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.sizes import format_size
 

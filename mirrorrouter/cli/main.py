@@ -22,6 +22,7 @@ from mirrorrouter.cli import warm as warmcli
 from mirrorrouter.cli.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.cli.connectivity import probe_all
 from mirrorrouter.cli.formatting import print_table
+from mirrorrouter.cli.shadows import explain_group, shadow_warnings
 from mirrorrouter.config import (
     ConfigError,
     Settings,
@@ -32,7 +33,6 @@ from mirrorrouter.config import (
 from mirrorrouter.config.discovery import CONFIG_ENV, find_config
 from mirrorrouter.config.model import GroupSettings, Target
 from mirrorrouter.errors import RegistryError
-from mirrorrouter.hosted.shadowing import explain_group, shadow_warnings
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
 from mirrorrouter.reference import ImageReference, InvalidReference

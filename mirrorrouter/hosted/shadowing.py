@@ -32,6 +32,8 @@ session are not checked again. Verdicts are remembered per (upstream, repository
 layers asks the upstream once; concurrent checks share one question; failures are never
 remembered.
 
+What ``check-config`` and ``gc --dry-run`` say about shadowing is cli/shadows.py's.
+
 **Copy-in.** A client pushing next to an upstream name (``dev/library/alpine:patched``,
 allowed by ``allow_shadow``) finds the shared base layers through the group with a blob
 ``HEAD`` (answered by the upstream member, as for a pull) and does not upload them; the
@@ -48,12 +50,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
 from cachetools import TTLCache
 
 from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.access.policy import AccessPolicy
-from mirrorrouter.cache import CacheBackend, open_backend
+from mirrorrouter.cache import CacheBackend
 from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.config.security import repository_matches
@@ -63,7 +64,6 @@ from mirrorrouter.mapping import Resolution, RouteKind
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.pull.singleflight import Coalescer
 from mirrorrouter.reference import Digest, ImageReference, InvalidReference, normalize_repository
-from mirrorrouter.timing import REAL_TIME, Timing
 from mirrorrouter.upstream.client import UpstreamClient
 
 log = logging.getLogger("mirrorrouter.shadowing")
@@ -118,85 +118,6 @@ def exposures(settings: Settings, hosted: HostedSettings, repository: str) -> li
     return found
 
 
-def is_broad(pattern: str) -> bool:
-    """Whether an ``allow_shadow`` pattern covers names of every namespace (``*``, ``*/app``)
-    or every official docker.io image (``library/*``): check-config warns of those."""
-    first, _, rest = pattern.partition("/")
-    wildcard = frozenset("*?")
-    return set(first) <= wildcard or (first == "library" and bool(rest) and set(rest) <= wildcard)
-
-
-def explain_group(settings: Settings, group: GroupSettings) -> list[str]:
-    """What ``check-config`` says of a group: the order pulls ask its members, and for each
-    hosted member what it may shadow and what hides it."""
-    members = []
-    for name in group.members:
-        kind = "hosted" if name in settings.hosted else "upstream"
-        members.append(f"{name} ({kind}{', push target' if name == group.writable else ''})")
-    lines = [f"group {group.name}: pulls ask {' > '.join(members)}"]
-    for name in group.members:
-        hosted = settings.hosted.get(name)
-        if hosted is None:
-            continue
-        later = shadowable(settings, group, hosted)
-        earlier = [m for m in group.members[: group.members.index(name)] if m in settings.upstreams]
-        if later and hosted.allow_shadow:
-            patterns = ", ".join(hosted.allow_shadow)
-            lines.append(
-                f"  {name}: may shadow {_either(later)} only where allow_shadow matches "
-                f"({patterns}); pushes into other names {_owns(later)} are refused"
-            )
-        elif later:
-            lines.append(
-                f"  {name}: a push into a name {_either(later)} has is refused (shadowing "
-                "guard; allow_shadow lifts it)"
-            )
-        if earlier:
-            lines.append(
-                f"  {name}: {_either(earlier)} {'is' if len(earlier) == 1 else 'are'} asked "
-                f"first: a tag {_owns(earlier)} hides the same tag pushed to {name}"
-            )
-    return lines
-
-
-def shadow_warnings(settings: Settings) -> list[str]:
-    """What is valid in ``allow_shadow`` but probably not meant: patterns so broad that
-    anyone who may push can replace what a group's clients pull, and patterns that cannot
-    matter (the set is before no upstream in any group)."""
-    warnings = []
-    for hosted in settings.hosted.values():
-        if not hosted.allow_shadow:
-            continue
-        exposed = [
-            (group, later)
-            for group in groups_of(settings, hosted)
-            if (later := shadowable(settings, group, hosted))
-        ]
-        if not exposed:
-            warnings.append(
-                f"allow_shadow of hosted {hosted.name} has no effect: it is asked before no "
-                "upstream member of any group"
-            )
-            continue
-        for pattern in filter(is_broad, hosted.allow_shadow):
-            for group, later in exposed:
-                warnings.append(
-                    f"hosted {hosted.name} may shadow {_either(later)} for every name "
-                    f"matching {pattern!r} (allow_shadow): anyone who may push to "
-                    f"{hosted.name} can replace what clients of group {group.name} pull; "
-                    "list the repositories instead (see docs/security.md)"
-                )
-    return warnings
-
-
-def _either(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
-
-
-def _owns(names: list[str]) -> str:
-    return "it has" if len(names) == 1 else "they have"
-
-
 async def cache_knows(cache: CacheBackend, repository: str) -> bool:
     """Whether an upstream's cache holds tag records or links of the repository: it was
     pulled through this mirror, so the upstream has (or had) it."""
@@ -229,75 +150,6 @@ async def has_tag(client: UpstreamClient, repository: str, tag: str) -> bool:
             return False
         raise
     return True
-
-
-@dataclass(frozen=True, slots=True)
-class Shadowed:
-    """A hosted repository that shadows (or may shadow) an upstream's for a group's clients,
-    as ``mirrorrouter gc --dry-run`` lists it."""
-
-    repository: str  # in the hosted set
-    group: str
-    upstream: str
-    upstream_repository: str
-    allowed_by: str | None  # the allow_shadow pattern that permits it; None: pushed before
-    # the guard, or by a set whose allow_shadow changed since
-    known_by: str  # how the upstream was found to have it, or why it could not be asked
-    certain: bool = True  # False: the upstream could not be asked (known_by says why)
-
-
-async def shadowing_report(
-    settings: Settings,
-    hosted: HostedSettings,
-    repositories: list[str],
-    *,
-    ask_upstreams: bool = False,
-    transport: httpx.AsyncBaseTransport | None = None,
-    timing: Timing = REAL_TIME,
-) -> list[Shadowed]:
-    """Which of the hosted set's repositories shadow a later upstream member of one of its
-    groups: by what this mirror's caches know (no network), and with ``ask_upstreams`` by
-    the upstreams' tag lists too (``transport`` and ``timing`` replace the network and the
-    clocks in tests). Works beside a running server: caches are only read."""
-    found: list[Shadowed] = []
-    caches: dict[str, CacheBackend] = {}
-    clients: dict[str, UpstreamClient] = {}
-    try:
-        for repository in repositories:
-            for exposure in exposures(settings, hosted, repository):
-                upstream = exposure.upstream
-                cache = caches.get(upstream.name) or open_backend(upstream.cache)
-                caches[upstream.name] = cache
-                certain, how = True, ""
-                if await cache_knows(cache, exposure.repository):
-                    how = "this mirror's cache of it"
-                elif ask_upstreams:
-                    client = clients.get(upstream.name) or UpstreamClient(
-                        upstream, transport=transport, timing=timing
-                    )
-                    clients[upstream.name] = client
-                    try:
-                        how = (
-                            "its tag list" if await lists_tags(client, exposure.repository) else ""
-                        )
-                    except RegistryError as error:
-                        certain, how = False, f"could not be asked: {error.message}"
-                if how:
-                    found.append(
-                        Shadowed(
-                            repository,
-                            exposure.group.name,
-                            upstream.name,
-                            exposure.repository,
-                            exposure.allowed_by,
-                            how,
-                            certain,
-                        )
-                    )
-    finally:
-        for client in clients.values():
-            await client.aclose()
-    return found
 
 
 class Shadowing:
