@@ -43,6 +43,7 @@ from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.coordination import Coordinator, open_coordinator
 from mirrorrouter.hosted.api import HostedApi
+from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.mapping import Mapper
 from mirrorrouter.metrics import Metrics
@@ -71,7 +72,8 @@ class Services:
     audit: AuditLog
     evictor: Evictor
     shadowing: Shadowing
-    hosted: HostedApi
+    hosted: HostedSets
+    pushes: HostedApi
     monitor: Monitor
     logins: Logins
     targets: Targets
@@ -89,6 +91,7 @@ class Services:
         finally:
             await self.evictor.stop()
             await self.pull.close()
+            await self.pushes.close()
             await self.hosted.close()
             await self.caches.close()
             await self.coordinator.close()
@@ -128,9 +131,8 @@ def build_services(
     access = AccessPolicy(settings)
     audit = AuditLog(settings.audit.file)
     shadowing = Shadowing(settings, access, pull, clock=timing.monotonic)
-    hosted = HostedApi(
-        settings, clock=timing.wall, coordinator=coordinator, shadowing=shadowing, metrics=metrics
-    )
+    hosted = HostedSets(settings, clock=timing.wall, coordinator=coordinator, metrics=metrics)
+    pushes = HostedApi(hosted, coordinator=coordinator, shadowing=shadowing)
     monitor = Monitor(settings, pull, metrics, access, caches, hosted.gc)
     access_log = AccessLog(settings.server.access_log)
     logins = Logins(auth, access, access_log)
@@ -143,7 +145,7 @@ def build_services(
         logins=logins,
         targets=targets,
         groups=groups,
-        hosted=hosted,
+        pushes=pushes,
         renderer=Renderer(metrics, audit, access_log),
         access_log=access_log,
     )
@@ -160,6 +162,7 @@ def build_services(
         evictor,
         shadowing,
         hosted,
+        pushes,
         monitor,
         logins,
         targets,

@@ -19,9 +19,9 @@ from mirrorrouter.config import ConfigError, Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.coordination.redisbacked import RedisCoordinator
-from mirrorrouter.hosted.api import HostedApi
 from mirrorrouter.hosted.gc import GcReport
 from mirrorrouter.hosted.schedule import GC_RETRY_AFTER_FAILURE, GcRun, GcSchedule
+from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest
@@ -188,11 +188,11 @@ async def test_gc_interval_off_never_runs(tmp_path: Path, clock: Clock) -> None:
         assert await worker.gc.tick() is None
     finally:
         await worker.store.close()
-    api = HostedApi(parse_settings(settings_text(tmp_path, 'gc_interval = "0"')))
-    assert [chore.name for chore in api.housekeeper.chores] == ["hosted team"]
-    api = HostedApi(parse_settings(settings_text(tmp_path)))
-    assert [c.name for c in api.housekeeper.chores] == ["hosted team", "gc of hosted team"]
-    assert api.housekeeper.chores[1].interval == 60
+    sets = HostedSets(parse_settings(settings_text(tmp_path, 'gc_interval = "0"')))
+    assert [chore.name for chore in sets.housekeeper.chores] == ["hosted team"]
+    sets = HostedSets(parse_settings(settings_text(tmp_path)))
+    assert [c.name for c in sets.housekeeper.chores] == ["hosted team", "gc of hosted team"]
+    assert sets.housekeeper.chores[1].interval == 60
 
 
 def test_a_record_that_does_not_parse_counts_as_none() -> None:

@@ -47,7 +47,7 @@ class Endpoints:
         logins: Logins,
         targets: Targets,
         groups: GroupApi,
-        hosted: HostedApi,
+        pushes: HostedApi,
         renderer: Renderer,
         access_log: AccessLog,
     ) -> None:
@@ -58,7 +58,7 @@ class Endpoints:
         self.logins = logins
         self.targets = targets
         self.groups = groups
-        self.hosted = hosted
+        self.pushes = pushes
         self.render = renderer
         self.access_log = access_log
 
@@ -197,7 +197,7 @@ class Endpoints:
         assert isinstance(hosted, HostedSettings)  # access.check refuses pushes elsewhere
         mount_from = self._mount_from(call)
         ref = call.resolution.reference
-        return await self.hosted.write(hosted, ref, call.oci, request, mount_from, call.identity)
+        return await self.pushes.write(hosted, ref, call.oci, request, mount_from, call.identity)
 
     def _mount_from(self, call: Call) -> str | None:
         """The repository of the same hosted set a ``?mount=&from=`` names, routed the way

@@ -14,7 +14,7 @@ from mirrorrouter.api.calls import Call
 from mirrorrouter.config import UpstreamSettings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted.api import HostedApi
+from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.manifests import referrers_index
 from mirrorrouter.mapping import Resolution
 from mirrorrouter.oci import CacheResult
@@ -25,7 +25,7 @@ from mirrorrouter.served import BlobAnswer, ManifestAnswer, Memory, Referrers, T
 class Targets:
     """Asks the upstream or hosted set a call resolved to."""
 
-    def __init__(self, pull: Pullthrough, hosted: HostedApi) -> None:
+    def __init__(self, pull: Pullthrough, hosted: HostedSets) -> None:
         self.pull = pull
         self.hosted = hosted
 

@@ -1,5 +1,5 @@
-"""The distribution API of hosted repositories: the push endpoints, and pulls answered from a
-``HostedStore`` (hosted.py).
+"""The distribution API of hosted repositories: the push endpoints (pulls read the sets
+through sets.py).
 
 Push, as the OCI distribution spec has it:
 
@@ -24,42 +24,29 @@ same ``ns``, so a client behind any routing dialect follows it back to the same 
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
+from collections.abc import AsyncIterator
 
 import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from mirrorrouter.access.clientauth import Identity
-from mirrorrouter.cache import StoredManifest
-from mirrorrouter.config import Settings
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
-from mirrorrouter.coordination.generation import SharedGenerations
 from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
-from mirrorrouter.hosted.housekeeping import Chore, Housekeeper, sweep_interval
-from mirrorrouter.hosted.schedule import GcSchedule
+from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.hosted.shadowing import Shadowing
-from mirrorrouter.hosted.store import BlobFinder, HostedStore, StoredBlob
+from mirrorrouter.hosted.store import BlobFinder, HostedStore
 from mirrorrouter.hosted.uploads import Upload, upload_range
-from mirrorrouter.manifests import MAX_MANIFEST_BYTES, Descriptor, accepts, child_for_client
-from mirrorrouter.metrics import Metrics
+from mirrorrouter.manifests import MAX_MANIFEST_BYTES
 from mirrorrouter.oci import (
     API_VERSION,
     API_VERSION_HEADER,
     CONTENT_DIGEST_HEADER,
-    CacheResult,
     OciRequest,
     RequestKind,
 )
 from mirrorrouter.reference import Digest, ImageReference
-from mirrorrouter.served import ManifestAnswer, Memory
-
-log = logging.getLogger("mirrorrouter.hosted")
 
 SUBJECT_HEADER = "OCI-Subject"
 FORWARDED_HEADER = "X-Mirrorrouter-Forwarded"  # a request another replica passed on
@@ -84,110 +71,28 @@ UPLOAD_UUID_HEADER = "Docker-Upload-UUID"
 
 
 class HostedApi:
-    """Answers requests whose route leads to a hosted repository set."""
+    """Answers pushes (and their upload sessions) to hosted repository sets."""
 
     def __init__(
         self,
-        settings: Settings,
+        sets: HostedSets,
         *,
-        clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
         peer_transport: httpx.AsyncBaseTransport | None = None,
         shadowing: Shadowing | None = None,
-        metrics: Metrics | None = None,
     ) -> None:
-        """``shadowing`` guards pushes and supplies blobs to copy in; None: no guard (a
-        configuration whose hosted sets are in no group needs none)."""
-        self.settings = settings
+        """``coordinator`` names the replica holding an upload session; ``shadowing``
+        guards pushes and supplies blobs to copy in; None: no guard (a configuration whose
+        hosted sets are in no group needs none)."""
+        self.sets = sets
         self.shadowing = shadowing
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
-        self.stores = {
-            name: HostedStore(hosted, clock=clock, coordinator=self.coordinator)
-            for name, hosted in settings.hosted.items()
-        }
-        # Keeps the view of the generations other replicas bump fresh (sets on an object store)
-        self.generations = SharedGenerations([s.generation for s in self.stores.values()])
         self._peer_transport = peer_transport
         self._peers: httpx.AsyncClient | None = None
-        self.gc = {
-            name: GcSchedule(store, self.coordinator, metrics=metrics)
-            for name, store in self.stores.items()
-        }
-        self.housekeeper = Housekeeper(
-            [
-                Chore(
-                    f"hosted {name}",
-                    sweep_interval(store.settings.upload_ttl),
-                    _sweep(store, metrics),
-                )
-                for name, store in self.stores.items()
-            ]
-            + [
-                Chore(f"gc of hosted {name}", schedule.check_interval, schedule.tick)
-                for name, schedule in self.gc.items()
-                if schedule.interval
-            ]
-        )
-
-    async def start(self) -> None:
-        await asyncio.gather(*(store.open() for store in self.stores.values()))
-        self.housekeeper.start()
-        self.generations.start()
 
     async def close(self) -> None:
-        await self.generations.stop()
-        await self.housekeeper.stop()
-        await asyncio.gather(*(store.close() for store in self.stores.values()))
         if self._peers is not None:
             await self._peers.aclose()
-
-    def store(self, hosted: HostedSettings) -> HostedStore:
-        return self.stores[hosted.name]
-
-    # ------------------------------------------------------------------ pull
-
-    async def manifest(
-        self, hosted: HostedSettings, ref: ImageReference, accept: tuple[str, ...]
-    ) -> StoredManifest:
-        """The manifest in a form the client accepts (an index's linux/amd64 child for a
-        client that takes no index types, as for pulled images)."""
-        store = self.store(hosted)
-        stored = await store.manifest(ref.repository, ref.tag, ref.digest)
-        child = child_for_client(stored, accept)
-        if child is None:
-            return stored
-        return await store.manifest(ref.repository, None, child)
-
-    def memory_manifest(
-        self, hosted: HostedSettings, ref: ImageReference, accept: tuple[str, ...]
-    ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
-        """The answer memory gives for certain (hosted.py, ``known_manifest``): the manifest,
-        ``Memory.MISSING`` when the repository has no such reference, None when memory cannot
-        say (then the full path reads the storage). A manifest the client does not accept
-        (an index for a client without index types) is the full path's to answer."""
-        known = self.stores[hosted.name].known_manifest(ref.repository, ref.digest or ref.tag or "")
-        if known is None:
-            return None
-        if known.manifest is None:
-            return Memory.MISSING
-        if not accepts(accept, known.manifest.media_type):
-            return None
-        return ManifestAnswer(known.manifest, CacheResult.HOSTED, hosted.name)
-
-    async def blob(self, hosted: HostedSettings, ref: ImageReference) -> StoredBlob:
-        assert ref.digest is not None
-        return await self.store(hosted).blob(ref.repository, ref.digest)
-
-    async def tags(self, hosted: HostedSettings, ref: ImageReference) -> list[str]:
-        return await self.store(hosted).tags(ref.repository)
-
-    async def referrers(
-        self, hosted: HostedSettings, ref: ImageReference, artifact_type: str | None
-    ) -> list[Descriptor]:
-        assert ref.digest is not None
-        return await self.store(hosted).referrers(ref.repository, ref.digest, artifact_type)
-
-    # ------------------------------------------------------------------ push
 
     async def write(
         self,
@@ -204,7 +109,7 @@ class HostedApi:
         ``mount_from`` is the repository (of this hosted set) a ``?mount=&from=`` names, as
         the caller routed it; None when it names none the client may read.
         """
-        store = self.store(hosted)
+        store = self.sets.store(hosted)
         guard = self.shadowing
         if oci.kind is RequestKind.UPLOAD:
             if guard is not None and oci.method == "POST" and oci.upload_id is None:
@@ -392,26 +297,6 @@ def _declared(request: Request) -> int | None:
     once); None for a chunked body, which is measured as it streams."""
     value = request.headers.get("content-length", "")
     return int(value) if value.isdigit() else None
-
-
-def _sweep(store: HostedStore, metrics: Metrics | None) -> Callable[[], Awaitable[None]]:
-    """One housekeeping round of a hosted set, counted, and logged when it removed
-    something."""
-
-    async def sweep() -> None:
-        swept = await store.housekeep()
-        if metrics is not None:
-            metrics.upload_sweep(store.settings.name, swept.sessions)
-        if swept.sessions:
-            log.info(
-                "hosted %s: swept %d upload sessions idle longer than %.0fs (%d bytes)",
-                store.settings.name,
-                swept.sessions,
-                store.settings.upload_ttl,
-                swept.bytes,
-            )
-
-    return sweep
 
 
 def _content_range_start(header: str | None) -> int | None:
