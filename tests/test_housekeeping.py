@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.api.statuspage import HostedStatus, StatusSnapshot, render_status
+from mirrorrouter.api.monitor import HostedStatus, StatusSnapshot
+from mirrorrouter.api.statuspage import render_status
 from mirrorrouter.config import ConfigError, Secret, parse_settings
 from mirrorrouter.config.model import CoordinationSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.api.statuspage import (
-    MirrorStatus,
-    RecentPull,
-    StatusSnapshot,
-    UpstreamStatus,
-    render_status,
-)
+from mirrorrouter.api.monitor import MirrorStatus, RecentPull, StatusSnapshot, UpstreamStatus
+from mirrorrouter.api.statuspage import render_status
 from tests.support.fakeregistry import FakeRegistry
 from tests.support.inprocess import config, gateway
 

@@ -1,10 +1,11 @@
-"""What the gateway says about itself: the status page's snapshot, the /metrics text with
-fresh cache gauges, and readiness."""
+"""What the gateway says about itself: the status page's snapshot (plain frozen values, which
+statuspage.py draws), the /metrics text with fresh cache gauges, and readiness."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TTLCache
@@ -12,19 +13,107 @@ from cachetools import TTLCache
 from mirrorrouter import __version__
 from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.access.policy import AccessPolicy
-from mirrorrouter.api.statuspage import (
-    HostedStatus,
-    MirrorStatus,
-    RecentPull,
-    StatusSnapshot,
-    UpstreamStatus,
-)
 from mirrorrouter.cache import Caches
 from mirrorrouter.config import Settings, UpstreamSettings, redact_url
-from mirrorrouter.hosted.schedule import GcSchedule
+from mirrorrouter.hosted.schedule import GcRun, GcSchedule
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.upstream.breaker import CircuitState
+
+# ---------------------------------------------------------------------- the snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStatus:
+    """One mirror of an upstream, as this process's circuit breaker sees it."""
+
+    url: str
+    capabilities: tuple[str, ...]  # "resolve", "pull"
+    circuit: str  # breaker.CircuitState value: "closed", "open" or "half-open"
+    failures: int  # consecutive failures
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatus:
+    """One upstream: its mirrors in failover order, its cache and what it served."""
+
+    name: str
+    mirrors: tuple[MirrorStatus, ...]
+    cache_bytes: int
+    cache_entries: int
+    hits: int
+    misses: int
+    stale: int
+    bytes_from_cache: int
+    bytes_from_upstream: int
+    proxy: str | None = None  # the outbound proxy, redacted (it may carry credentials)
+
+    @property
+    def requests(self) -> int:
+        """Answers with a cache result (HIT, MISS or STALE)."""
+        return self.hits + self.misses + self.stale
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """HITs among all answers, 0.0 to 1.0; None before the first answer.
+
+        A STALE answer came from the cache because every mirror failed: it counts as an
+        answer, not as a hit.
+        """
+        return self.hits / self.requests if self.requests else None
+
+
+@dataclass(frozen=True, slots=True)
+class RecentPull:
+    """One manifest or blob GET, newest first in ``StatusSnapshot.recent``."""
+
+    time: float  # Unix seconds
+    user: str  # "" for an anonymous client
+    reference: str  # the canonical name with its tag or digest
+    digest: str  # "" when not known
+    upstream: str
+    cache: str  # X-Cache (oci.CacheResult): "HIT", "MISS" or "STALE"
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostedStatus:
+    """One hosted set's housekeeping: its scheduled garbage collection."""
+
+    name: str
+    gc_interval: float  # seconds; 0: scheduled collection is off
+    last_gc: GcRun | None  # by whichever worker or replica ran it
+    next_gc: float | None  # Unix seconds; None when off
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSnapshot:
+    """Everything the page shows, taken at one moment."""
+
+    version: str
+    started_at: float  # Unix seconds
+    upstreams: tuple[UpstreamStatus, ...]
+    recent: tuple[RecentPull, ...]
+    hosted: tuple[HostedStatus, ...] = ()
+
+    @property
+    def totals(self) -> UpstreamStatus:
+        """The sums over every upstream (with no mirrors)."""
+        ups = self.upstreams
+        return UpstreamStatus(
+            name="all upstreams",
+            mirrors=(),
+            cache_bytes=sum(u.cache_bytes for u in ups),
+            cache_entries=sum(u.cache_entries for u in ups),
+            hits=sum(u.hits for u in ups),
+            misses=sum(u.misses for u in ups),
+            stale=sum(u.stale for u in ups),
+            bytes_from_cache=sum(u.bytes_from_cache for u in ups),
+            bytes_from_upstream=sum(u.bytes_from_upstream for u in ups),
+        )
+
+
+# ---------------------------------------------------------------------- the monitor
 
 
 class Monitor:

@@ -1,10 +1,11 @@
 """The status page: one server-rendered HTML page of what the gateway is doing.
 
-``render_status(snapshot)`` turns a ``StatusSnapshot`` (plain frozen values, filled by the
-app from its live counters) into a complete HTML document: no JavaScript, inline CSS, and a
-``<meta http-equiv="refresh">`` so an open page follows the numbers. Every value that came
-from a config file, a client or an upstream (names, URLs, user names, references) is escaped
-with ``html.escape``; the page has no other way to put text into the document.
+``render_status(snapshot)`` turns a ``StatusSnapshot`` (plain frozen values the monitor
+takes from the live counters, monitor.py) into a complete HTML document: no JavaScript,
+inline CSS, and a ``<meta http-equiv="refresh">`` so an open page follows the numbers.
+Every value that came from a config file, a client or an upstream (names, URLs, user names,
+references) is escaped with ``html.escape``; the page has no other way to put text into the
+document.
 
 Times are Unix seconds (``time.time()``), shown in UTC.
 """
@@ -14,15 +15,11 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
+from mirrorrouter.api.monitor import HostedStatus, RecentPull, StatusSnapshot, UpstreamStatus
 from mirrorrouter.oci import CacheResult
 from mirrorrouter.sizes import format_size
-
-if TYPE_CHECKING:
-    from mirrorrouter.hosted.schedule import GcRun
 
 REFRESH_SECONDS = 10
 SHORT_DIGEST = 12  # hex digits of a digest shown in the table (the full one in its title)
@@ -35,96 +32,6 @@ CACHE_CLASSES: dict[str, str] = {
     CacheResult.STALE: "warn",
     CacheResult.MISS: "info",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorStatus:
-    """One mirror of an upstream, as this process's circuit breaker sees it."""
-
-    url: str
-    capabilities: tuple[str, ...]  # "resolve", "pull"
-    circuit: str  # breaker.CircuitState value: "closed", "open" or "half-open"
-    failures: int  # consecutive failures
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamStatus:
-    """One upstream: its mirrors in failover order, its cache and what it served."""
-
-    name: str
-    mirrors: tuple[MirrorStatus, ...]
-    cache_bytes: int
-    cache_entries: int
-    hits: int
-    misses: int
-    stale: int
-    bytes_from_cache: int
-    bytes_from_upstream: int
-    proxy: str | None = None  # the outbound proxy, redacted (it may carry credentials)
-
-    @property
-    def requests(self) -> int:
-        """Answers with a cache result (HIT, MISS or STALE)."""
-        return self.hits + self.misses + self.stale
-
-    @property
-    def hit_ratio(self) -> float | None:
-        """HITs among all answers, 0.0 to 1.0; None before the first answer.
-
-        A STALE answer came from the cache because every mirror failed: it counts as an
-        answer, not as a hit.
-        """
-        return self.hits / self.requests if self.requests else None
-
-
-@dataclass(frozen=True, slots=True)
-class RecentPull:
-    """One manifest or blob GET, newest first in ``StatusSnapshot.recent``."""
-
-    time: float  # Unix seconds
-    user: str  # "" for an anonymous client
-    reference: str  # the canonical name with its tag or digest
-    digest: str  # "" when not known
-    upstream: str
-    cache: str  # X-Cache (oci.CacheResult): "HIT", "MISS" or "STALE"
-    bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class HostedStatus:
-    """One hosted set's housekeeping: its scheduled garbage collection."""
-
-    name: str
-    gc_interval: float  # seconds; 0: scheduled collection is off
-    last_gc: GcRun | None  # by whichever worker or replica ran it
-    next_gc: float | None  # Unix seconds; None when off
-
-
-@dataclass(frozen=True, slots=True)
-class StatusSnapshot:
-    """Everything the page shows, taken at one moment."""
-
-    version: str
-    started_at: float  # Unix seconds
-    upstreams: tuple[UpstreamStatus, ...]
-    recent: tuple[RecentPull, ...]
-    hosted: tuple[HostedStatus, ...] = ()
-
-    @property
-    def totals(self) -> UpstreamStatus:
-        """The sums over every upstream (with no mirrors)."""
-        ups = self.upstreams
-        return UpstreamStatus(
-            name="all upstreams",
-            mirrors=(),
-            cache_bytes=sum(u.cache_bytes for u in ups),
-            cache_entries=sum(u.cache_entries for u in ups),
-            hits=sum(u.hits for u in ups),
-            misses=sum(u.misses for u in ups),
-            stale=sum(u.stale for u in ups),
-            bytes_from_cache=sum(u.bytes_from_cache for u in ups),
-            bytes_from_upstream=sum(u.bytes_from_upstream for u in ups),
-        )
 
 
 def render_status(snapshot: StatusSnapshot, *, now: float | None = None) -> str:
