@@ -168,6 +168,10 @@ class UpstreamClient:
         self.timing = timing
         self.clock = timing.monotonic
         self.latency = {m.url: HeaderLatency() for m in settings.mirrors}  # sets hedge delays
+        # Mirrors a hedge overtook while they were past their usual time, until when (the
+        # monotonic clock): asked after the others meanwhile, so a slow mirror costs one
+        # hedge delay per cooldown instead of one per request.
+        self.demoted: dict[str, float] = {}
         self.retry = RetryPolicy(
             attempts=policy.retry_attempts,
             deadline=policy.retry_deadline,
@@ -257,7 +261,7 @@ class UpstreamClient:
         """
         policy = self.settings.policy
         answers = _Answers(self.name)
-        queue = deque(enumerate(self.mirrors(capability)))
+        queue = deque(self._in_order(self.mirrors(capability)))
         circuit_open: list[_Asked] = []
         deadline = self.retry.start()
         asked_any = False
@@ -290,6 +294,15 @@ class UpstreamClient:
                         self._overtaken(race.pending, entrant, what)
                         return race.take(entrant), entrant.key.mirror
         raise answers.error(not_found, what)
+
+    def _in_order(self, mirrors: list[Mirror]) -> list[tuple[int, Mirror]]:
+        """The mirrors with their places in the configured (failover) order, demoted ones
+        after the others (each group keeps its configured order)."""
+        now = self.clock()
+        for url, until in list(self.demoted.items()):
+            if until <= now:
+                del self.demoted[url]
+        return sorted(enumerate(mirrors), key=lambda placed: placed[1].url in self.demoted)
 
     async def _next_mirror(
         self,
@@ -367,6 +380,7 @@ class UpstreamClient:
         if outcome.ok:
             self.metrics.mirror_answer(self.name, mirror.name, "ok", seconds)
             breaker.success()
+            self.demoted.pop(mirror.url, None)  # it answered first: fast again
             if entrant.hedge:
                 self.metrics.hedge_wins.labels(self.name, mirror.name).inc()
             return True
@@ -391,14 +405,18 @@ class UpstreamClient:
         """The mirrors still silent when another's answer won (they are closed next): past
         their own usual time, that is a failure for their breaker, as a timeout would have
         been, so a hung or drowning mirror's circuit opens and requests stop waiting for it;
-        a hedge target asked moments ago gets no verdict."""
-        first_byte_timeout = self.settings.policy.first_byte_timeout
+        a hedge target asked moments ago gets no verdict. Such a mirror is also demoted for
+        a ``breaker_cooldown``: asked after the others, it is only their hedge meanwhile."""
+        policy = self.settings.policy
         for loser in losers:
             mirror = loser.key.mirror
             waited = self.clock() - loser.started
-            if waited < self.latency[mirror.url].hedge_delay(first_byte_timeout):
+            if waited < self.latency[mirror.url].hedge_delay(policy.first_byte_timeout):
                 continue
             self.breakers[mirror.url].failure()
+            if mirror.url not in self.demoted:
+                self.metrics.demotions.labels(self.name, mirror.name).inc()
+            self.demoted[mirror.url] = self.clock() + policy.breaker_cooldown
             log.warning(
                 "mirror %s gave no answer to %s in %.2fs; %s answered first",
                 mirror.name,
