@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the mirror")
     _config_option(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--port", type=int, help="plain-HTTP port (default: server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     serve.set_defaults(func=_serve)
 
