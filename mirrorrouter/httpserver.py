@@ -25,8 +25,10 @@ moving the deadline later costs no timer operation, so a kept-alive connection's
 cost fewer timer calls than uvicorn's own cancel-and-rearm per request.
 
 ``ServerConfig`` carries the settings to the protocol (it is pickled to each worker process
-when ``workers > 1``); ``run`` starts it the way ``uvicorn.run`` does. TLS listeners and
-zero-copy ``sendfile`` serving build on this class and on ``GatewayCycle``.
+when ``workers > 1``); ``run`` starts it the way ``uvicorn.run`` does. ``GatewayServer`` adds
+the HTTPS listener of ``[server.tls]`` in every worker and makes SIGHUP reload its
+certificate (tls.py); ``Supervisor`` passes SIGHUP on to the workers instead of restarting
+them. Zero-copy ``sendfile`` serving builds on ``GatewayProtocol`` and ``GatewayCycle``.
 
 Written against uvicorn 0.55 (pinned in pyproject.toml): ``on_headers_complete`` and
 ``on_response_complete`` are uvicorn's with our cycle class and timers.
@@ -37,12 +39,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import resource
 import secrets
+import signal
+import socket
 import sys
+import threading
 import time
 import urllib.parse
 import weakref
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -57,9 +64,9 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from mirrorrouter import logs
+from mirrorrouter import logs, tls
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
@@ -487,18 +494,179 @@ def fit_descriptor_limit(max_connections: int) -> int:
 
 
 def run(config: ServerConfig) -> None:
-    """Serve until stopped, as ``uvicorn.run`` does (one process, or a supervisor and
-    ``config.workers`` worker processes sharing the listening socket)."""
+    """Serve until stopped, as ``uvicorn.run`` does: one process, or a supervisor and
+    ``config.workers`` worker processes sharing the listening sockets (bound here, once:
+    the plain one unless ``[server] port`` is 0, and the HTTPS one of ``[server.tls]``)."""
     settings = config.server_settings
     limit = fit_descriptor_limit(settings.max_connections)
     config.server_settings = replace(settings, max_connections=limit)
-    server = uvicorn.Server(config)
+    sockets = []
+    if config.port:
+        sockets.append(config.bind_socket())
+    if settings.tls is not None:
+        sockets.append(_bind(config.host, settings.tls.port, "https"))
+    server = GatewayServer(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Supervisor(config, sockets=sockets).run()
         else:
-            server.run()
+            server.run(sockets=sockets)
     except KeyboardInterrupt:  # pragma: no cover
         pass
     if config.workers == 1 and not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _bind(host: str, port: int, scheme: str) -> socket.socket:
+    """A listening socket as ``uvicorn.Config.bind_socket`` makes one, for another port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", host, port, exc)
+        sys.exit(STARTUP_FAILURE)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    log.info("listening on %s://%s:%d", scheme, shown, port)
+    sock.set_inheritable(True)
+    return sock
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with the HTTPS listener of ``[server.tls]`` beside the plain one, in
+    the same process, sharing its connections (one ``max_connections``), lifespan and
+    shutdown; and SIGHUP reloading the TLS certificate instead of ending the process.
+
+    uvicorn applies one ``config.ssl`` to every socket it is given, so it gets the plain
+    sockets and the HTTPS ones are served here, with a context of this process's own
+    (tls.Certificates). The handshake must end within ``header_timeout``, like a request's
+    headers; only then is the connection counted and handed to ``GatewayProtocol``, whose
+    ``scope["scheme"]`` is then ``https`` (uvicorn reads it off the transport)."""
+
+    config: ServerConfig
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config)
+        self.certificates: tls.Certificates | None = None
+        self._chores: set[asyncio.Task[Any]] = set()
+        self._hangup = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        settings = self.config.server_settings.tls
+        secure = [s for s in sockets or () if settings and s.getsockname()[1] == settings.port]
+        plain = None if sockets is None else [s for s in sockets if s not in secure]
+        # Before `started`: the supervisor forwards SIGHUP only to started workers.
+        self._catch_hangups(True)
+        await super().startup(sockets=plain)
+        if settings is None or not secure:
+            return
+        try:
+            self.certificates = tls.Certificates(settings)
+        except tls.CertificateError as exc:
+            log.error("cannot serve HTTPS: %s", exc)
+            await self.lifespan.shutdown()
+            sys.exit(STARTUP_FAILURE)
+        loop = asyncio.get_running_loop()
+        for sock in secure:
+            server = await loop.create_server(
+                self._protocol,
+                sock=sock,
+                ssl=self.certificates.context,
+                backlog=self.config.backlog,
+                ssl_handshake_timeout=self.config.server_settings.header_timeout,
+            )
+            self.servers.append(server)
+        self._chore(self.certificates.watch())
+
+    def _protocol(self, _loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+        # uvicorn's create_protocol (a closure inside its startup)
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+            _loop=_loop,
+        )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._catch_hangups(False)
+        for task in self._chores:
+            task.cancel()
+        await super().shutdown(sockets=sockets)
+
+    def _catch_hangups(self, on: bool) -> None:
+        if threading.current_thread() is not threading.main_thread() or on == self._hangup:
+            return  # signals reach the main thread only (a server in a test's thread)
+        loop = asyncio.get_running_loop()
+        if on:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        else:
+            loop.remove_signal_handler(signal.SIGHUP)
+        self._hangup = on
+
+    def _on_hangup(self) -> None:
+        if self.certificates is None:
+            log.info("SIGHUP: no [server.tls] certificate to reload; nothing else is reloaded")
+            return
+        self._chore(self.certificates.reload("SIGHUP"))
+
+    def _chore(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+
+class _Worker(Process):
+    """A worker process of the supervisor, running ``GatewayServer``."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = GatewayServer(self.config)  # type: ignore[arg-type]
+        return self._server
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor (uvicorn 0.55's, where it makes workers: ours run
+    ``GatewayServer``), where SIGHUP reloads the TLS certificate in every worker instead of
+    replacing the workers one by one: it is passed on to each started worker (one still
+    starting reads the files as it starts)."""
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            process = _Worker(self.config, self.sockets)
+            process.start()
+            self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                # It failed before serving (the app, TLS, the sockets): so would its successor.
+                log.error("worker [%s] failed to start; stopping", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.info("worker [%s] died; starting another", process.pid)
+            process = _Worker(self.config, self.sockets)
+            process.start()
+            self.processes[idx] = process
+
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None and process.is_ready(timeout=1):
+                os.kill(process.pid, signal.SIGHUP)
+        log.info("SIGHUP passed on to the workers: they reload the TLS certificate")
+
+    def handle_ttin(self) -> None:
+        log.info("SIGTTIN: one more worker")
+        self.processes_num += 1
+        process = _Worker(self.config, self.sockets)
+        process.start()
+        self.processes.append(process)
