@@ -252,10 +252,7 @@ class ObjectStoreCache:
         return self._copies.get(digest)
 
     async def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
-        self._shared.acquire(digest)
-        access = self._access_started(digest)
-        completed = False
-        try:
+        async with self._reading(digest):
             local = self._copies.open(digest)
             if local is not None:
                 try:
@@ -268,6 +265,29 @@ class ObjectStoreCache:
                 async with contextlib.aclosing(parts):  # its read-ahead ends with this reader
                     async for chunk in parts:
                         yield chunk
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, digest: Digest) -> AsyncIterator[int | None]:
+        """The local copy, when this replica keeps one; None otherwise (no read counted)."""
+        local = self._copies.open(digest)
+        if local is None:
+            yield None
+            return
+        try:
+            async with self._reading(digest):
+                yield local
+        finally:
+            os.close(local)
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, digest: Digest) -> AsyncIterator[None]:
+        """A read of a blob: in use while it lasts, its access persisted in the background
+        and awaited at the end of a read that completed."""
+        self._shared.acquire(digest)
+        access = self._access_started(digest)
+        completed = False
+        try:
+            yield
             completed = True
         finally:
             self._shared.release(digest)
