@@ -163,7 +163,7 @@ def bucket_read(spool: Path, host: str, port: int, path: str) -> Read:
     read kept (a whole read from the bucket warms one, cache/s3.py) is removed first, as
     if this replica had never served the blob. Unlinking is safe: the replica forgets a
     copy that is gone, and a reader that has it open keeps its inode."""
-    for copy in spool.glob("copies/*/*"):
+    for copy in spool.glob("*/copies/*/*"):  # <upstream>/copies/<owner>/<blob>
         copy.unlink(missing_ok=True)
     return get_discard(host, port, path)
 

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import random
+import threading
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from mirrorrouter.cache import DigestMismatch, ObjectStoreCache, open_backend
 from mirrorrouter.cache import s3 as s3_module
 from mirrorrouter.cache.base import CacheUnavailable, Removal, StoredManifest, TagRecord
 from mirrorrouter.cache.s3 import PART_ATTEMPTS, READ_AHEAD, READ_PART, UPLOAD_PART
+from mirrorrouter.cache.spool import IN_FLIGHT, SpoolWriter
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings, Secret
 from mirrorrouter.reference import Digest
@@ -433,3 +435,31 @@ async def test_a_local_copy_is_only_kept_when_it_hashes_to_its_digest(
     await read(reader, digest, 0, len(payload))
     assert reader.blob_path(digest) is None
     await reader.close()
+
+
+async def test_a_local_copy_that_falls_behind_is_dropped_and_never_slows_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a disk that takes nothing (its writes blocked), a whole read from the bucket
+    still completes byte-exact: the copy is dropped once IN_FLIGHT chunks wait for it."""
+    payload = random.Random(15).randbytes((IN_FLIGHT + 3) * READ_PART)
+    reader = await bucket_reader(tmp_path, payload)
+    digest = Digest.of(payload)
+    disk = threading.Event()
+    write_sync = SpoolWriter._write_sync
+
+    def stuck(self: SpoolWriter, chunk: bytes) -> None:
+        disk.wait(30)
+        write_sync(self, chunk)
+
+    monkeypatch.setattr(SpoolWriter, "_write_sync", stuck)
+    got = b""
+    async for chunk in reader.read_blob(digest, 0, len(payload)):
+        got += chunk
+        if len(got) == len(payload):
+            disk.set()  # the read is over: let the dropped copy's writes end
+    assert got == payload
+    assert reader.blob_path(digest) is None
+    await reader.close()  # waits for the dropped copy's removal
+    spooled = [p for p in (tmp_path / "reader").rglob("*") if "tmp" in p.parts and p.is_file()]
+    assert [p.name for p in spooled] == [".lock"]  # only the (released) area's lock file
