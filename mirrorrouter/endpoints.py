@@ -287,7 +287,7 @@ class Endpoints:
             if hosted is None:
                 return await self.blob(call)
             blob = await self.hosted.blob(hosted, ref)
-            answer = BlobAnswer(blob.size, HOSTED, hosted.name, blob.stream)
+            answer = BlobAnswer(blob.size, HOSTED, hosted.name, blob.stream, file=blob.file)
             return self._blob_response(call, answer)
         if oci.kind is RequestKind.TAGS:
             if hosted is None:
@@ -479,6 +479,7 @@ class Endpoints:
             headers=headers,
             head=call.oci.method == "HEAD",
             on_sent=sent,
+            file=answer.file,
         )
 
     def _record_pull(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 import resource
@@ -51,11 +52,11 @@ import urllib.parse
 import weakref
 from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import uvicorn
-from uvicorn._types import ASGIApplication, ASGIReceiveEvent
+from uvicorn._types import ASGIApplication, ASGIReceiveEvent, ASGISendEvent
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -66,7 +67,7 @@ from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from mirrorrouter import logs, tls
+from mirrorrouter import logs, tls, zerocopy
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
@@ -76,9 +77,10 @@ log = logging.getLogger("mirrorrouter.server")
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; bearer tokens are a few KiB
 LINGER = 1.0  # how long a closing answer waits for the client to read it and hang up
 MAX_LINGERING = 256  # closing answers waiting at once; past it they close at once
-# A connection streaming a blob holds its socket and a cache file; the spare covers the
-# listeners, upstream connection pools, locks and logs.
-DESCRIPTORS_PER_CONNECTION = 2
+# A connection sending a blob holds its socket, a cache file and, while sendfile waits for
+# the socket, a duplicate of it (zerocopy.py); the spare covers the listeners, upstream
+# connection pools, locks and logs.
+DESCRIPTORS_PER_CONNECTION = 3
 SPARE_DESCRIPTORS = 1024
 _EARLY = 0.005  # a timer may fire this much before its deadline (millisecond clocks)
 _LIMIT_WARNING_EVERY = 60.0
@@ -125,6 +127,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._timer_due = 0.0
         self._stall: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._file_send: zerocopy.FileSend | None = None
 
     # ------------------------------------------------------------------ the connection
 
@@ -144,6 +147,8 @@ class GatewayProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._forget()
+        if self._file_send is not None:
+            self._file_send.abandon()  # it holds the socket open: let go of it now
 
     def _forget(self) -> None:
         """Stop every timer and leave the idle list: the connection is gone or handed on."""
@@ -251,6 +256,8 @@ class GatewayProtocol(HttpToolsProtocol):
         self.scope["path"] = self.root_path + path
         self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
         self.scope["query_string"] = parsed_url.query or b""
+        if self._sendfile_socket is not None:
+            self.scope["extensions"] = {zerocopy.ZERO_COPY_SEND: {}}
 
         existing_cycle = self.cycle
         cycle = GatewayCycle(
@@ -307,14 +314,51 @@ class GatewayProtocol(HttpToolsProtocol):
             self._stall.cancel()
             self._stall = None
 
+    @functools.cached_property
+    def _sendfile_socket(self) -> int | None:
+        """The socket ``sendfile`` writes to; None over TLS (see zerocopy.py)."""
+        return zerocopy.socket_fd(self.transport)
+
+    async def send_file(self, fd: int, offset: int, count: int) -> bool:
+        """Move ``count`` bytes of ``fd`` from ``offset`` to the client with ``sendfile``;
+        False when the connection was cut instead (client gone, stalled, file too short)."""
+        assert self._sendfile_socket is not None
+        sender = zerocopy.FileSend(
+            self.loop,
+            self.transport,
+            self._sendfile_socket,
+            fd,
+            offset,
+            count,
+            self.settings.send_timeout,
+        )
+        self._file_send = sender
+        try:
+            await sender.run()
+            return True
+        except zerocopy.SendStalled:
+            self._log_stalled()
+        except zerocopy.FileEnded as exc:
+            log.warning("%s: response cut: %s", _address(self.client), exc)
+        except OSError as exc:
+            if not zerocopy.client_gone(exc):
+                log.warning("%s: sendfile failed: %s", _address(self.client), exc)
+        finally:
+            self._file_send = None
+        self.transport.abort()
+        return False
+
     def _send_stalled(self) -> None:
         self._stall = None
+        self._log_stalled()
+        self.transport.abort()
+
+    def _log_stalled(self) -> None:
         log.info(
             "%s: the client read nothing for %.0fs; response abandoned",
             _address(self.client),
             self.settings.send_timeout,
         )
-        self.transport.abort()
 
     # ------------------------------------------------------------------ deadlines
 
@@ -361,9 +405,53 @@ class GatewayProtocol(HttpToolsProtocol):
 
 class GatewayCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, telling its protocol while the app waits for
-    request body (the body timeout runs only then)."""
+    request body (the body timeout runs only then), and sending the zero-copy extension's
+    messages with ``sendfile`` (offered in the scope on plain TCP connections only)."""
 
     protocol: GatewayProtocol
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == zerocopy.ZERO_COPY_SEND and self.response_started:
+            await self._send_file(cast(dict[str, Any], message))
+        else:
+            await super().send(message)
+
+    async def _send_file(self, message: dict[str, Any]) -> None:
+        """``http.response.zerocopysend``: the file's bytes as a body message would carry
+        them (Content-Length kept, chunk framing when chunked); then the message's
+        ``more_body`` as an empty body message, which completes the response as uvicorn
+        does."""
+        if self.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message {message['type']!r} after the response")
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        file = message["file"]
+        fd = file if isinstance(file, int) else file.fileno()
+        offset = message.get("offset")
+        position = offset is None  # from the file's position, which then moves on
+        if offset is None:
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+        count = message.get("count")
+        if count is None:
+            count = max(0, os.fstat(fd).st_size - offset)
+        if count and self.scope["method"] != "HEAD":
+            if self.chunked_encoding:
+                self.transport.write(b"%x\r\n" % count)
+            elif count > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            else:
+                self.expected_content_length -= count
+            if not await self.protocol.send_file(fd, offset, count):
+                self.disconnected = True  # the connection was cut (connection_lost follows)
+                return
+            if position:
+                os.lseek(fd, offset + count, os.SEEK_SET)
+            if self.chunked_encoding:
+                self.transport.write(b"\r\n")
+        more_body = bool(message.get("more_body", False))
+        await super().send({"type": "http.response.body", "body": b"", "more_body": more_body})
 
     async def receive(self) -> ASGIReceiveEvent:
         if not self.more_body or self.disconnected or self.response_complete:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import httpx
 
 from mirrorrouter.breaker import CircuitBreaker
 from mirrorrouter.cache import (
+    BlobFile,
     StoredManifest,
     TagRecord,
     open_backend,
@@ -85,6 +87,7 @@ class BlobAnswer:
     upstream: str
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
     mirror: str | None = None  # the mirror a miss comes from
+    file: BlobFile | None = None  # a committed blob's local file: zero-copy sending
 
 
 class Pullthrough:
@@ -453,7 +456,13 @@ class Pullthrough:
         size = await site.cache.blob_size(digest)
         if size is not None:
             await self._check_visible(site, repository, digest)
-            return BlobAnswer(size, CacheStatus.HIT, upstream.name, _stored(site, digest, size))
+            return BlobAnswer(
+                size,
+                CacheStatus.HIT,
+                upstream.name,
+                _stored(site, digest, size),
+                file=functools.partial(site.cache.open_blob, digest),
+            )
         fill = site.fills.get(digest)
         if fill is None:
             fill = self.filler.start(site, repository, digest)
@@ -472,7 +481,8 @@ class Pullthrough:
             raise RegistryError(ErrorCode.UNAVAILABLE, f"fetching {digest} failed: {fill.error}")
         if fill.done and fill.size is not None:
             stream = _stored(site, digest, fill.size)  # verified: served like a hit
-            return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, stream, fill.mirror)
+            file = functools.partial(site.cache.open_blob, digest)
+            return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, stream, fill.mirror, file)
         return BlobAnswer(fill.size, CacheStatus.MISS, upstream.name, fill.read, fill.mirror)
 
     async def _check_visible(self, site: UpstreamSite, repository: str, digest: Digest) -> None:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from mirrorrouter.cache.base import (
+    BlobFile,
     BlobWriter,
     CacheBackend,
     Claim,
@@ -31,6 +32,7 @@ def open_backend(
 
 
 __all__ = [
+    "BlobFile",
     "BlobWriter",
     "CacheBackend",
     "Claim",
