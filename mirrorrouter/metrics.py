@@ -157,6 +157,13 @@ class Metrics:
             ["upstream", "mirror"],
             registry=r,
         )
+        self.demotions = Counter(
+            "mirrorrouter_mirror_demotions",
+            "Times a mirror was overtaken by a hedge while past its usual time and so asked "
+            "after the others for a breaker_cooldown.",
+            ["upstream", "mirror"],
+            registry=r,
+        )
         self.first_byte_timeouts = Counter(
             "mirrorrouter_first_byte_timeouts",
             "Requests to a mirror that gave no response headers within first_byte_timeout.",

@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from mirrorrouter.cache import StoredManifest
+from mirrorrouter.cache import BlobFile, StoredManifest
 from mirrorrouter.manifests import Descriptor, referrers_in
 from mirrorrouter.oci import CacheResult
 
@@ -37,6 +37,7 @@ class BlobAnswer:
     upstream: str
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
     mirror: str | None = None  # the mirror a miss comes from
+    file: BlobFile | None = None  # a committed blob's local file: zero-copy sending
     # Where the client may fetch a cached blob instead (a presigned object-store URL).
     location: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mirrorrouter.cli.main import main
+from mirrorrouter.cli.main import health_url, main
+from mirrorrouter.config import load_settings
+from tests.support.testca import issue
 from tests.test_reference import REFERENCE_TABLE as TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,3 +113,51 @@ def test_proxy_credentials_are_redacted_in_check_config_and_resolve(
     assert check.endswith("via proxy http://***@proxy.corp:3128")
     assert resolve.endswith("via proxy http://***@proxy.corp:3128")
     assert '"proxy": "http://***@proxy.corp:3128"' in out
+
+
+def tls_config(tmp_path: Path, cert: Path, key: Path) -> Path:
+    path = tmp_path / "tls.toml"
+    path.write_text(
+        f'[server]\nport = 0\n[server.tls]\nport = 8443\ncertificate = "{cert}"\n'
+        f'key = "{key}"\n[cache]\ndirectory = "{tmp_path / "cache"}"\n[upstreams."docker.io"]\n'
+    )
+    return path
+
+
+def test_check_config_checks_the_tls_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config names a key that belongs to another certificate (exit 2), warns of one
+    that expires soon, and shows the serial of a good one."""
+    ca = issue(tmp_path, "ca")
+    good = issue(tmp_path, "good", ca, lifetime=datetime.timedelta(days=90))
+    soon = issue(tmp_path, "soon", ca, lifetime=datetime.timedelta(days=3))
+    assert main(["check-config", str(tls_config(tmp_path, good.cert_path, soon.key_path))]) == 2
+    err = capsys.readouterr().err
+    assert f"server.tls.key: {soon.key_path}: does not belong to the certificate in" in err
+    assert main(["check-config", str(tls_config(tmp_path, soon.cert_path, soon.key_path))]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "warning: server.tls.certificate:" in captured.err and "expires in 2 days" in captured.err
+    )
+    assert main(["check-config", str(tls_config(tmp_path, good.cert_path, good.key_path))]) == 0
+    assert f"https on port 8443: serial {good.cert.serial_number:x}" in capsys.readouterr().out
+
+
+def test_serve_refuses_a_pair_it_cannot_load_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve stops in the foreground, naming the file, when the workers could not load it."""
+    ca = issue(tmp_path, "ca")
+    one, other = issue(tmp_path, "one", ca), issue(tmp_path, "other", ca)
+    assert (
+        main(["serve", "--config", str(tls_config(tmp_path, one.cert_path, other.key_path))]) == 2
+    )
+    assert f"server.tls.key ({other.key_path}): does not belong" in capsys.readouterr().err
+
+
+def test_health_url_is_https_on_the_tls_port_without_a_plain_one(tmp_path: Path) -> None:
+    """With server.port = 0 the health check asks the HTTPS listener."""
+    ca = issue(tmp_path, "ca")
+    settings = load_settings(tls_config(tmp_path, ca.cert_path, ca.key_path))
+    assert health_url(settings) == "https://127.0.0.1:8443/healthz"

@@ -24,6 +24,7 @@ from mirrorrouter.cli.clientconfig import (
 )
 from mirrorrouter.cli.main import main
 from mirrorrouter.config import Settings, parse_settings
+from tests.support.testca import issue
 
 yaml = pytest.importorskip("yaml")
 
@@ -420,3 +421,98 @@ def test_kind_stdout_is_every_file_with_its_path(
 def test_unknown_client_is_an_error() -> None:
     with pytest.raises(ClientConfigError, match="unknown client 'lima'"):
         generate(settings(), "lima", MIRROR)
+
+
+# --------------------------------------------------------------------------- a private CA
+
+HTTPS = "https://mirror.corp:8443"
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def test_default_mirror_url_is_https_on_the_tls_port(tmp_path: Path) -> None:
+    """With [server.tls], the default mirror URL is https:// on its port."""
+    cert = issue(tmp_path, "mirror", issue(tmp_path, "ca"))
+    text = (
+        f'[server.tls]\nport = 8443\ncertificate = "{cert.cert_path}"\n'
+        f'key = "{cert.key_path}"\n[upstreams."docker.io"]\n'
+    )
+    assert default_mirror_url(settings(text)) == "https://localhost:8443"
+
+
+def test_containerd_trusts_the_ca_beside_each_hosts_toml() -> None:
+    """Each registry directory gets ca.crt, named (relative to the file) for the host and the
+    server alike."""
+    found = files(generate(settings(), "containerd", HTTPS, ca=CA_PEM))
+    for registry in REGISTRIES:
+        assert found[f"{registry}/ca.crt"] == CA_PEM
+        hosts = tomllib.loads(found[f"{registry}/hosts.toml"])
+        assert hosts["ca"] == "ca.crt"
+        assert hosts["host"][HTTPS]["ca"] == "ca.crt"
+
+
+def test_kind_mounts_the_ca_with_the_hosts_toml_files() -> None:
+    """Kind nodes get the CA through the same mounted certs.d directory."""
+    found = files(generate(settings(), "kind", HTTPS, kind_hosts_dir="/srv/kind", ca=CA_PEM))
+    assert found["certs.d/docker.io/ca.crt"] == CA_PEM
+    assert tomllib.loads(found["certs.d/docker.io/hosts.toml"])["ca"] == "ca.crt"
+    assert '- hostPath: "/srv/kind"' in found["kind-cluster.yaml"]
+
+
+def test_docker_and_podman_certs_d_by_host_and_port(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Docker gets certs.d/<host:port>/ca.crt for the mirror and each Host route (written by
+    --output-dir only: stdout stays daemon.json); podman certs.d/<host:port>/ca.crt."""
+    docker = generate(settings(), "docker", HTTPS, ca=CA_PEM)
+    assert set(files(docker)) == {
+        "daemon.json",
+        "certs.d/mirror.corp:8443/ca.crt",
+        "certs.d/gcr.mirror.corp:8443/ca.crt",
+    }
+    assert json.loads(docker.render()) == {"registry-mirrors": [HTTPS]}
+    podman = files(generate(settings(), "podman", HTTPS, ca=CA_PEM))
+    assert podman["certs.d/mirror.corp:8443/ca.crt"] == CA_PEM
+    assert "insecure" not in podman["50-mirrorrouter.conf"]
+
+
+def test_k3s_names_the_ca_file_for_the_mirror_endpoint() -> None:
+    """k3s: configs."<host:port>".tls.ca_file names the CA file written beside it."""
+    found = files(generate(settings(), "k3s", HTTPS, ca=CA_PEM))
+    parsed = yaml.safe_load(found["registries.yaml"])
+    assert parsed["configs"] == {
+        "mirror.corp:8443": {"tls": {"ca_file": "/etc/rancher/k3s/mirrorrouter-ca.crt"}}
+    }
+    assert found["mirrorrouter-ca.crt"] == CA_PEM
+
+
+def test_no_ca_for_plain_http_and_a_note_without_one() -> None:
+    """A CA is not written for an http:// mirror; an https:// one without a CA says how to
+    give one."""
+    plain = generate(settings(), "containerd", MIRROR, ca=CA_PEM)
+    assert not any(f.relpath.endswith("ca.crt") for f in plain.files)
+    assert any("plain HTTP" in n for n in plain.notes)
+    bare = generate(settings(), "containerd", HTTPS)
+    assert any("--ca FILE" in n for n in bare.notes)
+
+
+def test_cli_ca_option_and_the_self_signed_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--ca FILE is written as given; without it a self-signed server certificate is its own
+    CA; a --ca that is no certificate is refused naming it."""
+    ca = issue(tmp_path, "ca")
+    config = tmp_path / "mirrors.toml"
+    config.write_text(
+        f'[server.tls]\nport = 8443\ncertificate = "{ca.cert_path}"\nkey = "{ca.key_path}"\n'
+        '[upstreams."docker.io"]\n'
+    )
+    argv = ["client-config", "--for", "podman", "--config", str(config), "--mirror-url", HTTPS]
+    for extra in ([], ["--ca", str(ca.cert_path)]):
+        out = tmp_path / f"out{len(extra)}"
+        code, _, err = run([*argv, *extra, "--output-dir", str(out)], capsys)
+        assert code == 0, err
+        written = (out / "certs.d/mirror.corp:8443/ca.crt").read_text()
+        assert written == ca.cert_path.read_text()
+    code, _, err = run([*argv, "--ca", str(config)], capsys)
+    assert code == 2
+    assert f"--ca {config}: no PEM certificate in it" in err

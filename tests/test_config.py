@@ -160,7 +160,7 @@ read_timeout = 0
     ("text", "fragment"),
     [
         ('[server]\nport = "5000"', "server.port: expected an integer"),
-        ("[server]\nport = 70000", "server.port: expected a number from 1 to 65535"),
+        ("[server]\nport = 70000", "server.port: expected a number from 0 to 65535"),
         ("[server]\nworkers = true", "server.workers: expected an integer"),
         ('[server]\nheader_timeout = "soon"', "server.header_timeout: expected a duration"),
         ("[server]\nbody_timeout = 0", "server.body_timeout: expected a duration"),

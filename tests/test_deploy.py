@@ -11,6 +11,7 @@ passes ``mirrorrouter check-config``. Nothing here leaves the machine.
 from __future__ import annotations
 
 import configparser
+import datetime
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import sys
 import sysconfig
 import textwrap
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -37,6 +39,7 @@ import yaml
 from mirrorrouter.cli.main import main as cli_main
 from mirrorrouter.config import Settings, load_settings
 from tests.support.service import LOOPBACK_ONLY_ENV
+from tests.support.testca import issue
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -597,3 +600,96 @@ def test_compose(tmp_path: Path) -> None:
     assert {k: health[k.replace("-", "_")] for k in options} == {
         k: (int(v) if k == "retries" else v) for k, v in options.items()
     }
+
+
+# ---------------------------------------------------------------------------- the TLS overlay
+
+KUBE_TLS = DEPLOY / "kubernetes-tls"
+
+
+def tls_overlay() -> dict[str, Any]:
+    """The overlay's kustomization, patches and Certificate, parsed."""
+    kustomization = yaml.safe_load((KUBE_TLS / "kustomization.yaml").read_text())
+    patches = {}
+    for patch in kustomization["patches"]:
+        doc = yaml.safe_load((KUBE_TLS / patch["path"]).read_text())
+        patches[doc["kind"]] = doc
+    return {
+        "kustomization": kustomization,
+        "patches": patches,
+        "certificate": yaml.safe_load((KUBE_TLS / "certificate.yaml").read_text()),
+        "config": (KUBE_TLS / "mirrors.toml").read_text(),
+    }
+
+
+def test_tls_overlay_config_is_the_container_config_with_https(tmp_path: Path) -> None:
+    """The overlay's mirrors.toml is deploy/mirrors.toml with the plain listener off and
+    [server.tls] on the mounted Secret's files; with those files present it passes
+    check-config."""
+    text = tls_overlay()["config"]
+    server = tomllib.loads(text)["server"]
+    assert server["port"] == 0
+    certificate, key = server["tls"]["certificate"], server["tls"]["key"]
+    assert (Path(certificate).name, Path(key).name) == ("tls.crt", "tls.key")  # the Secret's
+    cert = issue(tmp_path, "mirror", issue(tmp_path, "ca"), lifetime=datetime.timedelta(days=90))
+    config = tmp_path / "mounted.toml"
+    config.write_text(
+        text.replace(certificate, str(cert.cert_path)).replace(key, str(cert.key_path))
+    )
+    assert cli_main(["check-config", str(config)]) == 0
+    checked = load_settings(config)
+    assert checked.server.tls is not None and checked.server.tls.port == server["tls"]["port"]
+    plain = replace(checked, server=replace(checked.server, port=PORT, tls=None))
+    assert portable(plain) == portable(load_settings(CONTAINER_CONFIG))
+
+
+def test_tls_overlay_mounts_the_secret_and_probes_over_https() -> None:
+    """The overlay serves the config's TLS port, mounts the Certificate's Secret read-only
+    where the config reads it (no subPath: the kubelet then updates the files), probes over
+    https, and the Service forwards to that port."""
+    overlay = tls_overlay()
+    kustomization = overlay["kustomization"]
+    assert "../kubernetes" in kustomization["resources"]
+    (generator,) = kustomization["configMapGenerator"]
+    base_config = kube()["ConfigMap"]["metadata"]
+    assert (generator["name"], generator["behavior"]) == (base_config["name"], "replace")
+    assert generator["files"] == ["mirrors.toml"]
+    assert generator["options"]["disableNameSuffixHash"] is True
+    tls = tomllib.loads(overlay["config"])["server"]["tls"]
+    deployment = overlay["patches"]["Deployment"]["spec"]["template"]["spec"]
+    (container,) = deployment["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"] if "name" in p}
+    assert ports == {"https": tls["port"]}
+    for kind, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                       ("readinessProbe", "/readyz")]:  # fmt: skip
+        assert container[kind]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
+    (mount,) = container["volumeMounts"]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert {str(Path(tls["certificate"]).parent), str(Path(tls["key"]).parent)} == {
+        mount["mountPath"]
+    }
+    (volume,) = deployment["volumes"]
+    assert volume["name"] == mount["name"]
+    assert volume["secret"]["secretName"] == overlay["certificate"]["spec"]["secretName"]
+    assert overlay["certificate"]["kind"] == "Certificate"
+    service = overlay["patches"]["Service"]["spec"]
+    (port,) = [p for p in service["ports"] if "name" in p]
+    assert port["targetPort"] == "https" and port["port"] == tls["port"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kustomize) not here")
+def test_tls_overlay_kustomize_builds() -> None:
+    """kustomize merges the overlay: the pod mounts the config and the Secret, the
+    ConfigMap holds the overlay's config, the Service has only the https port."""
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(KUBE_TLS)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout)}
+    assert set(docs) == {*kube(), "Certificate"}
+    assert docs["ConfigMap"]["data"] == {"mirrors.toml": tls_overlay()["config"]}
+    (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/mirrorrouter", "/etc/mirrorrouter-tls", CACHE_PATH, "/tmp"}
+    assert [p["name"] for p in container["ports"]] == ["https"]
+    assert [p["name"] for p in docs["Service"]["spec"]["ports"]] == ["https"]

@@ -321,10 +321,10 @@ def fake_limits(
 def test_the_soft_descriptor_limit_is_raised_for_the_connections(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With room under the hard limit, the soft one is raised to 2 per connection + spare."""
+    """With room under the hard limit, the soft one is raised to 3 per connection + spare."""
     calls = fake_limits(monkeypatch, soft=1024, hard=1_048_576)
     assert fit_descriptor_limit(4096) == 4096
-    assert calls == [(2 * 4096 + 1024, 1_048_576)]
+    assert calls == [(3 * 4096 + 1024, 1_048_576)]
     calls = fake_limits(monkeypatch, soft=1_048_576, hard=1_048_576)
     assert fit_descriptor_limit(4096) == 4096
     assert calls == []
@@ -339,7 +339,7 @@ def test_a_limit_that_does_not_fit_is_clamped_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="mirrorrouter.server"):
         fitted = fit_descriptor_limit(4096)
     assert calls == [(4096, 4096)]
-    assert fitted == (4096 - 1024) // 2
+    assert fitted == (4096 - 1024) // 3
     assert "server.max_connections" in caplog.text and "ulimit" in caplog.text
     fake_limits(monkeypatch, soft=256, hard=256, settable=False)
-    assert 1 <= fit_descriptor_limit(4096) == (256 - 64) // 2
+    assert 1 <= fit_descriptor_limit(4096) == (256 - 64) // 3

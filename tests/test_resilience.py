@@ -639,24 +639,50 @@ async def test_hedge_goes_out_after_the_mirrors_usual_latency() -> None:
     assert counted(client, "first_byte_timeouts", "m0.test") == 0  # abandoned, not timed out
 
 
-async def test_mirror_overtaken_by_hedges_opens_its_circuit() -> None:
-    """A hung first mirror loses every hedge: each loss counts against its breaker, so after
-    breaker_failures requests the second mirror is asked at once; the hedge target that was
-    overtaken moments after being asked gets no verdict."""
+async def test_mirror_overtaken_by_a_hedge_is_demoted_and_counts_against_its_breaker() -> None:
+    """A hung first mirror loses a hedge: the loss counts against its breaker, and for a
+    breaker_cooldown it is asked after the second mirror (only as its hedge), so later
+    requests pay no hedge delay; after the cooldown it is asked first again."""
     time = ManualTime()
     mirrors = Mirrors(time)
     mirrors.modes["m0.test"] = "hang"
-    client = upstream_client(mirrors, await time.timing(), "breaker_failures = 2")
+    client = upstream_client(mirrors, await time.timing())
     try:
-        for _ in range(2):
-            fetch = asyncio.create_task(client.fetch_manifest(TAG))
-            await settle()
-            await time.advance(0.25)
-            assert (await finish(fetch)).mirror == "m1.test"
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(0.25)
+        assert (await finish(fetch)).mirror == "m1.test"
+        assert client.breakers["http://m0.test"].failures == 1
+        assert counted(client, "mirror_demotions", "m0.test") == 1
+        for _ in range(3):
+            assert (await client.fetch_manifest(TAG)).mirror == "m1.test"  # at once
+        assert mirrors.asked == ["m0.test", "m1.test", "m1.test", "m1.test", "m1.test"]
+        mirrors.modes["m0.test"] = "ok"
+        time.now += 31  # breaker_cooldown (30 s) is over
+        assert (await client.fetch_manifest(TAG)).mirror == "m0.test"
+    finally:
+        await client.aclose()
+    assert mirrors.asked[-1] == "m0.test"
+    assert client.breakers["http://m1.test"].failures == 0
+
+
+async def test_mirror_overtaken_by_hedges_opens_its_circuit() -> None:
+    """Each hedge a hung first mirror loses counts against its breaker: with
+    breaker_failures = 1 its circuit opens at the first loss; after the cooldown one request
+    probes it, is hedged to the second mirror, and m0 answering first closes the circuit."""
+    time = ManualTime()
+    mirrors = Mirrors(time)
+    mirrors.modes["m0.test"] = "hang"
+    client = upstream_client(mirrors, await time.timing(), "breaker_failures = 1")
+    try:
+        fetch = asyncio.create_task(client.fetch_manifest(TAG))
+        await settle()
+        await time.advance(0.25)
+        assert (await finish(fetch)).mirror == "m1.test"
         assert client.breakers["http://m0.test"].state is CircuitState.OPEN
         assert (await client.fetch_manifest(TAG)).mirror == "m1.test"  # no wait for m0
         mirrors.modes.update({"m0.test": "gate", "m1.test": "hang"})
-        time.now += 61  # the cooldown (30 s) is over: the next request probes m0...
+        time.now += 61  # cooldown and demotion (30 s) are over: the next request probes m0...
         fetch = asyncio.create_task(client.fetch_manifest(TAG))
         await settle()
         await time.advance(0.25)  # ...is hedged to m1...
@@ -664,7 +690,7 @@ async def test_mirror_overtaken_by_hedges_opens_its_circuit() -> None:
         assert (await finish(fetch)).mirror == "m0.test"
     finally:
         await client.aclose()
-    assert mirrors.asked == ["m0.test", "m1.test"] * 2 + ["m1.test", "m0.test", "m1.test"]
+    assert mirrors.asked == ["m0.test", "m1.test", "m1.test", "m0.test", "m1.test"]
     assert client.breakers["http://m0.test"].state is CircuitState.CLOSED
     assert client.breakers["http://m1.test"].failures == 0
 
@@ -741,6 +767,7 @@ async def test_tags_are_hedged_to_resolve_mirrors_and_blobs_to_pull_mirrors() ->
         await time.advance(0.25)
         assert (await finish(head)).mirror == "m2.test"
         assert mirrors.asked == ["m0.test", "m2.test"]
+        client.demoted.clear()  # m0 lost that race; ask it first again to see the blob's hedge
         blob = asyncio.create_task(client.blob_exists("library/a", Digest.of(PAYLOAD)))
         await settle()
         await time.advance(0.25)

@@ -7,16 +7,21 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import os
 import random
+import threading
 from pathlib import Path
 
 import httpx
 import obstore
 import pytest
+from obstore.exceptions import GenericError
 
 from mirrorrouter.cache import DigestMismatch, ObjectStoreCache, open_backend
+from mirrorrouter.cache import s3 as s3_module
 from mirrorrouter.cache.base import CacheUnavailable, Removal, StoredManifest, TagRecord
-from mirrorrouter.cache.s3 import READ_PART, UPLOAD_PART
+from mirrorrouter.cache.s3 import PART_ATTEMPTS, READ_AHEAD, READ_PART, UPLOAD_PART
+from mirrorrouter.cache.spool import IN_FLIGHT, SpoolWriter
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings, Secret
 from mirrorrouter.reference import Digest
@@ -285,3 +290,176 @@ async def test_a_blob_already_in_the_bucket_is_not_uploaded_again(
     finally:
         await first.close()
         await second.close()
+
+
+class PartGets:
+    """Counts the ranged GETs of blob parts (``obstore.get_range_async`` as s3.py calls it),
+    the most in flight at once, and injects faults into chosen parts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.asked: list[tuple[int, int]] = []
+        self.in_flight = 0
+        self.most = 0
+        self.fail: dict[int, int] = {}  # part start -> failures left to inject
+        self.short: set[int] = set()  # part starts answered one byte short
+        real = obstore.get_range_async
+
+        async def get_range(store: object, key: str, *, start: int, end: int) -> object:
+            self.asked.append((start, end))
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            try:
+                await asyncio.sleep(0.005)  # let the reader ask ahead
+                if self.fail.get(start, 0) > 0:
+                    self.fail[start] -= 1
+                    raise GenericError(f"connection reset reading bytes {start}-{end}")
+                got = await real(store, key, start=start, end=end)  # type: ignore[arg-type]
+                return bytes(got)[:-1] if start in self.short else got
+            finally:
+                self.in_flight -= 1
+
+        monkeypatch.setattr(s3_module.obstore, "get_range_async", get_range)
+
+
+async def bucket_reader(tmp_path: Path, payload: bytes, name: str = "reader") -> ObjectStoreCache:
+    """An instance over a bucket holding ``payload`` that has no local copy of it."""
+    settings = s3_settings(tmp_path)
+    writer = ObjectStoreCache(settings)
+    await writer.open()
+    await store_blob(writer, payload, chunk=4 * MIB)
+    await writer.close()
+    reader = ObjectStoreCache(dataclasses.replace(settings, directory=tmp_path / name))
+    await reader.open()
+    return reader
+
+
+async def test_bucket_reads_keep_several_parts_in_flight_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranges of a blob read from the bucket (first byte, across part boundaries, last
+    byte, the whole) come back byte-exact and in order with READ_AHEAD parts in flight;
+    however slowly the client reads, no more parts than that are asked ahead of it."""
+    payload = random.Random(11).randbytes(9 * READ_PART + 777)
+    reader = await bucket_reader(tmp_path, payload)
+    digest = Digest.of(payload)
+    gets = PartGets(monkeypatch)
+    for start, end in [
+        (0, 1),
+        (READ_PART - 3, 3 * READ_PART + 3),
+        (len(payload) - 1, len(payload)),
+    ]:
+        assert b"".join(await read(reader, digest, start, end)) == payload[start:end]
+    assert reader.blob_path(digest) is None  # ranges leave no local copy
+    gets.asked.clear()
+    got = b""
+    async for chunk in reader.read_blob(digest, 0, len(payload)):
+        assert len(gets.asked) <= len(got) // READ_PART + 1 + READ_AHEAD  # memory bound
+        got += chunk
+        await asyncio.sleep(0.02)  # a slow client: the read-ahead waits for it
+    assert got == payload
+    assert gets.most == READ_AHEAD
+    assert sorted(gets.asked) == gets.asked  # asked in order, each part once
+    assert len(gets.asked) == math.ceil(len(payload) / READ_PART)
+    await reader.close()
+
+
+async def test_a_part_that_fails_is_asked_again_or_the_read_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part whose GET fails once is asked again and the bytes are exact; one that fails
+    every time ends the read with CacheUnavailable after a correct prefix; a part that
+    comes back short ends the read there. Never a wrong or misplaced byte, never a copy."""
+    payload = random.Random(12).randbytes(6 * READ_PART + 5)
+    reader = await bucket_reader(tmp_path, payload)
+    digest = Digest.of(payload)
+    gets = PartGets(monkeypatch)
+    gets.fail[2 * READ_PART] = 1
+    assert b"".join(await read(reader, digest, READ_PART, len(payload))) == payload[READ_PART:]
+    assert gets.asked.count((2 * READ_PART, 3 * READ_PART)) == 2
+
+    for fault in ("fail", "short"):
+        if fault == "fail":
+            gets.fail[3 * READ_PART] = PART_ATTEMPTS
+        else:
+            gets.short.add(3 * READ_PART)
+        got = b""
+        with contextlib.suppress(CacheUnavailable):
+            async for chunk in reader.read_blob(digest, 0, len(payload)):
+                got += chunk
+        assert got == payload[: len(got)]
+        assert 3 * READ_PART <= len(got) < len(payload)
+        assert reader.blob_path(digest) is None  # an incomplete read keeps no copy
+    await reader.close()
+
+
+async def test_a_whole_read_from_the_bucket_leaves_a_local_copy_for_the_next_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that reads a blob whole from the bucket keeps it as a verified local copy:
+    the next read asks the bucket nothing and open_blob (zero-copy sending) has a file;
+    without a copy open_blob has none."""
+    payload = random.Random(13).randbytes(3 * READ_PART + 99)
+    reader = await bucket_reader(tmp_path, payload)
+    digest = Digest.of(payload)
+    gets = PartGets(monkeypatch)
+    async with reader.open_blob(digest) as fd:
+        assert fd is None
+    assert b"".join(await read(reader, digest, 0, len(payload))) == payload
+    copy = reader.blob_path(digest)
+    assert copy is not None and copy.read_bytes() == payload
+    assert spool_files(s3_settings(tmp_path)) == []
+    gets.asked.clear()
+    assert b"".join(await read(reader, digest, 0, len(payload))) == payload
+    assert gets.asked == []
+    async with reader.open_blob(digest) as fd:
+        assert fd is not None and os.fstat(fd).st_size == len(payload)
+    await reader.close()
+
+
+async def test_a_local_copy_is_only_kept_when_it_hashes_to_its_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes from the bucket that do not hash to the digest (a corrupt object) are never
+    kept as a local copy, so they are not served again from disk."""
+    payload = random.Random(14).randbytes(2 * READ_PART + 3)
+    reader = await bucket_reader(tmp_path, payload)
+    digest = Digest.of(payload)
+    real = obstore.get_range_async
+
+    async def corrupt(store: object, key: str, *, start: int, end: int) -> bytes:
+        got = bytearray(await real(store, key, start=start, end=end))  # type: ignore[arg-type]
+        got[0] ^= 0xFF
+        return bytes(got)
+
+    monkeypatch.setattr(s3_module.obstore, "get_range_async", corrupt)
+    await read(reader, digest, 0, len(payload))
+    assert reader.blob_path(digest) is None
+    await reader.close()
+
+
+async def test_a_local_copy_that_falls_behind_is_dropped_and_never_slows_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a disk that takes nothing (its writes blocked), a whole read from the bucket
+    still completes byte-exact: the copy is dropped once IN_FLIGHT chunks wait for it."""
+    payload = random.Random(15).randbytes((IN_FLIGHT + 3) * READ_PART)
+    reader = await bucket_reader(tmp_path, payload)
+    digest = Digest.of(payload)
+    disk = threading.Event()
+    write_sync = SpoolWriter._write_sync
+
+    def stuck(self: SpoolWriter, chunk: bytes) -> None:
+        disk.wait(30)
+        write_sync(self, chunk)
+
+    monkeypatch.setattr(SpoolWriter, "_write_sync", stuck)
+    got = b""
+    async for chunk in reader.read_blob(digest, 0, len(payload)):
+        got += chunk
+        if len(got) == len(payload):
+            disk.set()  # the read is over: let the dropped copy's writes end
+    assert got == payload
+    assert reader.blob_path(digest) is None
+    await reader.close()  # waits for the dropped copy's removal
+    spooled = [p for p in (tmp_path / "reader").rglob("*") if "tmp" in p.parts and p.is_file()]
+    assert [p.name for p in spooled] == [".lock"]  # only the (released) area's lock file

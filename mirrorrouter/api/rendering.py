@@ -123,6 +123,7 @@ class Renderer:
             headers=headers,
             head=call.oci.method == "HEAD",
             on_sent=sent,
+            file=answer.file,
         )
 
     def _record_pull(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
+from mirrorrouter.cache import BlobFile
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.server.zerocopy import ZERO_COPY_SEND
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -63,7 +66,9 @@ class RawResponse:
 
 
 class BlobResponse:
-    """Streams a blob (or a range of it) from an async byte source, ~1 MiB per send."""
+    """Sends a blob (or a range of it): a committed local file with one zero-copy message
+    when the server offers ``http.response.zerocopysend`` (``sendfile``), anything else
+    streamed from an async byte source, ~1 MiB per send."""
 
     def __init__(
         self,
@@ -74,8 +79,10 @@ class BlobResponse:
         headers: Mapping[str, str],
         head: bool,
         on_sent: Callable[[int], None] | None = None,
+        file: BlobFile | None = None,
     ) -> None:
         self.source = source
+        self.file = file  # the committed blob's local file, when it may have one
         self.head = head
         self.on_sent = on_sent  # told how many body bytes went out, when the response ends
         self.headers = dict(headers)
@@ -91,6 +98,7 @@ class BlobResponse:
             self.status_code = 200
             if size is not None:
                 self.headers["Content-Length"] = str(size)
+        self.size = size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -99,6 +107,14 @@ class BlobResponse:
             await send({"type": "http.response.body", "body": b""})
             if self.on_sent is not None:
                 self.on_sent(0)
+            return
+        end = self.size if self.end is None else self.end
+        if (
+            self.file is not None
+            and end is not None
+            and ZERO_COPY_SEND in scope.get("extensions", ())
+            and await self._send_file(self.file, end, send)
+        ):
             return
         chunks = self.source(self.start, self.end)
         sent = 0
@@ -114,3 +130,26 @@ class BlobResponse:
             if close is not None:
                 await close()
         await send({"type": "http.response.body", "body": b""})
+
+    async def _send_file(self, file: BlobFile, end: int, send: Send) -> bool:
+        """The bytes in one zero-copy message; False when there is no local file (then
+        they are streamed). The file stays open until the server has sent them."""
+        async with file() as fd:
+            if fd is None:
+                return False
+            count = end - self.start
+            try:
+                with io.FileIO(fd, "rb", closefd=False) as handle:
+                    await send(
+                        {
+                            "type": ZERO_COPY_SEND,
+                            "file": handle,
+                            "offset": self.start,
+                            "count": count,
+                            "more_body": False,
+                        }
+                    )
+            finally:
+                if self.on_sent is not None:
+                    self.on_sent(count)
+        return True

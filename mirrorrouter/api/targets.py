@@ -55,7 +55,9 @@ class Targets:
         ref = call.resolution.reference
         if hosted is not None:
             blob = await self.hosted.blob(hosted, ref)
-            return BlobAnswer(blob.size, CacheResult.HOSTED, hosted.name, blob.stream)
+            return BlobAnswer(
+                blob.size, CacheResult.HOSTED, hosted.name, blob.stream, file=blob.file
+            )
         digest = ref.digest
         assert digest is not None
         upstream = call.resolution.upstream

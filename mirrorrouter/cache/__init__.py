@@ -4,6 +4,7 @@ the open ones (caches.py)."""
 from __future__ import annotations
 
 from mirrorrouter.cache.base import (
+    BlobFile,
     BlobWriter,
     CacheBackend,
     Claim,
@@ -16,6 +17,7 @@ from mirrorrouter.cache.filesystem import FilesystemCache
 from mirrorrouter.cache.s3 import ObjectStoreCache
 
 __all__ = [
+    "BlobFile",
     "BlobWriter",
     "CacheBackend",
     "Caches",

@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from mirrorrouter.errors import MirrorRouterError
 from mirrorrouter.reference import Digest
+
+# Opens a committed blob's local file for zero-copy sending (``CacheBackend.open_blob``).
+BlobFile = Callable[[], AbstractAsyncContextManager[int | None]]
 
 
 class DigestMismatch(MirrorRouterError):
@@ -201,6 +204,14 @@ class CacheBackend(Protocol):
         ...
 
     def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]: ...
+
+    def open_blob(self, digest: Digest) -> AbstractAsyncContextManager[int | None]:
+        """The committed blob as a read-only local file descriptor for the ``async with``
+        block (what zero-copy sending hands to ``sendfile``), counted as a read the way
+        ``read_blob`` counts one (in use, its access recorded); None when the backend keeps
+        no local file of it (then ``read_blob`` reads it). Raises ``FileNotFoundError``
+        when the blob is gone."""
+        ...
 
     def blob_writer(
         self,

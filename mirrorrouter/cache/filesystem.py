@@ -107,14 +107,7 @@ class FilesystemCache:
         return path if path.exists() else None
 
     async def read_blob(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
-        fd = os.open(self._blob_file(digest), os.O_RDONLY)
-        self._shared.acquire(digest)
-        try:
-            # Other processes' evictors see the shared lock; when one holds its exclusive
-            # lock (it is deleting the file), this read goes on from the open inode.
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            self._accessed(digest, fd)
+        with self._reading(digest) as fd:
             position = start
             while position < end:
                 size = min(READ_CHUNK, end - position)
@@ -123,6 +116,25 @@ class FilesystemCache:
                     return
                 position += len(chunk)
                 yield chunk
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, digest: Digest) -> AsyncIterator[int | None]:
+        with self._reading(digest) as fd:
+            yield fd
+
+    @contextlib.contextmanager
+    def _reading(self, digest: Digest) -> Iterator[int]:
+        """The blob file open for a read: in use here, shared-locked for other processes,
+        its access recorded."""
+        fd = os.open(self._blob_file(digest), os.O_RDONLY)
+        self._shared.acquire(digest)
+        try:
+            # Other processes' evictors see the shared lock; when one holds its exclusive
+            # lock (it is deleting the file), this read goes on from the open inode.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            self._accessed(digest, fd)
+            yield fd
         finally:
             os.close(fd)
             self._shared.release(digest)

@@ -270,6 +270,11 @@ class SpoolWriter:
     def written(self) -> int:
         return self._written
 
+    @property
+    def backlog(self) -> int:
+        """Chunks queued and not yet known to be in the spool file."""
+        return len(self._pending)
+
     async def write(self, chunk: bytes) -> None:
         """Queue a chunk; returns once at most IN_FLIGHT chunks are still being written.
         A failed write (a full disk) raises here or from a later call."""

@@ -13,6 +13,12 @@ the default registry. The rules each generator follows are those of docs/clients
 - podman/skopeo rewrite the image name with the mirror ``location`` and send no ``ns``: the
   default registry is mirrored at the root, every other upstream at ``/<prefix>`` (its first
   named prefix route) or ``/<registry host>``.
+- An ``https://`` mirror with a private CA (``ca``): each client gets the CA where it looks
+  for one, so the files alone make it trust the mirror: containerd (and Kind) a ``ca.crt``
+  beside each ``hosts.toml``, named by ``ca = "ca.crt"`` (a relative path is relative to the
+  file's directory); Docker ``/etc/docker/certs.d/<host:port>/ca.crt`` and podman/skopeo
+  ``/etc/containers/certs.d/<host:port>/ca.crt`` (``*.crt`` there are CAs); k3s a file named
+  by ``configs."<host:port>".tls.ca_file``.
 
 TOML and JSON are written with the standard library (strings as JSON strings, which are valid
 TOML basic strings and YAML double-quoted scalars); YAML is written by hand, every scalar
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +44,10 @@ from mirrorrouter.reference import (
 CLIENTS = ("containerd", "docker", "podman", "k3s", "kind")
 
 CONTAINERD_CERTS_DIR = "/etc/containerd/certs.d"
+DOCKER_CERTS_DIR = "/etc/docker/certs.d"
+CONTAINERS_CERTS_DIR = "/etc/containers/certs.d"
+K3S_CA_FILE = "/etc/rancher/k3s/mirrorrouter-ca.crt"
+CA_FILE = "ca.crt"  # the name Docker, podman and containerd give a CA in a host's directory
 KIND_HOSTS_DIR = "/srv/kind/certs.d"  # where Kind's hosts.toml files live on the host
 KIND_HELP_URL = "https://kind.sigs.k8s.io/docs/user/local-registry/"
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -119,12 +129,15 @@ def parse_mirror_url(text: str) -> MirrorURL:
 
 
 def default_mirror_url(settings: Settings) -> str:
-    """``http://<server.host>:<server.port>``, with localhost for a wildcard address."""
+    """``http://<server.host>:<server.port>``, with localhost for a wildcard address; with
+    ``[server.tls]``, ``https://`` and its port."""
     host = settings.server.host
     if host in _WILDCARD_HOSTS:
         host = "localhost"
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
+    if settings.server.tls is not None:
+        return f"https://{host}:{settings.server.tls.port}"
     return f"http://{host}:{settings.server.port}"
 
 
@@ -136,6 +149,7 @@ class GeneratedFile:
     relpath: str  # where --output-dir writes it, relative to that directory
     content: str
     comments: bool = True  # whether the format has '#' comments (JSON has none)
+    printed: bool = True  # False: written by --output-dir only (stdout stays one JSON file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +165,8 @@ class ClientConfig:
         """Every file for stdout; each with a ``# <path>`` header where the format allows."""
         parts = []
         for file in self.files:
+            if not file.printed:
+                continue
             header = f"# {file.path}\n" if file.comments else ""
             parts.append(header + file.content)
         return "\n".join(parts)
@@ -172,11 +188,14 @@ def generate(
     mirror_url: str | None = None,
     *,
     kind_hosts_dir: str = KIND_HOSTS_DIR,
+    ca: str | None = None,
 ) -> ClientConfig:
     """The configuration for ``client`` (one of ``CLIENTS``) to pull through the mirror.
 
     ``mirror_url`` defaults to :func:`default_mirror_url`. ``kind_hosts_dir`` is the absolute
-    directory on the machine running Kind that holds the nodes' ``hosts.toml`` files.
+    directory on the machine running Kind that holds the nodes' ``hosts.toml`` files. ``ca``
+    is the PEM text of the CA an ``https://`` mirror's certificate is signed by, for clients
+    that do not already trust it.
     """
     url_text = mirror_url if mirror_url is not None else default_mirror_url(settings)
     mirror = parse_mirror_url(url_text)
@@ -187,26 +206,36 @@ def generate(
             f"The mirror URL {mirror.url} was made from [server] in the config; pass "
             f"--mirror-url with a name the clients can reach."
         )
+    if ca is not None and mirror.insecure:
+        notes.append(f"No CA written: {mirror.url} is plain HTTP.")
+        ca = None
+    elif ca is None and not mirror.insecure:
+        notes.append(
+            "No CA written: the clients must already trust the CA of the mirror's certificate; "
+            "for a private CA, pass --ca FILE."
+        )
     if client == "containerd":
-        files = _containerd(table, mirror, CONTAINERD_CERTS_DIR, "", "containerd")
+        files = _containerd(table, mirror, CONTAINERD_CERTS_DIR, "", "containerd", ca)
         notes += _containerd_notes()
     elif client == "docker":
-        files, more = _docker(table, mirror)
+        files, more = _docker(table, mirror, ca)
         notes += more
     elif client == "podman":
-        files, more = _podman(table, mirror)
+        files, more = _podman(table, mirror, ca)
         notes += more
     elif client == "k3s":
-        files = [_k3s(table, mirror)]
+        files = _k3s(table, mirror, ca)
         notes += [
-            "Copy registries.yaml to /etc/rancher/k3s/ on every node that runs pods, then "
-            "restart k3s (systemctl restart k3s, or k3s-agent on agents).",
+            "Copy registries.yaml"
+            + (f" and {K3S_CA_FILE.rsplit('/', 1)[1]}" if ca else "")
+            + " to /etc/rancher/k3s/ on every node that runs pods, then restart k3s "
+            "(systemctl restart k3s, or k3s-agent on agents).",
             "k3s falls back to each registry's own endpoint after the mirror unless the node "
             "runs with --disable-default-registry-endpoint (v1.26.13+k3s1, v1.27.10+k3s1, "
             "v1.28.6+k3s1, v1.29.1+k3s1 and later).",
         ]
     elif client == "kind":
-        files, more = _kind(table, mirror, kind_hosts_dir)
+        files, more = _kind(table, mirror, kind_hosts_dir, ca)
         notes += more
     else:
         raise ClientConfigError(f"unknown client {client!r}; expected one of {', '.join(CLIENTS)}")
@@ -323,21 +352,33 @@ def _generated(client: str) -> str:
 # --------------------------------------------------------------------------- containerd
 
 
-def hosts_toml(mirror: MirrorURL, about: str) -> str:
-    """A containerd ``hosts.toml``: the mirror as the only host, and as ``server`` too."""
+def hosts_toml(mirror: MirrorURL, about: str, ca: bool = False) -> str:
+    """A containerd ``hosts.toml``: the mirror as the only host, and as ``server`` too; with
+    ``ca``, both trust the ``ca.crt`` beside the file (the top-level ``ca`` is the server's)."""
+    trust = f"ca = {_s(CA_FILE)}\n" if ca else ""
     return (
         _comment(about)
         + f"server = {_s(mirror.url)}\n"
+        + trust
         + "\n"
         + f"[host.{_s(mirror.url)}]\n"
         + '  capabilities = ["pull", "resolve"]\n'
+        + ("  " + trust if trust else "")
     )
 
 
 def _containerd(
-    table: RoutingTable, mirror: MirrorURL, root: str, relroot: str, client: str
+    table: RoutingTable,
+    mirror: MirrorURL,
+    root: str,
+    relroot: str,
+    client: str,
+    ca: str | None = None,
 ) -> list[GeneratedFile]:
     files = []
+    names = [r.name for r in table.registries()]
+    if table.allow_unconfigured:
+        names.append("_default")
     for registry in table.registries():
         what = registry.name
         if registry.is_alias:
@@ -346,20 +387,25 @@ def _containerd(
             f"{what} through mirrorrouter only: the mirror is the server too, so containerd "
             f"never falls back to the registry itself. {_generated(client)}"
         )
-        files.append(_hosts_file(root, relroot, registry.name, hosts_toml(mirror, about)))
+        files.append(_host_file(root, relroot, registry.name, hosts_toml(mirror, about, bool(ca))))
     if table.allow_unconfigured:
         about = (
             f"Every other registry through mirrorrouter only. The mirror serves those matching "
             f"routing.allow_unconfigured ({', '.join(table.allow_unconfigured)}) and refuses "
             f"the rest, which then cannot be pulled at all. {_generated(client)}"
         )
-        files.append(_hosts_file(root, relroot, "_default", hosts_toml(mirror, about)))
+        files.append(_host_file(root, relroot, "_default", hosts_toml(mirror, about, bool(ca))))
+    if ca is not None:
+        files += [_host_file(root, relroot, name, ca, CA_FILE) for name in names]
     return files
 
 
-def _hosts_file(root: str, relroot: str, registry: str, content: str) -> GeneratedFile:
-    rel = f"{relroot}/{registry}/hosts.toml" if relroot else f"{registry}/hosts.toml"
-    return GeneratedFile(f"{root}/{registry}/hosts.toml", rel, content)
+def _host_file(
+    root: str, relroot: str, host: str, content: str, name: str = "hosts.toml"
+) -> GeneratedFile:
+    """``<root>/<host>/<name>``: a file in one host's directory of a ``certs.d`` tree."""
+    rel = f"{relroot}/{host}/{name}" if relroot else f"{host}/{name}"
+    return GeneratedFile(f"{root}/{host}/{name}", rel, content)
 
 
 def _containerd_notes() -> list[str]:
@@ -378,7 +424,9 @@ def _containerd_notes() -> list[str]:
 # --------------------------------------------------------------------------- docker
 
 
-def _docker(table: RoutingTable, mirror: MirrorURL) -> tuple[list[GeneratedFile], list[str]]:
+def _docker(
+    table: RoutingTable, mirror: MirrorURL, ca: str | None
+) -> tuple[list[GeneratedFile], list[str]]:
     config: dict[str, list[str]] = {}
     notes = [
         "Merge these keys into /etc/docker/daemon.json, then restart the daemon "
@@ -429,13 +477,28 @@ def _docker(table: RoutingTable, mirror: MirrorURL) -> tuple[list[GeneratedFile]
         "name. Nothing falls back there: if the mirror fails, the pull fails."
     )
     content = json.dumps(config, indent=2) + "\n"
-    return [GeneratedFile("/etc/docker/daemon.json", "daemon.json", content, comments=False)], notes
+    files = [GeneratedFile("/etc/docker/daemon.json", "daemon.json", content, comments=False)]
+    if ca is not None:
+        # The daemon looks for a registry's CA in certs.d/<host:port>/, for every name the
+        # mirror is reached by; stdout stays daemon.json alone, so only --output-dir writes it.
+        files += [
+            replace(_host_file(DOCKER_CERTS_DIR, "certs.d", host, ca, CA_FILE), printed=False)
+            for host in insecure
+        ]
+        notes.append(
+            f"The mirror's CA goes to {DOCKER_CERTS_DIR}/<host:port>/{CA_FILE} for "
+            f"{', '.join(insecure)} (--output-dir DIR writes DIR/certs.d/...); the daemon "
+            f"reads it at the next pull, no restart needed."
+        )
+    return files, notes
 
 
 # --------------------------------------------------------------------------- podman
 
 
-def _podman(table: RoutingTable, mirror: MirrorURL) -> tuple[list[GeneratedFile], list[str]]:
+def _podman(
+    table: RoutingTable, mirror: MirrorURL, ca: str | None
+) -> tuple[list[GeneratedFile], list[str]]:
     intro = (
         f"Every registry mirrorrouter serves, pulled through it at {mirror.url}. Mirrors are "
         f"tried first, then the registry's location (the registry itself). "
@@ -485,13 +548,22 @@ def _podman(table: RoutingTable, mirror: MirrorURL) -> tuple[list[GeneratedFile]
         )
     content = "\n".join(blocks)
     path = "/etc/containers/registries.conf.d/50-mirrorrouter.conf"
-    return [GeneratedFile(path, "50-mirrorrouter.conf", content)], notes
+    files = [GeneratedFile(path, "50-mirrorrouter.conf", content)]
+    if ca is not None:
+        files.append(_host_file(CONTAINERS_CERTS_DIR, "certs.d", mirror.authority, ca, CA_FILE))
+        notes.append(
+            f"The mirror's CA goes to {CONTAINERS_CERTS_DIR}/{mirror.authority}/{CA_FILE} "
+            f"(rootless: ~/.config/containers/certs.d/); --output-dir DIR writes "
+            f"DIR/certs.d/{mirror.authority}/{CA_FILE}. skopeo and podman take a directory "
+            f"with --cert-dir too."
+        )
+    return files, notes
 
 
 # --------------------------------------------------------------------------- k3s
 
 
-def _k3s(table: RoutingTable, mirror: MirrorURL) -> GeneratedFile:
+def _k3s(table: RoutingTable, mirror: MirrorURL, ca: str | None) -> list[GeneratedFile]:
     intro = (
         f"k3s registries.yaml: every registry mirrorrouter serves, through {mirror.url}. "
         f"{_generated('k3s')}"
@@ -502,9 +574,19 @@ def _k3s(table: RoutingTable, mirror: MirrorURL) -> GeneratedFile:
         names.append("*")  # every other registry; the mirror serves the allowed ones
     for name in names:
         lines += [f"  {_s(name)}:", "    endpoint:", f"      - {_s(mirror.url)}"]
-    return GeneratedFile(
-        "/etc/rancher/k3s/registries.yaml", "registries.yaml", "\n".join(lines) + "\n"
-    )
+    if ca is not None:
+        # TLS settings are keyed by the endpoint's host:port, not by the mirrored registry.
+        lines += [
+            "configs:",
+            f"  {_s(mirror.authority)}:",
+            "    tls:",
+            f"      ca_file: {_s(K3S_CA_FILE)}",
+        ]
+    registries = "\n".join(lines) + "\n"
+    files = [GeneratedFile("/etc/rancher/k3s/registries.yaml", "registries.yaml", registries)]
+    if ca is not None:
+        files.append(GeneratedFile(K3S_CA_FILE, K3S_CA_FILE.rsplit("/", 1)[1], ca))
+    return files
 
 
 # --------------------------------------------------------------------------- kind
@@ -562,7 +644,7 @@ def local_registry_hosting_yaml(mirror: MirrorURL) -> str:
 
 
 def _kind(
-    table: RoutingTable, mirror: MirrorURL, hosts_dir: str
+    table: RoutingTable, mirror: MirrorURL, hosts_dir: str, ca: str | None
 ) -> tuple[list[GeneratedFile], list[str]]:
     if not hosts_dir.startswith("/"):
         raise ClientConfigError(f"the Kind hosts directory {hosts_dir!r} must be absolute")
@@ -571,7 +653,7 @@ def _kind(
         GeneratedFile(
             "kind-cluster.yaml", "kind-cluster.yaml", kind_cluster_yaml(mirror, hosts_dir)
         ),
-        *_containerd(table, mirror, hosts_dir, "certs.d", "kind"),
+        *_containerd(table, mirror, hosts_dir, "certs.d", "kind", ca),
         GeneratedFile(
             "local-registry-hosting.yaml",
             "local-registry-hosting.yaml",

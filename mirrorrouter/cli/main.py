@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import ssl
 import sys
 import tempfile
 import urllib.request
@@ -36,6 +37,7 @@ from mirrorrouter.errors import RegistryError
 from mirrorrouter.logs import log_config
 from mirrorrouter.mapping import Mapper, kind_of
 from mirrorrouter.reference import ImageReference, InvalidReference
+from mirrorrouter.server import tls
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the mirror")
     _config_option(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--port", type=int, help="plain-HTTP port (default: server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     serve.set_defaults(func=_serve)
 
@@ -88,7 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--mirror-url",
         help="where clients reach the mirror, scheme://host[:port] without a path "
-        "(default: http://<server.host, localhost for 0.0.0.0>:<server.port>)",
+        "(default: http://<server.host, localhost for 0.0.0.0>:<server.port>, or "
+        "https://...:<server.tls.port> when [server.tls] is set)",
+    )
+    client.add_argument(
+        "--ca",
+        type=Path,
+        help="the CA certificate (PEM) that signed the mirror's certificate, written where "
+        "each client looks for it (default with [server.tls]: the self-signed certificate "
+        "that ends server.tls.certificate's chain, if it has one)",
     )
     client.add_argument(
         "--output-dir",
@@ -101,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         "healthcheck",
         help="exit 0 when the mirror configured in the config file answers /healthz",
         description="The container image's HEALTHCHECK: GET /healthz on the port the config "
-        "names (server.port), on loopback; exit 0 when it answers 200, 1 otherwise.",
+        "names (server.port; with server.port = 0, https on server.tls.port, verifying no "
+        "certificate), on loopback; exit 0 when it answers 200, 1 otherwise.",
     )
     _config_option(health)
     health.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
@@ -126,6 +137,11 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     path = find_config(args.config).resolve()
     settings = load_settings(path)  # fail here, with the clear message, not in a worker
+    if settings.server.tls is not None:
+        try:  # what the workers will load: refused here, naming the file
+            tls.server_context(settings.server.tls, tls.read_pair(settings.server.tls))
+        except tls.CertificateError as exc:
+            raise ConfigError([str(exc)]) from exc
     _warn(settings)
     os.environ[CONFIG_ENV] = str(path)
     workers = args.workers or settings.server.workers
@@ -313,6 +329,15 @@ def _check_config(args: argparse.Namespace) -> int:
     for route in settings.routes:
         print(f"  route {route.label} -> {route.target}")
     print(f"  default registry: {settings.default_registry}")
+    if settings.server.tls is not None:
+        findings = tls.check_files(settings.server.tls)
+        problems = [str(f) for f in findings if not f.warning]
+        if problems:
+            raise ConfigError(problems)
+        for finding in findings:
+            print(f"warning: {finding}", file=sys.stderr)
+        pair = tls.read_pair(settings.server.tls)
+        print(f"  https on port {settings.server.tls.port}: {pair.describe()}")
     _warn(settings)
     if not args.connect:
         return 0
@@ -335,6 +360,14 @@ def _warn(settings: Settings) -> None:
         )
     for warning in shadow_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
+    server = settings.server
+    if server.port == 0 and server.tls is not None and server.tls.client_ca is not None:
+        print(
+            "warning: server.port = 0 with server.tls.client_ca: health checks (the image's "
+            "HEALTHCHECK, an https probe) cannot pass the handshake without a client "
+            "certificate; keep a plain port for them",
+            file=sys.stderr,
+        )
 
 
 def _client_config(args: argparse.Namespace) -> int:
@@ -343,7 +376,10 @@ def _client_config(args: argparse.Namespace) -> int:
     # Kind mounts the nodes' hosts.toml files from the host: from where --output-dir puts them.
     kind_hosts_dir = KIND_HOSTS_DIR if output_dir is None else str(output_dir.resolve() / "certs.d")
     try:
-        config = generate(settings, args.client, args.mirror_url, kind_hosts_dir=kind_hosts_dir)
+        ca = client_ca(settings, args.ca)
+        config = generate(
+            settings, args.client, args.mirror_url, kind_hosts_dir=kind_hosts_dir, ca=ca
+        )
     except ClientConfigError as exc:
         print(f"mirrorrouter: client-config: {exc}", file=sys.stderr)
         return 2
@@ -357,11 +393,35 @@ def _client_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def client_ca(settings: Settings, given: Path | None) -> str | None:
+    """The PEM text of the CA clients must trust: ``--ca``, else with ``[server.tls]`` the
+    self-signed certificate ending its chain; None when clients need none (plain HTTP, or a
+    certificate from a CA they already trust)."""
+    if given is not None:
+        try:
+            return "".join(tls.pem(cert) for cert in tls.read_certificates(given, "ca"))
+        except tls.CertificateError as exc:
+            raise ClientConfigError(f"--ca {exc.path}: {exc.message}") from exc
+    if settings.server.tls is None:
+        return None
+    try:
+        root = tls.chain_root(settings.server.tls.certificate)
+    except tls.CertificateError as exc:
+        raise ClientConfigError(f"{exc}; give the CA with --ca") from exc
+    return tls.pem(root) if root is not None else None
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
     settings = load_settings(find_config(args.config))
     url = health_url(settings)
     # Straight to loopback: a proxy from the environment (HTTP_PROXY) must not carry it.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # Over https nothing is verified: the question is whether this server answers.
+    unverified = ssl.create_default_context()
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=unverified)
+    )
     try:
         with opener.open(url, timeout=args.timeout) as response:
             healthy = response.status == 200
@@ -373,13 +433,16 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 def health_url(settings: Settings) -> str:
     """Where the health check finds this configuration's server: its own host, or loopback
-    when it listens on every address."""
+    when it listens on every address; the plain port, else (``port = 0``) the HTTPS one."""
     host = settings.server.host
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.server.port}/healthz"
+    server = settings.server
+    if server.port == 0 and server.tls is not None:
+        return f"https://{host}:{server.tls.port}/healthz"
+    return f"http://{host}:{server.port}/healthz"
 
 
 def _indent(lines: list[str]) -> str:

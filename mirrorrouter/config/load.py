@@ -45,11 +45,13 @@ from mirrorrouter.config.reader import (
     strings,
 )
 from mirrorrouter.config.security import (
+    check_listeners,
     check_principals,
     load_access,
     load_access_rules,
     load_audit,
     load_auth,
+    load_server_tls,
     load_tls,
 )
 from mirrorrouter.config.storage import (
@@ -126,7 +128,7 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
     default = ServerSettings()
     server = ServerSettings(
         host=server_t.get("host", str, "0.0.0.0"),
-        port=server_t.get("port", int, 5000, check=between(1, 65535)),
+        port=server_t.get("port", int, 5000, check=between(0, 65535)),
         workers=server_t.get("workers", int, 1, check=between(1, 64)),
         log_level=server_t.get(
             "log_level", str, "info", check=one_of("debug", "info", "warning", "error")
@@ -141,8 +143,10 @@ def _build(reader: Reader, root: Table, base_dir: Path, source: Path | None) -> 
         max_connections=server_t.get(
             "max_connections", int, default.max_connections, check=between(1, 1_000_000)
         ),
+        tls=load_server_tls(server_t.table("tls"), base_dir),
     )
     server_t.finish()
+    check_listeners(reader, server)
 
     cache_t = root.table("cache")
     backend = cache_t.get("backend", str, "filesystem", check=one_of(*BACKENDS))

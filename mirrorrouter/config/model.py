@@ -251,9 +251,21 @@ class UpstreamPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTlsSettings:
+    """``[server.tls]``: a listener of its own that speaks HTTPS (tls.py)."""
+
+    port: int
+    certificate: Path  # PEM: the server certificate, then any intermediates
+    key: Path  # PEM: its private key
+    # PEM CAs whose client certificates are required (mTLS); None: no client certificate.
+    client_ca: Path | None = None
+    min_version: str = "1.2"  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str = "0.0.0.0"
-    port: int = 5000
+    port: int = 5000  # the plain-HTTP listener; 0: none (only [server.tls] listens)
     workers: int = 1
     log_level: str = "info"
     access_log: bool = False  # uvicorn's per-request line costs about a fifth of throughput
@@ -263,6 +275,7 @@ class ServerSettings:
     keepalive_timeout: float = 5.0  # idle between requests on a kept-alive connection
     send_timeout: float = 60.0  # a response the client stops reading
     max_connections: int = 4096  # per worker process; clamped to the descriptor limit
+    tls: ServerTlsSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
-"""Load the security tables: ``[auth]``, ``[access]``, ``[audit]``, and per upstream its
-``[[upstreams."x".access]]`` rules and ``[upstreams."x".tls]``."""
+"""Load the security tables: ``[auth]``, ``[access]``, ``[audit]``, ``[server.tls]``, and per
+upstream its ``[[upstreams."x".access]]`` rules and ``[upstreams."x".tls]``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ from mirrorrouter.config.model import (
     AccessSettings,
     AuditSettings,
     AuthSettings,
+    ServerSettings,
+    ServerTlsSettings,
     TlsSettings,
 )
-from mirrorrouter.config.reader import KeyPath, Reader, Table, strings
+from mirrorrouter.config.reader import KeyPath, Reader, Table, between, one_of, strings
+
+TLS_VERSIONS = ("1.2", "1.3")
 
 
 def load_auth(reader: Reader, table: Table, base_dir: Path, cache_dir: Path) -> AuthSettings | None:
@@ -98,6 +102,42 @@ def load_tls(table: Table, base_dir: Path) -> TlsSettings:
     if ("client_cert" in values) != ("client_key" in values):
         table.reader.problem(table.path, "set both client_cert and client_key, or neither")
     return TlsSettings(verify=verify, **values)
+
+
+def load_server_tls(table: Table, base_dir: Path) -> ServerTlsSettings | None:
+    """``[server.tls]``: the HTTPS listener; absent means none. The files must be there;
+    what is in them is checked by ``check-config`` and at start (tls.py)."""
+    if not table.present:
+        table.finish()
+        return None
+    port = table.get("port", int, None, check=between(1, 65535), required=True)
+    paths: dict[str, Path] = {}
+    for key in ("certificate", "key", "client_ca"):
+        value = table.get(key, str, None, required=key != "client_ca")
+        if value is not None:
+            path = base_dir / value
+            if not path.is_file():
+                table.reader.problem((*table.path, key), f"no readable file at {path}")
+            paths[key] = path
+    min_version = table.get("min_version", str, "1.2", check=one_of(*TLS_VERSIONS))
+    table.finish()
+    if port is None or "certificate" not in paths or "key" not in paths:
+        return None
+    return ServerTlsSettings(port, min_version=min_version, **paths)
+
+
+def check_listeners(reader: Reader, server: ServerSettings) -> None:
+    """Something must listen, and the two listeners need two ports."""
+    if server.port == 0 and server.tls is None:
+        reader.problem(
+            ("server", "port"),
+            "0 turns the plain-HTTP listener off, which needs a [server.tls] listener",
+        )
+    if server.tls is not None and server.tls.port == server.port:
+        reader.problem(
+            ("server", "tls", "port"),
+            f"the plain-HTTP listener already uses port {server.port}; give each its own",
+        )
 
 
 def check_principals(

@@ -34,13 +34,21 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from mirrorrouter.cache import CacheBackend, DigestMismatch, StoredManifest, TagRecord, open_backend
+from mirrorrouter.cache import (
+    BlobFile,
+    CacheBackend,
+    DigestMismatch,
+    StoredManifest,
+    TagRecord,
+    open_backend,
+)
 from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator
@@ -68,6 +76,7 @@ KNOWN_MEMORY_BYTES = 64 * 1024 * 1024  # manifests (and absences) remembered, wi
 class StoredBlob:
     size: int
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
+    file: BlobFile  # its local file, for zero-copy sending
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +217,7 @@ class HostedStore:
         def stream(start: int, end: int | None) -> AsyncIterator[bytes]:
             return storage.read_blob(digest, start, size if end is None else end)
 
-        return StoredBlob(size, stream)
+        return StoredBlob(size, stream, functools.partial(storage.open_blob, digest))
 
     async def tags(self, repository: str) -> list[str]:
         tags = await self.storage.list_tags(repository)

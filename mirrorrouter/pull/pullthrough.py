@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
@@ -257,7 +258,13 @@ class Pullthrough:
         size = await site.cache.blob_size(digest)
         if size is not None:
             await self._check_visible(site, repository, digest)
-            return BlobAnswer(size, CacheResult.HIT, upstream.name, _stored(site, digest, size))
+            return BlobAnswer(
+                size,
+                CacheResult.HIT,
+                upstream.name,
+                _stored(site, digest, size),
+                file=functools.partial(site.cache.open_blob, digest),
+            )
         fill = self.filler.join_or_start(site, repository, digest)
         if fill.repository != repository:  # joined another repository's download
             await self._check_visible(site, repository, digest)
@@ -271,7 +278,8 @@ class Pullthrough:
             raise RegistryError(ErrorCode.UNAVAILABLE, f"fetching {digest} failed: {fill.error}")
         if fill.done and fill.size is not None:
             stream = _stored(site, digest, fill.size)  # verified: served like a hit
-            return BlobAnswer(fill.size, CacheResult.MISS, upstream.name, stream, fill.mirror)
+            file = functools.partial(site.cache.open_blob, digest)
+            return BlobAnswer(fill.size, CacheResult.MISS, upstream.name, stream, fill.mirror, file)
         return BlobAnswer(fill.size, CacheResult.MISS, upstream.name, fill.read, fill.mirror)
 
     async def leased_fill(

@@ -25,8 +25,10 @@ moving the deadline later costs no timer operation, so a kept-alive connection's
 cost fewer timer calls than uvicorn's own cancel-and-rearm per request.
 
 ``ServerConfig`` carries the settings to the protocol (it is pickled to each worker process
-when ``workers > 1``); ``run`` starts it the way ``uvicorn.run`` does. TLS listeners and
-zero-copy ``sendfile`` serving build on this class and on ``GatewayCycle``.
+when ``workers > 1``); ``run`` starts it the way ``uvicorn.run`` does. ``GatewayServer`` adds
+the HTTPS listener of ``[server.tls]`` in every worker and makes SIGHUP reload its
+certificate (tls.py); ``Supervisor`` passes SIGHUP on to the workers instead of restarting
+them. Zero-copy ``sendfile`` serving builds on ``GatewayProtocol`` and ``GatewayCycle``.
 
 Written against uvicorn 0.55 (pinned in pyproject.toml): ``on_headers_complete`` and
 ``on_response_complete`` are uvicorn's with our cycle class and timers.
@@ -36,19 +38,25 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
+import os
 import resource
 import secrets
+import signal
+import socket
 import sys
+import threading
 import time
 import urllib.parse
 import weakref
+from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import uvicorn
-from uvicorn._types import ASGIApplication, ASGIReceiveEvent
+from uvicorn._types import ASGIApplication, ASGIReceiveEvent, ASGISendEvent
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -57,21 +65,23 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from mirrorrouter import logs
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+from mirrorrouter.server import tls, zerocopy
 
 log = logging.getLogger("mirrorrouter.server")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; bearer tokens are a few KiB
 LINGER = 1.0  # how long a closing answer waits for the client to read it and hang up
 MAX_LINGERING = 256  # closing answers waiting at once; past it they close at once
-# A connection streaming a blob holds its socket and a cache file; the spare covers the
-# listeners, upstream connection pools, locks and logs.
-DESCRIPTORS_PER_CONNECTION = 2
+# A connection sending a blob holds its socket, a cache file and, while sendfile waits for
+# the socket, a duplicate of it (zerocopy.py); the spare covers the listeners, upstream
+# connection pools, locks and logs.
+DESCRIPTORS_PER_CONNECTION = 3
 SPARE_DESCRIPTORS = 1024
 _EARLY = 0.005  # a timer may fire this much before its deadline (millisecond clocks)
 _LIMIT_WARNING_EVERY = 60.0
@@ -118,6 +128,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._timer_due = 0.0
         self._stall: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._file_send: zerocopy.FileSend | None = None
 
     # ------------------------------------------------------------------ the connection
 
@@ -137,6 +148,8 @@ class GatewayProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._forget()
+        if self._file_send is not None:
+            self._file_send.abandon()  # it holds the socket open: let go of it now
 
     def _forget(self) -> None:
         """Stop every timer and leave the idle list: the connection is gone or handed on."""
@@ -244,6 +257,8 @@ class GatewayProtocol(HttpToolsProtocol):
         self.scope["path"] = self.root_path + path
         self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
         self.scope["query_string"] = parsed_url.query or b""
+        if self._sendfile_socket is not None:
+            self.scope["extensions"] = {zerocopy.ZERO_COPY_SEND: {}}
 
         existing_cycle = self.cycle
         cycle = GatewayCycle(
@@ -300,14 +315,51 @@ class GatewayProtocol(HttpToolsProtocol):
             self._stall.cancel()
             self._stall = None
 
+    @functools.cached_property
+    def _sendfile_socket(self) -> int | None:
+        """The socket ``sendfile`` writes to; None over TLS (see zerocopy.py)."""
+        return zerocopy.socket_fd(self.transport)
+
+    async def send_file(self, fd: int, offset: int, count: int) -> bool:
+        """Move ``count`` bytes of ``fd`` from ``offset`` to the client with ``sendfile``;
+        False when the connection was cut instead (client gone, stalled, file too short)."""
+        assert self._sendfile_socket is not None
+        sender = zerocopy.FileSend(
+            self.loop,
+            self.transport,
+            self._sendfile_socket,
+            fd,
+            offset,
+            count,
+            self.settings.send_timeout,
+        )
+        self._file_send = sender
+        try:
+            await sender.run()
+            return True
+        except zerocopy.SendStalled:
+            self._log_stalled()
+        except zerocopy.FileEnded as exc:
+            log.warning("%s: response cut: %s", _address(self.client), exc)
+        except OSError as exc:
+            if not zerocopy.client_gone(exc):
+                log.warning("%s: sendfile failed: %s", _address(self.client), exc)
+        finally:
+            self._file_send = None
+        self.transport.abort()
+        return False
+
     def _send_stalled(self) -> None:
         self._stall = None
+        self._log_stalled()
+        self.transport.abort()
+
+    def _log_stalled(self) -> None:
         log.info(
             "%s: the client read nothing for %.0fs; response abandoned",
             _address(self.client),
             self.settings.send_timeout,
         )
-        self.transport.abort()
 
     # ------------------------------------------------------------------ deadlines
 
@@ -354,9 +406,53 @@ class GatewayProtocol(HttpToolsProtocol):
 
 class GatewayCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, telling its protocol while the app waits for
-    request body (the body timeout runs only then)."""
+    request body (the body timeout runs only then), and sending the zero-copy extension's
+    messages with ``sendfile`` (offered in the scope on plain TCP connections only)."""
 
     protocol: GatewayProtocol
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == zerocopy.ZERO_COPY_SEND and self.response_started:
+            await self._send_file(cast(dict[str, Any], message))
+        else:
+            await super().send(message)
+
+    async def _send_file(self, message: dict[str, Any]) -> None:
+        """``http.response.zerocopysend``: the file's bytes as a body message would carry
+        them (Content-Length kept, chunk framing when chunked); then the message's
+        ``more_body`` as an empty body message, which completes the response as uvicorn
+        does."""
+        if self.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message {message['type']!r} after the response")
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        file = message["file"]
+        fd = file if isinstance(file, int) else file.fileno()
+        offset = message.get("offset")
+        position = offset is None  # from the file's position, which then moves on
+        if offset is None:
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+        count = message.get("count")
+        if count is None:
+            count = max(0, os.fstat(fd).st_size - offset)
+        if count and self.scope["method"] != "HEAD":
+            if self.chunked_encoding:
+                self.transport.write(b"%x\r\n" % count)
+            elif count > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            else:
+                self.expected_content_length -= count
+            if not await self.protocol.send_file(fd, offset, count):
+                self.disconnected = True  # the connection was cut (connection_lost follows)
+                return
+            if position:
+                os.lseek(fd, offset + count, os.SEEK_SET)
+            if self.chunked_encoding:
+                self.transport.write(b"\r\n")
+        more_body = bool(message.get("more_body", False))
+        await super().send({"type": "http.response.body", "body": b"", "more_body": more_body})
 
     async def receive(self) -> ASGIReceiveEvent:
         if not self.more_body or self.disconnected or self.response_complete:
@@ -487,18 +583,179 @@ def fit_descriptor_limit(max_connections: int) -> int:
 
 
 def run(config: ServerConfig) -> None:
-    """Serve until stopped, as ``uvicorn.run`` does (one process, or a supervisor and
-    ``config.workers`` worker processes sharing the listening socket)."""
+    """Serve until stopped, as ``uvicorn.run`` does: one process, or a supervisor and
+    ``config.workers`` worker processes sharing the listening sockets (bound here, once:
+    the plain one unless ``[server] port`` is 0, and the HTTPS one of ``[server.tls]``)."""
     settings = config.server_settings
     limit = fit_descriptor_limit(settings.max_connections)
     config.server_settings = replace(settings, max_connections=limit)
-    server = uvicorn.Server(config)
+    sockets = []
+    if config.port:
+        sockets.append(config.bind_socket())
+    if settings.tls is not None:
+        sockets.append(_bind(config.host, settings.tls.port, "https"))
+    server = GatewayServer(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Supervisor(config, sockets=sockets).run()
         else:
-            server.run()
+            server.run(sockets=sockets)
     except KeyboardInterrupt:  # pragma: no cover
         pass
     if config.workers == 1 and not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _bind(host: str, port: int, scheme: str) -> socket.socket:
+    """A listening socket as ``uvicorn.Config.bind_socket`` makes one, for another port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", host, port, exc)
+        sys.exit(STARTUP_FAILURE)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    log.info("listening on %s://%s:%d", scheme, shown, port)
+    sock.set_inheritable(True)
+    return sock
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with the HTTPS listener of ``[server.tls]`` beside the plain one, in
+    the same process, sharing its connections (one ``max_connections``), lifespan and
+    shutdown; and SIGHUP reloading the TLS certificate instead of ending the process.
+
+    uvicorn applies one ``config.ssl`` to every socket it is given, so it gets the plain
+    sockets and the HTTPS ones are served here, with a context of this process's own
+    (tls.Certificates). The handshake must end within ``header_timeout``, like a request's
+    headers; only then is the connection counted and handed to ``GatewayProtocol``, whose
+    ``scope["scheme"]`` is then ``https`` (uvicorn reads it off the transport)."""
+
+    config: ServerConfig
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config)
+        self.certificates: tls.Certificates | None = None
+        self._chores: set[asyncio.Task[Any]] = set()
+        self._hangup = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        settings = self.config.server_settings.tls
+        secure = [s for s in sockets or () if settings and s.getsockname()[1] == settings.port]
+        plain = None if sockets is None else [s for s in sockets if s not in secure]
+        # Before `started`: the supervisor forwards SIGHUP only to started workers.
+        self._catch_hangups(True)
+        await super().startup(sockets=plain)
+        if settings is None or not secure:
+            return
+        try:
+            self.certificates = tls.Certificates(settings)
+        except tls.CertificateError as exc:
+            log.error("cannot serve HTTPS: %s", exc)
+            await self.lifespan.shutdown()
+            sys.exit(STARTUP_FAILURE)
+        loop = asyncio.get_running_loop()
+        for sock in secure:
+            server = await loop.create_server(
+                self._protocol,
+                sock=sock,
+                ssl=self.certificates.context,
+                backlog=self.config.backlog,
+                ssl_handshake_timeout=self.config.server_settings.header_timeout,
+            )
+            self.servers.append(server)
+        self._chore(self.certificates.watch())
+
+    def _protocol(self, _loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+        # uvicorn's create_protocol (a closure inside its startup)
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+            _loop=_loop,
+        )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._catch_hangups(False)
+        for task in self._chores:
+            task.cancel()
+        await super().shutdown(sockets=sockets)
+
+    def _catch_hangups(self, on: bool) -> None:
+        if threading.current_thread() is not threading.main_thread() or on == self._hangup:
+            return  # signals reach the main thread only (a server in a test's thread)
+        loop = asyncio.get_running_loop()
+        if on:
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        else:
+            loop.remove_signal_handler(signal.SIGHUP)
+        self._hangup = on
+
+    def _on_hangup(self) -> None:
+        if self.certificates is None:
+            log.info("SIGHUP: no [server.tls] certificate to reload; nothing else is reloaded")
+            return
+        self._chore(self.certificates.reload("SIGHUP"))
+
+    def _chore(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+
+class _Worker(Process):
+    """A worker process of the supervisor, running ``GatewayServer``."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = GatewayServer(self.config)  # type: ignore[arg-type]
+        return self._server
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor (uvicorn 0.55's, where it makes workers: ours run
+    ``GatewayServer``), where SIGHUP reloads the TLS certificate in every worker instead of
+    replacing the workers one by one: it is passed on to each started worker (one still
+    starting reads the files as it starts)."""
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            process = _Worker(self.config, self.sockets)
+            process.start()
+            self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                # It failed before serving (the app, TLS, the sockets): so would its successor.
+                log.error("worker [%s] failed to start; stopping", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.info("worker [%s] died; starting another", process.pid)
+            process = _Worker(self.config, self.sockets)
+            process.start()
+            self.processes[idx] = process
+
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None and process.is_ready(timeout=1):
+                os.kill(process.pid, signal.SIGHUP)
+        log.info("SIGHUP passed on to the workers: they reload the TLS certificate")
+
+    def handle_ttin(self) -> None:
+        log.info("SIGTTIN: one more worker")
+        self.processes_num += 1
+        process = _Worker(self.config, self.sockets)
+        process.start()
+        self.processes.append(process)

@@ -83,6 +83,10 @@ class UpstreamClient:
         self.timing = timing
         self.clock = timing.monotonic
         self.latency = {m.url: HeaderLatency() for m in settings.mirrors}  # sets hedge delays
+        # Mirrors a hedge overtook while they were past their usual time, until when (the
+        # monotonic clock): asked after the others meanwhile, so a slow mirror costs one
+        # hedge delay per cooldown instead of one per request.
+        self.demoted: dict[str, float] = {}
         self.retry = RetryPolicy(
             attempts=policy.retry_attempts,
             deadline=policy.retry_deadline,
@@ -134,6 +138,7 @@ class UpstreamClient:
             settings,
             breakers=self.breakers,
             latency=self.latency,
+            demoted=self.demoted,
             retry=self.retry,
             metrics=self.metrics,
             timing=timing,

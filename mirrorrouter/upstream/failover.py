@@ -1,7 +1,9 @@
 """Failover across an upstream's mirrors: the one place that decides which mirror is asked,
 when the next one is, and what the client hears when all failed.
 
-- mirrors are tried in their configured order; a mirror whose circuit is open
+- mirrors are tried in their configured order (a mirror a hedge overtook while it was past
+  its usual time is asked after the others for a ``breaker_cooldown``); a mirror whose
+  circuit is open
   (``breaker.py``; shared by every replica with Redis coordination) is skipped;
 - each mirror is retried per the retry policy (``retry.py``) while its failures are
   temporary, then the next mirror is tried;
@@ -52,15 +54,17 @@ class Failover:
         *,
         breakers: dict[str, CircuitBreaker],
         latency: dict[str, HeaderLatency],
+        demoted: dict[str, float],
         retry: RetryPolicy,
         metrics: Metrics,
         timing: Timing,
     ) -> None:
-        """``breakers`` and ``latency`` are per mirror URL (the client's)."""
+        """``breakers``, ``latency`` and ``demoted`` are per mirror URL (the client's)."""
         self.settings = settings
         self.name = settings.name
         self.breakers = breakers
         self.latency = latency
+        self.demoted = demoted
         self.retry = retry
         self.metrics = metrics
         self.timing = timing
@@ -86,7 +90,7 @@ class Failover:
         """
         policy = self.settings.policy
         answers = _Answers(self.name)
-        queue = deque(enumerate(self.mirrors(capability)))
+        queue = deque(self._in_order(self.mirrors(capability)))
         circuit_open: list[_Asked] = []
         deadline = self.retry.start()
         asked_any = False
@@ -119,6 +123,15 @@ class Failover:
                         self._overtaken(race.pending, entrant, what)
                         return race.take(entrant), entrant.key.mirror
         raise answers.error(not_found, what)
+
+    def _in_order(self, mirrors: list[Mirror]) -> list[tuple[int, Mirror]]:
+        """The mirrors with their places in the configured (failover) order, demoted ones
+        after the others (each group keeps its configured order)."""
+        now = self.clock()
+        for url, until in list(self.demoted.items()):
+            if until <= now:
+                del self.demoted[url]
+        return sorted(enumerate(mirrors), key=lambda placed: placed[1].url in self.demoted)
 
     async def _next_mirror(
         self,
@@ -196,6 +209,7 @@ class Failover:
         if outcome.ok:
             self.metrics.mirror_answer(self.name, mirror.name, "ok", seconds)
             breaker.success()
+            self.demoted.pop(mirror.url, None)  # it answered first: fast again
             if entrant.hedge:
                 self.metrics.hedge_wins.labels(self.name, mirror.name).inc()
             return True
@@ -220,14 +234,18 @@ class Failover:
         """The mirrors still silent when another's answer won (they are closed next): past
         their own usual time, that is a failure for their breaker, as a timeout would have
         been, so a hung or drowning mirror's circuit opens and requests stop waiting for it;
-        a hedge target asked moments ago gets no verdict."""
-        first_byte_timeout = self.settings.policy.first_byte_timeout
+        a hedge target asked moments ago gets no verdict. Such a mirror is also demoted for
+        a ``breaker_cooldown``: asked after the others, it is only their hedge meanwhile."""
+        policy = self.settings.policy
         for loser in losers:
             mirror = loser.key.mirror
             waited = self.clock() - loser.started
-            if waited < self.latency[mirror.url].hedge_delay(first_byte_timeout):
+            if waited < self.latency[mirror.url].hedge_delay(policy.first_byte_timeout):
                 continue
             self.breakers[mirror.url].failure()
+            if mirror.url not in self.demoted:
+                self.metrics.demotions.labels(self.name, mirror.name).inc()
+            self.demoted[mirror.url] = self.clock() + policy.breaker_cooldown
             log.warning(
                 "mirror %s gave no answer to %s in %.2fs; %s answered first",
                 mirror.name,

@@ -33,12 +33,23 @@ group = "dev"
 class GatewayProcess(Service):
     """``mirrorrouter serve`` with a given mirrors.toml, on a free 127.0.0.1 port."""
 
-    def __init__(self, workdir: Path, config: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: str,
+        *,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        probe_url: str | None = None,
+    ) -> None:
+        """``port`` 0 turns the plain listener off; then ``probe_url`` (an https URL, asked
+        without verification) says when it serves."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "mirrors.toml"
         self.config_path.write_text(config)
-        self.port = free_port()
+        self.port = free_port() if port is None else port
+        self.probe_url = probe_url
         self.log_path = workdir / "gateway.log"
         self.extra_env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
@@ -72,7 +83,8 @@ class GatewayProcess(Service):
                 raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
             try:
                 # 200, or 401 when client authentication is on: either way it answers.
-                if httpx.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401):
+                probe = self.probe_url or f"{self.url}/v2/"
+                if httpx.get(probe, timeout=1, verify=False).status_code in (200, 401):
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)

@@ -218,6 +218,12 @@ class DistributionRegistry(Service):
         """Whether the child process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The registry's process id (benchmarks read its CPU time)."""
+        assert self._process is not None, "the registry is not running"
+        return self._process.pid
+
     def start(self) -> Self:
         """Write the config, start the process and wait until ``GET /`` answers."""
         if self.running:

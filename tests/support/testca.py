@@ -39,9 +39,13 @@ def issue(
     name: str,
     issuer: Issued | None = None,
     hosts: tuple[str, ...] = ("localhost",),
+    *,
+    lifetime: datetime.timedelta = datetime.timedelta(days=1),
+    starts: datetime.timedelta = datetime.timedelta(minutes=-5),
 ) -> Issued:
     """A CA when ``issuer`` is None, else a certificate it signs for ``hosts`` (names or IP
-    addresses), written to ``directory/<name>.crt`` and ``.key``."""
+    addresses), written to ``directory/<name>.crt`` and ``.key``; valid from now + ``starts``
+    until now + ``lifetime``."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -50,8 +54,8 @@ def issue(
         .issuer_name(issuer.cert.subject if issuer else _name(name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + starts)
+        .not_valid_after(now + lifetime)
     )
     if issuer is None:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
