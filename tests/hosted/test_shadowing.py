@@ -21,10 +21,10 @@ from mirrorrouter.cli.shadows import shadowing_report
 from mirrorrouter.config import parse_settings
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.timing import Timing
+from tests.access.test_access import basic, secured
+from tests.hosted.test_hosted import OCI_MANIFEST, _store_raw, hosted_config, push_blob, push_image
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
-from tests.test_access import basic, secured
-from tests.test_hosted import OCI_MANIFEST, _store_raw, hosted_config, push_blob, push_image
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +39,7 @@ def error_of(answer: httpx.Response) -> dict[str, Any]:
 
 
 def secured_group(tmp_path: Path, pushers: list[str], hosted: str = "") -> str:
-    """[auth] on (tests/test_access.py's users), team (``hosted`` keys added; anyone pulls,
+    """[auth] on (tests/access/test_access.py's users), team (``hosted`` keys added; anyone pulls,
     ``pushers`` push) first in the group dev with docker.io; prefixes dev and team."""
     return secured(
         tmp_path,

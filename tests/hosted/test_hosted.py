@@ -22,9 +22,9 @@ from mirrorrouter.config import ConfigError, parse_settings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.reference import Digest
+from tests.access.test_access import basic, secured, token
 from tests.support.fakeregistry import FakeRegistry, Image, make_image, sha256
 from tests.support.inprocess import gateway
-from tests.test_access import basic, secured, token
 
 pytestmark = pytest.mark.anyio
 
@@ -614,7 +614,7 @@ def test_documented_setups_load_and_route(
 ) -> None:
     """The Nexus and Kind configurations of docs/hosted-and-groups.md are valid, and route
     as the page says."""
-    page = (Path(__file__).parent.parent / "docs" / "hosted-and-groups.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "hosted-and-groups.md").read_text()
     blocks = [b.split("```", 1)[0] for b in page.split("```toml\n")[1:]]
     setups = [b for b in blocks if "[routing]" in b]
     assert len(setups) == 2

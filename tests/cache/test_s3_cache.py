@@ -1,4 +1,4 @@
-"""What the s3 cache backend does beyond the conformance suite (tests/test_cache_conformance.py
+"""What the s3 cache backend does beyond the conformance suite (test_cache_conformance.py
 runs that against it too), on the session's real SeaweedFS (tests/support/seaweed.py)."""
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from mirrorrouter.config import Settings, load_settings
 from tests.support.service import LOOPBACK_ONLY_ENV
 from tests.support.testca import issue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 DEPLOY = ROOT / "deploy"

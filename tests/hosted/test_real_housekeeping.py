@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.test_statuspage import Page
 from tests.support.gateway import GatewayProcess
 from tests.test_metrics import samples, value
-from tests.test_statuspage import Page
 
 pytestmark = pytest.mark.real
 

@@ -19,11 +19,11 @@ import bcrypt
 import httpx
 import pytest
 
+from tests.hosted.test_real_hosted import access_lines
 from tests.support.gateway import GatewayProcess
 from tests.support.images import PushedImage, session_factory
 from tests.support.registry import DistributionRegistry
 from tests.test_headers import parse_challenge
-from tests.test_real_hosted import access_lines
 
 pytestmark = pytest.mark.real
 

@@ -23,9 +23,9 @@ from mirrorrouter.hosted.housekeeping import Chore, Housekeeper, sweep_interval
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.hosted.uploads import UploadSessions
 from mirrorrouter.reference import Digest
+from tests.hosted.test_hosted import hosted_config, push_image
 from tests.support.fakeregistry import FakeRegistry, make_image, sha256
 from tests.support.inprocess import Clock, gateway
-from tests.test_hosted import hosted_config, push_image
 
 pytestmark = pytest.mark.anyio
 

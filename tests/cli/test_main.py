@@ -15,7 +15,7 @@ from mirrorrouter.config import load_settings
 from tests.support.testca import issue
 from tests.test_reference import REFERENCE_TABLE as TABLE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = str(ROOT / "mirrors.toml")
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from mirrorrouter.cli.main import main as cli_main
 from mirrorrouter.config import Settings, parse_settings
-from tests.test_deploy import CACHE_PATH, CONFIG_PATH, PORT, ROOT
+from tests.deploy.test_deploy import CACHE_PATH, CONFIG_PATH, PORT, ROOT
 
 SCALED = ROOT / "deploy" / "kubernetes-scaled"
 ENV = {

@@ -28,7 +28,7 @@ from tests.support.testca import issue
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIRROR = "http://mirror.corp:5000"
 
 CONFIG = """

@@ -13,10 +13,10 @@ import pytest
 from mirrorrouter.cli.main import main
 from mirrorrouter.config import load_settings
 from mirrorrouter.reference import Digest
+from tests.cache.test_eviction import Caches, image_of
 from tests.support.fakeregistry import Image
-from tests.test_eviction import Caches, image_of
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_config(tmp_path: Path, cache: str = "", docker: str = "") -> str:

@@ -37,7 +37,7 @@ from tests.support.registry import DistributionRegistry, free_port
 
 pytestmark = pytest.mark.real
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INPUTS = ROOT / "build" / "image-test"  # scripts/lib.sh prepare_image_inputs writes these
 BASE_IMAGE = "localhost/debian-python:bookworm"
 IMAGE = "localhost/mirrorrouter:0.1.0"  # the name docker-compose.yml gives it

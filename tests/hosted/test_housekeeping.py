@@ -26,11 +26,11 @@ from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.metrics import Metrics
 from mirrorrouter.reference import Digest
+from tests.api.test_statuspage import Page
+from tests.hosted.test_hosted import hosted_config
 from tests.support.fakeregistry import FakeRegistry
 from tests.support.inprocess import Clock, gateway
 from tests.support.redisserver import RedisServer
-from tests.test_hosted import hosted_config
-from tests.test_statuspage import Page
 
 pytestmark = pytest.mark.anyio
 

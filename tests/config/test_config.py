@@ -16,7 +16,7 @@ from mirrorrouter.config import (
     redact_url,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 MINIMAL = """
 [upstreams."docker.io"]
