@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from mirrorrouter.cache.eviction import EvictionReport, Evictor
@@ -26,18 +25,16 @@ from mirrorrouter.cache.pins import (
     pins_path,
 )
 from mirrorrouter.cli.formatting import format_time, print_table, short_digest
+from mirrorrouter.cli.options import Subcommands, config_option
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.reference import Digest, ImageReference, InvalidReference, canonical_registry
 from mirrorrouter.sizes import format_size, parse_size
 
-ConfigOption = Callable[[argparse.ArgumentParser], None]
 LOCK_WAIT_SECONDS = 30.0  # how long prune waits for another process's eviction round
 
 
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], config_option: ConfigOption
-) -> None:
+def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mirrorrouter` parser."""
     cache = sub.add_parser(
         "cache",

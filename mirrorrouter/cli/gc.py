@@ -21,9 +21,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 
+from mirrorrouter.cli.options import Subcommands, config_option
 from mirrorrouter.cli.shadows import Shadowed, shadowing_report
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
@@ -32,12 +32,8 @@ from mirrorrouter.hosted.gc import GcReport
 from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.sizes import format_size
 
-ConfigOption = Callable[[argparse.ArgumentParser], None]
 
-
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], config_option: ConfigOption
-) -> None:
+def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mirrorrouter` parser."""
     gc = sub.add_parser(
         "gc",

@@ -1,10 +1,11 @@
-"""The ``mirrorrouter`` command: serve, resolve, check-config, client-config."""
+"""The ``mirrorrouter`` command: the parser, and serve, check-config, client-config and
+healthcheck; the other subcommands are modules of their own (resolve, cache, gc, warm with
+export and import), each adding itself with ``register``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import ssl
@@ -12,31 +13,22 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mirrorrouter.access.policy import nobody_may_push
-from mirrorrouter.cli import cache as cachecli
-from mirrorrouter.cli import gc as hostedcli
-from mirrorrouter.cli import warm as warmcli
+from mirrorrouter.cli import cache, gc, resolve, warm
 from mirrorrouter.cli.clientconfig import CLIENTS, KIND_HOSTS_DIR, ClientConfigError, generate
 from mirrorrouter.cli.connectivity import probe_all
-from mirrorrouter.cli.formatting import print_table
+from mirrorrouter.cli.options import config_option
+from mirrorrouter.cli.resolve import shown_proxy
 from mirrorrouter.cli.shadows import explain_group, shadow_warnings
 from mirrorrouter.config import (
     ConfigError,
     Settings,
-    UpstreamSettings,
     load_settings,
-    redact_url,
 )
 from mirrorrouter.config.discovery import CONFIG_ENV, find_config
-from mirrorrouter.config.model import GroupSettings, Target
-from mirrorrouter.errors import RegistryError
 from mirrorrouter.logs import log_config
-from mirrorrouter.mapping import Mapper, kind_of
-from mirrorrouter.reference import ImageReference, InvalidReference
 from mirrorrouter.server import tls
 
 
@@ -58,17 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the mirror")
-    _config_option(serve)
+    config_option(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, help="plain-HTTP port (default: server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     serve.set_defaults(func=_serve)
 
-    resolve = sub.add_parser("resolve", help="show how image names are canonicalized and routed")
-    _config_option(resolve)
-    resolve.add_argument("images", nargs="+", metavar="IMAGE")
-    resolve.add_argument("--json", action="store_true", help="print JSON")
-    resolve.set_defaults(func=_resolve)
+    resolve.register(sub)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", nargs="?", type=Path, help="the file (default: as for serve)")
@@ -85,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Print (or write) client configuration generated from the routing table: "
         "every upstream with its aliases, the named prefix routes, the default registry.",
     )
-    _config_option(client)
+    config_option(client)
     client.add_argument("--for", dest="client", required=True, choices=CLIENTS)
     client.add_argument(
         "--mirror-url",
@@ -114,24 +102,14 @@ def _parser() -> argparse.ArgumentParser:
         "names (server.port; with server.port = 0, https on server.tls.port, verifying no "
         "certificate), on loopback; exit 0 when it answers 200, 1 otherwise.",
     )
-    _config_option(health)
+    config_option(health)
     health.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     health.set_defaults(func=_healthcheck)
 
     # Operator commands live in modules of their own.
-    for register in (cachecli.register, hostedcli.register, warmcli.register):
-        register(sub, _config_option)
+    for command in (cache, gc, warm):
+        command.register(sub)
     return parser
-
-
-def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="config file (default: $MIRRORROUTER_CONFIG, ./mirrors.toml, "
-        "/etc/mirrorrouter/mirrors.toml)",
-    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -180,136 +158,6 @@ def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> 
     httpserver.run(config)
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    image: str
-    canonical: str | None
-    address: str | None
-    upstream: str | None  # the target's name (an upstream, hosted set or group)
-    mirrors: list[dict[str, Any]]
-    routes: list[str]
-    error: str | None
-    kind: str = "upstream"
-    members: list[dict[str, Any]] = field(default_factory=list)  # a group's, in order
-    proxy: str | None = None  # the upstream's outbound proxy, redacted
-
-    @property
-    def route_text(self) -> str:
-        if self.canonical is None:
-            return f"invalid name: {self.error}"
-        if self.error:
-            return f"not routed: {self.error}"
-        if self.kind == "group":
-            text = f"group {self.upstream}: " + " > ".join(
-                f"{m['kind']} {m['name']} ({m['canonical_name']})"
-                + (" [push]" if m["writable"] else "")
-                for m in self.members
-            )
-        elif self.kind == "hosted":
-            text = f"hosted {self.upstream}"
-        else:
-            text = f"upstream {self.upstream}: " + " > ".join(m["url"] for m in self.mirrors)
-            if self.proxy:
-                text += f" via proxy {self.proxy}"
-        if self.routes:
-            text += f" (also via {', '.join(self.routes)})"
-        return text
-
-
-def resolve_images(settings: Settings, images: Sequence[str]) -> list[_Verdict]:
-    """Canonicalize and route each image name."""
-    mapper = Mapper(settings)
-    verdicts = []
-    for image in images:
-        try:
-            ref = ImageReference.parse(image)
-        except InvalidReference as exc:
-            verdicts.append(_Verdict(image, None, None, None, [], [], str(exc)))
-            continue
-        try:
-            resolution = mapper.resolve_image(ref)
-        except RegistryError as exc:
-            verdicts.append(
-                _Verdict(image, ref.name, ref.manifest_url(), None, [], [], exc.message)
-            )
-            continue
-        target = resolution.target
-        members = []
-        if isinstance(target, GroupSettings):
-            for name in target.members:
-                member = mapper.member(resolution, name)
-                members.append(
-                    {
-                        "name": name,
-                        "kind": kind_of(member.target),
-                        "canonical_name": member.reference.name,
-                        "writable": name == target.writable,
-                        "mirrors": _mirrors(member.target),
-                    }
-                )
-        routes = [r.label for r in mapper.routes_to(target)]
-        verdicts.append(
-            _Verdict(
-                image,
-                resolution.reference.name,
-                ref.manifest_url(),
-                target.name,
-                _mirrors(target),
-                routes,
-                None,
-                kind_of(target),
-                members,
-                _proxy(target),
-            )
-        )
-    return verdicts
-
-
-def _proxy(target: Target) -> str | None:
-    """The configured outbound proxy, fit to show: it may carry user:password@."""
-    if not isinstance(target, UpstreamSettings) or target.policy.proxy is None:
-        return None
-    return redact_url(target.policy.proxy)
-
-
-def _mirrors(target: Target) -> list[dict[str, Any]]:
-    if not isinstance(target, UpstreamSettings):
-        return []
-    return [
-        {"url": m.url, "capabilities": sorted(c.value for c in m.capabilities)}
-        for m in target.mirrors
-    ]
-
-
-def _resolve(args: argparse.Namespace) -> int:
-    settings = load_settings(find_config(args.config))
-    verdicts = resolve_images(settings, args.images)
-    if args.json:
-        print(json.dumps([_verdict_json(v) for v in verdicts], indent=2))
-    else:
-        header = ("IMAGE NAME", "CANONICAL NAME", "REGISTRY ADDRESS", "ROUTE")
-        rows = [(v.image, v.canonical or "-", v.address or "-", v.route_text) for v in verdicts]
-        print_table(header, rows)
-    # "Not routed" is an answer; only a name that does not parse is a usage error.
-    return 1 if any(v.canonical is None for v in verdicts) else 0
-
-
-def _verdict_json(verdict: _Verdict) -> dict[str, Any]:
-    return {
-        "image": verdict.image,
-        "canonical_name": verdict.canonical,
-        "registry_address": verdict.address,
-        "routed": verdict.error is None,
-        "upstream": verdict.upstream,
-        "kind": verdict.kind,
-        "members": verdict.members,
-        "mirrors": verdict.mirrors,
-        "routes": verdict.routes,
-        "proxy": verdict.proxy,
-        "error": verdict.error,
-    }
-
-
 def _check_config(args: argparse.Namespace) -> int:
     path = find_config(args.file)
     settings = load_settings(path)
@@ -319,7 +167,7 @@ def _check_config(args: argparse.Namespace) -> int:
             f"{m.url} [{'+'.join(sorted(c.value for c in m.capabilities))}]"
             for m in upstream.mirrors
         )
-        proxy = _proxy(upstream)
+        proxy = shown_proxy(upstream)
         print(f"  upstream {upstream.name}: {mirrors}" + (f" via proxy {proxy}" if proxy else ""))
     for hosted in settings.hosted.values():
         print(f"  hosted {hosted.name}: {hosted.storage.directory}")

@@ -21,14 +21,13 @@ from rich.logging import RichHandler
 
 from mirrorrouter.cli.exporter import ExportReport, export_images
 from mirrorrouter.cli.importer import ImportReport, import_archive
+from mirrorrouter.cli.options import Subcommands, config_option
 from mirrorrouter.cli.progress import Progress, RichProgress, make_progress
 from mirrorrouter.cli.warmer import DEFAULT_JOBS, read_image_list, warm_images
 from mirrorrouter.config import Settings, load_settings
 from mirrorrouter.config.discovery import find_config
 from mirrorrouter.manifests import PlatformSelector
 from mirrorrouter.pull.pullthrough import Pullthrough
-
-ConfigOption = Callable[[argparse.ArgumentParser], None]
 
 PLATFORM_HELP = (
     "which entries of a multi-platform index to take: os/arch[/variant] names, comma-separated"
@@ -40,9 +39,7 @@ class UsageError(Exception):
     """A bad argument: said on stderr, exit status 2."""
 
 
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], config_option: ConfigOption
-) -> None:
+def register(sub: Subcommands) -> None:
     """Add this module's subcommands to the `mirrorrouter` parser."""
     warm = sub.add_parser(
         "warm",
