@@ -11,7 +11,7 @@
 - API requests carry ``Authorization: Bearer <token>`` (or Basic, for curl). A request
   without credentials is anonymous; wrong credentials are refused (401), never downgraded.
 
-What a user may pull is decided in access.py. Passwords and tokens are never logged.
+What a user may pull is decided in policy.py. Passwords and tokens are never logged.
 """
 
 from __future__ import annotations

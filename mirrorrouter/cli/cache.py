@@ -1,5 +1,5 @@
 """``mirrorrouter cache ls | du | prune | pin | unpin``: look into the caches and bound them
-(the rules are in eviction.py). Registered by cli.py through ``register``.
+(the rules are in cache/eviction.py). Registered by main.py through ``register``.
 
 Exit codes: 0 done; 1 a limit could not be met, another process was evicting, or a pin to
 remove is not a runtime pin; 2 a usage error (an unknown upstream, a bad size or pattern).

@@ -1,5 +1,5 @@
-"""``mirrorrouter gc``: garbage-collect hosted repository sets (the rules are in hosted.py).
-Registered by cli.py through ``register``.
+"""``mirrorrouter gc``: garbage-collect hosted repository sets (the rules are in hosted/gc.py).
+Registered by main.py through ``register``.
 
 Run it from cron or a Kubernetes CronJob while the gateway serves: blobs and manifests
 younger than ``gc_grace`` are spared, and upload sessions that received bytes within

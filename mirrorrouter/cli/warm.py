@@ -1,4 +1,4 @@
-"""Subcommands of `mirrorrouter` registered by this module (see cli.py): warm, export, import.
+"""Subcommands of `mirrorrouter` registered by this module (see main.py): warm, export, import.
 
 They work on the configured caches directly, whether or not a gateway runs on the same
 cache directory: downloads go through the same ``Pullthrough`` (claims shared across

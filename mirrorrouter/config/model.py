@@ -174,7 +174,7 @@ class HostedSettings:
     name: str
     aliases: frozenset[str]  # registry names routed here (``localhost:5000`` for ?ns=...)
     storage: CacheSettings
-    access: tuple[AccessRule, ...] = ()  # no matching rule: see access.py for the default
+    access: tuple[AccessRule, ...] = ()  # no matching rule: see access/policy.py for the default
     delete: bool = False  # may clients DELETE manifests and tags
     gc_grace: float = 3600.0  # garbage collection spares blobs and manifests younger than this
     # How often the server collects garbage on its own, once across every worker and replica

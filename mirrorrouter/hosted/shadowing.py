@@ -136,7 +136,7 @@ async def lists_tags(client: UpstreamClient, repository: str) -> bool:
     try:
         tags = json.loads(answer.data).get("tags")
     except (ValueError, AttributeError):
-        return False  # upstream.py checked it is an object with a tag list
+        return False  # the upstream client checked it is an object with a tag list
     return bool(tags)
 
 

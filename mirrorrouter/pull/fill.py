@@ -9,7 +9,7 @@ fails verification marks its mirrors suspect for that digest and a fresh fill st
 the next one (readers waiting for a verified blob follow it); a cache that cannot take the
 bytes (a full disk) makes readers stream straight from upstream.
 
-Replicas (coordination.py): while another replica holds a blob's lease, this one follows
+Replicas (coordination/): while another replica holds a blob's lease, this one follows
 it. It streams the blob from that replica's peer endpoint (peer.py) into its own
 writer, so its own clients get bytes as they land, and verifies and commits them as usual.
 When that stream breaks and the lease has expired (the holder died), it takes the lease

@@ -1,6 +1,6 @@
 """The internal endpoint through which replicas follow each other's downloads.
 
-While one replica holds a blob's cluster-wide lease (coordination.py) and downloads it,
+While one replica holds a blob's cluster-wide lease (coordination/) and downloads it,
 the others stream it from that replica at ``GET <advertise_url>/_mirrorrouter/peer/
 <upstream>/blobs/<digest>`` (fill.py is the client side). The request carries the lease's
 token in ``X-Mirrorrouter-Lease`` (only a replica that read the lock from Redis knows it),

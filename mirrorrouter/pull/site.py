@@ -1,7 +1,7 @@
 """One upstream at run time: its client, its cache, its downloads, and memory indexes.
 
 Memory indexes are this replica's; what the replicas share (tag checks, "not found"
-answers) goes through the coordinator (coordination.py), which is asked only when memory
+answers) goes through the coordinator (coordination/), which is asked only when memory
 cannot answer, right before an upstream request would be made.
 """
 

@@ -1,6 +1,6 @@
 """Reading an upstream's answers: what a failure means (temporary, not found, final), what
 each mirror answered (``Attempts``, the client's error when all failed), and the facts in
-headers and bodies (digest, size, ``Retry-After``). upstream.py asks."""
+headers and bodies (digest, size, ``Retry-After``). client.py and failover.py ask."""
 
 from __future__ import annotations
 

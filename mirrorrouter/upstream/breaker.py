@@ -9,7 +9,7 @@ When every mirror of a request is open, waiting out the cooldown would refuse re
 recovered mirror could serve: ``probe_early`` lets one request at a time probe before the
 cooldown ends (the caller picks the mirror whose cooldown ends first, ``reopens_in``).
 
-With ``shared`` state (coordination.py, for replicas sharing Redis) the failures of every
+With ``shared`` state (coordination/, for replicas sharing Redis) the failures of every
 replica count, and a circuit one replica opens is open for all: ``refresh`` learns the
 shared view before ``allow`` consults it; what this process sees is published as it
 happens. The shared state never raises; without it the breaker is this process's alone.
