@@ -13,19 +13,16 @@ Exception tree::
 
 Config errors live in config/ (ConfigError) because they never reach HTTP. A bad name, tag
 or digest raises ``reference.InvalidReference`` (a ValueError: the grammar knows nothing of
-HTTP); ``valid_or`` is the one place it becomes the client's error.
+HTTP); ``reference_error`` is the one place it becomes the client's error.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from mirrorrouter.reference import InvalidReference
-
-T = TypeVar("T")
 
 
 class ErrorCode(enum.Enum):
@@ -150,11 +147,8 @@ class NoHeadersInTime(UpstreamError):
         super().__init__(message, mirror=mirror, is_temporary=True)
 
 
-def valid_or(code: ErrorCode, parse: Callable[[], T], *, why: str = "") -> T:
-    """What ``parse()`` returns; an ``InvalidReference`` it raises is answered as ``code``
-    with its message (and ``why`` after it): the one translation of a bad name, tag or
-    digest into the client's error."""
-    try:
-        return parse()
-    except InvalidReference as exc:
-        raise RegistryError(code, f"{exc}{why}") from exc
+def reference_error(code: ErrorCode, exc: InvalidReference, *, why: str = "") -> RegistryError:
+    """The one translation of a bad name, tag or digest into the client's error: ``code``
+    with the message of ``exc`` (and ``why`` after it). Raised ``from exc`` where the parse
+    failed; the parse itself stays a plain call, which costs nothing on the hot path."""
+    return RegistryError(code, f"{exc}{why}")

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 from mirrorrouter.config import Route, Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings, Target
-from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
+from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
 from mirrorrouter.oci import OciRequest
 from mirrorrouter.reference import (
     ImageReference,
+    InvalidReference,
     looks_like_registry,
     normalize_repository,
     validate_registry,
@@ -208,8 +209,14 @@ class Mapper:
 def _repository(target: Target, repository: str) -> str:
     """The repository path within a target: validated; docker.io one-component names get
     ``library/`` (a group keeps the name as written: each member normalizes it)."""
-    return valid_or(ErrorCode.NAME_INVALID, lambda: normalize_repository(target.name, repository))
+    try:
+        return normalize_repository(target.name, repository)
+    except InvalidReference as exc:
+        raise reference_error(ErrorCode.NAME_INVALID, exc) from exc
 
 
 def _canonical(host: str) -> str:
-    return valid_or(ErrorCode.NAME_INVALID, lambda: validate_registry(host))
+    try:
+        return validate_registry(host)
+    except InvalidReference as exc:
+        raise reference_error(ErrorCode.NAME_INVALID, exc) from exc

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
+from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
 from mirrorrouter.headers import parse_host
-from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, validate_tag
+from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, InvalidReference, validate_tag
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
@@ -217,14 +217,26 @@ _NOT_THERE = {
 _CANNOT_EXIST = ": no such reference can exist"
 
 
-def _parse_digest(text: str, kind: RequestKind, method: str) -> Digest:
+def _invalid_reference(
+    kind: RequestKind, method: str, bad_request: ErrorCode, exc: InvalidReference
+) -> RegistryError:
     if method in _PULL_METHODS:
-        return valid_or(_NOT_THERE[kind], lambda: Digest.parse(text), why=_CANNOT_EXIST)
-    return valid_or(ErrorCode.DIGEST_INVALID, lambda: Digest.parse(text))
+        return reference_error(_NOT_THERE[kind], exc, why=_CANNOT_EXIST)
+    return reference_error(bad_request, exc)
+
+
+def _parse_digest(text: str, kind: RequestKind, method: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except InvalidReference as exc:
+        raise _invalid_reference(kind, method, ErrorCode.DIGEST_INVALID, exc) from exc
 
 
 def _parse_tag(text: str, method: str) -> str:
-    if method in _PULL_METHODS:
-        return valid_or(ErrorCode.MANIFEST_UNKNOWN, lambda: validate_tag(text), why=_CANNOT_EXIST)
-    # The spec has no TAG_INVALID: a manifest PUT to a bad tag is MANIFEST_INVALID.
-    return valid_or(ErrorCode.MANIFEST_INVALID, lambda: validate_tag(text))
+    try:
+        return validate_tag(text)
+    except InvalidReference as exc:
+        # The spec has no TAG_INVALID: a manifest PUT to a bad tag is MANIFEST_INVALID.
+        raise _invalid_reference(
+            RequestKind.MANIFEST, method, ErrorCode.MANIFEST_INVALID, exc
+        ) from exc

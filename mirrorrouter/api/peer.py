@@ -8,10 +8,10 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
+from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
 from mirrorrouter.pull.peers import LEASE_HEADER
 from mirrorrouter.pull.pullthrough import Pullthrough
-from mirrorrouter.reference import Digest
+from mirrorrouter.reference import Digest, InvalidReference
 
 _RANGE_FROM = re.compile(r"bytes=(\d+)-")
 
@@ -23,7 +23,10 @@ async def peer_blob(pull: Pullthrough, request: Request) -> Response:
     token = request.headers.get(LEASE_HEADER, "")
     not_here = RegistryError(ErrorCode.BLOB_UNKNOWN, "no download of that blob under that lease")
     text = str(request.path_params.get("digest", ""))
-    digest = valid_or(ErrorCode.DIGEST_INVALID, lambda: Digest.parse(text))
+    try:
+        digest = Digest.parse(text)
+    except InvalidReference as exc:
+        raise reference_error(ErrorCode.DIGEST_INVALID, exc) from exc
     if upstream is None or not token:
         raise not_here
     fill = await pull.leased_fill(upstream, digest, token)

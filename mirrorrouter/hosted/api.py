@@ -33,7 +33,7 @@ from starlette.responses import Response
 from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
-from mirrorrouter.errors import ErrorCode, RegistryError, valid_or
+from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
 from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.hosted.shadowing import Shadowing
 from mirrorrouter.hosted.store import BlobFinder, HostedStore
@@ -46,7 +46,7 @@ from mirrorrouter.oci import (
     OciRequest,
     RequestKind,
 )
-from mirrorrouter.reference import Digest, ImageReference
+from mirrorrouter.reference import Digest, ImageReference, InvalidReference
 
 SUBJECT_HEADER = "OCI-Subject"
 FORWARDED_HEADER = "X-Mirrorrouter-Forwarded"  # a request another replica passed on
@@ -327,4 +327,7 @@ def _digest_param(oci: OciRequest, *, required: bool) -> Digest | None:
 
 
 def _parse_digest(value: str) -> Digest:
-    return valid_or(ErrorCode.DIGEST_INVALID, lambda: Digest.parse(value))
+    try:
+        return Digest.parse(value)
+    except InvalidReference as exc:
+        raise reference_error(ErrorCode.DIGEST_INVALID, exc) from exc
