@@ -138,9 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> None:
-    from mirrorrouter.server import httpserver
+    from mirrorrouter.server import running
 
-    config = httpserver.ServerConfig(
+    config = running.ServerConfig(
         "mirrorrouter.app:app_from_environment",
         settings.server,
         factory=True,
@@ -155,7 +155,7 @@ def _run_uvicorn(settings: Settings, args: argparse.Namespace, workers: int) -> 
         proxy_headers=False,
         server_header=False,
     )
-    httpserver.run(config)
+    running.run(config)
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@
   context changes what new handshakes present while connections already open keep theirs,
   so nothing restarts and nothing is dropped. It reloads when the files change on disk (a
   stat every ``WATCH_INTERVAL`` seconds, in a thread: cert-manager and the kubelet replace a
-  Secret's files by swapping a symlink, so the inode changes) and on SIGHUP (httpserver.py).
+  Secret's files by swapping a symlink, so the inode changes) and on SIGHUP (running.py).
   A new pair is read once, checked (PEM, the key belongs to the certificate, OpenSSL takes
   it in a context of its own) and only then loaded into the live context, from the same
   bytes: a bad file, or a pair caught half-replaced, logs an error naming the file and the

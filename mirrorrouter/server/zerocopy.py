@@ -3,7 +3,7 @@
 An app that has a response's bytes in a file sends ``{"type": "http.response.zerocopysend",
 "file": <an object with fileno()>, "offset": ..., "count": ...}`` and the server moves them
 from the page cache to the socket with ``sendfile(2)``: no copy into Python, none back into
-the kernel. ``GatewayCycle.send`` (httpserver.py) frames the bytes as a body would be; this
+the kernel. ``GatewayCycle.send`` (protocol.py) frames the bytes as a body would be; this
 module moves them.
 
 **Why not ``loop.sendfile``.** uvloop, which ``mirrorrouter serve`` runs on, implements

@@ -16,8 +16,8 @@ import pytest
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from mirrorrouter.config.model import ServerSettings
-from mirrorrouter.server import httpserver
-from mirrorrouter.server.httpserver import ServerConfig, fit_descriptor_limit
+from mirrorrouter.server import running
+from mirrorrouter.server.running import ServerConfig, fit_descriptor_limit
 from tests.support.inprocess import uvicorn_in_loop
 from tests.support.registry import free_port
 
@@ -313,8 +313,8 @@ def fake_limits(
         calls.append(limits)
         state["limits"] = limits
 
-    monkeypatch.setattr(httpserver.resource, "getrlimit", getrlimit)
-    monkeypatch.setattr(httpserver.resource, "setrlimit", setrlimit)
+    monkeypatch.setattr(running.resource, "getrlimit", getrlimit)
+    monkeypatch.setattr(running.resource, "setrlimit", setrlimit)
     return calls
 
 

@@ -26,7 +26,7 @@ from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from mirrorrouter.app import create_app
 from mirrorrouter.config import ConfigError, ServerSettings, ServerTlsSettings, parse_settings
 from mirrorrouter.server import tls
-from mirrorrouter.server.httpserver import GatewayServer, ServerConfig, _bind
+from mirrorrouter.server.running import GatewayServer, ServerConfig, _bind
 from tests.support.registry import free_port
 from tests.support.testca import Issued, issue
 

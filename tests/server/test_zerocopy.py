@@ -23,7 +23,7 @@ from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.reference import Digest
 from mirrorrouter.server import zerocopy
-from mirrorrouter.server.httpserver import ServerConfig
+from mirrorrouter.server.running import ServerConfig
 from mirrorrouter.server.zerocopy import ZERO_COPY_SEND
 from tests.support.fakeregistry import FakeRegistry, make_image
 from tests.support.inprocess import Gateway, config, gateway, until, uvicorn_in_loop

@@ -1,0 +1,74 @@
+"""The answers the server gives itself, without the app: a request it refuses (malformed
+HTTP 400, a head too large 431) or a connection it cannot take (503 at ``max_connections``).
+
+They are the OCI JSON envelope a registry client understands (``_envelope``), not
+uvicorn's text/plain, and they end the connection. Closing a socket with unread request
+bytes makes the kernel send a reset that may destroy the answer before the client reads
+it, so ``_ClosingAnswer`` takes the connection over: write, half-close, discard what still
+arrives, close at the client's EOF or after ``LINGER``. ``GatewayProtocol`` (protocol.py)
+decides when to answer; this module writes the bytes and lets go of the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from mirrorrouter.errors import RegistryError
+from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
+
+LINGER = 1.0  # how long a closing answer waits for the client to read it and hang up
+MAX_LINGERING = 256  # closing answers waiting at once; past it they close at once
+
+
+class _ClosingAnswer(asyncio.Protocol):
+    """Takes over a connection to send one last answer and close it so the client can read
+    it: closing with unread request bytes would send a reset that may destroy the answer.
+    So: write, half-close, discard what still arrives, close at the client's EOF or after
+    ``LINGER``."""
+
+    lingering = 0
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.timer = loop.call_later(LINGER, transport.abort)
+
+    @classmethod
+    def start(
+        cls, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, answer: bytes
+    ) -> None:
+        transport.write(answer)
+        if cls.lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        cls.lingering += 1
+        transport.set_protocol(cls(transport, loop))
+        transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        type(self).lingering -= 1
+        self.timer.cancel()
+
+
+def _envelope(
+    status: int, error: RegistryError, default_headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """A whole HTTP/1.1 response carrying ``error`` as the OCI JSON envelope."""
+    body = error.body()
+    headers = [
+        *default_headers,
+        (b"content-type", b"application/json"),
+        (API_VERSION_HEADER.lower().encode(), API_VERSION.encode()),
+        *((k.lower().encode(), v.encode("latin-1")) for k, v in error.headers.items()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return STATUS_LINE[status] + lines + b"\r\n" + body
