@@ -1,12 +1,14 @@
 """The answers the server gives itself, without the app: a request it refuses (malformed
 HTTP 400, a head too large 431) or a connection it cannot take (503 at ``max_connections``).
 
-They are the OCI JSON envelope a registry client understands (``_envelope``), not
-uvicorn's text/plain, and they end the connection. Closing a socket with unread request
-bytes makes the kernel send a reset that may destroy the answer before the client reads
-it, so ``_ClosingAnswer`` takes the connection over: write, half-close, discard what still
-arrives, close at the client's EOF or after ``LINGER``. ``GatewayProtocol`` (protocol.py)
-decides when to answer; this module writes the bytes and lets go of the connection.
+They carry the OCI JSON envelope a registry client understands, not uvicorn's text/plain
+(``error_response_bytes``: the whole HTTP/1.1 response, written straight to the transport
+since no ASGI cycle exists), and they end the connection. Closing a socket with unread
+request bytes makes the kernel send a reset that may destroy the answer before the client
+reads it, so ``ClosingAnswer`` takes the connection over: write, half-close, discard what
+still arrives, close at the client's EOF or after ``LINGER``. ``GatewayProtocol``
+(protocol.py) decides when to answer and logs it; this module writes the bytes and lets go
+of the connection.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ LINGER = 1.0  # how long a closing answer waits for the client to read it and ha
 MAX_LINGERING = 256  # closing answers waiting at once; past it they close at once
 
 
-class _ClosingAnswer(asyncio.Protocol):
+class ClosingAnswer(asyncio.Protocol):
     """Takes over a connection to send one last answer and close it so the client can read
     it: closing with unread request bytes would send a reset that may destroy the answer.
     So: write, half-close, discard what still arrives, close at the client's EOF or after
@@ -57,7 +59,7 @@ class _ClosingAnswer(asyncio.Protocol):
         self.timer.cancel()
 
 
-def _envelope(
+def error_response_bytes(
     status: int, error: RegistryError, default_headers: list[tuple[bytes, bytes]]
 ) -> bytes:
     """A whole HTTP/1.1 response carrying ``error`` as the OCI JSON envelope."""

@@ -58,7 +58,7 @@ from mirrorrouter import logs
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.server import zerocopy
-from mirrorrouter.server.answers import _ClosingAnswer, _envelope
+from mirrorrouter.server.answers import ClosingAnswer, error_response_bytes
 
 log = logging.getLogger("mirrorrouter.server")
 
@@ -197,8 +197,8 @@ class GatewayProtocol(HttpToolsProtocol):
                 user="anonymous",
                 refused=reason,
             )
-        answer = _envelope(status, error, self.server_state.default_headers)
-        _ClosingAnswer.start(transport, self.loop, answer)
+        answer = error_response_bytes(status, error, self.server_state.default_headers)
+        ClosingAnswer.start(transport, self.loop, answer)
 
     # ------------------------------------------------------------------ parser callbacks
 
