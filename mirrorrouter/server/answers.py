@@ -7,21 +7,52 @@ since no ASGI cycle exists), and they end the connection. Closing a socket with 
 request bytes makes the kernel send a reset that may destroy the answer before the client
 reads it, so ``ClosingAnswer`` takes the connection over: write, half-close, discard what
 still arrives, close at the client's EOF or after ``LINGER``. ``GatewayProtocol``
-(protocol.py) decides when to answer and logs it; this module writes the bytes and lets go
-of the connection.
+(protocol.py) decides when to answer; ``answer_and_close`` writes it to the access log,
+writes the bytes and lets go of the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.utils import get_remote_addr
 
+from mirrorrouter import logs
 from mirrorrouter.errors import RegistryError
 from mirrorrouter.oci import API_VERSION, API_VERSION_HEADER
 
 LINGER = 1.0  # how long a closing answer waits for the client to read it and hang up
 MAX_LINGERING = 256  # closing answers waiting at once; past it they close at once
+
+
+def answer_and_close(
+    transport: asyncio.Transport,
+    loop: asyncio.AbstractEventLoop,
+    status: int,
+    error: RegistryError,
+    reason: str,
+    *,
+    default_headers: list[tuple[bytes, bytes]],
+    access_log: bool,
+) -> None:
+    """Answer ``error`` with ``status`` on a connection no app serves, note it in the access
+    log (when ``access_log``, with the client address and why it was ``refused``), and
+    close the connection once the client has read it."""
+    client = get_remote_addr(transport)
+    if access_log:
+        logs.access(
+            "-",
+            "-",
+            status,
+            request_id=secrets.token_hex(8),
+            client=f"{client[0]}:{client[1]}" if client else None,
+            user="anonymous",
+            refused=reason,
+        )
+    answer = error_response_bytes(status, error, default_headers)
+    ClosingAnswer.start(transport, loop, answer)
 
 
 class ClosingAnswer(asyncio.Protocol):

@@ -41,7 +41,6 @@ import enum
 import functools
 import logging
 import os
-import secrets
 import time
 import urllib.parse
 import weakref
@@ -51,14 +50,11 @@ import httptools
 import uvicorn
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
-from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
 
-from mirrorrouter import logs
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.server import zerocopy
-from mirrorrouter.server.answers import ClosingAnswer, error_response_bytes
+from mirrorrouter.server import answers, zerocopy
 
 log = logging.getLogger("mirrorrouter.server")
 
@@ -186,19 +182,15 @@ class GatewayProtocol(HttpToolsProtocol):
     def _answer_and_close(
         self, transport: asyncio.Transport, status: int, error: RegistryError, reason: str
     ) -> None:
-        client = get_remote_addr(transport)
-        if self.settings.access_log:
-            logs.access(
-                "-",
-                "-",
-                status,
-                request_id=secrets.token_hex(8),
-                client=f"{client[0]}:{client[1]}" if client else None,
-                user="anonymous",
-                refused=reason,
-            )
-        answer = error_response_bytes(status, error, self.server_state.default_headers)
-        ClosingAnswer.start(transport, self.loop, answer)
+        answers.answer_and_close(
+            transport,
+            self.loop,
+            status,
+            error,
+            reason,
+            default_headers=self.server_state.default_headers,
+            access_log=self.settings.access_log,
+        )
 
     # ------------------------------------------------------------------ parser callbacks
 
