@@ -49,40 +49,23 @@ coordinator's business, not this backend's), what is in use (readers, writers, h
 accesses not yet persisted, shared by every instance over the same endpoint, bucket and root
 in this process. ``remove`` refuses digests in use here; it cannot see readers of another
 process, which at worst fail mid-read like readers of a removed object anywhere.
-
-**Why obstore**: an async API over a Rust core (``object_store``: the HTTP client, retries,
-request signing run outside the GIL), uploads from a file or async iterator that become
-multipart uploads on their own (and are aborted on failure), ranged reads, presigned URLs
-for redirects, and typed stubs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 
 import obstore
 from obstore.exceptions import BaseError as StoreError
-from obstore.store import S3Store
 
 from mirrorrouter.cache.base import (
     CacheUnavailable,
@@ -99,87 +82,27 @@ from mirrorrouter.cache.base import (
     parse_tag_record,
 )
 from mirrorrouter.cache.copies import LocalCopies
-from mirrorrouter.cache.spool import IN_FLIGHT, SharedState, SpoolArea, SpoolWriter
+from mirrorrouter.cache.objectstore.reads import READ_PART, _read_file, _read_object
+from mirrorrouter.cache.objectstore.shared import _SHARED, _MemoryClaim, _Shared
+from mirrorrouter.cache.objectstore.store import (
+    LIST_CHUNK,
+    _digest,
+    _gather,
+    _make_store,
+    _store_errors,
+)
+from mirrorrouter.cache.spool import IN_FLIGHT, SpoolArea, SpoolWriter
 from mirrorrouter.config import CacheSettings
-from mirrorrouter.config.model import ObjectStoreSettings
-from mirrorrouter.reference import Digest, InvalidReference
+from mirrorrouter.reference import Digest
 
 if TYPE_CHECKING:
     from obstore import ObjectMeta
-    from obstore.store import ClientConfig, S3Config
 
 log = logging.getLogger("mirrorrouter.cache.s3")
 
-# A blob read from the bucket: ranged GETs of READ_PART bytes, READ_AHEAD of them in flight,
-# reassembled in order. One GET at a time is bound by its round trips and the store's
-# per-request speed; measured against SeaweedFS's own single-stream GET (docs/scaling.md):
-# 4 MiB parts with one ahead read at 0.5-0.65x of it; four in flight reach 0.75-1.15x,
-# and neither 8 nor 16 MiB parts nor eight in flight did better. A reader holds at most
-# (READ_AHEAD + 1) * READ_PART bytes (20 MiB): the parts in flight and the one served.
-READ_PART = 4 * 1024 * 1024
-READ_AHEAD = 4
-PART_ATTEMPTS = 2  # a part whose GET fails is asked again once before the read fails
 UPLOAD_PART = 8 * 1024 * 1024  # multipart part size; a smaller blob is one PUT
 UPLOAD_CONCURRENCY = 4  # parts of one upload in flight at once
 LOCAL_COPY_BYTES = 1024 * 1024 * 1024  # local copies of committed blobs kept, in total
-CONCURRENT_REQUESTS = 16  # small requests in flight at once (inventory, flush, remove)
-LIST_CHUNK = 1000  # objects per page of a listing
-
-T = TypeVar("T")
-P = ParamSpec("P")
-
-
-def _store_errors(cls: type[T]) -> type[T]:
-    """Turn the object store's errors, raised by any public method, into
-    ``CacheUnavailable`` (a 503 for the client), naming the store and what failed."""
-
-    def describe(self: ObjectStoreCache, exc: StoreError) -> CacheUnavailable:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return CacheUnavailable(f"object store {self.where}: {first[:300]}")
-
-    def coroutine(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[object, object, T]]:
-        @functools.wraps(method)
-        async def wrapped(*args: P.args, **kwargs: P.kwargs) -> T:
-            try:
-                return await method(*args, **kwargs)
-            except StoreError as exc:
-                raise describe(args[0], exc) from exc  # type: ignore[arg-type]
-
-        return wrapped
-
-    def generator(method: Callable[P, AsyncIterator[T]]) -> Callable[P, AsyncIterator[T]]:
-        @functools.wraps(method)
-        async def wrapped(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
-            try:
-                # aclosing: a reader closed early closes the inner one at once (in-use counts)
-                async with contextlib.aclosing(method(*args, **kwargs)) as inner:  # type: ignore[type-var]
-                    async for item in inner:
-                        yield item
-            except StoreError as exc:
-                raise describe(args[0], exc) from exc  # type: ignore[arg-type]
-
-        return wrapped
-
-    for name, member in list(vars(cls).items()):
-        if name.startswith("_"):
-            continue
-        if inspect.isasyncgenfunction(member):
-            setattr(cls, name, generator(member))
-        elif inspect.iscoroutinefunction(member):
-            setattr(cls, name, coroutine(member))
-    return cls
-
-
-@dataclass(slots=True)
-class _Shared(SharedState):
-    """``SharedState`` plus the claims of downloads made in this process and the blobs
-    whose bucket reads are being kept as local copies."""
-
-    claims: set[Digest] = field(default_factory=set)
-    warming: set[Digest] = field(default_factory=set)
-
-
-_SHARED: dict[tuple[str, str, str], _Shared] = {}
 
 
 @_store_errors
@@ -277,7 +200,7 @@ class ObjectStoreCache:
                 finally:
                     os.close(local)
             else:
-                parts = self._read_object(self._blob_key(digest), start, end)
+                parts = _read_object(self._store, self._blob_key(digest), start, end)
                 copy = self._warming(digest, start, end)
                 async with contextlib.aclosing(parts):  # its read-ahead ends with this reader
                     try:
@@ -327,50 +250,6 @@ class ObjectStoreCache:
             if access is not None and completed:
                 with contextlib.suppress(Exception):
                     await access  # persisted before the read is over (tests rely on it)
-
-    async def _read_object(self, key: str, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        """Bytes ``[start, end)`` of an object in ranged GETs of ``READ_PART``, up to
-        ``READ_AHEAD`` in flight, yielded in order. A part that fails is asked again
-        (``PART_ATTEMPTS``), then the read fails; a part shorter than asked (the object
-        is shorter than the range) ends the read there: never a byte out of place."""
-
-        async def part(low: int) -> bytes:
-            high = min(low + READ_PART, end)
-            for attempt in range(1, PART_ATTEMPTS + 1):
-                try:
-                    got = await obstore.get_range_async(self._store, key, start=low, end=high)
-                    return bytes(got)
-                except StoreError as exc:
-                    if attempt == PART_ATTEMPTS:
-                        raise
-                    log.info("bytes %d-%d of %s failed (%s); asking again", low, high, key, exc)
-            raise AssertionError("unreachable")
-
-        in_flight: deque[tuple[int, asyncio.Future[bytes]]] = deque()
-        following = start
-
-        def ask() -> None:
-            nonlocal following
-            while len(in_flight) < READ_AHEAD and following < end:
-                in_flight.append((following, asyncio.ensure_future(part(following))))
-                following += READ_PART
-
-        try:
-            ask()
-            while in_flight:
-                low, current = in_flight.popleft()
-                chunk = await current
-                ask()  # keep READ_AHEAD in flight while this one is served
-                if chunk:
-                    yield chunk
-                if len(chunk) < min(READ_PART, end - low):
-                    return  # the object is shorter than the range asked for
-        finally:
-            for _, pending in in_flight:
-                pending.cancel()
-            for _, pending in in_flight:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await pending
 
     def blob_writer(
         self,
@@ -733,60 +612,3 @@ class _WarmCopy:
             log.info("no local copy of %s: %s", self.digest, exc)
         finally:
             self.cache._shared.warming.discard(self.digest)
-
-
-class _MemoryClaim:
-    """A digest's download claimed within this process."""
-
-    def __init__(self, claims: set[Digest], digest: Digest) -> None:
-        self._claims: set[Digest] | None = claims
-        self._digest = digest
-
-    def release(self) -> None:
-        if self._claims is not None:
-            self._claims.discard(self._digest)
-            self._claims = None
-
-
-def _make_store(settings: ObjectStoreSettings) -> S3Store:
-    config: S3Config = {"region": settings.region}
-    client: ClientConfig = {}
-    if settings.endpoint:
-        config["endpoint"] = settings.endpoint.rstrip("/")
-        client["allow_http"] = settings.endpoint.startswith("http://")
-    if settings.access_key_id is not None:
-        config["access_key_id"] = settings.access_key_id.value
-    if settings.secret_access_key is not None:
-        config["secret_access_key"] = settings.secret_access_key.value
-    return S3Store(settings.bucket, config=config, client_options=client)
-
-
-async def _read_file(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
-    position = start
-    while position < end:
-        chunk = await asyncio.to_thread(os.pread, fd, min(READ_PART, end - position), position)
-        if not chunk:
-            return
-        position += len(chunk)
-        yield chunk
-
-
-def _digest(parts: list[str]) -> Digest | None:
-    """The digest named by ``[<alg>, <hex>]``; None for anything else (strays)."""
-    if len(parts) != 2:
-        return None
-    try:
-        return Digest.parse(f"{parts[0]}:{parts[1]}")
-    except InvalidReference:
-        return None
-
-
-async def _gather(awaitables: Iterable[Awaitable[T]]) -> list[T]:
-    """Await them all, at most ``CONCURRENT_REQUESTS`` at once, results in order."""
-    limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
-
-    async def one(awaitable: Awaitable[T]) -> T:
-        async with limit:
-            return await awaitable
-
-    return list(await asyncio.gather(*(one(a) for a in awaitables)))
