@@ -58,18 +58,15 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import obstore
-from obstore.exceptions import BaseError as StoreError
 
 from mirrorrouter.cache.base import (
-    CacheUnavailable,
-    DigestMismatch,
     Inventory,
     Removal,
     Removed,
@@ -91,7 +88,8 @@ from mirrorrouter.cache.objectstore.store import (
     _make_store,
     _store_errors,
 )
-from mirrorrouter.cache.spool import IN_FLIGHT, SpoolArea, SpoolWriter
+from mirrorrouter.cache.objectstore.writers import _CopyWriter, _ObjectBlobWriter, _WarmCopy
+from mirrorrouter.cache.spool import SpoolArea
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.reference import Digest
 
@@ -219,8 +217,8 @@ class ObjectStoreCache:
         within one part (a probe of the first byte; a config blob is one GET anyway)."""
         if start != 0 or end < READ_PART or digest in self._shared.warming:
             return None
-        writer = _CopyWriter(self, digest, end)
-        return _WarmCopy(writer, end)
+        writer = _CopyWriter(self._shared, self._spool.temp_path(), digest, end, self._copies)
+        return _WarmCopy(writer, end, self._shared.warming, self._in_background)
 
     @contextlib.asynccontextmanager
     async def open_blob(self, digest: Digest) -> AsyncIterator[int | None]:
@@ -257,7 +255,28 @@ class ObjectStoreCache:
         expected_size: int | None = None,
         on_written: Callable[[int], None] | None = None,
     ) -> _ObjectBlobWriter:
-        return _ObjectBlobWriter(self, digest, expected_size, on_written)
+        return _ObjectBlobWriter(
+            self._shared,
+            self._spool.temp_path(),
+            digest,
+            expected_size,
+            on_written,
+            self._upload_and_keep,
+            self.where,
+        )
+
+    async def _upload_and_keep(self, spool: Path, digest: Digest, size: int) -> Path:
+        """Publish a verified spool file (the commit of a ``blob_writer``): upload it, date
+        it, keep it as a local copy."""
+        # Content-addressed: an object already under this digest's key with this size was
+        # verified when it was committed (by another replica that fetched the same blob, or
+        # a follower of it): the same bytes, so the upload is skipped.
+        if await self._size(self._blob_key(digest)) != size:
+            await self._upload(spool, digest)
+        await self._record_access(digest, self._clock(), stored=True)
+        # Moved on the event loop thread (no await from here on), so that readers which look
+        # up the spool path and the returned path never see neither.
+        return self._copies.keep(spool, digest, size)
 
     async def _upload(self, spool: Path, digest: Digest) -> None:
         """Put a verified spool file as the blob: one PUT, or multipart when it is large.
@@ -516,99 +535,3 @@ class ObjectStoreCache:
         if doomed:
             await obstore.delete_async(self._store, doomed)
         return Removed(frozenset(removed), freed)
-
-
-class _ObjectBlobWriter(SpoolWriter):
-    """Spools a blob locally (see ``SpoolWriter``); commit verifies it, uploads it, and keeps
-    the spool file as a local copy."""
-
-    def __init__(
-        self,
-        cache: ObjectStoreCache,
-        digest: Digest,
-        expected_size: int | None,
-        on_written: Callable[[int], None] | None,
-    ) -> None:
-        super().__init__(cache._shared, cache._spool.temp_path(), digest, expected_size, on_written)
-        self._cache = cache
-
-    async def _publish(self) -> Path:
-        try:
-            return await self._upload_and_keep()
-        except StoreError as exc:
-            raise CacheUnavailable(f"object store {self._cache.where}: {exc}") from exc
-
-    async def _upload_and_keep(self) -> Path:
-        cache = self._cache
-        # Content-addressed: an object already under this digest's key with this size was
-        # verified when it was committed (by another replica that fetched the same blob, or
-        # a follower of it): the same bytes, so the upload is skipped.
-        if await cache._size(cache._blob_key(self._digest)) != self._written:
-            await cache._upload(self._path, self._digest)
-        await cache._record_access(self._digest, cache._clock(), stored=True)
-        # Moved on the event loop thread (no await from here on), so that readers which look
-        # up the spool path and the returned path never see neither.
-        return cache._copies.keep(self._path, self._digest, self._written)
-
-
-class _CopyWriter(SpoolWriter):
-    """Spools a blob read from the bucket; commit verifies it and keeps it as a local copy
-    (nothing is uploaded: the object is where it came from)."""
-
-    def __init__(self, cache: ObjectStoreCache, digest: Digest, size: int) -> None:
-        super().__init__(cache._shared, cache._spool.temp_path(), digest, size, None)
-        self._cache = cache
-
-    async def _publish(self) -> Path:
-        return self._cache._copies.keep(self._path, self._digest, self._written)
-
-
-class _WarmCopy:
-    """The bytes of one whole read from the bucket, teed into a local copy (verified like
-    a download) that the next client of this replica reads from disk. Best effort: it
-    never slows the read nor fails it. A copy that falls ``IN_FLIGHT`` chunks behind (the
-    disk slower than the store and the client: measured here, a local disk at 0.4 GB/s
-    under a 1.2 GB/s bucket read slowed the read to 0.2 GB/s when it waited) is dropped,
-    as is one whose write fails."""
-
-    def __init__(self, writer: _CopyWriter, size: int) -> None:
-        self.writer: _CopyWriter | None = writer
-        self.digest = writer._digest
-        self.cache = writer._cache
-        self.size = size
-        self.seen = 0
-        self.cache._shared.warming.add(self.digest)
-
-    async def write(self, chunk: bytes) -> None:
-        if self.writer is None:
-            return
-        if self.writer.backlog >= IN_FLIGHT:
-            log.debug("no local copy of %s: the disk falls behind the read", self.digest)
-            await self.finish()
-            return
-        try:
-            await self.writer.write(chunk)  # below IN_FLIGHT queued: it does not wait
-            self.seen += len(chunk)
-        except OSError as exc:
-            log.info("no local copy of %s: %s", self.digest, exc)
-            await self.finish()
-
-    async def finish(self) -> None:
-        """Keep the copy when the whole blob went by (verified first: the wait is for at
-        most ``IN_FLIGHT`` chunks still queued), else drop it in the background (its
-        queued writes may be stuck on the disk; the read goes on without them)."""
-        writer, self.writer = self.writer, None
-        if writer is None:
-            return
-        if self.seen == self.size:
-            await self._settle(writer.commit())  # a copy that does not hash is not kept
-        else:
-            self.cache._in_background(self._settle(writer.abort()))
-
-    async def _settle(self, ending: Awaitable[object]) -> None:
-        try:
-            await ending
-        except (DigestMismatch, OSError) as exc:
-            log.info("no local copy of %s: %s", self.digest, exc)
-        finally:
-            self.cache._shared.warming.discard(self.digest)
