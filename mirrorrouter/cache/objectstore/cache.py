@@ -1,15 +1,10 @@
-"""The object-storage cache: content, tags and links in an S3-compatible bucket.
+"""The object-storage cache: content, tags and links in an S3-compatible bucket
+(``ObjectStoreCache``), composed of the bucket and its key layout (store.py), the ranged
+reader (reads.py), the local writers and warm copies (writers.py), the access markers
+(access.py) and the per-process state (shared.py).
 
-Layout (``<root>`` is ``<prefix>/<key>``: the configured prefix and this cache's own
-directory, the upstream's name; no leading slash when the prefix is empty)::
-
-    <root>/blobs/<alg>/<hex>                          committed blob bytes
-    <root>/manifests/<alg>/<hex>                      "<media type>\\n" + the manifest bytes
-    <root>/repositories/<repo>/_tags/<tag>            JSON tag record (as filesystem.py)
-    <root>/repositories/<repo>/_links/<alg>/<hex>     empty: the repository may see it
-    <root>/access/<alg>/<hex>/<seconds>               empty: the last access of a digest
-
-and on the local disk (``settings.directory``)::
+The bucket's layout is ``Bucket``'s (store.py): blobs, manifests, tag records, links and
+access markers under ``<prefix>/<key>``; and on the local disk (``settings.directory``)::
 
     tmp/<owner>/        spool files of writes in progress, held by tmp/<owner>/.lock
     copies/<owner>/     recently committed blobs of the same owner (bounded, see below)
@@ -34,15 +29,9 @@ a reader holds a bounded number of parts. A whole read from the bucket is also t
 spool file and, once it hashes to its digest, kept as a local copy like a commit's: the
 next client of this replica reads it from disk.
 
-**Access times** are stored as empty marker objects whose name is the time (a LIST gives
-every access without a GET per object, and the inventory is one LIST of the whole cache).
-Object metadata could not carry them (S3 cannot change an object's metadata in place) and a
-single access object would be rewritten whole on every flush. A digest has one marker for
-its blob and manifest together; persisting a newer access writes the new marker and deletes
-the older ones (never moving an access back), at most once per ``ACCESS_RESOLUTION`` per
-digest and process; ``touch`` records in memory only, and ``flush_access`` persists what
-was recorded by any instance over the same storage in this process. Content without a
-marker (an interrupted commit) counts as accessed when it was last modified.
+**Access times** are empty marker objects, one per digest, written and read by access.py;
+``touch`` records in memory only, and ``flush_access`` persists what was recorded by any
+instance over the same storage in this process.
 
 **Per process**, in memory: claims (``try_claim``; the claim across replicas is the
 coordinator's business, not this backend's), what is in use (readers, writers, holds), and
@@ -79,13 +68,13 @@ from mirrorrouter.cache.base import (
     parse_tag_record,
 )
 from mirrorrouter.cache.copies import LocalCopies
+from mirrorrouter.cache.objectstore.access import record_access
 from mirrorrouter.cache.objectstore.reads import READ_PART, _read_file, _read_object
 from mirrorrouter.cache.objectstore.shared import _SHARED, _MemoryClaim, _Shared
 from mirrorrouter.cache.objectstore.store import (
-    LIST_CHUNK,
+    Bucket,
     _digest,
     _gather,
-    _make_store,
     _store_errors,
 )
 from mirrorrouter.cache.objectstore.writers import _CopyWriter, _ObjectBlobWriter, _WarmCopy
@@ -119,13 +108,11 @@ class ObjectStoreCache:
             raise ValueError("the s3 cache backend needs object_store settings")
         self._settings = store_settings
         self._clock = clock
-        parts = (store_settings.prefix.strip("/"), settings.key.strip("/"))
-        self.root = "/".join(p for p in parts if p)
-        # For messages: the bucket and where it is, never a credential.
-        self.where = f"s3://{store_settings.bucket} at {store_settings.endpoint or 'AWS'}"
-        self._store = _make_store(store_settings)
-        identity = (store_settings.endpoint or "aws", store_settings.bucket, self.root)
-        self._shared = _SHARED.setdefault(identity, _Shared())
+        self._bucket = Bucket(store_settings, settings.key)
+        self.root = self._bucket.root
+        self.where = self._bucket.where
+        self._store = self._bucket.store
+        self._shared = _SHARED.setdefault(self._bucket.identity, _Shared())
         self._spool = SpoolArea(settings.directory, companions=("copies",))
         self._copies = LocalCopies(self._spool.companion("copies"), local_copy_bytes, self.in_use)
         self._background: set[asyncio.Task[None]] = set()
@@ -139,50 +126,10 @@ class ObjectStoreCache:
             await asyncio.gather(*self._background, return_exceptions=True)
         self._spool.close()
 
-    # ------------------------------------------------------------------ keys
-
-    def _key(self, *parts: str) -> str:
-        return "/".join((self.root, *parts)) if self.root else "/".join(parts)
-
-    def _blob_key(self, digest: Digest) -> str:
-        return self._key("blobs", digest.algorithm, digest.hex)
-
-    def _manifest_key(self, digest: Digest) -> str:
-        return self._key("manifests", digest.algorithm, digest.hex)
-
-    def _access_prefix(self, digest: Digest) -> str:
-        return self._key("access", digest.algorithm, digest.hex)
-
-    def _tag_key(self, repository: str, tag: str) -> str:
-        return self._key("repositories", repository, "_tags", tag)
-
-    def _link_key(self, repository: str, digest: Digest) -> str:
-        return self._key("repositories", repository, "_links", digest.algorithm, digest.hex)
-
-    # ------------------------------------------------------------------ small requests
-
-    async def _get(self, key: str) -> bytes | None:
-        try:
-            result = await obstore.get_async(self._store, key)
-            return bytes(await result.bytes_async())
-        except FileNotFoundError:
-            return None
-
-    async def _size(self, key: str) -> int | None:
-        try:
-            return (await obstore.head_async(self._store, key))["size"]
-        except FileNotFoundError:
-            return None
-
-    async def _list(self, prefix: str) -> list[ObjectMeta]:
-        """Every object under ``prefix`` (whole path segments), recursively."""
-        stream = obstore.list(self._store, prefix or None, chunk_size=LIST_CHUNK)
-        return list(await stream.collect_async())
-
     # ------------------------------------------------------------------ blobs
 
     async def blob_size(self, digest: Digest) -> int | None:
-        return await self._size(self._blob_key(digest))
+        return await self._bucket.size(self._bucket.blob_key(digest))
 
     def blob_path(self, digest: Digest) -> Path | None:
         """The local copy of a blob committed here recently, if it is still kept."""
@@ -198,7 +145,7 @@ class ObjectStoreCache:
                 finally:
                     os.close(local)
             else:
-                parts = _read_object(self._store, self._blob_key(digest), start, end)
+                parts = _read_object(self._store, self._bucket.blob_key(digest), start, end)
                 copy = self._warming(digest, start, end)
                 async with contextlib.aclosing(parts):  # its read-ahead ends with this reader
                     try:
@@ -271,7 +218,7 @@ class ObjectStoreCache:
         # Content-addressed: an object already under this digest's key with this size was
         # verified when it was committed (by another replica that fetched the same blob, or
         # a follower of it): the same bytes, so the upload is skipped.
-        if await self._size(self._blob_key(digest)) != size:
+        if await self._bucket.size(self._bucket.blob_key(digest)) != size:
             await self._upload(spool, digest)
         await self._record_access(digest, self._clock(), stored=True)
         # Moved on the event loop thread (no await from here on), so that readers which look
@@ -289,7 +236,7 @@ class ObjectStoreCache:
         async def put() -> None:
             await obstore.put_async(
                 self._store,
-                self._blob_key(digest),
+                self._bucket.blob_key(digest),
                 spool,
                 chunk_size=UPLOAD_PART,
                 max_concurrency=UPLOAD_CONCURRENCY,
@@ -324,7 +271,7 @@ class ObjectStoreCache:
         if not self._settings.redirect:
             return None
         return await obstore.sign_async(
-            self._store, "GET", self._blob_key(digest), timedelta(seconds=expires)
+            self._store, "GET", self._bucket.blob_key(digest), timedelta(seconds=expires)
         )
 
     # ------------------------------------------------------------------ manifests
@@ -338,27 +285,27 @@ class ObjectStoreCache:
         return stored
 
     async def peek_manifest(self, digest: Digest) -> StoredManifest | None:
-        raw = await self._get(self._manifest_key(digest))
+        raw = await self._bucket.get(self._bucket.manifest_key(digest))
         return None if raw is None else decode_manifest(digest, raw)
 
     async def put_manifest(self, manifest: StoredManifest) -> None:
         raw = encode_manifest(manifest)
-        await obstore.put_async(self._store, self._manifest_key(manifest.digest), raw)
+        await obstore.put_async(self._store, self._bucket.manifest_key(manifest.digest), raw)
         await self._record_access(manifest.digest, self._clock(), stored=True)
 
     # ------------------------------------------------------------------ tags and links
 
     async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
-        raw = await self._get(self._tag_key(repository, tag))
+        raw = await self._bucket.get(self._bucket.tag_key(repository, tag))
         return None if raw is None else parse_tag_record(raw)
 
     async def put_tag(self, repository: str, tag: str, record: TagRecord) -> None:
         await obstore.put_async(
-            self._store, self._tag_key(repository, tag), encode_tag_record(record)
+            self._store, self._bucket.tag_key(repository, tag), encode_tag_record(record)
         )
 
     async def list_tags(self, repository: str) -> list[str]:
-        prefix = self._key("repositories", repository, "_tags") + "/"
+        prefix = self._bucket.key("repositories", repository, "_tags") + "/"
         listed = await obstore.list_with_delimiter_async(self._store, prefix)
         # Only the objects under the prefix: SeaweedFS lists an emptied directory as an
         # object named like the prefix itself (".../_tags"), which is no tag.
@@ -370,23 +317,23 @@ class ObjectStoreCache:
         )
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        key = self._tag_key(repository, tag)
-        if await self._size(key) is None:
+        key = self._bucket.tag_key(repository, tag)
+        if await self._bucket.size(key) is None:
             return False
         await obstore.delete_async(self._store, key)
         return True
 
     async def is_linked(self, repository: str, digest: Digest) -> bool:
-        return await self._size(self._link_key(repository, digest)) is not None
+        return await self._bucket.size(self._bucket.link_key(repository, digest)) is not None
 
     async def link(self, repository: str, digests: list[Digest]) -> None:
-        keys = {self._link_key(repository, digest) for digest in digests}
+        keys = {self._bucket.link_key(repository, digest) for digest in digests}
         await _gather(obstore.put_async(self._store, key, b"") for key in keys)
 
     async def linked(self, repository: str) -> frozenset[Digest]:
-        prefix = self._key("repositories", repository, "_links")
+        prefix = self._bucket.key("repositories", repository, "_links")
         found = set()
-        for meta in await self._list(prefix):
+        for meta in await self._bucket.listing(prefix):
             digest = _digest(meta["path"][len(prefix) + 1 :].split("/"))
             if digest is not None:
                 found.add(digest)
@@ -411,34 +358,7 @@ class ObjectStoreCache:
         return self._in_background(self._record_access(digest, now))
 
     async def _record_access(self, digest: Digest, when: float, *, stored: bool = False) -> None:
-        """Make ``when`` the stored last access of ``digest``, unless a later one is stored or
-        the digest is not (``stored``: the caller just wrote it). Failures are logged: an
-        access is a hint for eviction, never a reason to fail a request."""
-        try:
-            prefix = self._access_prefix(digest)
-            markers: dict[str, float] = {}
-            for meta in await self._list(prefix):
-                with contextlib.suppress(ValueError):
-                    markers[meta["path"]] = float(meta["path"].rpartition("/")[2])
-            if not markers and not stored:
-                sizes = await _gather(
-                    [self._size(self._blob_key(digest)), self._size(self._manifest_key(digest))]
-                )
-                if sizes == [None, None]:
-                    return  # not stored: nothing to date
-            latest = max(markers.values(), default=None)
-            if latest is not None and latest >= when:
-                keep = max(markers, key=markers.__getitem__)
-                when = latest
-            else:
-                keep = f"{prefix}/{when!r}"
-                await obstore.put_async(self._store, keep, b"")
-            stale = [key for key in markers if key != keep]
-            if stale:
-                await obstore.delete_async(self._store, stale)
-            self._shared.mark_persisted(digest, when)
-        except Exception as error:
-            log.warning("could not record the access of %s: %s", digest, error)
+        await record_access(self._bucket, self._shared, digest, when, stored=stored)
 
     # ------------------------------------------------------------------ in use
 
@@ -457,7 +377,7 @@ class ObjectStoreCache:
         tag_keys: dict[tuple[str, str], str] = {}
         links: dict[str, set[Digest]] = {}
         start = len(self.root) + 1 if self.root else 0
-        for meta in await self._list(self.root):
+        for meta in await self._bucket.listing(self.root):
             parts = meta["path"][start:].split("/")
             if parts[0] in content and len(parts) == 3:
                 digest = _digest(parts[1:])
@@ -479,7 +399,7 @@ class ObjectStoreCache:
                 digest = _digest(linked.split("/"))
                 if repository and digest is not None:
                     links.setdefault(repository, set()).add(digest)
-        raws = await _gather(self._get(key) for key in tag_keys.values())
+        raws = await _gather(self._bucket.get(key) for key in tag_keys.values())
         tags = {}
         for name, raw in zip(tag_keys, raws, strict=True):
             record = None if raw is None else parse_tag_record(raw)
@@ -509,29 +429,30 @@ class ObjectStoreCache:
         if busy:
             return Removed(frozenset(), 0, busy)
         digests = sorted(removal.digests, key=str)
-        keys = [key for d in digests for key in (self._blob_key(d), self._manifest_key(d))]
-        sizes = await _gather(self._size(key) for key in keys)
+        bucket = self._bucket
+        keys = [key for d in digests for key in (bucket.blob_key(d), bucket.manifest_key(d))]
+        sizes = await _gather(bucket.size(key) for key in keys)
         removed: set[Digest] = set()
         freed = 0
         for index, size in enumerate(sizes):
             if size is not None:
                 removed.add(digests[index // 2])
                 freed += size
-        markers = await _gather(self._list(self._access_prefix(d)) for d in digests)
+        markers = await _gather(bucket.listing(bucket.access_prefix(d)) for d in digests)
         doomed = [key for key, size in zip(keys, sizes, strict=True) if size is not None]
         doomed += [meta["path"] for listed in markers for meta in listed]
         for digest in digests:
             self._copies.drop(digest)
             self._shared.persisted.pop(digest, None)
-        tag_keys = [self._tag_key(repository, tag) for repository, tag in removal.tags]
-        for key, raw in zip(tag_keys, await _gather(self._get(k) for k in tag_keys), strict=True):
+        tag_keys = [bucket.tag_key(repository, tag) for repository, tag in removal.tags]
+        for key, raw in zip(tag_keys, await _gather(bucket.get(k) for k in tag_keys), strict=True):
             if raw is None:
                 continue
             record = parse_tag_record(raw)
             # Only while it still names what went: it may have moved on meanwhile.
             if record is None or record.digest in removal.digests:
                 doomed.append(key)
-        doomed += [self._link_key(repository, digest) for repository, digest in removal.links]
+        doomed += [bucket.link_key(repository, digest) for repository, digest in removal.links]
         if doomed:
             await obstore.delete_async(self._store, doomed)
         return Removed(frozenset(removed), freed)

@@ -1,6 +1,15 @@
 """The object store itself, below the cache's logic: the ``S3Store`` made from the settings,
 its errors turned into ``CacheUnavailable`` for the client, the digest a key names, and the
-bound on small requests in flight at once.
+bound on small requests in flight at once; ``Bucket``, one cache's root in the bucket.
+
+Layout (``<root>`` is ``<prefix>/<key>``: the configured prefix and this cache's own
+directory, the upstream's name; no leading slash when the prefix is empty)::
+
+    <root>/blobs/<alg>/<hex>                          committed blob bytes
+    <root>/manifests/<alg>/<hex>                      "<media type>\\n" + the manifest bytes
+    <root>/repositories/<repo>/_tags/<tag>            JSON tag record (as filesystem.py)
+    <root>/repositories/<repo>/_links/<alg>/<hex>     empty: the repository may see it
+    <root>/access/<alg>/<hex>/<seconds>               empty: the last access of a digest
 
 **Why obstore**: an async API over a Rust core (``object_store``: the HTTP client, retries,
 request signing run outside the GIL), uploads from a file or async iterator that become
@@ -17,6 +26,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
+import obstore
 from obstore.exceptions import BaseError as StoreError
 from obstore.store import S3Store
 
@@ -25,6 +35,7 @@ from mirrorrouter.config.model import ObjectStoreSettings
 from mirrorrouter.reference import Digest, InvalidReference
 
 if TYPE_CHECKING:
+    from obstore import ObjectMeta
     from obstore.store import ClientConfig, S3Config
 
 CONCURRENT_REQUESTS = 16  # small requests in flight at once (inventory, flush, remove)
@@ -79,6 +90,57 @@ def _store_errors(cls: type[T]) -> type[T]:
         elif inspect.iscoroutinefunction(member):
             setattr(cls, name, coroutine(member))
     return cls
+
+
+class Bucket:
+    """One cache's root in the bucket: the keys of its layout (see the module docstring) and
+    the small requests on them (a GET, a HEAD, a LIST) that answer None for what is not
+    there."""
+
+    def __init__(self, settings: ObjectStoreSettings, key: str) -> None:
+        parts = (settings.prefix.strip("/"), key.strip("/"))
+        self.root = "/".join(p for p in parts if p)
+        # For messages: the bucket and where it is, never a credential.
+        self.where = f"s3://{settings.bucket} at {settings.endpoint or 'AWS'}"
+        self.store = _make_store(settings)
+        # What instances over the same storage in this process share state by.
+        self.identity = (settings.endpoint or "aws", settings.bucket, self.root)
+
+    def key(self, *parts: str) -> str:
+        return "/".join((self.root, *parts)) if self.root else "/".join(parts)
+
+    def blob_key(self, digest: Digest) -> str:
+        return self.key("blobs", digest.algorithm, digest.hex)
+
+    def manifest_key(self, digest: Digest) -> str:
+        return self.key("manifests", digest.algorithm, digest.hex)
+
+    def access_prefix(self, digest: Digest) -> str:
+        return self.key("access", digest.algorithm, digest.hex)
+
+    def tag_key(self, repository: str, tag: str) -> str:
+        return self.key("repositories", repository, "_tags", tag)
+
+    def link_key(self, repository: str, digest: Digest) -> str:
+        return self.key("repositories", repository, "_links", digest.algorithm, digest.hex)
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            result = await obstore.get_async(self.store, key)
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:
+            return None
+
+    async def size(self, key: str) -> int | None:
+        try:
+            return (await obstore.head_async(self.store, key))["size"]
+        except FileNotFoundError:
+            return None
+
+    async def listing(self, prefix: str) -> list[ObjectMeta]:
+        """Every object under ``prefix`` (whole path segments), recursively."""
+        stream = obstore.list(self.store, prefix or None, chunk_size=LIST_CHUNK)
+        return list(await stream.collect_async())
 
 
 def _make_store(settings: ObjectStoreSettings) -> S3Store:
