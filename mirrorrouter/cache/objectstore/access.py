@@ -19,7 +19,7 @@ import logging
 
 import obstore
 
-from mirrorrouter.cache.objectstore.store import Bucket, _gather
+from mirrorrouter.cache.objectstore.bucket import Bucket, gather
 from mirrorrouter.cache.spool import SharedState
 from mirrorrouter.reference import Digest
 
@@ -39,7 +39,7 @@ async def record_access(
             with contextlib.suppress(ValueError):
                 markers[meta["path"]] = float(meta["path"].rpartition("/")[2])
         if not markers and not stored:
-            sizes = await _gather(
+            sizes = await gather(
                 [bucket.size(bucket.blob_key(digest)), bucket.size(bucket.manifest_key(digest))]
             )
             if sizes == [None, None]:

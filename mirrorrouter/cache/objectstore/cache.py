@@ -1,9 +1,9 @@
 """The object-storage cache: content, tags and links in an S3-compatible bucket
-(``ObjectStoreCache``), composed of the bucket and its key layout (store.py), the ranged
+(``ObjectStoreCache``), composed of the bucket and its key layout (bucket.py), the ranged
 reader (reads.py), the local writers and warm copies (writers.py), the access markers
 (access.py) and the per-process state (shared.py).
 
-The bucket's layout is ``Bucket``'s (store.py): blobs, manifests, tag records, links and
+The bucket's layout is ``Bucket``'s (bucket.py): blobs, manifests, tag records, links and
 access markers under ``<prefix>/<key>``; and on the local disk (``settings.directory``)::
 
     tmp/<owner>/        spool files of writes in progress, held by tmp/<owner>/.lock
@@ -69,15 +69,15 @@ from mirrorrouter.cache.base import (
 )
 from mirrorrouter.cache.copies import LocalCopies
 from mirrorrouter.cache.objectstore.access import record_access
-from mirrorrouter.cache.objectstore.reads import READ_PART, _read_file, _read_object
-from mirrorrouter.cache.objectstore.shared import _SHARED, _MemoryClaim, _Shared
-from mirrorrouter.cache.objectstore.store import (
+from mirrorrouter.cache.objectstore.bucket import (
     Bucket,
-    _digest,
-    _gather,
-    _store_errors,
+    gather,
+    parse_digest,
+    translate_store_errors,
 )
-from mirrorrouter.cache.objectstore.writers import _CopyWriter, _ObjectBlobWriter, _WarmCopy
+from mirrorrouter.cache.objectstore.reads import READ_PART, read_file, read_ranges
+from mirrorrouter.cache.objectstore.shared import SHARED, MemoryClaim, SharedBucketState
+from mirrorrouter.cache.objectstore.writers import CopyWriter, ObjectBlobWriter, WarmCopy
 from mirrorrouter.cache.spool import SpoolArea
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.reference import Digest
@@ -92,7 +92,7 @@ UPLOAD_CONCURRENCY = 4  # parts of one upload in flight at once
 LOCAL_COPY_BYTES = 1024 * 1024 * 1024  # local copies of committed blobs kept, in total
 
 
-@_store_errors
+@translate_store_errors
 class ObjectStoreCache:
     """``CacheBackend`` over an S3-compatible bucket (see the module docstring)."""
 
@@ -112,7 +112,7 @@ class ObjectStoreCache:
         self.root = self._bucket.root
         self.where = self._bucket.where
         self._store = self._bucket.store
-        self._shared = _SHARED.setdefault(self._bucket.identity, _Shared())
+        self._shared = SHARED.setdefault(self._bucket.identity, SharedBucketState())
         self._spool = SpoolArea(settings.directory, companions=("copies",))
         self._copies = LocalCopies(self._spool.companion("copies"), local_copy_bytes, self.in_use)
         self._background: set[asyncio.Task[None]] = set()
@@ -140,12 +140,12 @@ class ObjectStoreCache:
             local = self._copies.open(digest)
             if local is not None:
                 try:
-                    async for chunk in _read_file(local, start, end):
+                    async for chunk in read_file(local, start, end):
                         yield chunk
                 finally:
                     os.close(local)
             else:
-                parts = _read_object(self._store, self._bucket.blob_key(digest), start, end)
+                parts = read_ranges(self._store, self._bucket.blob_key(digest), start, end)
                 copy = self._warming(digest, start, end)
                 async with contextlib.aclosing(parts):  # its read-ahead ends with this reader
                     try:
@@ -157,15 +157,15 @@ class ObjectStoreCache:
                         if copy is not None:
                             await copy.finish()
 
-    def _warming(self, digest: Digest, start: int, end: int) -> _WarmCopy | None:
+    def _warming(self, digest: Digest, start: int, end: int) -> WarmCopy | None:
         """A local copy made of a whole read from the bucket, for the next client: for a
         read from the first byte (kept only if it hashes to the digest, so a range is
         dropped at its end), one per blob at a time in this process; not for reads
         within one part (a probe of the first byte; a config blob is one GET anyway)."""
         if start != 0 or end < READ_PART or digest in self._shared.warming:
             return None
-        writer = _CopyWriter(self._shared, self._spool.temp_path(), digest, end, self._copies)
-        return _WarmCopy(writer, end, self._shared.warming, self._in_background)
+        writer = CopyWriter(self._shared, self._spool.temp_path(), digest, end, self._copies)
+        return WarmCopy(writer, end, self._shared.warming, self._in_background)
 
     @contextlib.asynccontextmanager
     async def open_blob(self, digest: Digest) -> AsyncIterator[int | None]:
@@ -201,8 +201,8 @@ class ObjectStoreCache:
         digest: Digest,
         expected_size: int | None = None,
         on_written: Callable[[int], None] | None = None,
-    ) -> _ObjectBlobWriter:
-        return _ObjectBlobWriter(
+    ) -> ObjectBlobWriter:
+        return ObjectBlobWriter(
             self._shared,
             self._spool.temp_path(),
             digest,
@@ -257,13 +257,13 @@ class ObjectStoreCache:
             # Raised to whoever still awaits it; logged in case nobody does any more.
             log.debug("background request failed: %s", task.exception())
 
-    def try_claim(self, digest: Digest) -> _MemoryClaim | None:
+    def try_claim(self, digest: Digest) -> MemoryClaim | None:
         """Claim the download of ``digest`` within this process (see the module docstring)."""
         claims = self._shared.claims
         if digest in claims:
             return None
         claims.add(digest)
-        return _MemoryClaim(claims, digest)
+        return MemoryClaim(claims, digest)
 
     async def presigned_url(self, digest: Digest, expires: float) -> str | None:
         """A URL that serves the blob to whoever has it, for ``expires`` seconds; None unless
@@ -328,13 +328,13 @@ class ObjectStoreCache:
 
     async def link(self, repository: str, digests: list[Digest]) -> None:
         keys = {self._bucket.link_key(repository, digest) for digest in digests}
-        await _gather(obstore.put_async(self._store, key, b"") for key in keys)
+        await gather(obstore.put_async(self._store, key, b"") for key in keys)
 
     async def linked(self, repository: str) -> frozenset[Digest]:
         prefix = self._bucket.key("repositories", repository, "_links")
         found = set()
         for meta in await self._bucket.listing(prefix):
-            digest = _digest(meta["path"][len(prefix) + 1 :].split("/"))
+            digest = parse_digest(meta["path"][len(prefix) + 1 :].split("/"))
             if digest is not None:
                 found.add(digest)
         return frozenset(found)
@@ -347,7 +347,7 @@ class ObjectStoreCache:
 
     async def flush_access(self) -> None:
         batch = self._shared.take_pending()
-        await _gather(self._record_access(digest, when) for digest, when in batch)
+        await gather(self._record_access(digest, when) for digest, when in batch)
 
     def _access_started(self, digest: Digest) -> asyncio.Task[None] | None:
         """A read from storage: persist its access (in the background of the read), unless
@@ -380,11 +380,11 @@ class ObjectStoreCache:
         for meta in await self._bucket.listing(self.root):
             parts = meta["path"][start:].split("/")
             if parts[0] in content and len(parts) == 3:
-                digest = _digest(parts[1:])
+                digest = parse_digest(parts[1:])
                 if digest is not None:
                     content[parts[0]][digest] = meta
             elif parts[0] == "access" and len(parts) == 4:
-                digest = _digest(parts[1:3])
+                digest = parse_digest(parts[1:3])
                 with contextlib.suppress(ValueError):
                     when = float(parts[3])
                     if digest is not None and when > accessed.get(digest, when - 1):
@@ -396,10 +396,10 @@ class ObjectStoreCache:
                     tag_keys[(repository, tag)] = meta["path"]
                     continue
                 repository, _, linked = rest.rpartition("/_links/")
-                digest = _digest(linked.split("/"))
+                digest = parse_digest(linked.split("/"))
                 if repository and digest is not None:
                     links.setdefault(repository, set()).add(digest)
-        raws = await _gather(self._bucket.get(key) for key in tag_keys.values())
+        raws = await gather(self._bucket.get(key) for key in tag_keys.values())
         tags = {}
         for name, raw in zip(tag_keys, raws, strict=True):
             record = None if raw is None else parse_tag_record(raw)
@@ -431,21 +431,21 @@ class ObjectStoreCache:
         digests = sorted(removal.digests, key=str)
         bucket = self._bucket
         keys = [key for d in digests for key in (bucket.blob_key(d), bucket.manifest_key(d))]
-        sizes = await _gather(bucket.size(key) for key in keys)
+        sizes = await gather(bucket.size(key) for key in keys)
         removed: set[Digest] = set()
         freed = 0
         for index, size in enumerate(sizes):
             if size is not None:
                 removed.add(digests[index // 2])
                 freed += size
-        markers = await _gather(bucket.listing(bucket.access_prefix(d)) for d in digests)
+        markers = await gather(bucket.listing(bucket.access_prefix(d)) for d in digests)
         doomed = [key for key, size in zip(keys, sizes, strict=True) if size is not None]
         doomed += [meta["path"] for listed in markers for meta in listed]
         for digest in digests:
             self._copies.drop(digest)
             self._shared.persisted.pop(digest, None)
         tag_keys = [bucket.tag_key(repository, tag) for repository, tag in removal.tags]
-        for key, raw in zip(tag_keys, await _gather(bucket.get(k) for k in tag_keys), strict=True):
+        for key, raw in zip(tag_keys, await gather(bucket.get(k) for k in tag_keys), strict=True):
             if raw is None:
                 continue
             record = parse_tag_record(raw)

@@ -1,5 +1,5 @@
 """Reading an object from the bucket in ranged GETs, several parts in flight, reassembled in
-order (``_read_object``), and reading a local copy in parts of the same size.
+order (``read_ranges``), and reading a local copy in parts of the same size.
 
 A single GET at a time reads at about half the store's own speed; ranged GETs of
 ``READ_PART`` bytes, ``READ_AHEAD`` of them in flight, reach it, no single request lives as
@@ -32,7 +32,7 @@ READ_AHEAD = 4
 PART_ATTEMPTS = 2  # a part whose GET fails is asked again once before the read fails
 
 
-async def _read_object(
+async def read_ranges(
     store: S3Store, key: str, start: int, end: int
 ) -> AsyncGenerator[bytes, None]:
     """Bytes ``[start, end)`` of an object in ranged GETs of ``READ_PART``, up to
@@ -79,7 +79,7 @@ async def _read_object(
                 await pending
 
 
-async def _read_file(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+async def read_file(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
     position = start
     while position < end:
         chunk = await asyncio.to_thread(os.pread, fd, min(READ_PART, end - position), position)

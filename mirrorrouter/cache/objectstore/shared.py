@@ -1,4 +1,4 @@
-"""What the instances over one bucket root share within one process (``_SHARED``): the
+"""What the instances over one bucket root share within one process (``SHARED``): the
 spool's ``SharedState`` plus the downloads claimed here and the bucket reads being kept as
 local copies. The claim across replicas is the coordinator's business, not this backend's.
 """
@@ -12,7 +12,7 @@ from mirrorrouter.reference import Digest
 
 
 @dataclass(slots=True)
-class _Shared(SharedState):
+class SharedBucketState(SharedState):
     """``SharedState`` plus the claims of downloads made in this process and the blobs
     whose bucket reads are being kept as local copies."""
 
@@ -20,10 +20,10 @@ class _Shared(SharedState):
     warming: set[Digest] = field(default_factory=set)
 
 
-_SHARED: dict[tuple[str, str, str], _Shared] = {}
+SHARED: dict[tuple[str, str, str], SharedBucketState] = {}
 
 
-class _MemoryClaim:
+class MemoryClaim:
     """A digest's download claimed within this process."""
 
     def __init__(self, claims: set[Digest], digest: Digest) -> None:

@@ -1,12 +1,12 @@
 """The local writers of the object-store cache: spool files on this replica's disk that
 become something else once verified (see ``SpoolWriter``).
 
-- ``_ObjectBlobWriter``: a download, streamed into a spool file (followers read it while it
+- ``ObjectBlobWriter``: a download, streamed into a spool file (followers read it while it
   grows); its commit hands the verified file to the cache, which uploads it and keeps it
   as a local copy.
-- ``_CopyWriter``: a blob read from the bucket, kept as a local copy once verified (nothing
+- ``CopyWriter``: a blob read from the bucket, kept as a local copy once verified (nothing
   is uploaded: the object is where it came from).
-- ``_WarmCopy``: the tee of one whole read from the bucket into a ``_CopyWriter``, so the
+- ``WarmCopy``: the tee of one whole read from the bucket into a ``CopyWriter``, so the
   next client of this replica reads the blob from disk; best effort, never slowing the read.
 
 They are given what they use (the shared state, a spool path, the local copies, the
@@ -30,7 +30,7 @@ from mirrorrouter.reference import Digest
 log = logging.getLogger("mirrorrouter.cache.s3")
 
 
-class _ObjectBlobWriter(SpoolWriter):
+class ObjectBlobWriter(SpoolWriter):
     """Spools a blob locally (see ``SpoolWriter``); commit verifies it, uploads it, and keeps
     the spool file as a local copy (``publish``: the cache's upload and keep)."""
 
@@ -55,7 +55,7 @@ class _ObjectBlobWriter(SpoolWriter):
             raise CacheUnavailable(f"object store {self._where}: {exc}") from exc
 
 
-class _CopyWriter(SpoolWriter):
+class CopyWriter(SpoolWriter):
     """Spools a blob read from the bucket; commit verifies it and keeps it as a local copy
     (nothing is uploaded: the object is where it came from)."""
 
@@ -69,7 +69,7 @@ class _CopyWriter(SpoolWriter):
         return self._copies.keep(self._path, self._digest, self._written)
 
 
-class _WarmCopy:
+class WarmCopy:
     """The bytes of one whole read from the bucket, teed into a local copy (verified like
     a download) that the next client of this replica reads from disk. Best effort: it
     never slows the read nor fails it. A copy that falls ``IN_FLIGHT`` chunks behind (the
@@ -79,12 +79,12 @@ class _WarmCopy:
 
     def __init__(
         self,
-        writer: _CopyWriter,
+        writer: CopyWriter,
         size: int,
         warming: set[Digest],
         in_background: Callable[[Coroutine[object, object, None]], object],
     ) -> None:
-        self.writer: _CopyWriter | None = writer
+        self.writer: CopyWriter | None = writer
         self.digest = writer._digest
         self.size = size
         self.seen = 0

@@ -51,7 +51,7 @@ class _Located(Protocol):
     where: str
 
 
-def _store_errors(cls: type[T]) -> type[T]:
+def translate_store_errors(cls: type[T]) -> type[T]:
     """Turn the object store's errors, raised by any public method, into
     ``CacheUnavailable`` (a 503 for the client), naming the store and what failed."""
 
@@ -102,7 +102,7 @@ class Bucket:
         self.root = "/".join(p for p in parts if p)
         # For messages: the bucket and where it is, never a credential.
         self.where = f"s3://{settings.bucket} at {settings.endpoint or 'AWS'}"
-        self.store = _make_store(settings)
+        self.store = make_store(settings)
         # What instances over the same storage in this process share state by.
         self.identity = (settings.endpoint or "aws", settings.bucket, self.root)
 
@@ -143,7 +143,7 @@ class Bucket:
         return list(await stream.collect_async())
 
 
-def _make_store(settings: ObjectStoreSettings) -> S3Store:
+def make_store(settings: ObjectStoreSettings) -> S3Store:
     config: S3Config = {"region": settings.region}
     client: ClientConfig = {}
     if settings.endpoint:
@@ -156,7 +156,7 @@ def _make_store(settings: ObjectStoreSettings) -> S3Store:
     return S3Store(settings.bucket, config=config, client_options=client)
 
 
-def _digest(parts: list[str]) -> Digest | None:
+def parse_digest(parts: list[str]) -> Digest | None:
     """The digest named by ``[<alg>, <hex>]``; None for anything else (strays)."""
     if len(parts) != 2:
         return None
@@ -166,7 +166,7 @@ def _digest(parts: list[str]) -> Digest | None:
         return None
 
 
-async def _gather(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+async def gather(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     """Await them all, at most ``CONCURRENT_REQUESTS`` at once, results in order."""
     limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
