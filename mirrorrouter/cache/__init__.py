@@ -14,7 +14,7 @@ from mirrorrouter.cache.base import (
 )
 from mirrorrouter.cache.caches import Caches, open_backend
 from mirrorrouter.cache.filesystem import FilesystemCache
-from mirrorrouter.cache.s3 import ObjectStoreCache
+from mirrorrouter.cache.objectstore import ObjectStoreCache
 
 __all__ = [
     "BlobFile",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from mirrorrouter.cache.base import CacheBackend
 from mirrorrouter.cache.filesystem import FilesystemCache
-from mirrorrouter.cache.s3 import ObjectStoreCache
+from mirrorrouter.cache.objectstore import ObjectStoreCache
 from mirrorrouter.config import CacheSettings
 
 

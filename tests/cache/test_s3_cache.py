@@ -18,9 +18,10 @@ import pytest
 from obstore.exceptions import GenericError
 
 from mirrorrouter.cache import DigestMismatch, ObjectStoreCache, open_backend
-from mirrorrouter.cache import s3 as s3_module
 from mirrorrouter.cache.base import CacheUnavailable, Removal, StoredManifest, TagRecord
-from mirrorrouter.cache.s3 import PART_ATTEMPTS, READ_AHEAD, READ_PART, UPLOAD_PART
+from mirrorrouter.cache.objectstore import reads as s3_module
+from mirrorrouter.cache.objectstore.cache import UPLOAD_PART
+from mirrorrouter.cache.objectstore.reads import PART_ATTEMPTS, READ_AHEAD, READ_PART
 from mirrorrouter.cache.spool import IN_FLIGHT, SpoolWriter
 from mirrorrouter.config import CacheSettings
 from mirrorrouter.config.model import ObjectStoreSettings, Secret
