@@ -6,15 +6,15 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
 - **blobs** arrive monolithically (``POST ?digest=``) or in an upload session (uploads.py:
   a local file chunks are appended to, resumable, one request at a time). Finishing one
   streams the file through the backend's blob writer, which verifies the digest and commits
-  atomically; a blob is then linked into the repository it was pushed to. Every body is
+  atomically (blobs.py); a blob is then linked into the repository it was pushed to. Every body is
   metered as it streams against the set's limits (limits.py: ``max_blob_size``, ``quota``;
   ``max_uploads`` for new sessions);
 - **manifests** are stored byte-exact and accepted only when every blob or child manifest
   they reference is already in the repository (``MANIFEST_BLOB_UNKNOWN`` otherwise);
   a tag is an authoritative tag record (hosted tags never expire). A blob the repository
-  lacks may be **copied in** from where the pusher may pull it (``BlobFinder``, given by
-  shadowing.py: the same repository on an upstream member of the set's groups), verified
-  by digest and size, under the same limits as an upload;
+  lacks may be **copied in** from where the pusher may pull it (blobs.py; the
+  ``BlobFinder`` is given by shadowing.py: the same repository on an upstream member of
+  the set's groups), verified by digest and size, under the same limits as an upload;
 - **referrers** are the repository's manifests whose ``subject`` names a digest;
 - **garbage collection** keeps every manifest linked into a repository, and everything
   those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -44,7 +44,6 @@ from cachetools import LRUCache
 from mirrorrouter.cache import (
     BlobFile,
     CacheBackend,
-    DigestMismatch,
     StoredManifest,
     TagRecord,
     open_backend,
@@ -54,6 +53,7 @@ from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator
 from mirrorrouter.coordination.generation import Generation, Stamp
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.hosted.blobs import BlobFinder, copy_in, write_blob
 from mirrorrouter.hosted.gc import GarbageCollector, GcReport
 from mirrorrouter.hosted.housekeeping import sweep_interval
 from mirrorrouter.hosted.limits import LimitExceeded, Meter, Usage, too_many_uploads
@@ -77,19 +77,6 @@ class StoredBlob:
     size: int
     stream: Callable[[int, int | None], AsyncIterator[bytes]]
     file: BlobFile  # its local file, for zero-copy sending
-
-
-@dataclass(frozen=True, slots=True)
-class FoundBlob:
-    """A blob a pushed manifest names, found where the pusher may pull it."""
-
-    origin: str  # where it comes from (an upstream's name), for messages
-    size: int | None  # None while a download of unknown size is in progress
-    stream: Callable[[int, int | None], AsyncIterator[bytes]]
-
-
-# Finds a blob the set lacks where the pusher may pull it; None when no source has it.
-BlobFinder = Callable[[Digest], Awaitable[FoundBlob | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +259,7 @@ class HostedStore:
         meter.declare(declared)
         known = await self.storage.blob_size(digest) is not None
         try:
-            size = await self._store(digest, meter.wrap(body))
+            size = await write_blob(self.storage, digest, meter.wrap(body))
         finally:
             meter.settle(kept=False)
         if not known:
@@ -346,7 +333,7 @@ class HostedStore:
             upload = await self._append(session, body, None, declared)
             known = await self.storage.blob_size(digest) is not None
             try:
-                size = await self._store(digest, session.read())
+                size = await write_blob(self.storage, digest, session.read())
             finally:
                 await session.remove()
                 self.usage.remove(upload.size)
@@ -381,23 +368,6 @@ class HostedStore:
         stored = sum(o.size for o in inventory.blobs.values())
         stored += sum(o.size for o in inventory.manifests.values())
         self.usage.reset(stored + await asyncio.to_thread(self.sessions.held_bytes))
-
-    async def _store(
-        self, digest: Digest, body: AsyncIterator[bytes], expected_size: int | None = None
-    ) -> int:
-        writer = self.storage.blob_writer(digest, expected_size)
-        try:
-            async for chunk in body:
-                await writer.write(chunk)
-            await writer.flush()
-            size = writer.written
-            await writer.commit()
-        except DigestMismatch as exc:
-            raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
-        except BaseException:
-            await writer.abort()
-            raise
-        return size
 
     # ------------------------------------------------------------------ manifests
 
@@ -456,7 +426,14 @@ class HostedStore:
             if not present or not await self.storage.is_linked(repository, target):
                 missing.setdefault(target, descriptor)
         if missing and copy_from is not None and not is_index:
-            await self._copy_in(repository, list(missing.values()), copy_from)
+            await copy_in(
+                self.settings,
+                self.storage,
+                self.usage,
+                repository,
+                list(missing.values()),
+                copy_from,
+            )
             missing = {d: m for d, m in missing.items() if not await self._holds(repository, d)}
         for target in missing:
             what = "manifests" if is_index else "config or layers"
@@ -471,44 +448,6 @@ class HostedStore:
         return await self.storage.blob_size(digest) is not None and (
             await self.storage.is_linked(repository, digest)
         )
-
-    async def _copy_in(
-        self, repository: str, missing: list[Descriptor], copy_from: BlobFinder
-    ) -> None:
-        """Copy the blobs a manifest names and the repository lacks from where the pusher
-        may pull them, one after another (streamed, off the event loop's thread for the
-        writing), each within ``max_blob_size`` and all within the quota; a blob no source
-        has stays missing."""
-        absent = [d for d in missing if await self.storage.blob_size(d.digest) is None]
-        for descriptor in absent:
-            Meter(self.settings, self.usage).declare(descriptor.size)
-        self.usage.check(sum(d.size or 0 for d in absent))  # refused before any byte moves
-        for descriptor in missing:
-            digest = descriptor.digest
-            found = await copy_from(digest)
-            if found is None:
-                continue
-            if await self.storage.blob_size(digest) is None:
-                meter = Meter(self.settings, self.usage)
-                meter.declare(found.size)
-                try:
-                    size = await self._store(
-                        digest, meter.wrap(found.stream(0, None)), descriptor.size
-                    )
-                except RegistryError as error:
-                    if error.code is not ErrorCode.DIGEST_INVALID:
-                        raise
-                    raise RegistryError(
-                        ErrorCode.MANIFEST_INVALID,
-                        f"{digest} as {found.origin} has it does not match the manifest's "
-                        f"descriptor: {error.message}",
-                        detail={"digest": str(digest)},
-                    ) from error
-                finally:
-                    meter.settle(kept=False)
-                self.usage.add(size)
-            # Already stored for another repository: the source vouched for it here.
-            await self.storage.link(repository, [digest])
 
     async def delete(self, repository: str, tag: str | None, digest: Digest | None) -> None:
         """Delete a tag, or a manifest (and the repository's tags naming it); garbage
