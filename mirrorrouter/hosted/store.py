@@ -15,7 +15,8 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
   lacks may be **copied in** from where the pusher may pull it (blobs.py; the
   ``BlobFinder`` is given by shadowing.py: the same repository on an upstream member of
   the set's groups), verified by digest and size, under the same limits as an upload;
-- **referrers** are the repository's manifests whose ``subject`` names a digest;
+- **referrers** are the repository's manifests whose ``subject`` names a digest
+  (referrers.py);
 - **garbage collection** keeps every manifest linked into a repository, and everything
   those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
   blob pushed just before its manifest is never collected in between; gc.py). The server
@@ -57,15 +58,14 @@ from mirrorrouter.hosted.blobs import BlobFinder, copy_in, write_blob
 from mirrorrouter.hosted.gc import GarbageCollector, GcReport
 from mirrorrouter.hosted.housekeeping import sweep_interval
 from mirrorrouter.hosted.limits import LimitExceeded, Meter, Usage, too_many_uploads
+from mirrorrouter.hosted.referrers import ReferrerIndex
 from mirrorrouter.hosted.uploads import HeldSession, Swept, Upload, UploadSessions
 from mirrorrouter.manifests import (
     INLINE_PARSE_BYTES,
     Descriptor,
     Index,
     Parsed,
-    as_referrer,
     parse_strict,
-    read_tolerant,
 )
 from mirrorrouter.reference import Digest
 
@@ -94,14 +94,6 @@ class KnownManifest:
     manifest: StoredManifest | None  # None: the repository does not have the reference
 
 
-@dataclass(frozen=True, slots=True)
-class _Referrer:
-    """A manifest with a ``subject``, as the referrers index of that subject lists it."""
-
-    subject: Digest
-    descriptor: Descriptor
-
-
 class HostedStore:
     """One hosted repository set: push, pull, delete, garbage collection."""
 
@@ -120,7 +112,7 @@ class HostedStore:
         self.sessions = UploadSessions(settings.storage.directory / "uploads", clock=clock)
         self.clock = clock
         self.usage = Usage(settings.name, settings.quota)
-        self._referrers: LRUCache[Digest, _Referrer | None] = LRUCache(maxsize=10_000)
+        self._referrer_index = ReferrerIndex(self.storage)
         self.generation = Generation(
             settings.name,
             settings.storage.directory,
@@ -220,29 +212,9 @@ class HostedStore:
     async def referrers(
         self, repository: str, digest: Digest, artifact_type: str | None
     ) -> list[Descriptor]:
-        """The repository's manifests whose subject is ``digest``, as an OCI index lists them."""
-        descriptors = []
-        for candidate in sorted(await self.storage.linked(repository), key=str):
-            referrer = await self._referrer(candidate)
-            if referrer is None or referrer.subject != digest:
-                continue
-            if artifact_type and referrer.descriptor.artifact_type != artifact_type:
-                continue
-            descriptors.append(referrer.descriptor)
-        return descriptors
-
-    async def _referrer(self, digest: Digest) -> _Referrer | None:
-        """The manifest as a referrer; None when it has no subject (or is unreadable)."""
-        if digest in self._referrers:
-            return self._referrers[digest]
-        stored = await self.storage.peek_manifest(digest)
-        parsed = read_tolerant(stored.data, stored.media_type) if stored is not None else None
-        referrer = None
-        if stored is not None and parsed is not None and parsed.subject is not None:
-            descriptor = as_referrer(parsed, digest, len(stored.data))
-            referrer = _Referrer(parsed.subject.digest, descriptor)
-        self._referrers[digest] = referrer
-        return referrer
+        """The repository's manifests whose subject is ``digest``, as an OCI index lists them
+        (referrers.py)."""
+        return await self._referrer_index.referrers(repository, digest, artifact_type)
 
     # ------------------------------------------------------------------ blob uploads
 
