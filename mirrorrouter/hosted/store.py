@@ -29,7 +29,7 @@ layer as the caches (a ``CacheBackend``), which it uses as the only copy:
   tag put or deleted, a manifest deleted, garbage collected) bumps the set's generation
   (coordination/generation.py) once stored; what a pull read of a manifest (or of its
   absence) is remembered under the generation read before, and answered from memory
-  (``known_manifest``) only while the generation has not moved.
+  (``known_manifest``) only while the generation has not moved (memory.py).
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-
-from cachetools import LRUCache
 
 from mirrorrouter.cache import (
     BlobFile,
@@ -52,12 +50,13 @@ from mirrorrouter.cache import (
 from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator
-from mirrorrouter.coordination.generation import Generation, Stamp
+from mirrorrouter.coordination.generation import Generation
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.hosted.blobs import BlobFinder, copy_in, write_blob
 from mirrorrouter.hosted.gc import GarbageCollector, GcReport
 from mirrorrouter.hosted.housekeeping import sweep_interval
 from mirrorrouter.hosted.limits import LimitExceeded, Meter, Usage, too_many_uploads
+from mirrorrouter.hosted.memory import KnownManifest, ManifestMemory
 from mirrorrouter.hosted.referrers import ReferrerIndex
 from mirrorrouter.hosted.uploads import HeldSession, Swept, Upload, UploadSessions
 from mirrorrouter.manifests import (
@@ -68,8 +67,6 @@ from mirrorrouter.manifests import (
     parse_strict,
 )
 from mirrorrouter.reference import Digest
-
-KNOWN_MEMORY_BYTES = 64 * 1024 * 1024  # manifests (and absences) remembered, with a generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +80,6 @@ class StoredBlob:
 class PushedManifest:
     digest: Digest
     subject: Digest | None  # the manifest's ``subject``: answered as ``OCI-Subject``
-
-
-@dataclass(frozen=True, slots=True)
-class KnownManifest:
-    """What a pull read of a reference, under the generation read before it."""
-
-    stamp: Stamp
-    learnt: float  # monotonic seconds
-    manifest: StoredManifest | None  # None: the repository does not have the reference
 
 
 class HostedStore:
@@ -127,10 +115,7 @@ class HostedStore:
             clock=clock,
             recount=self.count_usage,
         )
-        self._known: LRUCache[tuple[str, Digest | str], KnownManifest] = LRUCache(
-            maxsize=KNOWN_MEMORY_BYTES,
-            getsizeof=lambda k: 200 + (len(k.manifest.data) if k.manifest else 0),
-        )
+        self._memory = ManifestMemory(self.generation)
 
     async def open(self) -> None:
         await self.storage.open()
@@ -149,26 +134,17 @@ class HostedStore:
     ) -> StoredManifest:
         """The manifest a tag or digest names in the repository (MANIFEST_UNKNOWN when it has
         none); what was found, or not, is remembered under the generation (``known_manifest``)."""
-        key = (repository, digest or tag or "")
-        stamp = self.generation.stamp()  # before reading: a push meanwhile moves it on
-        learnt = self.generation.monotonic()
-        try:
-            stored = await self._read_manifest(repository, tag, digest)
-        except RegistryError as error:
-            if error.code is ErrorCode.MANIFEST_UNKNOWN:
-                self._known[key] = KnownManifest(stamp, learnt, None)
-            raise
-        self._known[key] = KnownManifest(stamp, learnt, stored)
-        return stored
+        return await self._memory.read(
+            repository,
+            digest or tag or "",
+            lambda: self._read_manifest(repository, tag, digest),
+        )
 
     def known_manifest(self, repository: str, reference: Digest | str) -> KnownManifest | None:
         """What memory knows for certain of a tag or digest in the repository: its manifest,
         or that there is none (``manifest`` None); None when memory cannot say (never read,
-        or the set changed since). The hot path of group pulls: no I/O."""
-        known = self._known.get((repository, reference))
-        if known is None or not self.generation.confirms(known.stamp, known.learnt):
-            return None
-        return known
+        or the set changed since). The hot path of group pulls: no I/O (memory.py)."""
+        return self._memory.recall(repository, reference)
 
     async def _read_manifest(
         self, repository: str, tag: str | None, digest: Digest | None
