@@ -1,35 +1,33 @@
 """Hosted repositories: images pushed to mirrorrouter and served from it.
 
 A ``HostedStore`` is one hosted repository set (``[hosted."team"]``) on the same storage
-layer as the caches (a ``CacheBackend``), which it uses as the only copy:
+layer as the caches (a ``CacheBackend``), which it uses as the only copy. Its verbs, push,
+pull, delete and the chores, share three rules: content is linked into the repository it
+was pushed to and read only from there; every byte stored counts against the set's
+limits (limits.py: ``max_blob_size``, ``quota``; ``max_uploads`` for new sessions), a
+blob's as it streams; every change a pull can see bumps the set's generation
+(coordination/generation.py) once stored.
 
 - **blobs** arrive monolithically (``POST ?digest=``) or in an upload session (uploads.py:
-  a local file chunks are appended to, resumable, one request at a time). Finishing one
-  streams the file through the backend's blob writer, which verifies the digest and commits
-  atomically (blobs.py); a blob is then linked into the repository it was pushed to. Every body is
-  metered as it streams against the set's limits (limits.py: ``max_blob_size``, ``quota``;
-  ``max_uploads`` for new sessions);
+  a local file chunks are appended to, resumable, one request at a time). Either is
+  written through the backend's blob writer, which verifies the digest and commits
+  atomically (blobs.py), and then linked into the repository;
 - **manifests** are stored byte-exact and accepted only when every blob or child manifest
   they reference is already in the repository (``MANIFEST_BLOB_UNKNOWN`` otherwise);
   a tag is an authoritative tag record (hosted tags never expire). A blob the repository
-  lacks may be **copied in** from where the pusher may pull it (blobs.py; the
-  ``BlobFinder`` is given by shadowing.py: the same repository on an upstream member of
-  the set's groups), verified by digest and size, under the same limits as an upload;
-- **referrers** are the repository's manifests whose ``subject`` names a digest
+  lacks may be **copied in** from where the pusher may pull it (blobs.py, with the
+  ``BlobFinder`` shadowing.py gives), under the same limits as an upload;
+- **pulls** read manifests through the set's **memory with a generation** (memory.py: what
+  a pull read is answered from, with no I/O, only while the generation has not moved),
+  blobs, tags, and **referrers**, the manifests whose ``subject`` names a digest
   (referrers.py);
 - **garbage collection** keeps every manifest linked into a repository, and everything
-  those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
-  blob pushed just before its manifest is never collected in between; gc.py). The server
-  runs it every ``gc_interval``, once across its workers and replicas (schedule.py's
-  ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
+  those reference, transitively; it removes the rest once older than ``gc_grace`` (gc.py).
+  The server runs it every ``gc_interval``, once across its workers and replicas
+  (schedule.py's ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
 - **housekeeping** (``housekeep``, run by the server every ``sweep_interval``): upload
   sessions idle longer than ``upload_ttl`` are swept, and the quota's running total is
-  counted afresh from the storage;
-- **memory with a generation**: every change a pull can see (a blob or manifest linked, a
-  tag put or deleted, a manifest deleted, garbage collected) bumps the set's generation
-  (coordination/generation.py) once stored; what a pull read of a manifest (or of its
-  absence) is remembered under the generation read before, and answered from memory
-  (``known_manifest``) only while the generation has not moved (memory.py).
+  counted afresh from the storage.
 """
 
 from __future__ import annotations
