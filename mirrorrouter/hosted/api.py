@@ -34,9 +34,10 @@ from mirrorrouter.access.clientauth import Identity
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator, LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
+from mirrorrouter.hosted.blobs import BlobFinder
 from mirrorrouter.hosted.sets import HostedSets
 from mirrorrouter.hosted.shadowing import Shadowing
-from mirrorrouter.hosted.store import BlobFinder, HostedStore
+from mirrorrouter.hosted.store import HostedStore
 from mirrorrouter.hosted.uploads import Upload, upload_range
 from mirrorrouter.manifests import MAX_MANIFEST_BYTES
 from mirrorrouter.oci import (

@@ -98,7 +98,7 @@ class HostedSets:
     def memory_manifest(
         self, hosted: HostedSettings, ref: ImageReference, accept: tuple[str, ...]
     ) -> ManifestAnswer | Literal[Memory.MISSING] | None:
-        """The answer memory gives for certain (store.py, ``known_manifest``): the manifest,
+        """The answer memory gives for certain (memory.py, ``known_manifest``): the manifest,
         ``Memory.MISSING`` when the repository has no such reference, None when memory cannot
         say (then the full path reads the storage). A manifest the client does not accept
         (an index for a client without index types) is the full path's to answer."""

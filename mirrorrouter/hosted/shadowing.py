@@ -40,7 +40,7 @@ allowed by ``allow_shadow``) finds the shared base layers through the group with
 manifest ``PUT`` into H then names blobs H lacks. ``copy_sources`` lets the hosted store
 copy exactly those blobs in, verified by digest, from the upstream members of H's groups
 that the pusher may pull, through the pull-through path (the cached blob, or fetched):
-see ``HostedStore.put_manifest``.
+see ``HostedStore.put_manifest`` and blobs.py's ``copy_in``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from mirrorrouter.config import Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings
 from mirrorrouter.config.security import repository_matches
 from mirrorrouter.errors import ErrorCode, RegistryError
-from mirrorrouter.hosted.store import BlobFinder, FoundBlob
+from mirrorrouter.hosted.blobs import BlobFinder, FoundBlob
 from mirrorrouter.mapping import Resolution, RouteKind
 from mirrorrouter.pull.pullthrough import Pullthrough
 from mirrorrouter.pull.singleflight import Coalescer

@@ -1,34 +1,33 @@
 """Hosted repositories: images pushed to mirrorrouter and served from it.
 
 A ``HostedStore`` is one hosted repository set (``[hosted."team"]``) on the same storage
-layer as the caches (a ``CacheBackend``), which it uses as the only copy:
+layer as the caches (a ``CacheBackend``), which it uses as the only copy. Its verbs, push,
+pull, delete and the chores, share three rules: content is linked into the repository it
+was pushed to and read only from there; every byte stored counts against the set's
+limits (limits.py: ``max_blob_size``, ``quota``; ``max_uploads`` for new sessions), a
+blob's as it streams; every change a pull can see bumps the set's generation
+(coordination/generation.py) once stored.
 
 - **blobs** arrive monolithically (``POST ?digest=``) or in an upload session (uploads.py:
-  a local file chunks are appended to, resumable, one request at a time). Finishing one
-  streams the file through the backend's blob writer, which verifies the digest and commits
-  atomically; a blob is then linked into the repository it was pushed to. Every body is
-  metered as it streams against the set's limits (limits.py: ``max_blob_size``, ``quota``;
-  ``max_uploads`` for new sessions);
+  a local file chunks are appended to, resumable, one request at a time). Either is
+  written through the backend's blob writer, which verifies the digest and commits
+  atomically (blobs.py), and then linked into the repository;
 - **manifests** are stored byte-exact and accepted only when every blob or child manifest
   they reference is already in the repository (``MANIFEST_BLOB_UNKNOWN`` otherwise);
   a tag is an authoritative tag record (hosted tags never expire). A blob the repository
-  lacks may be **copied in** from where the pusher may pull it (``BlobFinder``, given by
-  shadowing.py: the same repository on an upstream member of the set's groups), verified
-  by digest and size, under the same limits as an upload;
-- **referrers** are the repository's manifests whose ``subject`` names a digest;
+  lacks may be **copied in** from where the pusher may pull it (blobs.py, with the
+  ``BlobFinder`` shadowing.py gives), under the same limits as an upload;
+- **pulls** read manifests through the set's **memory with a generation** (memory.py: what
+  a pull read is answered from, with no I/O, only while the generation has not moved),
+  blobs, tags, and **referrers**, the manifests whose ``subject`` names a digest
+  (referrers.py);
 - **garbage collection** keeps every manifest linked into a repository, and everything
-  those reference, transitively; it removes the rest once older than ``gc_grace`` (so a
-  blob pushed just before its manifest is never collected in between; gc.py). The server
-  runs it every ``gc_interval``, once across its workers and replicas (schedule.py's
-  ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
+  those reference, transitively; it removes the rest once older than ``gc_grace`` (gc.py).
+  The server runs it every ``gc_interval``, once across its workers and replicas
+  (schedule.py's ``GcSchedule``), and ``mirrorrouter gc`` runs it on demand;
 - **housekeeping** (``housekeep``, run by the server every ``sweep_interval``): upload
   sessions idle longer than ``upload_ttl`` are swept, and the quota's running total is
-  counted afresh from the storage;
-- **memory with a generation**: every change a pull can see (a blob or manifest linked, a
-  tag put or deleted, a manifest deleted, garbage collected) bumps the set's generation
-  (coordination/generation.py) once stored; what a pull read of a manifest (or of its
-  absence) is remembered under the generation read before, and answered from memory
-  (``known_manifest``) only while the generation has not moved.
+  counted afresh from the storage.
 """
 
 from __future__ import annotations
@@ -36,15 +35,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-
-from cachetools import LRUCache
 
 from mirrorrouter.cache import (
     BlobFile,
     CacheBackend,
-    DigestMismatch,
     StoredManifest,
     TagRecord,
     open_backend,
@@ -52,24 +48,23 @@ from mirrorrouter.cache import (
 from mirrorrouter.cache.base import Removal
 from mirrorrouter.config.model import HostedSettings
 from mirrorrouter.coordination import Coordinator
-from mirrorrouter.coordination.generation import Generation, Stamp
+from mirrorrouter.coordination.generation import Generation
 from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.hosted.blobs import BlobFinder, copy_in, write_blob
 from mirrorrouter.hosted.gc import GarbageCollector, GcReport
 from mirrorrouter.hosted.housekeeping import sweep_interval
 from mirrorrouter.hosted.limits import LimitExceeded, Meter, Usage, too_many_uploads
+from mirrorrouter.hosted.memory import KnownManifest, ManifestMemory
+from mirrorrouter.hosted.referrers import ReferrerIndex
 from mirrorrouter.hosted.uploads import HeldSession, Swept, Upload, UploadSessions
 from mirrorrouter.manifests import (
     INLINE_PARSE_BYTES,
     Descriptor,
     Index,
     Parsed,
-    as_referrer,
     parse_strict,
-    read_tolerant,
 )
 from mirrorrouter.reference import Digest
-
-KNOWN_MEMORY_BYTES = 64 * 1024 * 1024  # manifests (and absences) remembered, with a generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,39 +75,9 @@ class StoredBlob:
 
 
 @dataclass(frozen=True, slots=True)
-class FoundBlob:
-    """A blob a pushed manifest names, found where the pusher may pull it."""
-
-    origin: str  # where it comes from (an upstream's name), for messages
-    size: int | None  # None while a download of unknown size is in progress
-    stream: Callable[[int, int | None], AsyncIterator[bytes]]
-
-
-# Finds a blob the set lacks where the pusher may pull it; None when no source has it.
-BlobFinder = Callable[[Digest], Awaitable[FoundBlob | None]]
-
-
-@dataclass(frozen=True, slots=True)
 class PushedManifest:
     digest: Digest
     subject: Digest | None  # the manifest's ``subject``: answered as ``OCI-Subject``
-
-
-@dataclass(frozen=True, slots=True)
-class KnownManifest:
-    """What a pull read of a reference, under the generation read before it."""
-
-    stamp: Stamp
-    learnt: float  # monotonic seconds
-    manifest: StoredManifest | None  # None: the repository does not have the reference
-
-
-@dataclass(frozen=True, slots=True)
-class _Referrer:
-    """A manifest with a ``subject``, as the referrers index of that subject lists it."""
-
-    subject: Digest
-    descriptor: Descriptor
 
 
 class HostedStore:
@@ -133,7 +98,7 @@ class HostedStore:
         self.sessions = UploadSessions(settings.storage.directory / "uploads", clock=clock)
         self.clock = clock
         self.usage = Usage(settings.name, settings.quota)
-        self._referrers: LRUCache[Digest, _Referrer | None] = LRUCache(maxsize=10_000)
+        self._referrer_index = ReferrerIndex(self.storage)
         self.generation = Generation(
             settings.name,
             settings.storage.directory,
@@ -148,10 +113,7 @@ class HostedStore:
             clock=clock,
             recount=self.count_usage,
         )
-        self._known: LRUCache[tuple[str, Digest | str], KnownManifest] = LRUCache(
-            maxsize=KNOWN_MEMORY_BYTES,
-            getsizeof=lambda k: 200 + (len(k.manifest.data) if k.manifest else 0),
-        )
+        self._memory = ManifestMemory(self.generation)
 
     async def open(self) -> None:
         await self.storage.open()
@@ -170,26 +132,17 @@ class HostedStore:
     ) -> StoredManifest:
         """The manifest a tag or digest names in the repository (MANIFEST_UNKNOWN when it has
         none); what was found, or not, is remembered under the generation (``known_manifest``)."""
-        key = (repository, digest or tag or "")
-        stamp = self.generation.stamp()  # before reading: a push meanwhile moves it on
-        learnt = self.generation.monotonic()
-        try:
-            stored = await self._read_manifest(repository, tag, digest)
-        except RegistryError as error:
-            if error.code is ErrorCode.MANIFEST_UNKNOWN:
-                self._known[key] = KnownManifest(stamp, learnt, None)
-            raise
-        self._known[key] = KnownManifest(stamp, learnt, stored)
-        return stored
+        return await self._memory.read(
+            repository,
+            digest or tag or "",
+            lambda: self._read_manifest(repository, tag, digest),
+        )
 
     def known_manifest(self, repository: str, reference: Digest | str) -> KnownManifest | None:
         """What memory knows for certain of a tag or digest in the repository: its manifest,
         or that there is none (``manifest`` None); None when memory cannot say (never read,
-        or the set changed since). The hot path of group pulls: no I/O."""
-        known = self._known.get((repository, reference))
-        if known is None or not self.generation.confirms(known.stamp, known.learnt):
-            return None
-        return known
+        or the set changed since). The hot path of group pulls: no I/O (memory.py)."""
+        return self._memory.recall(repository, reference)
 
     async def _read_manifest(
         self, repository: str, tag: str | None, digest: Digest | None
@@ -233,29 +186,9 @@ class HostedStore:
     async def referrers(
         self, repository: str, digest: Digest, artifact_type: str | None
     ) -> list[Descriptor]:
-        """The repository's manifests whose subject is ``digest``, as an OCI index lists them."""
-        descriptors = []
-        for candidate in sorted(await self.storage.linked(repository), key=str):
-            referrer = await self._referrer(candidate)
-            if referrer is None or referrer.subject != digest:
-                continue
-            if artifact_type and referrer.descriptor.artifact_type != artifact_type:
-                continue
-            descriptors.append(referrer.descriptor)
-        return descriptors
-
-    async def _referrer(self, digest: Digest) -> _Referrer | None:
-        """The manifest as a referrer; None when it has no subject (or is unreadable)."""
-        if digest in self._referrers:
-            return self._referrers[digest]
-        stored = await self.storage.peek_manifest(digest)
-        parsed = read_tolerant(stored.data, stored.media_type) if stored is not None else None
-        referrer = None
-        if stored is not None and parsed is not None and parsed.subject is not None:
-            descriptor = as_referrer(parsed, digest, len(stored.data))
-            referrer = _Referrer(parsed.subject.digest, descriptor)
-        self._referrers[digest] = referrer
-        return referrer
+        """The repository's manifests whose subject is ``digest``, as an OCI index lists them
+        (referrers.py)."""
+        return await self._referrer_index.referrers(repository, digest, artifact_type)
 
     # ------------------------------------------------------------------ blob uploads
 
@@ -272,7 +205,7 @@ class HostedStore:
         meter.declare(declared)
         known = await self.storage.blob_size(digest) is not None
         try:
-            size = await self._store(digest, meter.wrap(body))
+            size = await write_blob(self.storage, digest, meter.wrap(body))
         finally:
             meter.settle(kept=False)
         if not known:
@@ -346,7 +279,7 @@ class HostedStore:
             upload = await self._append(session, body, None, declared)
             known = await self.storage.blob_size(digest) is not None
             try:
-                size = await self._store(digest, session.read())
+                size = await write_blob(self.storage, digest, session.read())
             finally:
                 await session.remove()
                 self.usage.remove(upload.size)
@@ -381,23 +314,6 @@ class HostedStore:
         stored = sum(o.size for o in inventory.blobs.values())
         stored += sum(o.size for o in inventory.manifests.values())
         self.usage.reset(stored + await asyncio.to_thread(self.sessions.held_bytes))
-
-    async def _store(
-        self, digest: Digest, body: AsyncIterator[bytes], expected_size: int | None = None
-    ) -> int:
-        writer = self.storage.blob_writer(digest, expected_size)
-        try:
-            async for chunk in body:
-                await writer.write(chunk)
-            await writer.flush()
-            size = writer.written
-            await writer.commit()
-        except DigestMismatch as exc:
-            raise RegistryError(ErrorCode.DIGEST_INVALID, str(exc)) from exc
-        except BaseException:
-            await writer.abort()
-            raise
-        return size
 
     # ------------------------------------------------------------------ manifests
 
@@ -456,7 +372,14 @@ class HostedStore:
             if not present or not await self.storage.is_linked(repository, target):
                 missing.setdefault(target, descriptor)
         if missing and copy_from is not None and not is_index:
-            await self._copy_in(repository, list(missing.values()), copy_from)
+            await copy_in(
+                self.settings,
+                self.storage,
+                self.usage,
+                repository,
+                list(missing.values()),
+                copy_from,
+            )
             missing = {d: m for d, m in missing.items() if not await self._holds(repository, d)}
         for target in missing:
             what = "manifests" if is_index else "config or layers"
@@ -471,44 +394,6 @@ class HostedStore:
         return await self.storage.blob_size(digest) is not None and (
             await self.storage.is_linked(repository, digest)
         )
-
-    async def _copy_in(
-        self, repository: str, missing: list[Descriptor], copy_from: BlobFinder
-    ) -> None:
-        """Copy the blobs a manifest names and the repository lacks from where the pusher
-        may pull them, one after another (streamed, off the event loop's thread for the
-        writing), each within ``max_blob_size`` and all within the quota; a blob no source
-        has stays missing."""
-        absent = [d for d in missing if await self.storage.blob_size(d.digest) is None]
-        for descriptor in absent:
-            Meter(self.settings, self.usage).declare(descriptor.size)
-        self.usage.check(sum(d.size or 0 for d in absent))  # refused before any byte moves
-        for descriptor in missing:
-            digest = descriptor.digest
-            found = await copy_from(digest)
-            if found is None:
-                continue
-            if await self.storage.blob_size(digest) is None:
-                meter = Meter(self.settings, self.usage)
-                meter.declare(found.size)
-                try:
-                    size = await self._store(
-                        digest, meter.wrap(found.stream(0, None)), descriptor.size
-                    )
-                except RegistryError as error:
-                    if error.code is not ErrorCode.DIGEST_INVALID:
-                        raise
-                    raise RegistryError(
-                        ErrorCode.MANIFEST_INVALID,
-                        f"{digest} as {found.origin} has it does not match the manifest's "
-                        f"descriptor: {error.message}",
-                        detail={"digest": str(digest)},
-                    ) from error
-                finally:
-                    meter.settle(kept=False)
-                self.usage.add(size)
-            # Already stored for another repository: the source vouched for it here.
-            await self.storage.link(repository, [digest])
 
     async def delete(self, repository: str, tag: str | None, digest: Digest | None) -> None:
         """Delete a tag, or a manifest (and the repository's tags naming it); garbage

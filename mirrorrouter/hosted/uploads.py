@@ -4,7 +4,7 @@
 is for and when it last received bytes. Chunks are appended at the offset the client says,
 so an interrupted upload resumes where the file ends, from any worker process sharing the
 directory. Finishing reads the file back through the storage's verifying writer
-(store.py).
+(store.py's ``finish``, blobs.py's ``write_blob``).
 
 **One request at a time per session, and nobody waits for it.** A request that writes to a
 session (PATCH, the final PUT, DELETE) holds it: in this process (a set of busy sessions)
