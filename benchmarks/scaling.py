@@ -160,9 +160,9 @@ def follow_read(host: str, port: int, path: str) -> Read:
 
 def bucket_read(spool: Path, host: str, port: int, path: str) -> Read:
     """One whole-blob GET of a replica that has no local copy of it: the copy a previous
-    read kept (a whole read from the bucket warms one, cache/s3.py) is removed first, as
-    if this replica had never served the blob. Unlinking is safe: the replica forgets a
-    copy that is gone, and a reader that has it open keeps its inode."""
+    read kept (a whole read from the bucket warms one, cache/objectstore/writers.py) is
+    removed first, as if this replica had never served the blob. Unlinking is safe: the
+    replica forgets a copy that is gone, and a reader that has it open keeps its inode."""
     for copy in spool.glob("*/copies/*/*"):  # <upstream>/copies/<owner>/<blob>
         copy.unlink(missing_ok=True)
     return get_discard(host, port, path)
@@ -363,7 +363,8 @@ advertise_url = "http://127.0.0.1:{gateway.port}"
                             functools.partial(self.blob_throughput, name, jobs, clients),
                             lambda v: f"{v:.0f} MB/s",
                         )
-            # What its whole reads from the bucket left for the next client (cache/s3.py).
+            # What its whole reads from the bucket left for the next client
+            # (cache/objectstore/writers.py).
             spool = world.root / "gateways/s3-bucket/spool"
             self.meta["s3_bucket_warm_copy_bytes"] = tree_bytes(spool, within="copies")
             left = tree_bytes(spool, within="tmp")

@@ -1,5 +1,5 @@
 """``python -m mirrorrouter``."""
 
-from mirrorrouter.cli import main
+from mirrorrouter.cli.main import main
 
 raise SystemExit(main())

@@ -11,7 +11,9 @@ Exception tree::
                            mirror hangs or drowns, so the next one is asked at once
                            (never this one again within the request).
 
-Config errors live in config.py (ConfigError) because they never reach HTTP.
+Config errors live in config/ (ConfigError) because they never reach HTTP. A bad name, tag
+or digest raises ``reference.InvalidReference`` (a ValueError: the grammar knows nothing of
+HTTP); ``reference_error`` is the one place it becomes the client's error.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import enum
 import json
 from typing import Any
+
+from mirrorrouter.reference import InvalidReference
 
 
 class ErrorCode(enum.Enum):
@@ -141,3 +145,10 @@ class NoHeadersInTime(UpstreamError):
 
     def __init__(self, message: str, *, mirror: str) -> None:
         super().__init__(message, mirror=mirror, is_temporary=True)
+
+
+def reference_error(code: ErrorCode, exc: InvalidReference, *, why: str = "") -> RegistryError:
+    """The one translation of a bad name, tag or digest into the client's error: ``code``
+    with the message of ``exc`` (and ``why`` after it). Raised ``from exc`` where the parse
+    failed; the parse itself stays a plain call, which costs nothing on the hot path."""
+    return RegistryError(code, f"{exc}{why}")

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from mirrorrouter.config import Route, Settings, UpstreamSettings
 from mirrorrouter.config.model import GroupSettings, HostedSettings, Target
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
 from mirrorrouter.oci import OciRequest
 from mirrorrouter.reference import (
     ImageReference,
-    ReferenceError,
+    InvalidReference,
     looks_like_registry,
     normalize_repository,
     validate_registry,
@@ -211,12 +211,12 @@ def _repository(target: Target, repository: str) -> str:
     ``library/`` (a group keeps the name as written: each member normalizes it)."""
     try:
         return normalize_repository(target.name, repository)
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+    except InvalidReference as exc:
+        raise reference_error(ErrorCode.NAME_INVALID, exc) from exc
 
 
 def _canonical(host: str) -> str:
     try:
         return validate_registry(host)
-    except ReferenceError as exc:
-        raise RegistryError(ErrorCode.NAME_INVALID, str(exc)) from exc
+    except InvalidReference as exc:
+        raise reference_error(ErrorCode.NAME_INVALID, exc) from exc

@@ -17,7 +17,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,14 +28,37 @@ from prometheus_client import (
     multiprocess,
 )
 
+from mirrorrouter.oci import CacheResult
+
 if TYPE_CHECKING:
-    from mirrorrouter.housekeeping import GcRun
     from mirrorrouter.mapping import Resolution
-    from mirrorrouter.uploads import Swept
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 RECENT_PULLS = 50
+
+
+class GcRun(Protocol):
+    """A garbage collection of a hosted set as it is counted (hosted/housekeeping.py's
+    record of a run has these fields)."""
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def blobs(self) -> int: ...
+
+    @property
+    def manifests(self) -> int: ...
+
+    @property
+    def uploads(self) -> int: ...
+
+    @property
+    def freed(self) -> int: ...
 
 
 @dataclass
@@ -56,7 +79,7 @@ class Pull:
     reference: str
     digest: str
     upstream: str
-    cache: str
+    cache: CacheResult
     bytes: int
     resolution: Resolution  # what was pulled, for the access check of who may see it
 
@@ -238,16 +261,16 @@ class Metrics:
             )
         child.inc()
 
-    def cache_result(self, upstream: str, kind: str, result: str) -> None:
+    def cache_result(self, upstream: str, kind: str, result: CacheResult) -> None:
         key = (upstream, kind, result)
         child = self._cache_children.get(key)
         if child is None:
             child = self._cache_children[key] = self.cache_results.labels(upstream, kind, result)
         child.inc()
         tally = self.tallies.of(upstream)
-        if result == "HIT":
+        if result == CacheResult.HIT:
             tally.hits += 1
-        elif result == "STALE":
+        elif result == CacheResult.STALE:
             tally.stale += 1
         else:
             tally.misses += 1
@@ -288,9 +311,10 @@ class Metrics:
         """The last garbage collection of a hosted set, as its record says (any worker)."""
         self.gc_last_run.labels(hosted).set(run.started)
 
-    def upload_sweep(self, hosted: str, swept: Swept) -> None:
+    def upload_sweep(self, hosted: str, sessions: int) -> None:
+        """A sweep of abandoned upload sessions ran and removed ``sessions``."""
         self.upload_sweeps.labels(hosted).inc()
-        self.uploads_swept.labels(hosted).inc(swept.sessions)
+        self.uploads_swept.labels(hosted).inc(sessions)
 
     # ------------------------------------------------------------------ exposition
 

@@ -16,15 +16,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from mirrorrouter.errors import ErrorCode, RegistryError
+from mirrorrouter.errors import ErrorCode, RegistryError, reference_error
 from mirrorrouter.headers import parse_host
-from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, ReferenceError, validate_tag
+from mirrorrouter.reference import PATH_COMPONENT_RE, Digest, InvalidReference, validate_tag
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
 CONTENT_DIGEST_HEADER = "Docker-Content-Digest"
 NAMESPACE_HEADER = "OCI-Namespace"
 FILTERS_APPLIED_HEADER = "OCI-Filters-Applied"
+# The gateway's own answer headers: how the content was served, and by which target.
+CACHE_HEADER = "X-Cache"
+UPSTREAM_HEADER = "X-Upstream"
+
+
+class CacheResult(enum.StrEnum):
+    """How a pull was served: the ``X-Cache`` value, the cache-result label of the metrics,
+    the audit log's and the status page's word for it."""
+
+    HIT = "HIT"  # from the cache
+    MISS = "MISS"  # fetched upstream (and cached)
+    STALE = "STALE"  # the last known answer, served because every mirror failed
+    HOSTED = "HOSTED"  # hosted content: not a cache, the only copy
 
 
 class RequestKind(enum.Enum):
@@ -201,27 +214,28 @@ _NOT_THERE = {
     RequestKind.BLOB: ErrorCode.BLOB_UNKNOWN,
     RequestKind.REFERRERS: ErrorCode.MANIFEST_UNKNOWN,  # the subject manifest
 }
+_CANNOT_EXIST = ": no such reference can exist"
 
 
 def _invalid_reference(
-    kind: RequestKind, method: str, bad_request: ErrorCode, exc: ReferenceError
+    kind: RequestKind, method: str, bad_request: ErrorCode, exc: InvalidReference
 ) -> RegistryError:
     if method in _PULL_METHODS:
-        return RegistryError(_NOT_THERE[kind], f"{exc}: no such reference can exist")
-    return RegistryError(bad_request, str(exc))
+        return reference_error(_NOT_THERE[kind], exc, why=_CANNOT_EXIST)
+    return reference_error(bad_request, exc)
 
 
 def _parse_digest(text: str, kind: RequestKind, method: str) -> Digest:
     try:
         return Digest.parse(text)
-    except ReferenceError as exc:
+    except InvalidReference as exc:
         raise _invalid_reference(kind, method, ErrorCode.DIGEST_INVALID, exc) from exc
 
 
 def _parse_tag(text: str, method: str) -> str:
     try:
         return validate_tag(text)
-    except ReferenceError as exc:
+    except InvalidReference as exc:
         # The spec has no TAG_INVALID: a manifest PUT to a bad tag is MANIFEST_INVALID.
         raise _invalid_reference(
             RequestKind.MANIFEST, method, ErrorCode.MANIFEST_INVALID, exc

@@ -46,7 +46,7 @@ _DIGEST_HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HEX_RE = re.compile(r"[a-f0-9]+")
 
 
-class ReferenceError(ValueError):
+class InvalidReference(ValueError):
     """A string that is not a valid image name, tag, digest or reference."""
 
 
@@ -61,14 +61,14 @@ class Digest:
     def parse(cls, text: str) -> Digest:
         algorithm, sep, hexpart = text.partition(":")
         if not sep:
-            raise ReferenceError(f"digest {text!r} has no algorithm prefix (want sha256:<hex>)")
+            raise InvalidReference(f"digest {text!r} has no algorithm prefix (want sha256:<hex>)")
         expected = _DIGEST_HEX_LENGTH.get(algorithm)
         if expected is None:
-            raise ReferenceError(
+            raise InvalidReference(
                 f"digest algorithm {algorithm!r} is not supported (want sha256 or sha512)"
             )
         if len(hexpart) != expected or not _HEX_RE.fullmatch(hexpart):
-            raise ReferenceError(
+            raise InvalidReference(
                 f"digest {text!r} is not {algorithm} followed by {expected} lower-case hex digits"
             )
         return cls(algorithm, hexpart)
@@ -107,7 +107,7 @@ def canonical_registry(host: str) -> str:
 def validate_registry(host: str) -> str:
     """Check a registry host[:port] and return its canonical name."""
     if not REGISTRY_RE.fullmatch(host):
-        raise ReferenceError(f"registry {host!r} is not a valid host[:port]")
+        raise InvalidReference(f"registry {host!r} is not a valid host[:port]")
     return canonical_registry(host)
 
 
@@ -121,25 +121,25 @@ def registry_endpoint(registry: str) -> str:
 def normalize_repository(registry: str, repository: str) -> str:
     """Validate a repository path on ``registry``; docker.io one-component names get library/."""
     if not repository:
-        raise ReferenceError("repository name is empty")
+        raise InvalidReference("repository name is empty")
     if repository.lower() != repository:
-        raise ReferenceError(f"repository name {repository!r} must be lower case")
+        raise InvalidReference(f"repository name {repository!r} must be lower case")
     if not REPOSITORY_RE.fullmatch(repository):
-        raise ReferenceError(
+        raise InvalidReference(
             f"repository name {repository!r} is invalid: components are lower-case letters and "
             "digits separated by '.', '_', '__' or '-', joined by '/'"
         )
     if registry == DOCKER_HUB and "/" not in repository:
         repository = f"library/{repository}"
     if len(registry) + 1 + len(repository) > MAX_NAME_LENGTH:
-        raise ReferenceError(f"name {registry}/{repository} is longer than {MAX_NAME_LENGTH}")
+        raise InvalidReference(f"name {registry}/{repository} is longer than {MAX_NAME_LENGTH}")
     return repository
 
 
 def validate_tag(tag: str) -> str:
     """Check a tag against the grammar."""
     if not TAG_RE.fullmatch(tag):
-        raise ReferenceError(
+        raise InvalidReference(
             f"tag {tag!r} is invalid: want [A-Za-z0-9_] then up to 127 of [A-Za-z0-9_.-]"
         )
     return tag
@@ -158,7 +158,7 @@ class ImageReference:
     def parse(cls, text: str, default_registry: str = DOCKER_HUB) -> ImageReference:
         """Parse an image name as a user types it (``alpine``, ``gcr.io/x/y:1@sha256:..``)."""
         if not text or text != text.strip():
-            raise ReferenceError(f"image name {text!r} is empty or has surrounding spaces")
+            raise InvalidReference(f"image name {text!r} is empty or has surrounding spaces")
         rest, at, digest_text = text.partition("@")
         digest = Digest.parse(digest_text) if at else None
         # The tag is after the last ":" provided no "/" follows it (a ":" before a "/"

@@ -23,7 +23,7 @@ make_venv() {
     fi
 }
 
-# What tests/test_real_image.py builds the container image from, so that the build itself
+# What tests/deploy/test_real_image.py builds the container image from, so that the build itself
 # needs no network: a base image's root file system made from Debian packages (the
 # machine's own apt sources) and wheels of the project and everything it installs. Into
 # build/image-test/; the root file system is made once and kept.

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mirrorrouter.logs import ACCESS_LOGGER, HumanFormatter, JsonFormatter, log_config
+from tests.access.test_access import basic, secured
 from tests.support.fakeregistry import FakeRegistry, Image, sha256
 from tests.support.inprocess import config, gateway
-from tests.test_access import basic, secured
 
 pytestmark = pytest.mark.anyio
 

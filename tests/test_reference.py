@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mirrorrouter.reference import Digest, ImageReference, ReferenceError
+from mirrorrouter.reference import Digest, ImageReference, InvalidReference
 
 SHA256 = "sha256:" + "a" * 64
 SHA512 = "sha512:" + "b" * 128
@@ -75,8 +75,8 @@ def test_valid_names_canonicalize(
 
 @pytest.mark.parametrize("text", INVALID)
 def test_invalid_names_are_refused(text: str) -> None:
-    """Each invalid name raises ReferenceError, never a partial reference."""
-    with pytest.raises(ReferenceError):
+    """Each invalid name raises InvalidReference, never a partial reference."""
+    with pytest.raises(InvalidReference):
         ImageReference.parse(text)
 
 

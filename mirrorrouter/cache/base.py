@@ -13,7 +13,7 @@ A backend stores three things:
 Writers stream into a local spool file that readers may follow while it grows
 (``BlobWriter.spool_path``); that is what makes streaming single-flight possible.
 
-For bounded caches (see mirrorrouter/eviction.py) a backend also keeps:
+For bounded caches (see mirrorrouter/cache/eviction.py) a backend also keeps:
 
 - **last access** of each blob and manifest: ``touch`` records one in memory (the hot
   path may call it on every hit; it does no I/O), reads from storage record their own, and

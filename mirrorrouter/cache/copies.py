@@ -1,6 +1,6 @@
-"""Local copies of blobs an object-store cache committed (cache/s3.py): the spool file of a
-verified download, kept on local disk so this replica serves its own recent downloads at
-disk speed instead of reading them back from the bucket."""
+"""Local copies of blobs an object-store cache committed (cache/objectstore/): the spool
+file of a verified download, kept on local disk so this replica serves its own recent
+downloads at disk speed instead of reading them back from the bucket."""
 
 from __future__ import annotations
 

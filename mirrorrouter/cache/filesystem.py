@@ -13,7 +13,7 @@ Layout (``<root>`` is the upstream's cache directory)::
 Every write goes to the instance's own ``tmp/<owner>/`` first and is moved into place with
 ``os.replace`` after it was verified, so a reader sees the whole object or nothing. The temp
 area, the blob writer and the in-process shared state are spool.py's, which the object-store
-backend (s3.py) uses too; so is the tag record format below.
+backend (objectstore/) uses too; so is the tag record format below.
 ``open()`` sweeps the temp directories whose owner is gone (a crash, a kill -9, a clean
 ``close()``): their lock can be taken, and what they hold was interrupted and is never
 served. Directories of live owners (other worker processes sharing the cache) are left
@@ -62,7 +62,7 @@ from mirrorrouter.cache.spool import (
     locked_elsewhere,
     try_flock,
 )
-from mirrorrouter.reference import Digest, ReferenceError
+from mirrorrouter.reference import Digest, InvalidReference
 
 READ_CHUNK = 4 * 1024 * 1024  # measured: 4 MiB reads serve ~1.3x faster than 1 MiB
 
@@ -410,7 +410,7 @@ def _digest_files(top: Path, depth: int) -> Iterator[tuple[Digest, os.DirEntry[s
             for entry in entries(Path(directory.path)):
                 try:
                     digest = Digest.parse(f"{algorithm.name}:{entry.name}")
-                except ReferenceError:
+                except InvalidReference:
                     continue
                 if entry.is_file():
                     yield digest, entry

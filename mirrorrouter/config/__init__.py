@@ -2,7 +2,10 @@
 
 - ``model.py``: the settings as the rest of mirrorrouter sees them;
 - ``load.py``: reading and validating the file, table by table;
-- ``reader.py``: the key-path-aware TOML reading that names every problem.
+- ``reader.py``: the key-path-aware TOML reading that names every problem;
+- ``security.py``, ``targets.py``, ``storage.py``: the tables of access and logins, of
+  hosted sets, groups and routes, of object stores and coordination;
+- ``discovery.py``: which file is read when none is named (one rule for every command).
 """
 
 from __future__ import annotations

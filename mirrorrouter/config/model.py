@@ -174,7 +174,7 @@ class HostedSettings:
     name: str
     aliases: frozenset[str]  # registry names routed here (``localhost:5000`` for ?ns=...)
     storage: CacheSettings
-    access: tuple[AccessRule, ...] = ()  # no matching rule: see access.py for the default
+    access: tuple[AccessRule, ...] = ()  # no matching rule: see access/policy.py for the default
     delete: bool = False  # may clients DELETE manifests and tags
     gc_grace: float = 3600.0  # garbage collection spares blobs and manifests younger than this
     # How often the server collects garbage on its own, once across every worker and replica
@@ -269,7 +269,7 @@ class ServerSettings:
     workers: int = 1
     log_level: str = "info"
     access_log: bool = False  # uvicorn's per-request line costs about a fifth of throughput
-    # Connection hygiene (httpserver.py): a client that stops sending is closed after these.
+    # Connection hygiene (server/protocol.py): a client that stops sending is closed after these.
     header_timeout: float = 10.0  # first byte (or accept) to complete request headers
     body_timeout: float = 30.0  # gap between body chunks while the app waits for them
     keepalive_timeout: float = 5.0  # idle between requests on a kept-alive connection

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from fractions import Fraction
 from typing import Any, TypeVar, overload
+
+from mirrorrouter.sizes import parse_size
 
 T = TypeVar("T")
 KeyPath = tuple[str | int, ...]
@@ -31,33 +32,6 @@ def parse_duration(value: object) -> float | None:
         return float(value) if value >= 0 else None
     if isinstance(value, str) and _DURATION_RE.fullmatch(value):
         return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(value))
-    return None
-
-
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]i?b|b)?", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgtp")},
-    **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgtp")},
-}
-
-
-def parse_size(value: object) -> int | None:
-    """Bytes from a number or a string like ``500MiB``, ``20GiB``, ``1TB``, ``1.5GB``; else None.
-
-    ``KiB``, ``MiB``, ``GiB``, ``TiB``, ``PiB`` are powers of 1024; ``kB``, ``MB``, ``GB``,
-    ``TB``, ``PB`` powers of 1000; ``B`` or no unit is bytes. Units ignore case; a
-    fraction of a byte is dropped.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str):
-        match = _SIZE_RE.fullmatch(value.strip())
-        if match:
-            number, unit = match.groups()
-            return int(Fraction(number) * _SIZE_UNITS[(unit or "b").lower()])
     return None
 
 

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-from mirrorrouter.coordination import Coordinator
+from mirrorrouter.coordination.base import Coordinator
 
 log = logging.getLogger("mirrorrouter.coordination")
 

@@ -16,11 +16,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from mirrorrouter.breaker import SharedCircuit
 from mirrorrouter.cache import TagRecord
 from mirrorrouter.cache.base import encode_tag_record, parse_tag_record
 from mirrorrouter.config.model import CoordinationSettings
-from mirrorrouter.coordination import Holder, Lease, LocalCoordinator
+from mirrorrouter.coordination.base import Holder, Lease, SharedCircuit
+from mirrorrouter.coordination.local import LocalCoordinator
 from mirrorrouter.errors import ErrorCode, RegistryError
 from mirrorrouter.reference import Digest
 
