@@ -17,8 +17,8 @@ from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 
 from mirrorrouter.config.model import ServerSettings
 from mirrorrouter.server import running
-from mirrorrouter.server.running import ServerConfig, fit_descriptor_limit
-from tests.support.inprocess import uvicorn_in_loop
+from mirrorrouter.server.running import fit_descriptor_limit
+from tests.support.inprocess import loopback_server_config, uvicorn_in_loop
 from tests.support.registry import free_port
 
 pytestmark = pytest.mark.anyio
@@ -37,16 +37,7 @@ def anyio_backend() -> tuple[str, dict[str, bool]]:
 async def serving(app: App, **settings: Any) -> AsyncIterator[int]:
     """``app`` behind GatewayProtocol on a free loopback port, in this event loop."""
     port = free_port()
-    config = ServerConfig(
-        app,
-        ServerSettings(**{**FAST, **settings}),
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",
-        log_config=None,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-    )
+    config = loopback_server_config(app, ServerSettings(**{**FAST, **settings}), port)
     async with uvicorn_in_loop(config):
         yield port
 

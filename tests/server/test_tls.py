@@ -26,7 +26,8 @@ from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from mirrorrouter.app import create_app
 from mirrorrouter.config import ConfigError, ServerSettings, ServerTlsSettings, parse_settings
 from mirrorrouter.server import tls
-from mirrorrouter.server.running import GatewayServer, ServerConfig, _bind
+from mirrorrouter.server.running import GatewayServer, _bind
+from tests.support.inprocess import loopback_server_config
 from tests.support.registry import free_port
 from tests.support.testca import Issued, issue
 
@@ -95,15 +96,10 @@ class Served:
 async def serving(app: App, settings: ServerTlsSettings) -> AsyncIterator[Served]:
     """``app`` on a plain and an HTTPS loopback port, in this event loop (the main thread,
     so SIGHUP reaches the server's handler)."""
-    config = ServerConfig(
+    config = loopback_server_config(
         app,
         ServerSettings(**FAST, tls=settings),  # type: ignore[arg-type]
-        host="127.0.0.1",
-        port=free_port(),
-        lifespan="off",
-        log_config=None,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
+        free_port(),
     )
     sockets = [config.bind_socket(), _bind("127.0.0.1", settings.port, "https")]
     server = GatewayServer(config)

@@ -26,7 +26,14 @@ from mirrorrouter.server import zerocopy
 from mirrorrouter.server.running import ServerConfig
 from mirrorrouter.server.zerocopy import ZERO_COPY_SEND
 from tests.support.fakeregistry import FakeRegistry, make_image
-from tests.support.inprocess import Gateway, config, gateway, until, uvicorn_in_loop
+from tests.support.inprocess import (
+    Gateway,
+    config,
+    gateway,
+    loopback_server_config,
+    until,
+    uvicorn_in_loop,
+)
 from tests.support.registry import free_port
 from tests.support.testca import issue
 
@@ -63,17 +70,7 @@ async def serving(app: App, **settings: Any) -> AsyncIterator[int]:
     """``app`` behind GatewayProtocol on a free loopback port, in this event loop."""
     port = free_port()
     extra = settings.pop("uvicorn", {})
-    config = ServerConfig(
-        app,
-        ServerSettings(**settings),
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",
-        log_config=None,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-        **extra,
-    )
+    config = loopback_server_config(app, ServerSettings(**settings), port, **extra)
     async with uvicorn_in_loop(config):
         yield port
 

@@ -14,7 +14,8 @@ import uvicorn
 
 from mirrorrouter.app import Gateway as GatewayApp
 from mirrorrouter.app import create_app
-from mirrorrouter.config import parse_settings
+from mirrorrouter.config import ServerSettings, parse_settings
+from mirrorrouter.server.running import ServerConfig
 from mirrorrouter.timing import Timing
 from tests.support.fakeregistry import FakeRegistry
 
@@ -114,3 +115,21 @@ async def uvicorn_in_loop(config: uvicorn.Config) -> AsyncIterator[uvicorn.Serve
     finally:
         server.should_exit = True
         await task
+
+
+def loopback_server_config(
+    app: object, settings: ServerSettings, port: int, **options: object
+) -> ServerConfig:
+    """The gateway's own server (GatewayProtocol) for ``app`` on ``127.0.0.1:port``, quiet,
+    without lifespan, shut down within a second: how the server tests run it in-process."""
+    return ServerConfig(
+        app,  # type: ignore[arg-type]
+        settings,
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_config=None,
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        **options,
+    )
